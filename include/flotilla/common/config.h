@@ -1,0 +1,86 @@
+// Settings, in one struct. The CLI fills it; `Config::from_env()` reads the
+// FLOTILLA_* environment variables, in this one place, once per call.
+//
+// Thread safety: a plain value. A Device copies the Config it was created with.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace flotilla {
+
+// How a thread without a current stream gets one from the pool.
+enum class StreamPolicy {
+  kRoundRobin,  // the seed's Figure 3: atomic counter modulo the pooled count
+  kExclusive,   // a free slot bound to the thread until it exits
+};
+
+// What `exclusive` does when every pooled slot is bound.
+enum class WhenFull {
+  kWait,   // wait up to `exclusive_wait`, then throw Timeout
+  kShare,  // fall back to round-robin sharing
+};
+
+// When a stream commits its command buffer on its own.
+enum class SyncMode {
+  kNone,           // only explicit commit()/synchronize() commit
+  kCommit,         // commit after every kernel
+  kCommitAndWait,  // commit and wait after every kernel
+  kAdaptive,       // commit after `adaptive_commit_kernels` kernels
+};
+
+// Whether the runtime takes the device's EncodingLock around driver encoding.
+enum class EncodingLockMode {
+  kAuto,  // only when the driver says its encoding path is not thread-safe
+  kOn,    // always (also on drivers that do not need it)
+  kOff,   // never (to show what happens without it)
+};
+
+struct Config {
+  // Streams per device: 0 is the default stream, 1..pool_size-1 are pooled.
+  int pool_size = 32;
+  StreamPolicy policy = StreamPolicy::kRoundRobin;
+  WhenFull exclusive_when_full = WhenFull::kWait;
+  std::chrono::milliseconds exclusive_wait{1000};
+
+  SyncMode sync_mode = SyncMode::kAdaptive;
+  int adaptive_commit_kernels = 64;
+
+  EncodingLockMode encoding_lock = EncodingLockMode::kAuto;
+
+  // CPU driver.
+  int cpu_exec_threads = 0;    // 0: max(2, hardware_concurrency)
+  bool cpu_agx_model = false;  // declare the encoding path not thread-safe (Apple's AGX)
+  // Simulated cost of one driver encoding call. Real drivers spend about a
+  // microsecond per encode; the validation layer's race windows need it to
+  // be non-zero to be seen on a machine with few cores.
+  std::chrono::nanoseconds cpu_encode_cost{200};
+  size_t cpu_memory_limit = 0;  // bytes the cpu device may allocate; 0: physical memory
+
+  // Events.
+  int event_pool_size = 64;  // events kept for reuse per device
+
+  // Allocator.
+  bool allocator_caching = true;
+
+  // Reads FLOTILLA_POOL_SIZE, FLOTILLA_POLICY, FLOTILLA_SYNC_MODE,
+  // FLOTILLA_ENCODING_LOCK, FLOTILLA_CPU_THREADS, FLOTILLA_ALLOCATOR_CACHING
+  // over the defaults. Bad values throw InvalidArgument naming the variable.
+  static Config from_env();
+
+  // Throws InvalidArgument if a field is out of range.
+  void validate() const;
+};
+
+StreamPolicy parse_stream_policy(const std::string& s);
+SyncMode parse_sync_mode(const std::string& s);
+EncodingLockMode parse_encoding_lock_mode(const std::string& s);
+WhenFull parse_when_full(const std::string& s);
+const char* to_string(StreamPolicy p) noexcept;
+const char* to_string(SyncMode m) noexcept;
+const char* to_string(EncodingLockMode m) noexcept;
+const char* to_string(WhenFull w) noexcept;
+
+}  // namespace flotilla

@@ -1,0 +1,88 @@
+// Stream: an ordered lane of work on a device (the seed's S0..S31).
+//
+// A Stream is a cheap value handle {device, index}; its state (a driver
+// queue, the current command buffer and its open compute encoder) lives in
+// the device's StreamPool. Consecutive kernels coalesce into the open
+// encoder until a commit, which the sync mode decides (Config::sync_mode):
+// none, commit, commit-and-wait, or adaptive (every N kernels).
+//
+// Thread safety: any thread may use any Stream. Callers sharing one stream
+// (round-robin policy) are serialised by the stream's own mutex, so its
+// command buffer is never used by two threads at once; work from one thread
+// keeps its order. Lifetime: a Stream must not outlive its Device.
+//
+// Note [Uncommitted work at thread exit]
+// Work a thread encoded is never lost. When a thread exits, Flotilla commits
+// the open command buffer of the thread's current stream on each device (it
+// does not wait for it). Device::synchronize() and Device::shutdown() commit
+// every stream. So a thread that encodes and exits leaves work that runs.
+//
+// Errors: a failed command buffer or a throwing completion callback records
+// the first error on the stream; the next synchronize() rethrows it once.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string_view>
+
+#include "flotilla/backend/driver.h"
+
+namespace flotilla {
+
+class Device;
+namespace detail {
+class StreamState;
+}
+
+class Stream {
+ public:
+  Stream(Device& device, int index) : device_(&device), index_(index) {}
+
+  Device& device() const { return *device_; }
+  int index() const { return index_; }
+  bool is_default() const { return index_ == 0; }
+  bool operator==(const Stream& o) const { return device_ == o.device_ && index_ == o.index_; }
+  bool operator!=(const Stream& o) const { return !(*this == o); }
+
+  // Encodes one kernel into the stream's open encoder (opening one, and a
+  // command buffer, if needed), then applies the sync mode.
+  void dispatch(const backend::Pipeline& pipeline, const backend::KernelArgs& args);
+  void dispatch(std::string_view kernel, const backend::KernelArgs& args);
+
+  // Ends the open encoder and commits the command buffer, if any.
+  void commit();
+  // Commits, then blocks until all work committed to the stream has run.
+  // Rethrows the stream's first asynchronous error, once.
+  void synchronize();
+  // True if all work committed so far has finished (does not commit).
+  bool query() const;
+  // Runs `fn` on a driver thread once the work encoded so far has run
+  // (commits the stream). If `fn` throws, the error reaches synchronize().
+  void add_callback(std::function<void()> fn);
+
+  // Statistics.
+  uint64_t kernels_encoded() const;
+  uint64_t commits() const;
+
+  detail::StreamState& state() const;
+
+ private:
+  Device* device_;
+  int index_;
+};
+
+// Makes `stream` the calling thread's current stream on its device for the
+// scope; restores the previous one (noexcept) at the end.
+class StreamGuard {
+ public:
+  explicit StreamGuard(const Stream& stream);
+  ~StreamGuard();
+  StreamGuard(const StreamGuard&) = delete;
+  StreamGuard& operator=(const StreamGuard&) = delete;
+
+ private:
+  Device* device_;
+  int previous_;  // -1: the thread had no current stream yet
+};
+
+}  // namespace flotilla

@@ -1,0 +1,864 @@
+#include "backend/cpu/cpu_driver.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <deque>
+#include <map>
+#include <new>
+#include <thread>
+#include <variant>
+
+#include "backend/cpu/kernels.h"
+#include "backend/cpu/validation.h"
+#include "flotilla/common/error.h"
+#include "flotilla/common/sync.h"
+
+namespace flotilla::backend::cpu {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
+      .count();
+}
+
+class CpuDriver;
+class QueueCore;
+
+// ---- Shared events ---------------------------------------------------------
+
+// The state of a shared event; commands and listeners hold it by shared_ptr,
+// so an event dropped while work still refers to it stays valid.
+class EventCore {
+ public:
+  uint64_t value() const { return fast_value_.load(std::memory_order_acquire); }
+
+  void signal(uint64_t v) FL_EXCLUDES(mu_) {
+    std::vector<std::function<void()>> ready;
+    {
+      MutexLock lock(mu_);
+      if (v > value_) {
+        value_ = v;
+        // release: a reader that sees the value sees the work before it.
+        fast_value_.store(v, std::memory_order_release);
+      }
+      times_[next_time_ % times_.size()] = {v, now_ns()};
+      ++next_time_;
+      auto end = listeners_.upper_bound(value_);
+      for (auto it = listeners_.begin(); it != end; ++it) ready.push_back(std::move(it->second));
+      listeners_.erase(listeners_.begin(), end);
+    }
+    cv_.notify_all();
+    for (auto& fn : ready) fn();
+  }
+
+  bool wait_until(uint64_t v, Clock::time_point deadline) FL_EXCLUDES(mu_) {
+    MutexLock lock(mu_);
+    return cv_.wait_until(mu_, deadline, [&]() FL_REQUIRES(mu_) { return value_ >= v; });
+  }
+
+  void notify(uint64_t v, std::function<void()> fn) FL_EXCLUDES(mu_) {
+    {
+      MutexLock lock(mu_);
+      if (value_ < v) {
+        listeners_.emplace(v, std::move(fn));
+        return;
+      }
+    }
+    fn();
+  }
+
+  int64_t time_of(uint64_t v) const FL_EXCLUDES(mu_) {
+    MutexLock lock(mu_);
+    for (const auto& [value, t] : times_)
+      if (value == v && t != 0) return t;
+    throw InvalidState(detail::str_cat("[SharedEvent::signal_time_ns] value ", v,
+                                       " has not been signaled (or was signaled too long ago); "
+                                       "synchronize the event before asking for its time"));
+  }
+
+ private:
+  mutable Mutex mu_;
+  CondVar cv_;
+  uint64_t value_ FL_GUARDED_BY(mu_) = 0;
+  std::multimap<uint64_t, std::function<void()>> listeners_ FL_GUARDED_BY(mu_);
+  std::array<std::pair<uint64_t, int64_t>, 8> times_ FL_GUARDED_BY(mu_){};
+  size_t next_time_ FL_GUARDED_BY(mu_) = 0;
+  std::atomic<uint64_t> fast_value_{0};
+};
+
+class CpuSharedEvent final : public SharedEvent {
+ public:
+  CpuSharedEvent() : core_(std::make_shared<EventCore>()) {}
+  uint64_t signaled_value() const override { return core_->value(); }
+  bool wait_until(uint64_t value, Clock::time_point deadline) override {
+    return core_->wait_until(value, deadline);
+  }
+  void notify(uint64_t value, std::function<void()> listener) override {
+    core_->notify(value, std::move(listener));
+  }
+  int64_t signal_time_ns(uint64_t value) const override { return core_->time_of(value); }
+  const std::shared_ptr<EventCore>& core() const { return core_; }
+
+ private:
+  std::shared_ptr<EventCore> core_;
+};
+
+// ---- Buffers and pipelines -------------------------------------------------
+
+class CpuBuffer final : public Buffer {
+ public:
+  CpuBuffer(void* p, size_t n, std::atomic<size_t>& used) : p_(p), n_(n), used_(used) {}
+  ~CpuBuffer() override {
+    std::free(p_);
+    used_.fetch_sub(n_, std::memory_order_relaxed);
+  }
+  size_t size() const override { return n_; }
+  void* device_ptr() const override { return p_; }
+  void* host_ptr() const override { return p_; }
+
+ private:
+  void* p_;
+  size_t n_;
+  std::atomic<size_t>& used_;
+};
+
+class CpuPipeline final : public Pipeline {
+ public:
+  CpuPipeline(std::string name, KernelFn fn) : name_(std::move(name)), fn_(fn) {}
+  const std::string& name() const override { return name_; }
+  KernelFn fn() const { return fn_; }
+
+ private:
+  std::string name_;
+  KernelFn fn_;
+};
+
+// ---- Commands --------------------------------------------------------------
+
+struct KernelCmd {
+  const CpuPipeline* pipeline;
+  KernelArgs args;
+};
+struct SignalCmd {
+  std::shared_ptr<EventCore> event;
+  uint64_t value;
+};
+struct WaitCmd {
+  std::shared_ptr<EventCore> event;
+  uint64_t value;
+};
+using Command = std::variant<KernelCmd, SignalCmd, WaitCmd>;
+
+class CpuCommandBuffer;
+
+// ---- Executor: the driver's execution threads --------------------------------
+
+class Executor {
+ public:
+  explicit Executor(int threads);
+  ~Executor() { stop(); }
+  void schedule(std::shared_ptr<QueueCore> q) FL_EXCLUDES(mu_);
+  void stop() FL_EXCLUDES(mu_);
+  // True while no queue is ready or running.
+  bool idle() FL_EXCLUDES(mu_) {
+    MutexLock lock(mu_);
+    return ready_.empty() && running_ == 0;
+  }
+  bool is_exec_thread() const;
+
+ private:
+  void run() FL_EXCLUDES(mu_);
+
+  Mutex mu_;
+  CondVar cv_;
+  std::deque<std::shared_ptr<QueueCore>> ready_ FL_GUARDED_BY(mu_);
+  int running_ FL_GUARDED_BY(mu_) = 0;
+  bool stopping_ FL_GUARDED_BY(mu_) = false;
+  std::vector<std::thread> threads_;  // written by the constructor and stop() only
+};
+
+// ---- The driver ---------------------------------------------------------------
+
+class CpuDriver final : public Driver {
+ public:
+  CpuDriver(int index, const Config& config);
+  ~CpuDriver() override { shutdown(); }
+
+  const DeviceInfo& info() const override { return info_; }
+  bool encoding_thread_safe() const override { return info_.encoding_thread_safe; }
+  std::unique_ptr<Queue> new_queue() override;
+  std::unique_ptr<SharedEvent> new_shared_event() override {
+    check_alive("Driver::new_shared_event");
+    return std::make_unique<CpuSharedEvent>();
+  }
+  std::unique_ptr<Buffer> allocate(size_t bytes) override;
+  std::unique_ptr<Buffer> allocate_host(size_t bytes) override { return allocate(bytes); }
+  const Pipeline& pipeline(std::string_view name) override;
+  std::vector<std::string> pipeline_names() const override;
+  DriverStats stats() const override;
+  std::exception_ptr device_error() const override { return nullptr; }
+  void shutdown() override FL_EXCLUDES(mu_);
+
+  void check_alive(const char* api) const {
+    if (shut_down_.load(std::memory_order_acquire)) [[unlikely]]
+      throw ShutDown(detail::str_cat("[", api,
+                                     "] the cpu driver has been shut down; "
+                                     "create a new device to run more work"));
+  }
+  ViolationSink& violations() { return violations_; }
+  EncodingChecker& encoding_checker() { return encoding_checker_; }
+  std::chrono::nanoseconds encode_cost() const { return encode_cost_; }
+  Executor& executor() { return executor_; }
+  uint64_t next_buffer_id() { return next_cb_id_.fetch_add(1, std::memory_order_relaxed); }
+
+  // Committed-but-unfinished command buffers, for draining at shutdown.
+  void on_committed() FL_EXCLUDES(mu_);
+  void on_finished(bool ok) FL_EXCLUDES(mu_);
+  void count_kernel() { kernels_.fetch_add(1, std::memory_order_relaxed); }
+  void count_handler_error() { handler_errors_.fetch_add(1, std::memory_order_relaxed); }
+  void register_queue(const std::shared_ptr<QueueCore>& q) FL_EXCLUDES(mu_);
+
+ private:
+  DeviceInfo info_;
+  std::chrono::nanoseconds encode_cost_;
+  size_t memory_limit_;
+  ViolationSink violations_;
+  EncodingChecker encoding_checker_;
+  std::map<std::string, std::unique_ptr<CpuPipeline>, std::less<>> pipelines_;  // const after ctor
+
+  Mutex mu_;
+  CondVar drained_;
+  uint64_t in_flight_ FL_GUARDED_BY(mu_) = 0;
+  std::vector<std::weak_ptr<QueueCore>> queues_ FL_GUARDED_BY(mu_);
+  bool shutting_down_ FL_GUARDED_BY(mu_) = false;
+
+  // acquire/release: set once by shutdown(); readers then see the drain done.
+  std::atomic<bool> shut_down_{false};
+  // Relaxed: statistics and id generators only.
+  std::atomic<uint64_t> next_cb_id_{1};
+  std::atomic<uint64_t> next_queue_id_{1};
+  std::atomic<uint64_t> committed_{0}, completed_{0}, kernels_{0}, handler_errors_{0};
+  std::atomic<size_t> memory_used_{0};
+
+  Executor executor_;  // last: its threads stop first
+};
+
+// ---- Queues --------------------------------------------------------------------
+
+// A queue's state, shared by its handle, its command buffers, the executor and
+// event listeners (by weak_ptr), so nothing outlives what it points to.
+class QueueCore : public std::enable_shared_from_this<QueueCore> {
+ public:
+  QueueCore(CpuDriver& driver, int id) : driver_(driver), id_(id) {}
+  int id() const { return id_; }
+  CpuDriver& driver() { return driver_; }
+
+  void enqueue(std::shared_ptr<CpuCommandBuffer> cb) FL_EXCLUDES(mu_);
+  // Runs the front command buffer to completion, or until it blocks on an
+  // event wait. Called by one executor thread at a time (the strand rule).
+  void run() FL_EXCLUDES(mu_);
+  // Fails the event waits this queue is blocked on (shutdown with no signaler).
+  void abandon_waits() FL_EXCLUDES(mu_);
+  // Called by an event listener when the value a blocked wait needs arrived.
+  void wake() FL_EXCLUDES(mu_);
+
+ private:
+  CpuDriver& driver_;
+  const int id_;
+  Mutex mu_;
+  std::deque<std::shared_ptr<CpuCommandBuffer>> pending_ FL_GUARDED_BY(mu_);
+  bool active_ FL_GUARDED_BY(mu_) = false;  // scheduled or running
+  // Note [Queue wake protocol]: a queue blocked on an event wait is in no
+  // ready list. Only the code that flips blocked_ from true to false under
+  // mu_ may schedule it again, so a queue is never run by two threads at once;
+  // a wake that arrives while the queue is still running is kept in
+  // wake_pending_ and turned into a reschedule when the run blocks.
+  bool blocked_ FL_GUARDED_BY(mu_) = false;
+  bool wake_pending_ FL_GUARDED_BY(mu_) = false;
+  bool abandon_ FL_GUARDED_BY(mu_) = false;
+};
+
+class CpuQueue final : public Queue {
+ public:
+  explicit CpuQueue(std::shared_ptr<QueueCore> core) : core_(std::move(core)) {}
+  std::shared_ptr<CommandBuffer> new_command_buffer() override;
+  int id() const override { return core_->id(); }
+
+ private:
+  std::shared_ptr<QueueCore> core_;
+};
+
+// ---- Command buffers and encoders ----------------------------------------------
+
+class CpuEncoder final : public ComputeEncoder {
+ public:
+  CpuEncoder(CpuCommandBuffer& cb, uint64_t id) : cb_(cb), id_(id) {}
+  void dispatch(const Pipeline& pipeline, const KernelArgs& args) override;
+  void end_encoding() override;
+  bool is_encoding() const override { return encoding_.load(std::memory_order_acquire); }
+  void mark_ended() { encoding_.store(false, std::memory_order_release); }
+
+ private:
+  CpuCommandBuffer& cb_;
+  const uint64_t id_;
+  ObjectUseChecker checker_;
+  std::atomic<bool> encoding_{true};
+};
+
+class CpuCommandBuffer final : public CommandBuffer,
+                               public std::enable_shared_from_this<CpuCommandBuffer> {
+ public:
+  CpuCommandBuffer(std::shared_ptr<QueueCore> queue, uint64_t id)
+      : queue_(std::move(queue)), driver_(queue_->driver()), id_(id) {}
+
+  ComputeEncoder& compute_encoder() override FL_EXCLUDES(mu_);
+  void encode_signal(SharedEvent& event, uint64_t value) override {
+    encode_event("encode_signal", event, value, true);
+  }
+  void encode_wait(SharedEvent& event, uint64_t value) override {
+    encode_event("encode_wait", event, value, false);
+  }
+  void add_completed_handler(Handler handler) override FL_EXCLUDES(mu_);
+  void commit() override FL_EXCLUDES(mu_);
+  void wait_until_completed() override FL_EXCLUDES(mu_);
+  CommandBufferStatus status() const override {
+    return static_cast<CommandBufferStatus>(status_.load(std::memory_order_acquire));
+  }
+  std::exception_ptr error() const override FL_EXCLUDES(mu_) {
+    MutexLock lock(mu_);
+    return error_;
+  }
+  size_t kernel_count() const override FL_EXCLUDES(mu_) {
+    MutexLock lock(mu_);
+    return kernels_;
+  }
+
+  // Encoder side.
+  void add_kernel(CpuEncoder& enc, const CpuPipeline& p, const KernelArgs& args) FL_EXCLUDES(mu_);
+  void end_encoder(CpuEncoder& enc) FL_EXCLUDES(mu_);
+
+  // Executor side: the strand rule makes these single-threaded.
+  // Runs commands from pc_; returns false if blocked on a wait (a listener
+  // will reschedule the queue).
+  bool execute(const std::shared_ptr<QueueCore>& queue, bool abandon_waits);
+  void finish();
+
+  uint64_t id() const { return id_; }
+  CpuDriver& driver() { return driver_; }
+
+ private:
+  void encode_event(const char* call, SharedEvent& event, uint64_t value, bool signal)
+      FL_EXCLUDES(mu_);
+  [[noreturn]] void violation(const char* rule, const char* call, const std::string& what);
+  void set_status(CommandBufferStatus s) {
+    status_.store(static_cast<int>(s), std::memory_order_release);
+  }
+
+  std::shared_ptr<QueueCore> queue_;
+  CpuDriver& driver_;
+  const uint64_t id_;
+  ObjectUseChecker checker_;
+
+  mutable Mutex mu_;  // guards the encoding state below against racing misuse
+  CondVar done_cv_;
+  std::vector<Command> commands_ FL_GUARDED_BY(mu_);
+  std::vector<Handler> handlers_ FL_GUARDED_BY(mu_);
+  std::vector<std::unique_ptr<CpuEncoder>> encoders_ FL_GUARDED_BY(mu_);
+  CpuEncoder* open_encoder_ FL_GUARDED_BY(mu_) = nullptr;
+  size_t kernels_ FL_GUARDED_BY(mu_) = 0;
+  std::exception_ptr error_ FL_GUARDED_BY(mu_);
+  bool finished_ FL_GUARDED_BY(mu_) = false;
+  // acquire/release: status is read without the lock by status() and the
+  // state machine's fast paths; writes happen under mu_ or on the executor.
+  std::atomic<int> status_{static_cast<int>(CommandBufferStatus::kNotEnqueued)};
+
+  // Executor-only state (strand rule): the program counter and run flags.
+  size_t pc_ = 0;
+  bool started_ = false;
+  std::exception_ptr run_error_;
+};
+
+// ---- Executor ---------------------------------------------------------------------
+
+thread_local const Executor* tls_executor = nullptr;
+
+Executor::Executor(int threads) {
+  threads_.reserve(static_cast<size_t>(threads));
+  for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { run(); });
+}
+
+bool Executor::is_exec_thread() const { return tls_executor == this; }
+
+void Executor::schedule(std::shared_ptr<QueueCore> q) {
+  {
+    MutexLock lock(mu_);
+    ready_.push_back(std::move(q));
+  }
+  cv_.notify_one();
+}
+
+void Executor::stop() {
+  {
+    MutexLock lock(mu_);
+    if (stopping_) return;
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  for (auto& t : threads_)
+    if (t.joinable()) t.join();
+}
+
+void Executor::run() {
+  tls_executor = this;
+  for (;;) {
+    std::shared_ptr<QueueCore> q;
+    {
+      MutexLock lock(mu_);
+      cv_.wait(mu_, [&]() FL_REQUIRES(mu_) { return stopping_ || !ready_.empty(); });
+      if (ready_.empty()) return;  // stopping, and nothing left to run
+      q = std::move(ready_.front());
+      ready_.pop_front();
+      ++running_;
+    }
+    q->run();
+    q.reset();
+    MutexLock lock(mu_);
+    --running_;
+  }
+}
+
+// ---- QueueCore ----------------------------------------------------------------------
+
+void QueueCore::enqueue(std::shared_ptr<CpuCommandBuffer> cb) {
+  bool schedule = false;
+  {
+    MutexLock lock(mu_);
+    pending_.push_back(std::move(cb));
+    if (!active_) active_ = schedule = true;
+  }
+  if (schedule) driver_.executor().schedule(shared_from_this());
+}
+
+void QueueCore::abandon_waits() {
+  bool schedule = false;
+  {
+    MutexLock lock(mu_);
+    abandon_ = true;
+    if (blocked_) {
+      blocked_ = false;
+      schedule = true;
+    }
+  }
+  if (schedule) driver_.executor().schedule(shared_from_this());
+}
+
+void QueueCore::wake() {
+  bool schedule = false;
+  {
+    MutexLock lock(mu_);
+    if (blocked_) {
+      blocked_ = false;
+      schedule = true;
+    } else {
+      wake_pending_ = true;
+    }
+  }
+  if (schedule) driver_.executor().schedule(shared_from_this());
+}
+
+void QueueCore::run() {
+  std::shared_ptr<CpuCommandBuffer> cb;
+  bool abandon = false;
+  {
+    MutexLock lock(mu_);
+    wake_pending_ = false;
+    if (pending_.empty()) {
+      active_ = false;
+      return;
+    }
+    cb = pending_.front();
+    abandon = abandon_;
+  }
+  if (!cb->execute(shared_from_this(), abandon)) {
+    // Blocked on a wait (Note [Queue wake protocol]).
+    bool again = false;
+    {
+      MutexLock lock(mu_);
+      if (wake_pending_ || abandon_) {
+        wake_pending_ = false;
+        again = true;
+      } else {
+        blocked_ = true;
+      }
+    }
+    if (again) driver_.executor().schedule(shared_from_this());
+    return;
+  }
+  cb->finish();
+  bool more = false;
+  {
+    MutexLock lock(mu_);
+    pending_.pop_front();
+    more = !pending_.empty();
+    if (!more) active_ = false;
+  }
+  // One command buffer per turn, then to the back of the line: fairness
+  // between queues on few threads.
+  if (more) driver_.executor().schedule(shared_from_this());
+}
+
+std::shared_ptr<CommandBuffer> CpuQueue::new_command_buffer() {
+  core_->driver().check_alive("Queue::new_command_buffer");
+  return std::make_shared<CpuCommandBuffer>(core_, core_->driver().next_buffer_id());
+}
+
+// ---- CpuCommandBuffer -----------------------------------------------------------------
+
+void CpuCommandBuffer::violation(const char* rule, const char* call, const std::string& what) {
+  driver_.violations().raise(rule, detail::str_cat("[CommandBuffer::", call, "] command buffer #",
+                                                   id_, " (queue ", queue_->id(), "): ", what));
+}
+
+ComputeEncoder& CpuCommandBuffer::compute_encoder() {
+  ObjectUseChecker::Scope use(checker_, driver_.violations(), "CommandBuffer", id_,
+                              "compute_encoder");
+  EncodingChecker::Scope enc(driver_.encoding_checker(), driver_.violations(), "compute_encoder");
+  simulate_cost(driver_.encode_cost());
+  MutexLock lock(mu_);
+  if (status() != CommandBufferStatus::kNotEnqueued)
+    violation("encode-after-commit", "compute_encoder",
+              detail::str_cat("is ", to_string(status()),
+                              "; encode into a new command buffer from the queue"));
+  if (open_encoder_)
+    violation("encoder-already-open", "compute_encoder",
+              "a compute encoder is still encoding; call end_encoding() on it first (one "
+              "encoder at a time per command buffer)");
+  encoders_.push_back(std::make_unique<CpuEncoder>(*this, encoders_.size() + 1));
+  open_encoder_ = encoders_.back().get();
+  return *open_encoder_;
+}
+
+void CpuCommandBuffer::add_kernel(CpuEncoder& enc, const CpuPipeline& p, const KernelArgs& args) {
+  MutexLock lock(mu_);
+  if (status() != CommandBufferStatus::kNotEnqueued)
+    violation("encode-after-commit", "dispatch",
+              detail::str_cat("is ", to_string(status()), "; kernel '", p.name(),
+                              "' would be lost: encode into a new command buffer"));
+  if (open_encoder_ != &enc)
+    violation("encoder-ended", "dispatch",
+              detail::str_cat("the encoder used for kernel '", p.name(),
+                              "' has ended; open a new one with compute_encoder()"));
+  commands_.emplace_back(KernelCmd{&p, args});
+  ++kernels_;
+}
+
+void CpuCommandBuffer::end_encoder(CpuEncoder& enc) {
+  MutexLock lock(mu_);
+  if (open_encoder_ != &enc)
+    violation("encoder-ended", "end_encoding", "the encoder has already ended");
+  open_encoder_ = nullptr;
+  enc.mark_ended();
+}
+
+void CpuCommandBuffer::encode_event(const char* call, SharedEvent& event, uint64_t value,
+                                    bool signal) {
+  ObjectUseChecker::Scope use(checker_, driver_.violations(), "CommandBuffer", id_, call);
+  EncodingChecker::Scope enc(driver_.encoding_checker(), driver_.violations(), call);
+  auto* cpu_event = dynamic_cast<CpuSharedEvent*>(&event);
+  FL_CHECK_ARG(cpu_event != nullptr, "[CommandBuffer::", call,
+               "] the event was made by another driver; use one made by this device");
+  MutexLock lock(mu_);
+  if (status() != CommandBufferStatus::kNotEnqueued)
+    violation("encode-after-commit", call, detail::str_cat("is ", to_string(status())));
+  if (open_encoder_)
+    violation("encoder-already-open", call,
+              "a compute encoder is still encoding; end it before encoding an event");
+  if (signal)
+    commands_.emplace_back(SignalCmd{cpu_event->core(), value});
+  else
+    commands_.emplace_back(WaitCmd{cpu_event->core(), value});
+}
+
+void CpuCommandBuffer::add_completed_handler(Handler handler) {
+  ObjectUseChecker::Scope use(checker_, driver_.violations(), "CommandBuffer", id_,
+                              "add_completed_handler");
+  MutexLock lock(mu_);
+  if (status() != CommandBufferStatus::kNotEnqueued)
+    violation(
+        "handler-after-commit", "add_completed_handler",
+        detail::str_cat("is ", to_string(status()), "; add completion handlers before commit()"));
+  handlers_.push_back(std::move(handler));
+}
+
+void CpuCommandBuffer::commit() {
+  ObjectUseChecker::Scope use(checker_, driver_.violations(), "CommandBuffer", id_, "commit");
+  driver_.check_alive("CommandBuffer::commit");
+  {
+    MutexLock lock(mu_);
+    if (status() != CommandBufferStatus::kNotEnqueued)
+      violation("commit-twice", "commit",
+                detail::str_cat("was already committed (now ", to_string(status()),
+                                "); commit a command buffer once, then make a new one"));
+    if (open_encoder_)
+      violation("commit-with-open-encoder", "commit",
+                "a compute encoder is still encoding; call end_encoding() before commit()");
+    set_status(CommandBufferStatus::kCommitted);
+  }
+  driver_.on_committed();
+  queue_->enqueue(shared_from_this());
+}
+
+void CpuCommandBuffer::wait_until_completed() {
+  if (status() == CommandBufferStatus::kNotEnqueued)
+    violation("wait-not-committed", "wait_until_completed",
+              "was never committed, so it would never complete; commit() it first");
+  MutexLock lock(mu_);
+  done_cv_.wait(mu_, [&]() FL_REQUIRES(mu_) { return finished_; });
+}
+
+bool CpuCommandBuffer::execute(const std::shared_ptr<QueueCore>& queue, bool abandon_waits) {
+  if (!started_) {
+    started_ = true;
+    set_status(CommandBufferStatus::kScheduled);
+  }
+  // After commit no one appends (add_kernel checks the status under mu_), so
+  // the executor reads commands_ under the lock once per command only to keep
+  // the analysis simple; it is uncontended.
+  for (;;) {
+    Command* cmd = nullptr;
+    {
+      MutexLock lock(mu_);
+      if (pc_ >= commands_.size()) break;
+      cmd = &commands_[pc_];
+    }
+    if (auto* k = std::get_if<KernelCmd>(cmd)) {
+      // After a failure the rest of the kernels are skipped, but signals still
+      // run, so work on other queues waiting for them does not hang.
+      if (!run_error_) {
+        try {
+          k->pipeline->fn()(k->args);
+          driver_.count_kernel();
+        } catch (...) {
+          run_error_ = std::current_exception();
+        }
+      }
+    } else if (auto* s = std::get_if<SignalCmd>(cmd)) {
+      s->event->signal(s->value);
+    } else if (auto* w = std::get_if<WaitCmd>(cmd)) {
+      if (w->event->value() < w->value) {
+        if (abandon_waits) {
+          if (!run_error_)
+            run_error_ = std::make_exception_ptr(ShutDown(
+                detail::str_cat("[CommandBuffer] command buffer #", id_, " waited for event value ",
+                                w->value, " that was never signaled before shutdown")));
+        } else {
+          // Suspend: the listener reschedules the queue. We hold no thread.
+          std::weak_ptr<QueueCore> weak = queue;
+          w->event->notify(w->value, [weak] {
+            if (auto q = weak.lock()) q->wake();
+          });
+          return false;
+        }
+      }
+    }
+    ++pc_;
+  }
+  return true;
+}
+
+void CpuCommandBuffer::finish() {
+  std::vector<Handler> handlers;
+  {
+    MutexLock lock(mu_);
+    error_ = run_error_;
+    handlers.swap(handlers_);
+  }
+  set_status(run_error_ ? CommandBufferStatus::kError : CommandBufferStatus::kCompleted);
+  for (auto& h : handlers) {
+    try {
+      h(*this);
+    } catch (...) {
+      driver_.count_handler_error();  // a throwing handler never kills the thread
+    }
+  }
+  {
+    MutexLock lock(mu_);
+    finished_ = true;
+  }
+  done_cv_.notify_all();
+  driver_.on_finished(!run_error_);
+}
+
+// ---- CpuEncoder ----------------------------------------------------------------------
+
+void CpuEncoder::dispatch(const Pipeline& pipeline, const KernelArgs& args) {
+  ObjectUseChecker::Scope use(checker_, cb_.driver().violations(), "ComputeEncoder", id_,
+                              "dispatch");
+  EncodingChecker::Scope enc(cb_.driver().encoding_checker(), cb_.driver().violations(),
+                             "dispatch");
+  simulate_cost(cb_.driver().encode_cost());
+  const auto* p = dynamic_cast<const CpuPipeline*>(&pipeline);
+  FL_CHECK_ARG(p != nullptr, "[ComputeEncoder::dispatch] pipeline '", pipeline.name(),
+               "' was made by another driver; look it up on this device");
+  cb_.add_kernel(*this, *p, args);
+}
+
+void CpuEncoder::end_encoding() {
+  ObjectUseChecker::Scope use(checker_, cb_.driver().violations(), "ComputeEncoder", id_,
+                              "end_encoding");
+  EncodingChecker::Scope enc(cb_.driver().encoding_checker(), cb_.driver().violations(),
+                             "end_encoding");
+  cb_.end_encoder(*this);
+}
+
+// ---- CpuDriver ---------------------------------------------------------------------------
+
+size_t physical_memory() {
+  long pages = sysconf(_SC_PHYS_PAGES);
+  long page = sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && page > 0 ? static_cast<size_t>(pages) * static_cast<size_t>(page) : 0;
+}
+
+int exec_threads(const Config& c) {
+  if (c.cpu_exec_threads > 0) return c.cpu_exec_threads;
+  return std::max(2, static_cast<int>(std::thread::hardware_concurrency()));
+}
+
+CpuDriver::CpuDriver(int index, const Config& config)
+    : encode_cost_(config.cpu_encode_cost),
+      memory_limit_(config.cpu_memory_limit ? config.cpu_memory_limit : physical_memory()),
+      encoding_checker_(config.cpu_agx_model),
+      executor_(exec_threads(config)) {
+  info_.backend = "cpu";
+  info_.index = index;
+  info_.name = config.cpu_agx_model ? "cpu (strict, AGX encoding model)" : "cpu (strict)";
+  info_.memory_bytes = memory_limit_;
+  info_.compute_units = exec_threads(config);
+  info_.encoding_thread_safe = !config.cpu_agx_model;
+  for (const auto& [name, fn] : kernel_table())
+    pipelines_.emplace(name, std::make_unique<CpuPipeline>(name, fn));
+}
+
+std::unique_ptr<Queue> CpuDriver::new_queue() {
+  check_alive("Driver::new_queue");
+  auto core = std::make_shared<QueueCore>(
+      *this, static_cast<int>(next_queue_id_.fetch_add(1, std::memory_order_relaxed)));
+  register_queue(core);
+  return std::make_unique<CpuQueue>(std::move(core));
+}
+
+void CpuDriver::register_queue(const std::shared_ptr<QueueCore>& q) {
+  MutexLock lock(mu_);
+  queues_.push_back(q);
+}
+
+std::unique_ptr<Buffer> CpuDriver::allocate(size_t bytes) {
+  check_alive("Driver::allocate");
+  FL_CHECK_ARG(bytes > 0, "[Driver::allocate] asked for 0 bytes; ask for at least 1");
+  const size_t rounded = (bytes + 63) / 64 * 64;
+  size_t used = memory_used_.fetch_add(rounded, std::memory_order_relaxed);
+  if (used + rounded > memory_limit_) {
+    memory_used_.fetch_sub(rounded, std::memory_order_relaxed);
+    throw OutOfMemory(detail::str_cat("[Driver::allocate] cpu device ", info_.index, ": asked for ",
+                                      bytes, " bytes with ", memory_limit_ - used, " of ",
+                                      memory_limit_,
+                                      " free; free tensors or raise cpu_memory_limit"));
+  }
+  void* p = std::aligned_alloc(64, rounded);
+  if (!p) {
+    memory_used_.fetch_sub(rounded, std::memory_order_relaxed);
+    throw OutOfMemory(detail::str_cat("[Driver::allocate] the host refused ", bytes, " bytes"));
+  }
+  return std::make_unique<CpuBuffer>(p, rounded, memory_used_);
+}
+
+const Pipeline& CpuDriver::pipeline(std::string_view name) {
+  auto it = pipelines_.find(name);
+  if (it == pipelines_.end()) {
+    std::string known;
+    for (const auto& [n, p] : pipelines_) known += (known.empty() ? "" : ", ") + n;
+    throw InvalidArgument(detail::str_cat("[Driver::pipeline] the cpu driver has no kernel '", name,
+                                          "'; it has: ", known));
+  }
+  return *it->second;
+}
+
+std::vector<std::string> CpuDriver::pipeline_names() const {
+  std::vector<std::string> out;
+  for (const auto& [n, p] : pipelines_) out.push_back(n);
+  return out;
+}
+
+DriverStats CpuDriver::stats() const {
+  DriverStats s;
+  s.command_buffers_committed = committed_.load(std::memory_order_relaxed);
+  s.command_buffers_completed = completed_.load(std::memory_order_relaxed);
+  s.kernels_executed = kernels_.load(std::memory_order_relaxed);
+  s.violations = violations_.count();
+  s.handler_errors = handler_errors_.load(std::memory_order_relaxed);
+  return s;
+}
+
+void CpuDriver::on_committed() {
+  committed_.fetch_add(1, std::memory_order_relaxed);
+  MutexLock lock(mu_);
+  ++in_flight_;
+}
+
+void CpuDriver::on_finished(bool) {
+  completed_.fetch_add(1, std::memory_order_relaxed);
+  {
+    MutexLock lock(mu_);
+    --in_flight_;
+  }
+  drained_.notify_all();
+}
+
+void CpuDriver::shutdown() {
+  {
+    MutexLock lock(mu_);
+    if (shutting_down_) return;
+    shutting_down_ = true;
+  }
+  if (executor_.is_exec_thread()) {
+    // Called from a completion handler: we cannot wait for ourselves. Refuse
+    // new work; the threads are joined when the driver is destroyed.
+    shut_down_.store(true, std::memory_order_release);
+    return;
+  }
+  // Drain: wait for committed work. If the executor stays idle with work still
+  // in flight, that work waits for events nobody will signal: fail those waits.
+  int idle_rounds = 0;
+  for (;;) {
+    std::vector<std::shared_ptr<QueueCore>> queues;
+    {
+      MutexLock lock(mu_);
+      if (drained_.wait_for(mu_, std::chrono::milliseconds(20),
+                            [&]() FL_REQUIRES(mu_) { return in_flight_ == 0; }))
+        break;
+      idle_rounds = executor_.idle() ? idle_rounds + 1 : 0;
+      if (idle_rounds < 3) continue;
+      for (auto& w : queues_)
+        if (auto q = w.lock()) queues.push_back(std::move(q));
+    }
+    for (auto& q : queues) q->abandon_waits();
+  }
+  shut_down_.store(true, std::memory_order_release);
+  executor_.stop();
+}
+
+}  // namespace
+
+std::unique_ptr<Driver> make_cpu_driver(int index, const Config& config) {
+  FL_CHECK_ARG(index == 0, "[Device] the cpu backend has one device (index 0), not index ", index);
+  return std::make_unique<CpuDriver>(index, config);
+}
+
+int cpu_device_count() { return 1; }
+
+}  // namespace flotilla::backend::cpu

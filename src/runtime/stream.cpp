@@ -1,0 +1,208 @@
+#include "flotilla/runtime/stream.h"
+
+#include <utility>
+
+#include "flotilla/runtime/device.h"
+#include "runtime/stream_state.h"
+#include "runtime/thread_streams.h"
+
+namespace flotilla {
+
+// ---- Stream (handle) -----------------------------------------------------------
+
+detail::StreamState& Stream::state() const { return device_->streams().state(index_); }
+
+void Stream::dispatch(const backend::Pipeline& pipeline, const backend::KernelArgs& args) {
+  device_->check_usable("Stream::dispatch");
+  state().dispatch(pipeline, args);
+}
+
+void Stream::dispatch(std::string_view kernel, const backend::KernelArgs& args) {
+  dispatch(device_->pipeline(kernel), args);
+}
+
+void Stream::commit() {
+  device_->check_usable("Stream::commit");
+  state().commit();
+}
+
+void Stream::synchronize() {
+  device_->check_usable("Stream::synchronize");
+  state().synchronize();
+}
+
+bool Stream::query() const {
+  device_->check_usable("Stream::query");
+  return state().query();
+}
+
+void Stream::add_callback(std::function<void()> fn) {
+  device_->check_usable("Stream::add_callback");
+  state().add_callback(std::move(fn));
+}
+
+uint64_t Stream::kernels_encoded() const { return state().kernels(); }
+uint64_t Stream::commits() const { return state().commits(); }
+
+// ---- StreamGuard -------------------------------------------------------------------
+
+StreamGuard::StreamGuard(const Stream& stream)
+    : device_(&stream.device()),
+      previous_(detail::swap_current_stream_index(*device_, stream.index())) {}
+
+StreamGuard::~StreamGuard() {
+  // Restoring only swaps a thread-local index: it cannot fail.
+  detail::swap_current_stream_index(*device_, previous_);
+}
+
+// ---- StreamState ---------------------------------------------------------------------
+
+namespace detail {
+
+StreamState::StreamState(Device& device, int index, std::unique_ptr<backend::Queue> queue)
+    : device_(device),
+      encoding_lock_(device.encoding_lock()),
+      index_(index),
+      queue_(std::move(queue)) {}
+
+StreamState::~StreamState() = default;
+
+void StreamState::ensure_buffer() {
+  if (!cb_) {
+    cb_ = queue_->new_command_buffer();
+    kernels_in_cb_ = 0;
+  }
+}
+
+void StreamState::ensure_encoder() {
+  ensure_buffer();
+  if (!encoder_) {
+    EncodingLock::Guard guard(encoding_lock_);
+    encoder_ = &cb_->compute_encoder();
+  }
+}
+
+void StreamState::end_encoder() {
+  if (encoder_) {
+    EncodingLock::Guard guard(encoding_lock_);
+    encoder_->end_encoding();
+    encoder_ = nullptr;
+  }
+}
+
+std::shared_ptr<backend::CommandBuffer> StreamState::commit_locked() {
+  if (!cb_) return last_committed_;
+  end_encoder();
+  // The handler captures only `this`: a StreamState lives until its device is
+  // destroyed, which happens after the driver has drained (Device::~Device).
+  cb_->add_completed_handler([this](backend::CommandBuffer& cb) {
+    if (cb.status() == backend::CommandBufferStatus::kError) record_error(cb.error());
+  });
+  auto cb = std::move(cb_);
+  cb_.reset();
+  kernels_in_cb_ = 0;
+  cb->commit();
+  commits_total_.fetch_add(1, std::memory_order_relaxed);
+  last_committed_ = cb;
+  return cb;
+}
+
+void StreamState::dispatch(const backend::Pipeline& pipeline, const backend::KernelArgs& args) {
+  std::shared_ptr<backend::CommandBuffer> wait_for;
+  {
+    MutexLock lock(mu_);
+    ensure_encoder();
+    {
+      EncodingLock::Guard guard(encoding_lock_);
+      encoder_->dispatch(pipeline, args);
+    }
+    ++kernels_in_cb_;
+    kernels_total_.fetch_add(1, std::memory_order_relaxed);
+    const Config& c = device_.config();
+    switch (c.sync_mode) {
+      case SyncMode::kNone: break;
+      case SyncMode::kCommit: commit_locked(); break;
+      case SyncMode::kCommitAndWait: wait_for = commit_locked(); break;
+      case SyncMode::kAdaptive:
+        if (kernels_in_cb_ >= c.adaptive_commit_kernels) commit_locked();
+        break;
+    }
+  }
+  if (wait_for) {
+    wait_for->wait_until_completed();
+    rethrow_error();
+  }
+}
+
+void StreamState::commit() {
+  MutexLock lock(mu_);
+  commit_locked();
+}
+
+void StreamState::synchronize() {
+  std::shared_ptr<backend::CommandBuffer> last;
+  {
+    MutexLock lock(mu_);
+    last = commit_locked();
+  }
+  // Waiting outside the lock lets threads sharing the stream keep encoding;
+  // the queue runs in order, so the last buffer finishing means all did.
+  if (last) last->wait_until_completed();
+  rethrow_error();
+}
+
+bool StreamState::query() const {
+  MutexLock lock(mu_);
+  if (!last_committed_) return true;
+  auto s = last_committed_->status();
+  return s == backend::CommandBufferStatus::kCompleted || s == backend::CommandBufferStatus::kError;
+}
+
+void StreamState::add_callback(std::function<void()> fn) {
+  MutexLock lock(mu_);
+  ensure_buffer();
+  cb_->add_completed_handler([this, fn = std::move(fn)](backend::CommandBuffer&) {
+    try {
+      fn();
+    } catch (...) {
+      record_error(std::current_exception());
+    }
+  });
+  commit_locked();
+}
+
+void StreamState::encode_signal(backend::SharedEvent& event, uint64_t value) {
+  MutexLock lock(mu_);
+  ensure_buffer();
+  end_encoder();
+  {
+    EncodingLock::Guard guard(encoding_lock_);
+    cb_->encode_signal(event, value);
+  }
+  commit_locked();
+}
+
+void StreamState::encode_wait(backend::SharedEvent& event, uint64_t value) {
+  MutexLock lock(mu_);
+  ensure_buffer();
+  end_encoder();
+  EncodingLock::Guard guard(encoding_lock_);
+  cb_->encode_wait(event, value);
+}
+
+void StreamState::record_error(std::exception_ptr e) {
+  MutexLock lock(mu_);
+  if (!error_) error_ = std::move(e);
+}
+
+void StreamState::rethrow_error() {
+  std::exception_ptr e;
+  {
+    MutexLock lock(mu_);
+    e = std::exchange(error_, nullptr);
+  }
+  if (e) std::rethrow_exception(e);
+}
+
+}  // namespace detail
+}  // namespace flotilla

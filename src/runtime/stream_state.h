@@ -1,0 +1,66 @@
+// The state behind a Stream handle. Internal.
+#pragma once
+
+#include <atomic>
+#include <exception>
+#include <functional>
+#include <memory>
+
+#include "flotilla/backend/driver.h"
+#include "flotilla/common/sync.h"
+
+namespace flotilla {
+class Device;
+class EncodingLock;
+}  // namespace flotilla
+
+namespace flotilla::detail {
+
+class StreamState {
+ public:
+  StreamState(Device& device, int index, std::unique_ptr<backend::Queue> queue);
+  ~StreamState();
+
+  void dispatch(const backend::Pipeline& pipeline, const backend::KernelArgs& args)
+      FL_EXCLUDES(mu_);
+  void commit() FL_EXCLUDES(mu_);
+  void synchronize() FL_EXCLUDES(mu_);
+  bool query() const FL_EXCLUDES(mu_);
+  void add_callback(std::function<void()> fn) FL_EXCLUDES(mu_);
+  // Event commands: end the encoder, append a signal or wait; a signal commits.
+  void encode_signal(backend::SharedEvent& event, uint64_t value) FL_EXCLUDES(mu_);
+  void encode_wait(backend::SharedEvent& event, uint64_t value) FL_EXCLUDES(mu_);
+  // Records an asynchronous error (first one wins).
+  void record_error(std::exception_ptr e) FL_EXCLUDES(mu_);
+
+  int index() const { return index_; }
+  uint64_t kernels() const { return kernels_total_.load(std::memory_order_relaxed); }
+  uint64_t commits() const { return commits_total_.load(std::memory_order_relaxed); }
+
+ private:
+  void ensure_buffer() FL_REQUIRES(mu_);
+  void ensure_encoder() FL_REQUIRES(mu_);
+  void end_encoder() FL_REQUIRES(mu_);
+  // Commits the current buffer, if any; returns the last committed buffer.
+  std::shared_ptr<backend::CommandBuffer> commit_locked() FL_REQUIRES(mu_);
+  void rethrow_error() FL_EXCLUDES(mu_);
+
+  Device& device_;
+  EncodingLock& encoding_lock_;
+  const int index_;
+  const std::unique_ptr<backend::Queue> queue_;
+
+  // Serialises the callers sharing this stream; guards its encoding state.
+  mutable Mutex mu_;
+  std::shared_ptr<backend::CommandBuffer> cb_ FL_GUARDED_BY(mu_);
+  backend::ComputeEncoder* encoder_ FL_GUARDED_BY(mu_) = nullptr;  // owned by cb_
+  int kernels_in_cb_ FL_GUARDED_BY(mu_) = 0;
+  std::shared_ptr<backend::CommandBuffer> last_committed_ FL_GUARDED_BY(mu_);
+  std::exception_ptr error_ FL_GUARDED_BY(mu_);
+
+  // Relaxed: statistics.
+  std::atomic<uint64_t> kernels_total_{0};
+  std::atomic<uint64_t> commits_total_{0};
+};
+
+}  // namespace flotilla::detail
