@@ -1,0 +1,307 @@
+#include "stress.h"
+
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <latch>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "flotilla/flotilla.h"
+#include "flotilla/runtime/legacy.h"
+
+namespace flotilla::cli {
+
+using backend::KernelArgs;
+using Clock = std::chrono::steady_clock;
+
+void StressTally::add(const StressTally& r) {
+  ops += r.ops;
+  checks += r.checks;
+  wrong_results += r.wrong_results;
+  violations += r.violations;
+  errors += r.errors;
+  crashes += r.crashes;
+  seconds += r.seconds;
+  lock_wait_s += r.lock_wait_s;
+  streams_used = std::max(streams_used, r.streams_used);
+  for (const auto& [rule, n] : r.by_rule) by_rule[rule] += n;
+  if (first_error.empty()) first_error = r.first_error;
+}
+
+namespace {
+
+uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// The work of one thread, written once for both architectures: `Sink` is a
+// Stream (pool) or the shared LegacyStream (legacy).
+struct ThreadResult {
+  uint64_t ops = 0, checks = 0, wrong = 0, violations = 0, errors = 0;
+  std::map<std::string, uint64_t> by_rule;
+  std::string first_error;
+  int stream = -1;
+  // The thread's buffers outlive the thread: under the legacy architecture
+  // its kernels can sit in a command buffer another thread commits later,
+  // so they are freed only after the device has drained (run_stress_round).
+  std::vector<std::unique_ptr<backend::Buffer>> buffers;
+};
+
+template <typename Sink>
+void thread_body(Device& dev, Sink& sink, const StressOptions& o, uint64_t seed, int tid,
+                 ThreadResult& r) {
+  auto& drv = dev.driver("stress");
+  const size_t n = static_cast<size_t>(o.elements);
+  const size_t slots = static_cast<size_t>(o.check_every);
+  auto* a = r.buffers.emplace_back(drv.allocate(n * sizeof(float))).get();
+  auto* b = r.buffers.emplace_back(drv.allocate(n * sizeof(float))).get();
+  auto* c = r.buffers.emplace_back(drv.allocate(n * sizeof(float))).get();
+  auto* sums = r.buffers.emplace_back(drv.allocate(slots * sizeof(uint64_t))).get();
+  auto* host = r.buffers.emplace_back(drv.allocate_host(slots * sizeof(uint64_t))).get();
+  auto* host_sums = static_cast<uint64_t*>(host->host_ptr());
+  std::vector<uint64_t> expected(slots);
+
+  const int iterations = std::max(1, o.ops_per_thread / 5);  // 5 kernels each, + a copy per check
+  size_t slot = 0;
+  auto check = [&] {
+    // Poison first: a copy that never happened must not look right.
+    std::memset(host_sums, 0xA5, slots * sizeof(uint64_t));
+    sink.dispatch(
+        "copy_bytes",
+        KernelArgs().ptr(host->device_ptr()).ptr(sums->device_ptr()).size(slot * sizeof(uint64_t)));
+    ++r.ops;
+    sink.synchronize();
+    for (size_t i = 0; i < slot; ++i) {
+      ++r.checks;
+      if (host_sums[i] != expected[i]) ++r.wrong;
+    }
+    slot = 0;
+  };
+  for (int it = 0; it < iterations; ++it) {
+    try {
+      // Small integers: every float operation below is exact on any device.
+      const auto v1 = static_cast<float>(
+          (seed + static_cast<uint64_t>(tid) * 7919 + static_cast<uint64_t>(it)) % 1000);
+      const auto v2 = static_cast<float>(tid + 1);
+      const float s = (it % 2) ? 2.0f : 3.0f;
+      sink.dispatch("fill_f32", KernelArgs().ptr(a->device_ptr()).f64(v1).size(n));
+      sink.dispatch("fill_f32", KernelArgs().ptr(b->device_ptr()).f64(v2).size(n));
+      sink.dispatch(
+          "add_f32",
+          KernelArgs().ptr(a->device_ptr()).ptr(b->device_ptr()).ptr(c->device_ptr()).size(n));
+      sink.dispatch("scale_f32",
+                    KernelArgs().ptr(c->device_ptr()).ptr(c->device_ptr()).f64(s).size(n));
+      auto* out = static_cast<uint64_t*>(sums->device_ptr()) + slot;
+      sink.dispatch("checksum_u32", KernelArgs().ptr(c->device_ptr()).ptr(out).size(n));
+      r.ops += 5;
+      expected[slot] = uint64_t{float_bits((v1 + v2) * s)} * n;
+      if (++slot == slots || it + 1 == iterations) check();
+    } catch (const ValidationError& e) {
+      ++r.violations;
+      ++r.by_rule[e.rule()];
+      if (r.first_error.empty()) r.first_error = e.what();
+      slot = 0;  // that group's results are unknowable now; start a new one
+    } catch (const Error& e) {
+      ++r.errors;
+      if (r.first_error.empty()) r.first_error = e.what();
+      slot = 0;
+    }
+  }
+  // Leave nothing running on our buffers before they are freed.
+  try {
+    sink.synchronize();
+  } catch (const Error&) {
+  }
+}
+
+struct PoolSink {
+  Stream stream;
+  void dispatch(std::string_view k, const KernelArgs& a) { stream.dispatch(k, a); }
+  void synchronize() { stream.synchronize(); }
+};
+
+}  // namespace
+
+StressTally run_stress_round(const StressOptions& o, uint64_t seed) {
+  Config cfg;
+  cfg.policy = o.policy;
+  cfg.cpu_agx_model = o.agx_model;
+  cfg.encoding_lock = o.encoding_lock ? EncodingLockMode::kAuto : EncodingLockMode::kOff;
+  // The stress threads outnumber exclusive slots at high counts: share then.
+  cfg.exclusive_when_full = WhenFull::kShare;
+  auto dev = Device::create(o.backend, 0, cfg);
+  std::optional<LegacyStream> legacy;
+  if (o.arch == "legacy") legacy.emplace(*dev);
+
+  std::vector<ThreadResult> results(static_cast<size_t>(o.threads));
+  std::latch start(o.threads + 1);
+  std::vector<std::thread> threads;
+  threads.reserve(results.size());
+  for (int t = 0; t < o.threads; ++t) {
+    threads.emplace_back([&, t] {
+      auto& r = results[static_cast<size_t>(t)];
+      start.arrive_and_wait();
+      try {
+        if (legacy) {
+          thread_body(*dev, *legacy, o, seed, t, r);
+          r.stream = 0;
+        } else {
+          PoolSink sink{dev->current_stream()};
+          r.stream = sink.stream.index();
+          thread_body(*dev, sink, o, seed, t, r);
+        }
+      } catch (const Error& e) {
+        ++r.errors;
+        if (r.first_error.empty()) r.first_error = e.what();
+      }
+    });
+  }
+  const auto t0 = Clock::now();
+  start.arrive_and_wait();
+  for (auto& th : threads) th.join();
+  StressTally tally;
+  tally.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  try {
+    dev->synchronize();
+  } catch (const Error& e) {
+    ++tally.errors;
+    if (tally.first_error.empty()) tally.first_error = e.what();
+  }
+  tally.lock_wait_s = std::chrono::duration<double>(dev->encoding_lock().stats().wait).count();
+  legacy.reset();
+  dev->shutdown();  // drains everything still queued before buffers are freed
+  std::set<int> streams;
+  for (const auto& r : results) {
+    tally.ops += r.ops;
+    tally.checks += r.checks;
+    tally.wrong_results += r.wrong;
+    tally.violations += r.violations;
+    tally.errors += r.errors;
+    for (const auto& [rule, k] : r.by_rule) tally.by_rule[rule] += k;
+    if (tally.first_error.empty()) tally.first_error = r.first_error;
+    if (r.stream >= 0) streams.insert(r.stream);
+  }
+  tally.streams_used = static_cast<int>(streams.size());
+  return tally;
+}
+
+namespace {
+
+nlohmann::json to_json(const StressTally& t) {
+  return {{"ops", t.ops},
+          {"checks", t.checks},
+          {"wrong", t.wrong_results},
+          {"violations", t.violations},
+          {"errors", t.errors},
+          {"seconds", t.seconds},
+          {"lock_wait_s", t.lock_wait_s},
+          {"streams", t.streams_used},
+          {"by_rule", t.by_rule},
+          {"first_error", t.first_error}};
+}
+
+StressTally from_json(const nlohmann::json& j) {
+  StressTally t;
+  t.ops = j.at("ops");
+  t.checks = j.at("checks");
+  t.wrong_results = j.at("wrong");
+  t.violations = j.at("violations");
+  t.errors = j.at("errors");
+  t.seconds = j.at("seconds");
+  t.lock_wait_s = j.at("lock_wait_s");
+  t.streams_used = j.at("streams");
+  t.by_rule = j.at("by_rule").get<std::map<std::string, uint64_t>>();
+  t.first_error = j.at("first_error");
+  return t;
+}
+
+StressTally crashed(const std::string& why, double seconds) {
+  StressTally t;
+  t.crashes = 1;
+  t.seconds = seconds;
+  t.first_error = why;
+  return t;
+}
+
+}  // namespace
+
+StressTally run_stress_round_isolated(const StressOptions& o, uint64_t seed) {
+  // The parent must not have touched a GPU driver before fork(): this
+  // function runs only device-free code here (see cmd_stress.cpp).
+  int fds[2];
+  if (pipe(fds) != 0) throw InvalidState("[stress] pipe() failed");
+  const auto t0 = Clock::now();
+  const pid_t pid = fork();
+  if (pid < 0) throw InvalidState("[stress] fork() failed");
+  if (pid == 0) {
+    close(fds[0]);
+    int code = 0;
+    std::string line;
+    try {
+      line = to_json(run_stress_round(o, seed)).dump() + "\n";
+    } catch (const std::exception& e) {
+      StressTally t;
+      t.errors = 1;
+      t.first_error = e.what();
+      line = to_json(t).dump() + "\n";
+      code = 3;
+    }
+    size_t off = 0;
+    while (off < line.size()) {
+      ssize_t w = write(fds[1], line.data() + off, line.size() - off);
+      if (w <= 0) break;
+      off += static_cast<size_t>(w);
+    }
+    close(fds[1]);
+    // _exit: the child's devices were shut down by their owners; skip the
+    // parent's atexit handlers and static destructors.
+    _exit(code);
+  }
+  close(fds[1]);
+  std::string out;
+  char buf[4096];
+  const auto deadline = t0 + std::chrono::duration<double>(o.round_timeout_s);
+  bool timed_out = false;
+  for (;;) {
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    if (left.count() <= 0) {
+      timed_out = true;
+      break;
+    }
+    pollfd p{fds[0], POLLIN, 0};
+    int rc = poll(&p, 1, static_cast<int>(std::min<int64_t>(left.count(), 1000)));
+    if (rc < 0 && errno == EINTR) continue;
+    if (rc <= 0) continue;
+    ssize_t n = read(fds[0], buf, sizeof buf);
+    if (n <= 0) break;
+    out.append(buf, static_cast<size_t>(n));
+  }
+  close(fds[0]);
+  if (timed_out) kill(pid, SIGKILL);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+  if (timed_out) return crashed("round hung: killed after the watchdog timeout", secs);
+  if (WIFSIGNALED(status))
+    return crashed(std::string("round crashed with signal ") + strsignal(WTERMSIG(status)), secs);
+  try {
+    return from_json(nlohmann::json::parse(out));
+  } catch (const std::exception&) {
+    return crashed(
+        "round exited (status " + std::to_string(WEXITSTATUS(status)) + ") without a result", secs);
+  }
+}
+
+}  // namespace flotilla::cli
