@@ -89,6 +89,10 @@ Config Config::from_env() {
   if (const char* v = get("FLOTILLA_ENCODING_LOCK")) c.encoding_lock = parse_encoding_lock_mode(v);
   if (const char* v = get("FLOTILLA_CPU_THREADS"))
     c.cpu_exec_threads = parse_int("FLOTILLA_CPU_THREADS", v, 0, 1024);
+  if (const char* v = get("FLOTILLA_CUDA_MAX_CONNECTIONS"))
+    c.cuda_max_connections = parse_int("FLOTILLA_CUDA_MAX_CONNECTIONS", v, 0, 32);
+  if (const char* v = get("FLOTILLA_CUDA_COMPLETION_THREADS"))
+    c.cuda_completion_threads = parse_int("FLOTILLA_CUDA_COMPLETION_THREADS", v, 0, 64);
   if (const char* v = get("FLOTILLA_ALLOCATOR_CACHING"))
     c.allocator_caching = parse_bool("FLOTILLA_ALLOCATOR_CACHING", v);
   c.validate();
@@ -103,6 +107,11 @@ void Config::validate() const {
   FL_CHECK_ARG(cpu_exec_threads >= 0, "[Config] cpu_exec_threads=", cpu_exec_threads,
                " must be 0 (auto) or positive");
   FL_CHECK_ARG(exclusive_wait.count() >= 0, "[Config] exclusive_wait must not be negative");
+  FL_CHECK_ARG(cuda_max_connections >= 0 && cuda_max_connections <= 32,
+               "[Config] cuda_max_connections=", cuda_max_connections,
+               " is out of range; use 0 (Flotilla's default) or 1..32");
+  FL_CHECK_ARG(cuda_completion_threads >= 0, "[Config] cuda_completion_threads=",
+               cuda_completion_threads, " must be 0 (auto) or positive");
   FL_CHECK_ARG(event_pool_size >= 0, "[Config] event_pool_size must not be negative");
 }
 

@@ -59,6 +59,15 @@ struct Config {
   std::chrono::nanoseconds cpu_encode_cost{200};
   size_t cpu_memory_limit = 0;  // bytes the cpu device may allocate; 0: physical memory
 
+  // CUDA driver (Note [CUDA_DEVICE_MAX_CONNECTIONS] in src/backend/cuda).
+  // Hardware work queues per CUDA context: how many streams' kernels can
+  // overlap. 0: Flotilla's default (32). Applied before CUDA initialises in
+  // this process, unless the user set CUDA_DEVICE_MAX_CONNECTIONS.
+  int cuda_max_connections = 0;
+  // Completion threads per CUDA device (they observe finished command
+  // buffers and run handlers). 0: auto (2 with 8+ cores, else 1).
+  int cuda_completion_threads = 0;
+
   // Events.
   int event_pool_size = 64;  // events kept for reuse per device
 
@@ -66,7 +75,8 @@ struct Config {
   bool allocator_caching = true;
 
   // Reads FLOTILLA_POOL_SIZE, FLOTILLA_POLICY, FLOTILLA_SYNC_MODE,
-  // FLOTILLA_ENCODING_LOCK, FLOTILLA_CPU_THREADS, FLOTILLA_ALLOCATOR_CACHING
+  // FLOTILLA_ENCODING_LOCK, FLOTILLA_CPU_THREADS, FLOTILLA_ALLOCATOR_CACHING,
+  // FLOTILLA_CUDA_MAX_CONNECTIONS, FLOTILLA_CUDA_COMPLETION_THREADS
   // over the defaults. Bad values throw InvalidArgument naming the variable.
   static Config from_env();
 
