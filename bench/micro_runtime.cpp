@@ -257,14 +257,6 @@ void encode_amortised(benchmark::State& state, Stream s, const TinyKernel& k) {
   s.synchronize();
 }
 
-// Each thread on its own stream (1 + thread index).
-void BM_EncodeThreads(benchmark::State& state) {
-  auto& dev = round_robin_device();
-  TinyKernel k(dev);
-  encode_amortised(state, dev.streams().at(1 + state.thread_index()), k);
-}
-BENCHMARK(BM_EncodeThreads)->Threads(1)->Threads(2)->Threads(4)->Threads(8)->UseRealTime();
-
 // All threads on one stream: its mutex serialises them (what round-robin
 // sharing costs when threads outnumber streams).
 void BM_EncodeSharedStream(benchmark::State& state) {
@@ -274,9 +266,10 @@ void BM_EncodeSharedStream(benchmark::State& state) {
 }
 BENCHMARK(BM_EncodeSharedStream)->Threads(1)->Threads(2)->Threads(4)->Threads(8)->UseRealTime();
 
-// EncodingLock forced off or on (Config::encoding_lock), each thread on its
-// own stream. Thread 0 reports the share of lock acquisitions that had to
-// wait and the wait per kernel, from EncodingLock::stats().
+// Each thread on its own stream (1 + thread index), EncodingLock forced off
+// or on (Config::encoding_lock; off is what kAuto picks on this driver).
+// Thread 0 reports the share of lock acquisitions that had to wait and the
+// wait per kernel, from EncodingLock::stats().
 template <flotilla::EncodingLockMode kMode>
 void BM_EncodeLock(benchmark::State& state) {
   auto& dev = lock_device(kMode);
@@ -304,6 +297,29 @@ BENCHMARK_TEMPLATE(BM_EncodeLock, flotilla::EncodingLockMode::kOn)
     ->Threads(4)
     ->Threads(8)
     ->UseRealTime();
+
+// ---- Commit per kernel ---------------------------------------------------------
+
+// One tiny kernel then commit() (what SyncMode::kCommit does), each thread on
+// its own stream, synchronised every 64 commits inside the timed region: the
+// cost of the commit path (a new command buffer, its completion handler, the
+// hand-off to the driver's execution threads) and how it scales.
+void BM_CommitPerKernel(benchmark::State& state) {
+  auto& dev = round_robin_device();
+  TinyKernel k(dev);
+  Stream s = dev.streams().at(1 + state.thread_index());
+  int n = 0;
+  for (auto _ : state) {
+    s.dispatch(k.pipeline, k.args);
+    s.commit();
+    if (++n == 64) {
+      s.synchronize();
+      n = 0;
+    }
+  }
+  s.synchronize();
+}
+BENCHMARK(BM_CommitPerKernel)->Threads(1)->Threads(2)->Threads(4)->Threads(8)->UseRealTime();
 
 // ---- Events -------------------------------------------------------------------------
 
