@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "flotilla/common/error.h"
+#include "flotilla/runtime/allocator.h"
 #include "runtime/event_state.h"
 #include "runtime/stream_state.h"
 #include "runtime/thread_streams.h"
@@ -122,6 +123,7 @@ Device::Device(std::string_view backend, int index, const Config& config)
           (config.encoding_lock == EncodingLockMode::kAuto && !driver_->encoding_thread_safe())),
       streams_(std::make_unique<StreamPool>(*this, config)),
       events_(std::make_unique<detail::EventPool>(*this, config.event_pool_size)),
+      allocator_(std::make_unique<Allocator>(*this)),
       fork_generation_(g_fork_generation.load(std::memory_order_relaxed)) {}
 
 std::shared_ptr<Device> Device::make(std::string_view backend, int index, const Config& config) {
@@ -191,6 +193,7 @@ Device::~Device() {
   if (fork_generation_ != g_fork_generation.load(std::memory_order_relaxed)) {
     // A fork child: the driver's threads do not exist here, so its objects
     // cannot be torn down (joining would hang). Leak them on purpose.
+    (void)allocator_.release();
     (void)events_.release();
     (void)streams_.release();
     (void)driver_.release();

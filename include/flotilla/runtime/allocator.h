@@ -59,6 +59,7 @@
 #include <memory>
 #include <string>
 
+#include "flotilla/backend/driver.h"
 #include "flotilla/runtime/stream.h"
 
 namespace flotilla {
@@ -119,9 +120,12 @@ class Allocation {
   // No-op for the allocation's own stream. Never blocks.
   void record_stream(const Stream& stream);
 
-  // Frees now (stream-ordered). Never throws: a failure to record an event
-  // (device lost or shut down) keeps the block out of the cache for good.
+  // Frees now (stream-ordered). Never throws: a block whose device is lost
+  // (so it may never be idle) is kept out of the cache for good.
   void reset() noexcept;
+  // Frees a block the caller knows the device is done with (it synchronized
+  // every stream that used it): reusable at once on any path.
+  void release_idle() noexcept;
 
  private:
   friend class Allocator;
@@ -166,11 +170,16 @@ class Allocator {
   struct Shard;
   struct Counters;
   Allocation allocate_impl(size_t bytes, const Stream& stream, bool host);
-  void free_block(detail::Block* block) noexcept;
-  Shard& shard(int stream_index, bool host);
-  // Internal bookkeeping.
+  std::unique_ptr<detail::Block> take_ready(Shard& shard, size_t cls);
+  void reap(Shard& shard);
+  std::unique_ptr<detail::Block> new_block(size_t cls, size_t bytes, const Stream& stream,
+                                           bool host);
+  std::unique_ptr<backend::Buffer> driver_allocate(size_t cls, bool host);
   std::unique_ptr<detail::Block> take_from_other_streams(size_t cls, const Stream& stream);
+  void free_block(detail::Block* block, bool idle) noexcept;
   void release_to_driver(std::unique_ptr<detail::Block> block) noexcept;
+  void leak(std::unique_ptr<detail::Block> block) noexcept;
+  Shard& shard(int stream_index, bool host);
 
   Device& device_;
   const bool caching_;

@@ -35,6 +35,7 @@
 
 namespace flotilla {
 
+class Allocator;
 namespace detail {
 class EventPool;
 }
@@ -71,6 +72,8 @@ class Device : public std::enable_shared_from_this<Device> {
   StreamPool& streams() { return *streams_; }
   EncodingLock& encoding_lock() { return encoding_lock_; }
   detail::EventPool& events() { return *events_; }
+  // The device's caching allocator (runtime/allocator.h).
+  Allocator& allocator() { return *allocator_; }
   const backend::Pipeline& pipeline(std::string_view kernel);
 
   Stream default_stream() { return streams_->default_stream(); }
@@ -103,6 +106,7 @@ class Device : public std::enable_shared_from_this<Device> {
   EncodingLock encoding_lock_;
   std::unique_ptr<StreamPool> streams_;
   std::unique_ptr<detail::EventPool> events_;
+  std::unique_ptr<Allocator> allocator_;  // after streams_ and events_: destroyed before them
   // acquire/release: shutdown publishes its completion through it.
   std::atomic<int> state_{kRunning};
   const uint64_t fork_generation_;  // g_fork_generation when created

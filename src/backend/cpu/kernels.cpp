@@ -90,6 +90,7 @@ const KernelTable& kernel_table() {
   static const KernelTable table = [] {
     KernelTable t;
     add_basic_kernels(t);
+    add_nn_kernels(t);
     return t;
   }();
   return table;

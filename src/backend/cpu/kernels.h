@@ -18,6 +18,8 @@ using KernelTable = std::unordered_map<std::string, KernelFn>;
 
 // fill_f32, copy_bytes, add_f32, scale_f32, checksum_u32, sleep_us, trap.
 void add_basic_kernels(KernelTable& table);
+// The ops' kernels (linear_f32, add_bcast_f32, ...: kernels_nn.cpp).
+void add_nn_kernels(KernelTable& table);
 
 // Every CPU kernel of this build.
 const KernelTable& kernel_table();
