@@ -26,6 +26,18 @@ bool parse_bool(const char* var, const std::string& text) {
                                         "' is not a boolean; use 1/0, true/false or on/off"));
 }
 
+// An enum value from variable `var`: the parser's error, naming the variable.
+template <typename Parse>
+auto parse_enum(const char* var, const std::string& text, Parse parse) {
+  try {
+    return parse(text);
+  } catch (const InvalidArgument& e) {
+    std::string why = e.what();
+    if (why.rfind("[Config] ", 0) == 0) why.erase(0, 9);
+    throw InvalidArgument(detail::str_cat("[Config::from_env] ", var, ": ", why));
+  }
+}
+
 }  // namespace
 
 StreamPolicy parse_stream_policy(const std::string& s) {
@@ -84,9 +96,12 @@ Config Config::from_env() {
   auto get = [](const char* var) -> const char* { return std::getenv(var); };
   if (const char* v = get("FLOTILLA_POOL_SIZE"))
     c.pool_size = parse_int("FLOTILLA_POOL_SIZE", v, 2, 64);
-  if (const char* v = get("FLOTILLA_POLICY")) c.policy = parse_stream_policy(v);
-  if (const char* v = get("FLOTILLA_SYNC_MODE")) c.sync_mode = parse_sync_mode(v);
-  if (const char* v = get("FLOTILLA_ENCODING_LOCK")) c.encoding_lock = parse_encoding_lock_mode(v);
+  if (const char* v = get("FLOTILLA_POLICY"))
+    c.policy = parse_enum("FLOTILLA_POLICY", v, parse_stream_policy);
+  if (const char* v = get("FLOTILLA_SYNC_MODE"))
+    c.sync_mode = parse_enum("FLOTILLA_SYNC_MODE", v, parse_sync_mode);
+  if (const char* v = get("FLOTILLA_ENCODING_LOCK"))
+    c.encoding_lock = parse_enum("FLOTILLA_ENCODING_LOCK", v, parse_encoding_lock_mode);
   if (const char* v = get("FLOTILLA_CPU_THREADS"))
     c.cpu_exec_threads = parse_int("FLOTILLA_CPU_THREADS", v, 0, 1024);
   if (const char* v = get("FLOTILLA_CUDA_MAX_CONNECTIONS"))
@@ -110,8 +125,9 @@ void Config::validate() const {
   FL_CHECK_ARG(cuda_max_connections >= 0 && cuda_max_connections <= 32,
                "[Config] cuda_max_connections=", cuda_max_connections,
                " is out of range; use 0 (Flotilla's default) or 1..32");
-  FL_CHECK_ARG(cuda_completion_threads >= 0, "[Config] cuda_completion_threads=",
-               cuda_completion_threads, " must be 0 (auto) or positive");
+  FL_CHECK_ARG(cuda_completion_threads >= 0,
+               "[Config] cuda_completion_threads=", cuda_completion_threads,
+               " must be 0 (auto) or positive");
   FL_CHECK_ARG(event_pool_size >= 0, "[Config] event_pool_size must not be negative");
 }
 

@@ -87,19 +87,18 @@ std::string run_cli(const std::string& args, int* exit_code) {
 TEST(StressTool, CliJsonReportsLegacyFailuresAndPoolSuccess) {
   const std::string ops = std::to_string(scaled(3000));
   int code = 0;
-  auto legacy = nlohmann::json::parse(
-      run_cli("stress --arch legacy --threads 8 --rounds 4 --ops-per-thread " + ops + " --json",
-              &code));
+  auto legacy = nlohmann::json::parse(run_cli(
+      "stress --arch legacy --threads 8 --rounds 4 --ops-per-thread " + ops + " --json", &code));
   EXPECT_EQ(code, 0);
-  for (const char* key : {"backend", "arch", "policy", "threads", "rounds", "rounds_failed",
-                          "crashes", "violations", "wrong_results", "ops", "seconds", "ops_per_s",
-                          "encoding_lock_wait_share", "streams_used"})
+  for (const char* key :
+       {"backend", "arch", "policy", "threads", "rounds", "rounds_failed", "crashes", "violations",
+        "wrong_results", "ops", "seconds", "ops_per_s", "encoding_lock_wait_share", "streams_used"})
     EXPECT_TRUE(legacy.contains(key)) << key;
   EXPECT_GT(legacy["rounds_failed"].get<int>(), 0);
-  auto pool = nlohmann::json::parse(run_cli(
-      "stress --arch pool --policy exclusive --threads 8 --rounds 2 --ops-per-thread " + ops +
-          " --json",
-      &code));
+  auto pool = nlohmann::json::parse(
+      run_cli("stress --arch pool --policy exclusive --threads 8 --rounds 2 --ops-per-thread " +
+                  ops + " --json",
+              &code));
   EXPECT_EQ(pool["rounds_failed"].get<int>(), 0) << pool.dump();
   EXPECT_EQ(pool["streams_used"].get<int>(), 8);
   EXPECT_GE(pool["ops"].get<uint64_t>(), 2u * 8u * static_cast<uint64_t>(scaled(3000)));
