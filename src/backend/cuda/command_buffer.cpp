@@ -1,0 +1,301 @@
+#include "backend/cuda/command_buffer.h"
+
+#include <chrono>
+
+#include "backend/cuda/completion.h"
+#include "backend/cuda/spin.h"
+#include "flotilla/common/error.h"
+
+namespace flotilla::backend::cuda {
+
+namespace {
+
+StreamHandle make_stream(DeviceCore& device) {
+  DeviceGuard guard(device.index());
+  cudaStream_t s = nullptr;
+  // Non-blocking: never implicitly synchronised with the legacy stream 0.
+  FL_CUDA_CHECK_DEV(device, cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  return StreamHandle(s);
+}
+
+// A waiter spins this long on the finished flag before sleeping: a small
+// op's round trip is a few microseconds, a futex sleep and wake-up more.
+constexpr auto kWaitSpin = std::chrono::microseconds(100);
+
+}  // namespace
+
+// ---- QueueCore ---------------------------------------------------------------------
+
+QueueCore::QueueCore(std::shared_ptr<DeviceCore> device, int id, CompletionThread* completion)
+    : device_(std::move(device)),
+      id_(id),
+      stream_(make_stream(*device_)),
+      ctx_(*device_, stream_.get(), device_->index(), device_->sm_count(), resources_),
+      completion_(completion) {
+  FL_INTERNAL_CHECK(completion_ != nullptr, "a cuda queue made after its driver's shutdown");
+}
+
+QueueCore::~QueueCore() {
+  DeviceGuard guard(device_->index());
+  // Kernel resources (workspaces) may still be in use by work on the stream.
+  if (!device_->lost()) (void)cudaStreamSynchronize(stream_.get());
+  resources_.clear();
+}
+
+void QueueCore::submit(const std::shared_ptr<CudaCommandBuffer>& cb, cudaEvent_t reuse) {
+  bool wake = false;
+  {
+    MutexLock lock(mu_);
+    if (reuse) {
+      cb->completion_event_ = reuse;
+      cb->owns_completion_event_ = false;
+    } else {
+      cudaEvent_t e = device_->sync_events().take(*device_);
+      const cudaError_t r = cudaEventRecord(e, stream_.get());
+      if (r != cudaSuccess) {
+        device_->sync_events().give(e);
+        device_->fail(r, "cudaEventRecord(e, stream)", __FILE__, __LINE__);
+      }
+      cb->completion_event_ = e;
+      cb->owns_completion_event_ = true;
+    }
+    in_flight_.push_back(cb);
+    wake = !active_;
+    active_ = true;
+  }
+  // Outside the lock: the completion thread takes the queue lock itself.
+  if (wake) completion_->enqueue(shared_from_this());
+}
+
+std::shared_ptr<CudaCommandBuffer> QueueCore::front_or_idle() {
+  MutexLock lock(mu_);
+  if (in_flight_.empty()) {
+    active_ = false;
+    return nullptr;
+  }
+  return in_flight_.front();
+}
+
+void QueueCore::pop_front() {
+  MutexLock lock(mu_);
+  in_flight_.pop_front();
+}
+
+std::shared_ptr<CommandBuffer> CudaQueue::new_command_buffer() {
+  core_->device().check_usable("Queue::new_command_buffer");
+  return std::make_shared<CudaCommandBuffer>(
+      core_, core_->device().next_buffer_id.fetch_add(1, std::memory_order_relaxed));
+}
+
+// ---- CudaEncoder ----------------------------------------------------------------------
+
+void CudaEncoder::dispatch(const Pipeline& pipeline, const KernelArgs& args) {
+  const auto* p = dynamic_cast<const CudaPipeline*>(&pipeline);
+  FL_CHECK_ARG(p != nullptr, "[ComputeEncoder::dispatch] pipeline '", pipeline.name(),
+               "' was made by another driver; look it up on this device");
+  cb_.add_kernel(*this, *p, args);
+}
+
+void CudaEncoder::end_encoding() { cb_.end_encoder(*this); }
+
+// ---- CudaCommandBuffer ------------------------------------------------------------------
+
+CudaCommandBuffer::CudaCommandBuffer(std::shared_ptr<QueueCore> queue, uint64_t id)
+    : queue_(std::move(queue)), device_(queue_->device()), id_(id) {}
+
+CudaCommandBuffer::~CudaCommandBuffer() {
+  // finish() gives the event back; this covers a buffer whose commit failed
+  // after its event was recorded.
+  if (owns_completion_event_ && completion_event_) device_.sync_events().give(completion_event_);
+}
+
+void CudaCommandBuffer::violation(const char* rule, const char* call, const std::string& what) {
+  device_.violation(rule, detail::str_cat("[CommandBuffer::", call, "] command buffer #", id_,
+                                          " (queue ", queue_->id(), "): ", what));
+}
+
+CudaSharedEvent& CudaCommandBuffer::cuda_event(SharedEvent& event, const char* call) {
+  auto* e = dynamic_cast<CudaSharedEvent*>(&event);
+  FL_CHECK_ARG(e != nullptr, "[CommandBuffer::", call,
+               "] the event was made by another driver; use one made by this device");
+  FL_CHECK_ARG(&e->core()->device() == &device_, "[CommandBuffer::", call,
+               "] the event belongs to ", e->core()->device().label(), ", not ", device_.label(),
+               "; order work across devices on the host");
+  return *e;
+}
+
+ComputeEncoder& CudaCommandBuffer::compute_encoder() {
+  MutexLock lock(mu_);
+  if (status() != CommandBufferStatus::kNotEnqueued)
+    violation("encode-after-commit", "compute_encoder",
+              detail::str_cat("is ", to_string(status()),
+                              "; encode into a new command buffer from the queue"));
+  if (open_encoder_)
+    violation("encoder-already-open", "compute_encoder",
+              "a compute encoder is still encoding; call end_encoding() on it first (one "
+              "encoder at a time per command buffer)");
+  encoders_.push_back(std::make_unique<CudaEncoder>(*this));
+  open_encoder_ = encoders_.back().get();
+  return *open_encoder_;
+}
+
+void CudaCommandBuffer::add_kernel(CudaEncoder& enc, const CudaPipeline& p,
+                                   const KernelArgs& args) {
+  MutexLock lock(mu_);
+  if (status() != CommandBufferStatus::kNotEnqueued)
+    violation("encode-after-commit", "dispatch",
+              detail::str_cat("is ", to_string(status()), "; kernel '", p.name(),
+                              "' would be lost: encode into a new command buffer"));
+  if (open_encoder_ != &enc)
+    violation("encoder-ended", "dispatch",
+              detail::str_cat("the encoder used for kernel '", p.name(),
+                              "' has ended; open a new one with compute_encoder()"));
+  device_.check_usable("ComputeEncoder::dispatch");
+  ++kernels_;
+  tail_signal_ = nullptr;
+  // After a failed kernel the rest of the buffer is skipped, as on the CPU.
+  if (error_) return;
+  DeviceGuard guard(device_.index());
+  try {
+    p.fn()(args, queue_->launch_context());
+  } catch (const InvalidArgument&) {
+    // A bad argument fails the buffer (reported at completion), as on the CPU.
+    error_ = std::current_exception();
+  }
+}
+
+void CudaCommandBuffer::end_encoder(CudaEncoder& enc) {
+  MutexLock lock(mu_);
+  if (open_encoder_ != &enc)
+    violation("encoder-ended", "end_encoding", "the encoder has already ended");
+  open_encoder_ = nullptr;
+  enc.mark_ended();
+}
+
+void CudaCommandBuffer::encode_signal(SharedEvent& event, uint64_t value) {
+  auto& ev = cuda_event(event, "encode_signal");
+  MutexLock lock(mu_);
+  if (status() != CommandBufferStatus::kNotEnqueued)
+    violation("encode-after-commit", "encode_signal", detail::str_cat("is ", to_string(status())));
+  if (open_encoder_)
+    violation("encoder-already-open", "encode_signal",
+              "a compute encoder is still encoding; end it before encoding an event");
+  device_.check_usable("CommandBuffer::encode_signal");
+  DeviceGuard guard(device_.index());
+  cudaEvent_t e = device_.timing_events().take(device_);
+  const cudaError_t r = cudaEventRecord(e, queue_->stream());
+  if (r != cudaSuccess) {
+    device_.timing_events().give(e);
+    device_.fail(r, "cudaEventRecord(e, stream)", __FILE__, __LINE__);
+  }
+  ev.core()->add_pending(value, e);
+  signals_.push_back(Signal{ev.core(), value, e});
+  tail_signal_ = e;
+}
+
+void CudaCommandBuffer::encode_wait(SharedEvent& event, uint64_t value) {
+  auto& ev = cuda_event(event, "encode_wait");
+  MutexLock lock(mu_);
+  if (status() != CommandBufferStatus::kNotEnqueued)
+    violation("encode-after-commit", "encode_wait", detail::str_cat("is ", to_string(status())));
+  if (open_encoder_)
+    violation("encoder-already-open", "encode_wait",
+              "a compute encoder is still encoding; end it before encoding an event");
+  device_.check_usable("CommandBuffer::encode_wait");
+  DeviceGuard guard(device_.index());
+  ev.core()->encode_wait(queue_->stream(), value, id_);
+  tail_signal_ = nullptr;
+}
+
+void CudaCommandBuffer::add_completed_handler(Handler handler) {
+  MutexLock lock(mu_);
+  if (status() != CommandBufferStatus::kNotEnqueued)
+    violation(
+        "handler-after-commit", "add_completed_handler",
+        detail::str_cat("is ", to_string(status()), "; add completion handlers before commit()"));
+  handlers_.push_back(std::move(handler));
+}
+
+void CudaCommandBuffer::commit() {
+  auto self = shared_from_this();
+  MutexLock lock(mu_);
+  if (status() != CommandBufferStatus::kNotEnqueued)
+    violation("commit-twice", "commit",
+              detail::str_cat("was already committed (now ", to_string(status()),
+                              "); commit a command buffer once, then make a new one"));
+  if (open_encoder_)
+    violation("commit-with-open-encoder", "commit",
+              "a compute encoder is still encoding; call end_encoding() before commit()");
+  device_.check_usable("CommandBuffer::commit");
+  device_.begin_commit("CommandBuffer::commit");
+  // Committed before it is published: the completion thread may finish it
+  // (under mu_, after we release it) as soon as submit() returns.
+  set_status(CommandBufferStatus::kCommitted);
+  try {
+    DeviceGuard guard(device_.index());
+    queue_->submit(self, tail_signal_);
+  } catch (...) {
+    // Never reached the queue: fail it here, so a waiter does not hang.
+    device_.abort_commit();
+    error_ = std::current_exception();
+    set_status(CommandBufferStatus::kError);
+    finished_.store(true, std::memory_order_release);
+    throw;
+  }
+  device_.committed.fetch_add(1, std::memory_order_relaxed);
+}
+
+void CudaCommandBuffer::wait_until_completed() {
+  if (status() == CommandBufferStatus::kNotEnqueued)
+    violation("wait-not-committed", "wait_until_completed",
+              "was never committed, so it would never complete; commit() it first");
+  if (finished_.load(std::memory_order_acquire)) return;
+  if (spin_until([&] { return finished_.load(std::memory_order_acquire); }, kWaitSpin)) return;
+  MutexLock lock(mu_);
+  done_cv_.wait(mu_, [&] { return finished_.load(std::memory_order_acquire); });
+}
+
+std::exception_ptr CudaCommandBuffer::error() const {
+  MutexLock lock(mu_);
+  return error_;
+}
+
+size_t CudaCommandBuffer::kernel_count() const {
+  MutexLock lock(mu_);
+  return kernels_;
+}
+
+void CudaCommandBuffer::finish(std::exception_ptr failure) {
+  std::vector<Handler> handlers;
+  std::vector<Signal> signals;
+  std::exception_ptr error;
+  size_t kernels = 0;
+  {
+    MutexLock lock(mu_);
+    if (failure && !error_) error_ = failure;
+    error = error_;
+    handlers.swap(handlers_);
+    signals.swap(signals_);
+    kernels = kernels_;
+  }
+  // The signals ran (a failed kernel does not stop them, as on the CPU), so
+  // work waiting for them elsewhere does not hang; a lost device ran nothing.
+  if (!failure)
+    for (auto& s : signals) s.event->reach(s.value, s.recorded);
+  if (owns_completion_event_) device_.sync_events().give(completion_event_);
+  completion_event_ = nullptr;
+  set_status(error ? CommandBufferStatus::kError : CommandBufferStatus::kCompleted);
+  for (auto& h : handlers) {
+    try {
+      h(*this);
+    } catch (...) {
+      device_.handler_errors.fetch_add(1, std::memory_order_relaxed);  // never kills the thread
+    }
+  }
+  finished_.store(true, std::memory_order_release);
+  { MutexLock lock(mu_); }  // a waiter is either before its check or asleep
+  done_cv_.notify_all();
+  device_.end_commit(!error, kernels);
+}
+
+}  // namespace flotilla::backend::cuda

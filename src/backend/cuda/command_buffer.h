@@ -1,0 +1,185 @@
+// Queues, command buffers and encoders of the CUDA driver. Internal.
+//
+// Note [Command buffers on CUDA]
+// A queue is one non-blocking CUDA stream, created once. A command buffer is
+// an ordered batch of commands on that stream: each kernel is launched when
+// it is encoded (the launch is the expensive part of a small op, and doing it
+// at once keeps it off the commit path), event signals and waits are
+// recorded when encoded. commit() records one pooled CUDA event after the
+// batch (or reuses the event of a signal encoded last) and hands the buffer
+// to the queue's completion thread, which sees the event complete, marks the
+// signals reached, runs the completion handlers and wakes waiters.
+//
+// What differs from Metal, and why it does not matter to the runtime:
+// encoded work runs even if the buffer is never committed (the runtime always
+// commits), and two buffers of one queue encoded at once interleave in
+// encoding order (the runtime encodes one buffer per stream at a time, under
+// the stream's lock).
+//
+// Validation (the CPU driver's rule names, DESIGN.md §3): encode-after-commit,
+// encoder-already-open, encoder-ended, handler-after-commit, commit-twice,
+// commit-with-open-encoder, wait-not-committed. Each command buffer guards its
+// state with its own (uncontended) mutex, so racing misuse is reported and
+// never corrupts memory; the CUDA driver is thread-safe and has no
+// device-wide encoding rule.
+#pragma once
+
+#include <atomic>
+#include <deque>
+#include <exception>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/device_core.h"
+#include "backend/cuda/kernels.h"
+#include "backend/cuda/shared_event.h"
+#include "flotilla/backend/driver.h"
+#include "flotilla/common/sync.h"
+
+namespace flotilla::backend::cuda {
+
+class CudaCommandBuffer;
+class CompletionThread;
+
+class CudaPipeline final : public Pipeline {
+ public:
+  CudaPipeline(std::string name, KernelFn fn) : name_(std::move(name)), fn_(fn) {}
+  const std::string& name() const override { return name_; }
+  KernelFn fn() const { return fn_; }
+
+ private:
+  std::string name_;
+  KernelFn fn_;
+};
+
+// A queue's state, shared by its handle, its command buffers and its
+// completion thread.
+class QueueCore : public std::enable_shared_from_this<QueueCore> {
+ public:
+  QueueCore(std::shared_ptr<DeviceCore> device, int id, CompletionThread* completion);
+  // Waits for the stream, destroys the queue's kernel resources and stream.
+  ~QueueCore();
+
+  int id() const { return id_; }
+  DeviceCore& device() { return *device_; }
+  cudaStream_t stream() const { return stream_.get(); }
+  LaunchContext& launch_context() { return ctx_; }
+
+  // Records `cb`'s completion event (or adopts `reuse`, an event recorded
+  // last on this stream) and appends `cb` to the in-flight list, as one step
+  // so the list stays in stream order. The device must be current.
+  void submit(const std::shared_ptr<CudaCommandBuffer>& cb, cudaEvent_t reuse) FL_EXCLUDES(mu_);
+
+  // Completion-thread side (one thread per queue).
+  // The oldest in-flight buffer, or nullptr; then the queue is idle until
+  // the next submit hands it to the completion thread again.
+  std::shared_ptr<CudaCommandBuffer> front_or_idle() FL_EXCLUDES(mu_);
+  void pop_front() FL_EXCLUDES(mu_);
+
+ private:
+  std::shared_ptr<DeviceCore> device_;
+  const int id_;
+  StreamHandle stream_;
+  QueueResources resources_;
+  LaunchContext ctx_;
+  CompletionThread* const completion_;  // owned by the driver, which outlives queues
+
+  Mutex mu_;
+  std::deque<std::shared_ptr<CudaCommandBuffer>> in_flight_ FL_GUARDED_BY(mu_);
+  bool active_ FL_GUARDED_BY(mu_) = false;  // handed to the completion thread
+};
+
+class CudaQueue final : public Queue {
+ public:
+  explicit CudaQueue(std::shared_ptr<QueueCore> core) : core_(std::move(core)) {}
+  std::shared_ptr<CommandBuffer> new_command_buffer() override;
+  int id() const override { return core_->id(); }
+
+ private:
+  std::shared_ptr<QueueCore> core_;
+};
+
+class CudaEncoder final : public ComputeEncoder {
+ public:
+  explicit CudaEncoder(CudaCommandBuffer& cb) : cb_(cb) {}
+  void dispatch(const Pipeline& pipeline, const KernelArgs& args) override;
+  void end_encoding() override;
+  bool is_encoding() const override { return encoding_.load(std::memory_order_acquire); }
+  void mark_ended() { encoding_.store(false, std::memory_order_release); }
+
+ private:
+  CudaCommandBuffer& cb_;
+  // acquire/release: is_encoding() is read without the buffer's lock.
+  std::atomic<bool> encoding_{true};
+};
+
+class CudaCommandBuffer final : public CommandBuffer,
+                                public std::enable_shared_from_this<CudaCommandBuffer> {
+ public:
+  CudaCommandBuffer(std::shared_ptr<QueueCore> queue, uint64_t id);
+  ~CudaCommandBuffer() override;
+
+  ComputeEncoder& compute_encoder() override FL_EXCLUDES(mu_);
+  void encode_signal(SharedEvent& event, uint64_t value) override FL_EXCLUDES(mu_);
+  void encode_wait(SharedEvent& event, uint64_t value) override FL_EXCLUDES(mu_);
+  void add_completed_handler(Handler handler) override FL_EXCLUDES(mu_);
+  void commit() override FL_EXCLUDES(mu_);
+  void wait_until_completed() override FL_EXCLUDES(mu_);
+  CommandBufferStatus status() const override {
+    return static_cast<CommandBufferStatus>(status_.load(std::memory_order_acquire));
+  }
+  std::exception_ptr error() const override FL_EXCLUDES(mu_);
+  size_t kernel_count() const override FL_EXCLUDES(mu_);
+
+  // Encoder side.
+  void add_kernel(CudaEncoder& enc, const CudaPipeline& p, const KernelArgs& args) FL_EXCLUDES(mu_);
+  void end_encoder(CudaEncoder& enc) FL_EXCLUDES(mu_);
+
+  // Completion side: called once, by the queue's completion thread, after
+  // the completion event finished (`failure` null) or the device was lost.
+  void finish(std::exception_ptr failure) FL_EXCLUDES(mu_);
+  // Written by QueueCore::submit before the buffer is published to the
+  // completion thread, read only by it afterwards.
+  cudaEvent_t completion_event() const { return completion_event_; }
+
+ private:
+  friend class QueueCore;
+  [[noreturn]] void violation(const char* rule, const char* call, const std::string& what);
+  CudaSharedEvent& cuda_event(SharedEvent& event, const char* call);
+  void set_status(CommandBufferStatus s) {
+    status_.store(static_cast<int>(s), std::memory_order_release);
+  }
+
+  std::shared_ptr<QueueCore> queue_;
+  DeviceCore& device_;
+  const uint64_t id_;
+
+  mutable Mutex mu_;  // guards the encoding state below against racing misuse
+  CondVar done_cv_;
+  std::vector<std::unique_ptr<CudaEncoder>> encoders_ FL_GUARDED_BY(mu_);
+  CudaEncoder* open_encoder_ FL_GUARDED_BY(mu_) = nullptr;
+  struct Signal {
+    std::shared_ptr<EventCore> event;
+    uint64_t value;
+    cudaEvent_t recorded;  // owned by the EventCore
+  };
+  std::vector<Signal> signals_ FL_GUARDED_BY(mu_);
+  std::vector<Handler> handlers_ FL_GUARDED_BY(mu_);
+  size_t kernels_ FL_GUARDED_BY(mu_) = 0;
+  std::exception_ptr error_ FL_GUARDED_BY(mu_);
+  // The event of the last signal, if nothing was encoded after it: commit()
+  // can then use it as the completion event instead of recording another.
+  cudaEvent_t tail_signal_ FL_GUARDED_BY(mu_) = nullptr;
+
+  cudaEvent_t completion_event_ = nullptr;  // see completion_event()
+  bool owns_completion_event_ = false;      // false when it is a signal's (the EventCore owns it)
+
+  // acquire/release: read without the lock by status() and the fast paths.
+  std::atomic<int> status_{static_cast<int>(CommandBufferStatus::kNotEnqueued)};
+  // acquire/release: set after the handlers ran; waiters spin on it first.
+  std::atomic<bool> finished_{false};
+};
+
+}  // namespace flotilla::backend::cuda

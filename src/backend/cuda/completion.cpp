@@ -1,0 +1,152 @@
+#include "backend/cuda/completion.h"
+
+#include <cuda_runtime_api.h>
+#include <pthread.h>
+
+#include <string>
+
+#include "backend/cuda/command_buffer.h"
+#include "backend/cuda/device_core.h"
+#include "backend/cuda/spin.h"
+#include "flotilla/common/error.h"
+
+namespace flotilla::backend::cuda {
+
+namespace {
+
+thread_local const CompletionThread* tls_current = nullptr;
+
+// Note [Completion threads]: the pause between unproductive polls, and how
+// long an idle thread waits for new work before it sleeps.
+constexpr auto kPollPause = std::chrono::microseconds(1);
+constexpr auto kIdleSpin = std::chrono::microseconds(200);
+
+}  // namespace
+
+CompletionThread::CompletionThread(DeviceCore& device, int number)
+    : device_(device), number_(number) {
+  thread_ = std::thread([this] { run(); });
+}
+
+bool CompletionThread::is_this_thread() const { return tls_current == this; }
+
+void CompletionThread::enqueue(std::shared_ptr<QueueCore> queue) {
+  MutexLock lock(mu_);
+  incoming_.push_back(std::move(queue));
+  poke_.store(true, std::memory_order_release);
+  if (sleeping_) cv_.notify_one();
+}
+
+void CompletionThread::wake() {
+  MutexLock lock(mu_);
+  poke_.store(true, std::memory_order_release);
+  cv_.notify_one();
+}
+
+void CompletionThread::stop() {
+  MutexLock join(join_mu_);
+  {
+    MutexLock lock(mu_);
+    stop_ = true;
+    poke_.store(true, std::memory_order_release);
+    cv_.notify_one();
+  }
+  if (thread_.joinable() && !is_this_thread()) thread_.join();
+}
+
+bool CompletionThread::take_incoming(std::vector<std::shared_ptr<QueueCore>>& working) {
+  if (!poke_.load(std::memory_order_acquire)) return false;
+  MutexLock lock(mu_);
+  poke_.store(false, std::memory_order_relaxed);
+  for (auto& q : incoming_) working.push_back(std::move(q));
+  incoming_.clear();
+  return stop_;
+}
+
+bool CompletionThread::poll(std::vector<std::shared_ptr<QueueCore>>& working) {
+  bool progressed = false;
+  for (size_t i = 0; i < working.size();) {
+    QueueCore& q = *working[i];
+    bool idle = false;
+    for (;;) {
+      auto cb = q.front_or_idle();
+      if (!cb) {
+        idle = true;
+        break;
+      }
+      if (device_.lost()) {
+        q.pop_front();
+        cb->finish(device_.error());
+        progressed = true;
+        continue;
+      }
+      const cudaError_t r = cudaEventQuery(cb->completion_event());
+      if (r == cudaErrorNotReady) break;  // the queue's later buffers are not done either
+      if (r == cudaSuccess) {
+        q.pop_front();
+        cb->finish(nullptr);
+        progressed = true;
+        continue;
+      }
+      if (is_sticky(r)) {
+        // The next round of this loop fails this buffer and every other one.
+        device_.mark_lost(
+            device_.lost_error(r, "cudaEventQuery(completion event)", __FILE__, __LINE__));
+        continue;
+      }
+      // Not sticky (the CUDA runtime unloading at exit, say): this buffer's
+      // fate is unknown, so it fails with the error, and the rest go on.
+      std::exception_ptr error;
+      try {
+        throw_cuda_error(r, detail::str_cat("[", device_.label(), "]").c_str(),
+                         "cudaEventQuery(completion event)", __FILE__, __LINE__);
+      } catch (...) {
+        error = std::current_exception();
+      }
+      q.pop_front();
+      cb->finish(error);
+      progressed = true;
+    }
+    if (idle) {
+      working[i] = std::move(working.back());
+      working.pop_back();
+    } else {
+      ++i;
+    }
+  }
+  return progressed;
+}
+
+void CompletionThread::run() {
+  tls_current = this;
+  // "fl-cuda0-done1": visible in debuggers and top (15 characters at most).
+  const std::string name = detail::str_cat("fl-cuda", device_.index(), "-done", number_);
+  (void)pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
+  // Events of this device are queried from here; the result is ignored
+  // (a failure shows up as the queries' own errors).
+  (void)cudaSetDevice(device_.index());
+  std::vector<std::shared_ptr<QueueCore>> working;
+  auto poked = [this] { return poke_.load(std::memory_order_acquire); };
+  for (;;) {
+    const bool stopping = take_incoming(working);
+    const bool progressed = poll(working);
+    if (stopping && working.empty()) {
+      MutexLock lock(mu_);
+      if (incoming_.empty()) return;
+      continue;
+    }
+    if (progressed) continue;
+    if (!working.empty()) {
+      spin_until(poked, kPollPause);
+      continue;
+    }
+    if (spin_until(poked, kIdleSpin)) continue;
+    MutexLock lock(mu_);
+    if (!incoming_.empty() || stop_ || poked()) continue;
+    sleeping_ = true;
+    cv_.wait(mu_, [&]() FL_REQUIRES(mu_) { return !incoming_.empty() || stop_ || poked(); });
+    sleeping_ = false;
+  }
+}
+
+}  // namespace flotilla::backend::cuda
