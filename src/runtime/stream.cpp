@@ -67,15 +67,19 @@ StreamState::StreamState(Device& device, int index, std::unique_ptr<backend::Que
 
 StreamState::~StreamState() = default;
 
-void StreamState::ensure_buffer() {
+void StreamState::ensure_buffer(const char* api) {
   if (!cb_) {
+    // Checked again under mu_: Device::shutdown() marks the device before it
+    // commits each stream under this lock, so a buffer opened after that
+    // commit, which nothing would ever commit, is refused instead of lost.
+    device_.check_usable(api);
     cb_ = queue_->new_command_buffer();
     kernels_in_cb_ = 0;
   }
 }
 
-void StreamState::ensure_encoder() {
-  ensure_buffer();
+void StreamState::ensure_encoder(const char* api) {
+  ensure_buffer(api);
   if (!encoder_) {
     EncodingLock::Guard guard(encoding_lock_);
     encoder_ = &cb_->compute_encoder();
@@ -111,7 +115,7 @@ void StreamState::dispatch(const backend::Pipeline& pipeline, const backend::Ker
   std::shared_ptr<backend::CommandBuffer> wait_for;
   {
     MutexLock lock(mu_);
-    ensure_encoder();
+    ensure_encoder("Stream::dispatch");
     {
       EncodingLock::Guard guard(encoding_lock_);
       encoder_->dispatch(pipeline, args);
@@ -160,7 +164,7 @@ bool StreamState::query() const {
 
 void StreamState::add_callback(std::function<void()> fn) {
   MutexLock lock(mu_);
-  ensure_buffer();
+  ensure_buffer("Stream::add_callback");
   cb_->add_completed_handler([this, fn = std::move(fn)](backend::CommandBuffer&) {
     try {
       fn();
@@ -173,7 +177,7 @@ void StreamState::add_callback(std::function<void()> fn) {
 
 void StreamState::encode_signal(backend::SharedEvent& event, uint64_t value) {
   MutexLock lock(mu_);
-  ensure_buffer();
+  ensure_buffer("Event::record");
   end_encoder();
   {
     EncodingLock::Guard guard(encoding_lock_);
@@ -184,7 +188,7 @@ void StreamState::encode_signal(backend::SharedEvent& event, uint64_t value) {
 
 void StreamState::encode_wait(backend::SharedEvent& event, uint64_t value) {
   MutexLock lock(mu_);
-  ensure_buffer();
+  ensure_buffer("Event::wait");
   end_encoder();
   EncodingLock::Guard guard(encoding_lock_);
   cb_->encode_wait(event, value);

@@ -38,8 +38,9 @@ class StreamState {
   uint64_t commits() const { return commits_total_.load(std::memory_order_relaxed); }
 
  private:
-  void ensure_buffer() FL_REQUIRES(mu_);
-  void ensure_encoder() FL_REQUIRES(mu_);
+  // `api` names the caller in the ShutDown error of a device shutting down.
+  void ensure_buffer(const char* api) FL_REQUIRES(mu_);
+  void ensure_encoder(const char* api) FL_REQUIRES(mu_);
   void end_encoder() FL_REQUIRES(mu_);
   // Commits the current buffer, if any; returns the last committed buffer.
   std::shared_ptr<backend::CommandBuffer> commit_locked() FL_REQUIRES(mu_);

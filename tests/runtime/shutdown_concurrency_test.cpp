@@ -65,7 +65,7 @@ void shutdown_while_submitting(SyncMode mode) {
   constexpr int kThreads = 8;
   constexpr int kMax = 1 << 16;
   std::mt19937_64 rng(test_seed());
-  for (int iter = 0; iter < scaled(12, 3); ++iter) {
+  for (int iter = 0; iter < scaled(30, 4); ++iter) {
     Watchdog dog(std::chrono::seconds(60), "shutdown while threads submit");
     Config c = test_config();
     c.sync_mode = mode;
