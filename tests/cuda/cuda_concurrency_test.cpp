@@ -41,16 +41,15 @@ void submit_and_check(Device& dev, uint64_t seed, int tid, int iterations, Tally
     std::vector<uint64_t> want(kSlots);
     int slot = 0;
     for (int it = 0; it < iterations; ++it) {
-      const auto v1 = static_cast<float>((seed + static_cast<uint64_t>(tid) * 7919 +
-                                          static_cast<uint64_t>(it)) %
-                                         1000);
+      const auto v1 = static_cast<float>(
+          (seed + static_cast<uint64_t>(tid) * 7919 + static_cast<uint64_t>(it)) % 1000);
       const auto v2 = static_cast<float>(tid + 1);
       const float k = (it % 2) ? 2.0f : 3.0f;
       s.dispatch("fill_f32", KernelArgs().ptr(a->device_ptr()).f64(v1).size(kN));
       s.dispatch("fill_f32", KernelArgs().ptr(b->device_ptr()).f64(v2).size(kN));
-      s.dispatch("add_f32",
-                 KernelArgs().ptr(a->device_ptr()).ptr(b->device_ptr()).ptr(c->device_ptr()).size(
-                     kN));
+      s.dispatch(
+          "add_f32",
+          KernelArgs().ptr(a->device_ptr()).ptr(b->device_ptr()).ptr(c->device_ptr()).size(kN));
       s.dispatch("scale_f32",
                  KernelArgs().ptr(c->device_ptr()).ptr(c->device_ptr()).f64(k).size(kN));
       auto* out = static_cast<uint64_t*>(sums.dev()) + slot;
@@ -150,8 +149,9 @@ TEST(CudaConcurrency, EventsHandedBetweenThreadsOrderTheirStreams) {
           if (r > 0)  // the consumer has read the previous round
             while (!(*consumed)[static_cast<size_t>(r - 1)].load()) std::this_thread::yield();
           s.dispatch("sleep_us", KernelArgs().i64(200 + (seed + static_cast<uint64_t>(p)) % 300));
-          s.dispatch("fill_f32",
-                     KernelArgs().ptr(shared->dev()).f64(static_cast<double>(p * 100 + r)).size(kN));
+          s.dispatch(
+              "fill_f32",
+              KernelArgs().ptr(shared->dev()).f64(static_cast<double>(p * 100 + r)).size(kN));
           (*handoff)[static_cast<size_t>(r)].record(s);
           (*ready)[static_cast<size_t>(r)].store(true);
         }
@@ -168,7 +168,8 @@ TEST(CudaConcurrency, EventsHandedBetweenThreadsOrderTheirStreams) {
         for (int r = 0; r < kRounds; ++r) {
           while (!(*ready)[static_cast<size_t>(r)].load()) std::this_thread::yield();
           (*handoff)[static_cast<size_t>(r)].wait(s);
-          s.dispatch("scale_f32", KernelArgs().ptr(shared->dev()).ptr(shared->dev()).f64(2).size(kN));
+          s.dispatch("scale_f32",
+                     KernelArgs().ptr(shared->dev()).ptr(shared->dev()).f64(2).size(kN));
           shared->download(s);
           const float want = 2.0f * static_cast<float>(p * 100 + r);
           ++tally.checks;

@@ -132,8 +132,7 @@ int main() {
   // The device is lost for good, and says so at once.
   check(drv.device_error() != nullptr, "device_error() is null after the fault");
   expect_lost("dispatch after the fault", 100, [&] {
-    dev->streams().at(4).dispatch("fill_f32",
-                                  KernelArgs().ptr(buf->device_ptr()).f64(2).size(16));
+    dev->streams().at(4).dispatch("fill_f32", KernelArgs().ptr(buf->device_ptr()).f64(2).size(16));
   });
   expect_lost("synchronize of another stream", 100, [&] { other.synchronize(); });
   expect_lost("event synchronize", 100, [&] { marker.synchronize(); });

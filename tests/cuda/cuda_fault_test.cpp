@@ -73,9 +73,9 @@ TEST(CudaFault, AKernelFaultLosesTheDeviceOnceAndNothingHangs) {
   const auto r = run_child(FLOTILLA_CUDA_FAULT_CHILD, std::chrono::seconds(90));
   std::printf("---- child output ----\n%s---- end ----\n", r.out.c_str());
   ASSERT_FALSE(r.timed_out) << "the child hung";
-  ASSERT_TRUE(WIFEXITED(r.status)) << "the child died of signal "
-                                   << (WIFSIGNALED(r.status) ? WTERMSIG(r.status) : -1)
-                                   << " (SIGALRM=14 means it hung inside)";
+  ASSERT_TRUE(WIFEXITED(r.status))
+      << "the child died of signal " << (WIFSIGNALED(r.status) ? WTERMSIG(r.status) : -1)
+      << " (SIGALRM=14 means it hung inside)";
   EXPECT_EQ(WEXITSTATUS(r.status), 0);
   EXPECT_NE(r.out.find("FAULT-OK"), std::string::npos);
 }

@@ -48,8 +48,8 @@ TEST(CudaKernels, ChecksumIsTheExactWrappingSumOfRandomWords) {
   auto dev = make_cuda();
   std::mt19937_64 rng(cuda_test_seed());
   Stream s = dev->current_stream();
-  for (size_t n : {size_t{1}, size_t{1023}, size_t{1} << 18, (size_t{1} << 18) + 7,
-                   size_t{3} << 20}) {
+  for (size_t n :
+       {size_t{1}, size_t{1023}, size_t{1} << 18, (size_t{1} << 18) + 7, size_t{3} << 20}) {
     SCOPED_TRACE(n);
     Mirrored x(*dev, n * 4), sum(*dev, 8);
     uint64_t want = 0;
@@ -77,9 +77,9 @@ TEST(CudaKernels, CopyBytesWorksInEveryDirection) {
   std::vector<uint8_t> want(n);
   for (auto& v : want) v = static_cast<uint8_t>(rng());
   std::memcpy(a.host<uint8_t>(), want.data(), n);
-  a.upload(s);  // host -> device
+  a.upload(s);                                                               // host -> device
   s.dispatch("copy_bytes", KernelArgs().ptr(b.dev()).ptr(a.dev()).size(n));  // device -> device
-  b.download(s);                                                              // device -> host
+  b.download(s);                                                             // device -> host
   EXPECT_EQ(std::memcmp(b.host<uint8_t>(), want.data(), n), 0);
   s.dispatch("copy_bytes",  // host -> host (pinned)
              KernelArgs().ptr(host_dst->host_ptr()).ptr(b.host<uint8_t>()).size(n));

@@ -26,9 +26,9 @@ inline bool have_cuda_gpu() {
   return Device::count("cuda") > 0;
 }
 
-#define FL_SKIP_WITHOUT_GPU()                                                          \
-  do {                                                                                 \
-    if (!::flotilla::test::have_cuda_gpu())                                            \
+#define FL_SKIP_WITHOUT_GPU()                                                            \
+  do {                                                                                   \
+    if (!::flotilla::test::have_cuda_gpu())                                              \
       GTEST_SKIP() << "no CUDA device here (or the cuda backend is not built): skipped"; \
   } while (0)
 

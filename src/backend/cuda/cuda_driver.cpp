@@ -160,6 +160,7 @@ std::unique_ptr<Queue> CudaDriver::new_queue() {
   dev_->check_usable("Driver::new_queue");
   const int id = dev_->next_queue_id.fetch_add(1, std::memory_order_relaxed);
   auto core = std::make_shared<QueueCore>(dev_, id, dev_->completion_thread_for(id));
+  dev_->register_queue(core);
   return std::make_unique<CudaQueue>(std::move(core));
 }
 
@@ -234,8 +235,10 @@ void CudaDriver::shutdown() {
       return;
     }
   }
-  // Drain: committed buffers complete (or fail, if the device is lost).
+  // Drain: committed buffers complete (or fail, if the device is lost), and
+  // work launched by buffers never committed finishes too.
   while (dev_->in_flight() > 0) std::this_thread::sleep_for(std::chrono::microseconds(200));
+  dev_->synchronize_queues();
   dev_->set_completion_threads({});
   for (auto& t : completion_) t->stop();
 }

@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "backend/cuda/command_buffer.h"
 #include "backend/cuda/completion.h"
 #include "backend/cuda/cuda_env.h"
 #include "backend/cuda/kernels.h"
@@ -183,6 +184,24 @@ CompletionThread* DeviceCore::completion_thread_for(int queue_id) {
   MutexLock lock(mu_);
   if (completion_.empty()) return nullptr;
   return completion_[static_cast<size_t>(queue_id) % completion_.size()];
+}
+
+void DeviceCore::register_queue(const std::shared_ptr<QueueCore>& q) {
+  MutexLock lock(mu_);
+  std::erase_if(queues_, [](const std::weak_ptr<QueueCore>& w) { return w.expired(); });
+  queues_.push_back(q);
+}
+
+void DeviceCore::synchronize_queues() {
+  std::vector<std::shared_ptr<QueueCore>> live;
+  {
+    MutexLock lock(mu_);
+    for (auto& w : queues_)
+      if (auto q = w.lock()) live.push_back(std::move(q));
+  }
+  if (lost()) return;
+  DeviceGuard guard(index_);
+  for (auto& q : live) (void)cudaStreamSynchronize(q->stream());
 }
 
 // ---- Kernel support (kernels.h) ------------------------------------------------------

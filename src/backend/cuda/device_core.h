@@ -26,6 +26,7 @@ namespace flotilla::backend::cuda {
 
 class DeviceCore;
 class CompletionThread;
+class QueueCore;
 
 // CUDA events kept for reuse: creating one costs microseconds and takes a
 // driver lock, so a command buffer takes one from here instead.
@@ -121,6 +122,13 @@ class DeviceCore {
   void set_completion_threads(std::vector<CompletionThread*> threads) FL_EXCLUDES(mu_);
   CompletionThread* completion_thread_for(int queue_id) FL_EXCLUDES(mu_);
 
+  // ---- Queues -----------------------------------------------------------------
+  void register_queue(const std::shared_ptr<QueueCore>& q) FL_EXCLUDES(mu_);
+  // Waits for every live queue's stream: work encoded but never committed
+  // was launched at encoding time (Note [Command buffers on CUDA]) and
+  // finishes too. Errors are ignored (a lost device has nothing to finish).
+  void synchronize_queues() FL_EXCLUDES(mu_);
+
   EventPool& sync_events() { return sync_events_; }
   EventPool& timing_events() { return timing_events_; }
   TimeBase& clock() { return clock_; }
@@ -139,6 +147,7 @@ class DeviceCore {
   mutable Mutex mu_;
   std::exception_ptr error_ FL_GUARDED_BY(mu_);
   std::vector<CompletionThread*> completion_ FL_GUARDED_BY(mu_);
+  std::vector<std::weak_ptr<QueueCore>> queues_ FL_GUARDED_BY(mu_);
   // acquire/release: a reader that sees `lost_` set also sees error_ (which is
   // read under mu_ anyway).
   std::atomic<bool> lost_{false};
