@@ -19,6 +19,7 @@
 #include <set>
 
 #include "flotilla/common/error.h"
+#include "flotilla/ops/tensor.h"  // float <-> half / bfloat16
 
 namespace flotilla::nn {
 
@@ -109,66 +110,6 @@ int64_t TensorView::numel() const {
   int64_t n = 1;
   for (int64_t d : shape) n *= d;  // validated at load: no overflow
   return n;
-}
-
-// ---- half precision --------------------------------------------------------------
-
-float f16_to_f32(uint16_t h) noexcept {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1fu;
-  uint32_t mant = h & 0x3ffu;
-  uint32_t bits;
-  if (exp == 0) {
-    if (mant == 0) {
-      bits = sign;
-    } else {  // subnormal: normalise
-      int e = -1;
-      do {
-        ++e;
-        mant <<= 1;
-      } while ((mant & 0x400u) == 0);
-      bits = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (mant & 0x3ffu) << 13;
-    }
-  } else if (exp == 0x1f) {
-    bits = sign | 0x7f800000u | mant << 13;
-  } else {
-    bits = sign | (exp + 127 - 15) << 23 | mant << 13;
-  }
-  return std::bit_cast<float>(bits);
-}
-
-float bf16_to_f32(uint16_t b) noexcept {
-  return std::bit_cast<float>(static_cast<uint32_t>(b) << 16);
-}
-
-uint16_t f32_to_bf16(float f) noexcept {
-  uint32_t u = std::bit_cast<uint32_t>(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-  return static_cast<uint16_t>(u >> 16);
-}
-
-uint16_t f32_to_f16(float f) noexcept {
-  const uint32_t u = std::bit_cast<uint32_t>(f);
-  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
-  const uint32_t abs = u & 0x7fffffffu;
-  if (abs > 0x7f800000u) return sign | 0x7e00u;   // NaN
-  if (abs >= 0x477ff000u) return sign | 0x7c00u;  // rounds to inf (>= 65520)
-  if (abs < 0x38800000u) {                        // subnormal or zero in f16
-    if (abs < 0x33000000u) return sign;           // below half the smallest subnormal
-    const uint32_t e = abs >> 23;
-    const uint32_t m = (abs & 0x7fffffu) | 0x800000u;
-    const uint32_t shift = 126 - e;  // 14..24 (value = m * 2^(e-150), unit 2^-24)
-    uint32_t r = m >> shift;
-    const uint32_t rem = m & ((1u << shift) - 1);
-    const uint32_t half = 1u << (shift - 1);
-    if (rem > half || (rem == half && (r & 1u))) ++r;
-    return static_cast<uint16_t>(sign | r);
-  }
-  uint32_t r = ((abs >> 13) - ((127 - 15) << 10));
-  const uint32_t rem = abs & 0x1fffu;
-  if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) ++r;
-  return static_cast<uint16_t>(sign | r);
 }
 
 // ---- SafetensorsFile -----------------------------------------------------------
@@ -357,8 +298,8 @@ std::vector<Out> convert(const std::string& source, const TensorView& t) {
     switch (t.dtype) {
       case StDtype::kF64: out[i] = static_cast<Out>(load_le<double>(p)); break;
       case StDtype::kF32: out[i] = static_cast<Out>(load_le<float>(p)); break;
-      case StDtype::kF16: out[i] = static_cast<Out>(f16_to_f32(load_le<uint16_t>(p))); break;
-      case StDtype::kBF16: out[i] = static_cast<Out>(bf16_to_f32(load_le<uint16_t>(p))); break;
+      case StDtype::kF16: out[i] = static_cast<Out>(half_to_float(load_le<uint16_t>(p))); break;
+      case StDtype::kBF16: out[i] = static_cast<Out>(bf16_to_float(load_le<uint16_t>(p))); break;
       default: break;  // unreachable: checked above
     }
   }
@@ -419,12 +360,12 @@ std::vector<std::byte> encode_safetensors(const std::vector<TensorToSave>& tenso
           break;
         }
         case StDtype::kF16: {
-          const uint16_t h = f32_to_f16(static_cast<float>(v));
+          const uint16_t h = float_to_half(static_cast<float>(v));
           std::memcpy(p, &h, 2);
           break;
         }
         case StDtype::kBF16: {
-          const uint16_t b = f32_to_bf16(static_cast<float>(v));
+          const uint16_t b = float_to_bf16(static_cast<float>(v));
           std::memcpy(p, &b, 2);
           break;
         }

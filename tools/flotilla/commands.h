@@ -8,5 +8,7 @@ namespace flotilla::cli {
 
 void add_info_command(CLI::App& app);
 void add_stress_command(CLI::App& app);
+void add_run_command(CLI::App& app);
+void add_bench_command(CLI::App& app);
 
 }  // namespace flotilla::cli

@@ -10,6 +10,8 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", FLOTILLA_VERSION);
   flotilla::cli::add_info_command(app);
   flotilla::cli::add_stress_command(app);
+  flotilla::cli::add_run_command(app);
+  flotilla::cli::add_bench_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -118,10 +118,4 @@ std::vector<std::byte> encode_safetensors(const std::vector<TensorToSave>& tenso
 void save_safetensors(const std::string& path, const std::vector<TensorToSave>& tensors,
                       const std::map<std::string, std::string>& metadata = {});
 
-// Half-precision conversions used by the loader (round to nearest even).
-float f16_to_f32(uint16_t h) noexcept;
-float bf16_to_f32(uint16_t b) noexcept;
-uint16_t f32_to_f16(float f) noexcept;
-uint16_t f32_to_bf16(float f) noexcept;
-
 }  // namespace flotilla::nn

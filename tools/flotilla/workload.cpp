@@ -1,0 +1,542 @@
+#include "workload.h"
+
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <iostream>
+#include <latch>
+#include <memory>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "flotilla/common/error.h"
+#include "flotilla/common/sync.h"
+#include "flotilla/runtime/device.h"
+
+namespace flotilla::cli {
+
+using Clock = std::chrono::steady_clock;
+
+const char* to_string(Arch arch) noexcept {
+  switch (arch) {
+    case Arch::kLegacy: return "legacy";
+    case Arch::kPool: return "pool";
+  }
+  return "?";
+}
+
+Arch parse_arch(const std::string& s) {
+  if (s == "legacy") return Arch::kLegacy;
+  if (s == "pool") return Arch::kPool;
+  throw InvalidArgument("[run] unknown --arch '" + s + "'; use legacy or pool");
+}
+
+void WorkloadOptions::validate() const {
+  backend::find_backend(backend);  // InvalidArgument listing the built-in backends
+  FL_CHECK_ARG(threads >= 1 && threads <= 1024, "[run] --threads must be in 1..1024, not ",
+               threads);
+  FL_CHECK_ARG(batch >= 1 && batch <= 65536, "[run] --batch must be in 1..65536, not ", batch);
+  FL_CHECK_ARG(requests >= 0, "[run] --requests must not be negative");
+  FL_CHECK_ARG(seconds >= 0 && std::isfinite(seconds), "[run] --seconds must not be negative");
+  FL_CHECK_ARG((requests > 0) != (seconds > 0),
+               "[run] give exactly one of --requests M or --seconds S (both positive)");
+  FL_CHECK_ARG(distinct_inputs >= 1 && distinct_inputs <= 1024,
+               "[run] distinct inputs must be in 1..1024");
+  FL_CHECK_ARG(warmup >= 0, "[run] warmup must not be negative");
+  FL_CHECK_ARG(corrupt_every >= 0, "[run] --corrupt-every must not be negative");
+  FL_CHECK_ARG(dtype == DType::kF32 || backend != "cpu", "[run] --dtype ",
+               flotilla::to_string(dtype),
+               " needs --backend cuda: the cpu backend has f32 kernels only");
+}
+
+// ---- results ---------------------------------------------------------------------
+
+nlohmann::json WorkloadResult::to_json() const {
+  const auto& o = options;
+  return {{"backend", o.backend},
+          {"device", device_name},
+          {"model", o.model_name()},
+          {"model_shape", model_shape},
+          {"activation", ops::to_string(o.activation)},
+          {"dtype", flotilla::to_string(o.dtype)},
+          {"arch", to_string(o.arch)},
+          {"policy", policy},
+          {"threads", o.threads},
+          {"batch", o.batch},
+          {"requests", requests},
+          {"samples", samples},
+          {"seconds", seconds},
+          {"requests_per_s", requests_per_s},
+          {"samples_per_s", samples_per_s},
+          {"p50_us", p50_us},
+          {"p90_us", p90_us},
+          {"p99_us", p99_us},
+          {"mean_us", mean_us},
+          {"max_us", max_us},
+          {"checks", checks},
+          {"crashes", crashes},
+          {"violations", violations},
+          {"wrong_results", wrong_results},
+          {"errors", errors},
+          {"streams_used", streams_used},
+          {"first_error", first_error}};
+}
+
+WorkloadResult WorkloadResult::from_json(const nlohmann::json& j, const WorkloadOptions& options) {
+  WorkloadResult r;
+  r.options = options;
+  r.device_name = j.at("device");
+  r.model_shape = j.at("model_shape");
+  r.policy = j.at("policy");
+  r.requests = j.at("requests");
+  r.samples = j.at("samples");
+  r.seconds = j.at("seconds");
+  r.requests_per_s = j.at("requests_per_s");
+  r.samples_per_s = j.at("samples_per_s");
+  r.p50_us = j.at("p50_us");
+  r.p90_us = j.at("p90_us");
+  r.p99_us = j.at("p99_us");
+  r.mean_us = j.at("mean_us");
+  r.max_us = j.at("max_us");
+  r.checks = j.at("checks");
+  r.crashes = j.at("crashes");
+  r.violations = j.at("violations");
+  r.wrong_results = j.at("wrong_results");
+  r.errors = j.at("errors");
+  r.streams_used = j.at("streams_used");
+  r.first_error = j.at("first_error");
+  return r;
+}
+
+nn::MlpWeights load_weights(const WorkloadOptions& o) {
+  if (o.model.empty()) {
+    nn::MlpWeights w = nn::MlpWeights::seed();
+    w.activation = o.activation;
+    return w;
+  }
+  return nn::MlpWeights::load(o.model, o.activation);
+}
+
+// ---- the workload ----------------------------------------------------------------------
+
+namespace {
+
+// What every client thread shares: the device, the model, the inputs and
+// their reference outputs (all read-only once the threads start).
+struct RunContext {
+  Device& device;
+  const nn::Mlp& model;
+  const WorkloadOptions& options;
+  std::vector<std::vector<float>> inputs;      // [distinct][batch * in]
+  std::vector<std::vector<float>> references;  // [distinct][batch * out]
+  // The legacy architecture's one process-wide lock: held for each whole
+  // request, it serialises all use of the default stream (it guards no field).
+  Mutex legacy_mu;
+};
+
+// One request: upload, forward, download (which waits for the stream).
+void infer(const RunContext& ctx, const Stream& stream, const std::vector<float>& in,
+           std::span<float> out) {
+  const auto& o = ctx.options;
+  Tensor x = Tensor::from_host(in, {o.batch, ctx.model.in_features()}, o.dtype, stream);
+  Tensor y = ctx.model.forward(stream, x);
+  y.to_host(out, stream);
+}
+
+// How one client thread gets a request done: one implementation per
+// architecture. Made on the client's own thread (the pool binds a stream to
+// the calling thread). Issue 5 adds a BatchQueue client here.
+class Client {
+ public:
+  virtual ~Client() = default;
+  virtual int stream_index() const = 0;
+  virtual void request(const std::vector<float>& in, std::span<float> out) = 0;
+};
+
+class LegacyClient final : public Client {
+ public:
+  explicit LegacyClient(RunContext& ctx) : ctx_(ctx), stream_(ctx.device.default_stream()) {}
+  int stream_index() const override { return stream_.index(); }
+  void request(const std::vector<float>& in, std::span<float> out) override {
+    MutexLock lock(ctx_.legacy_mu);
+    infer(ctx_, stream_, in, out);
+  }
+
+ private:
+  RunContext& ctx_;
+  Stream stream_;
+};
+
+class PoolClient final : public Client {
+ public:
+  explicit PoolClient(RunContext& ctx) : ctx_(ctx), stream_(ctx.device.current_stream()) {}
+  int stream_index() const override { return stream_.index(); }
+  void request(const std::vector<float>& in, std::span<float> out) override {
+    infer(ctx_, stream_, in, out);
+  }
+
+ private:
+  const RunContext& ctx_;
+  Stream stream_;
+};
+
+std::unique_ptr<Client> make_client(RunContext& ctx) {
+  switch (ctx.options.arch) {
+    case Arch::kLegacy: return std::make_unique<LegacyClient>(ctx);
+    case Arch::kPool: return std::make_unique<PoolClient>(ctx);
+  }
+  FL_INTERNAL_CHECK(false, "unknown arch");
+}
+
+struct ThreadStats {
+  std::vector<float> latency_us;  // timed requests only
+  uint64_t checks = 0, wrong = 0, violations = 0, errors = 0;
+  int stream = -1;
+  std::string first_error;
+};
+
+// Runs inputs[k] through the client, checks the output; counts what failed.
+// Returns the latency in µs.
+double one_request(Client& client, const RunContext& ctx, size_t k, std::vector<float>& out,
+                   ThreadStats& st, bool corrupt = false) {
+  const auto t0 = Clock::now();
+  try {
+    client.request(ctx.inputs[k], out);
+    if (corrupt) out[0] = std::nextafter(out[0], INFINITY);
+    ++st.checks;
+    // Exact: the same model on the same device computes the same bits.
+    if (std::memcmp(out.data(), ctx.references[k].data(), out.size() * sizeof(float)) != 0)
+      ++st.wrong;
+  } catch (const ValidationError& e) {
+    ++st.violations;
+    if (st.first_error.empty()) st.first_error = e.what();
+  } catch (const Error& e) {
+    ++st.errors;
+    if (st.first_error.empty()) st.first_error = e.what();
+  }
+  return std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+}
+
+double percentile(std::vector<float>& v, double p) {
+  if (v.empty()) return 0;
+  const size_t rank = static_cast<size_t>(std::ceil(p * static_cast<double>(v.size())));
+  const size_t i = std::min(v.size() - 1, rank == 0 ? 0 : rank - 1);
+  std::nth_element(v.begin(), v.begin() + static_cast<ptrdiff_t>(i), v.end());
+  return v[i];
+}
+
+// The progress line: a rewritten line on a terminal, a line per second otherwise.
+class Progress {
+ public:
+  explicit Progress(bool enabled) : enabled_(enabled), tty_(isatty(STDERR_FILENO) != 0) {}
+  void update(double elapsed_s, uint64_t done, uint64_t total) {
+    if (!enabled_ || elapsed_s < 1.0) return;
+    shown_ = true;
+    std::fprintf(stderr, "%srun: %.0f s, %llu", tty_ ? "\r" : "", elapsed_s,
+                 static_cast<unsigned long long>(done));
+    if (total) std::fprintf(stderr, "/%llu", static_cast<unsigned long long>(total));
+    std::fprintf(stderr, " requests, %.0f req/s%s", static_cast<double>(done) / elapsed_s,
+                 tty_ ? "   " : "\n");
+    std::fflush(stderr);
+  }
+  ~Progress() {
+    if (shown_ && tty_) std::fprintf(stderr, "\n");
+  }
+
+ private:
+  const bool enabled_, tty_;
+  bool shown_ = false;
+};
+
+// Counts the client threads still running; the main thread waits on it.
+class Countdown {
+ public:
+  explicit Countdown(int n) : left_(n) {}
+  void done() {
+    MutexLock lock(mu_);
+    --left_;
+    cv_.notify_all();
+  }
+  // True once every thread is done; false if `deadline` came first.
+  bool wait_until(Clock::time_point deadline) {
+    MutexLock lock(mu_);
+    return cv_.wait_until(mu_, deadline, [&]() FL_REQUIRES(mu_) { return left_ == 0; });
+  }
+
+ private:
+  Mutex mu_;
+  CondVar cv_;
+  int left_ FL_GUARDED_BY(mu_);
+};
+
+WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const WorkloadOptions& o) {
+  WorkloadResult result;
+  result.options = o;
+  result.model_shape = weights.describe();
+  result.device_name = dev.name() + " (" + dev.info().name + ")";
+  result.policy = o.arch == Arch::kLegacy ? "single-stream" : to_string(dev.config().policy);
+
+  const Stream s0 = dev.default_stream();
+  nn::Mlp model(weights, o.dtype, s0);
+  RunContext ctx{dev, model, o, {}, {}, {}};
+  const size_t in_n = static_cast<size_t>(o.batch * model.in_features());
+  const size_t out_n = static_cast<size_t>(o.batch * model.out_features());
+  for (int k = 0; k < o.distinct_inputs; ++k) {
+    ctx.inputs.push_back(nn::random_uniform(in_n, o.seed * 1000003 + static_cast<uint64_t>(k)));
+    ctx.references.emplace_back(out_n);
+    infer(ctx, s0, ctx.inputs.back(), ctx.references.back());  // one thread: the reference
+  }
+
+  const size_t n = static_cast<size_t>(o.threads);
+  std::vector<ThreadStats> stats(n);
+  // Relaxed: a ticket counter (only the count matters) and a stop flag that
+  // publishes nothing; the threads' results are read after join().
+  std::atomic<uint64_t> next_ticket{0};
+  std::atomic<uint64_t> completed{0};
+  std::atomic<bool> stop{false};
+  std::latch start(o.threads + 1);
+  Countdown running(o.threads);
+
+  auto body = [&](size_t t) {
+    ThreadStats& st = stats[t];
+    std::unique_ptr<Client> client;
+    std::vector<float> out(out_n);
+    bool counted_down = false;
+    try {
+      client = make_client(ctx);
+      st.stream = client->stream_index();
+      for (int w = 0; w < o.warmup; ++w)
+        one_request(*client, ctx, (t + static_cast<size_t>(w)) % ctx.inputs.size(), out, st);
+      counted_down = true;
+      start.arrive_and_wait();
+      st.latency_us.reserve(o.requests > 0 ? static_cast<size_t>(o.requests) / n + 1 : 4096);
+      for (uint64_t r = t;; r += 7) {
+        if (o.requests == 0 && stop.load(std::memory_order_relaxed)) break;
+        const uint64_t ticket = next_ticket.fetch_add(1, std::memory_order_relaxed);
+        if (o.requests > 0 && ticket >= static_cast<uint64_t>(o.requests)) break;
+        const bool corrupt =
+            o.corrupt_every > 0 && (ticket + 1) % static_cast<uint64_t>(o.corrupt_every) == 0;
+        const double us = one_request(*client, ctx, r % ctx.inputs.size(), out, st, corrupt);
+        st.latency_us.push_back(static_cast<float>(us));
+        completed.fetch_add(1, std::memory_order_relaxed);
+      }
+    } catch (const Error& e) {  // the client could not be made (e.g. no free stream)
+      ++st.errors;
+      if (st.first_error.empty()) st.first_error = e.what();
+    }
+    if (!counted_down) start.count_down();
+    client.reset();
+    running.done();
+  };
+
+  std::vector<std::thread> threads;
+  threads.reserve(n);
+  for (size_t t = 0; t < n; ++t) threads.emplace_back(body, t);
+  start.arrive_and_wait();
+  const auto t0 = Clock::now();
+  {
+    Progress progress(o.progress);
+    const auto deadline =
+        t0 + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.seconds));
+    bool stopped = o.requests > 0;  // by tickets, not by the clock
+    for (;;) {
+      auto wake = Clock::now() + std::chrono::seconds(1);
+      if (!stopped) wake = std::min(wake, deadline);
+      if (running.wait_until(wake)) break;
+      if (!stopped && Clock::now() >= deadline) {
+        stop.store(true, std::memory_order_relaxed);
+        stopped = true;
+      }
+      progress.update(std::chrono::duration<double>(Clock::now() - t0).count(),
+                      completed.load(std::memory_order_relaxed), static_cast<uint64_t>(o.requests));
+    }
+  }
+  for (auto& th : threads) th.join();
+  const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  dev.synchronize();
+
+  std::vector<float> all;
+  std::set<int> streams;
+  for (auto& st : stats) {
+    all.insert(all.end(), st.latency_us.begin(), st.latency_us.end());
+    result.checks += st.checks;
+    result.wrong_results += st.wrong;
+    result.violations += st.violations;
+    result.errors += st.errors;
+    if (result.first_error.empty()) result.first_error = st.first_error;
+    if (st.stream >= 0) streams.insert(st.stream);
+  }
+  result.requests = all.size();
+  result.samples = result.requests * static_cast<uint64_t>(o.batch);
+  result.seconds = seconds;
+  result.requests_per_s = seconds > 0 ? static_cast<double>(result.requests) / seconds : 0;
+  result.samples_per_s = seconds > 0 ? static_cast<double>(result.samples) / seconds : 0;
+  double sum = 0;
+  for (float v : all) sum += v;
+  result.mean_us = all.empty() ? 0 : sum / static_cast<double>(all.size());
+  result.max_us = all.empty() ? 0 : *std::max_element(all.begin(), all.end());
+  result.p50_us = percentile(all, 0.50);
+  result.p90_us = percentile(all, 0.90);
+  result.p99_us = percentile(all, 0.99);
+  result.streams_used = static_cast<int>(streams.size());
+  return result;
+}
+
+}  // namespace
+
+WorkloadResult run_workload(const nn::MlpWeights& weights, const WorkloadOptions& o) {
+  o.validate();
+  Config cfg = Config::from_env();
+  if (o.policy) cfg.policy = *o.policy;
+  // More client threads than exclusive slots: share streams rather than fail.
+  cfg.exclusive_when_full = WhenFull::kShare;
+  auto dev = Device::create(o.backend, 0, cfg);
+  WorkloadResult r = run_on_device(*dev, weights, o);  // every tensor is gone on return
+  dev->shutdown();
+  return r;
+}
+
+// ---- isolation -------------------------------------------------------------------------
+
+namespace {
+
+void write_all(int fd, const std::string& s) {
+  size_t off = 0;
+  while (off < s.size()) {
+    const ssize_t w = write(fd, s.data() + off, s.size() - off);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return;
+    off += static_cast<size_t>(w);
+  }
+}
+
+double default_timeout(const WorkloadOptions& o) {
+  if (o.timeout_s > 0) return o.timeout_s;
+  return o.requests > 0 ? 900.0 : 3 * o.seconds + 120.0;
+}
+
+}  // namespace
+
+WorkloadResult run_workload_isolated(const nn::MlpWeights& weights, const WorkloadOptions& o) {
+  o.validate();
+  int fds[2];
+  FL_CHECK_STATE(pipe(fds) == 0, "[run] pipe() failed: ", std::strerror(errno));
+  std::cout.flush();
+  std::fflush(nullptr);
+  const auto t0 = Clock::now();
+  const pid_t pid = fork();
+  if (pid < 0) {
+    close(fds[0]);
+    close(fds[1]);
+    throw InvalidState(detail::str_cat("[run] fork() failed: ", std::strerror(errno)));
+  }
+  if (pid == 0) {
+    close(fds[0]);
+    nlohmann::json out;
+    try {
+      out = {{"result", run_workload(weights, o).to_json()}};
+    } catch (const Error& e) {
+      out = {{"fatal", {{"code", static_cast<int>(e.code())}, {"message", e.what()}}}};
+    } catch (const std::exception& e) {
+      out = {{"fatal", {{"code", static_cast<int>(ErrorCode::kInternal)}, {"message", e.what()}}}};
+    }
+    write_all(fds[1], out.dump() + "\n");
+    close(fds[1]);
+    // _exit: skip the parent's atexit handlers and static destructors (the
+    // child's device was shut down by run_workload).
+    _exit(0);
+  }
+  close(fds[1]);
+  std::string text;
+  char buf[4096];
+  const auto deadline = t0 + std::chrono::duration_cast<Clock::duration>(
+                                 std::chrono::duration<double>(default_timeout(o)));
+  bool timed_out = false;
+  for (;;) {
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    if (left.count() <= 0) {
+      timed_out = true;
+      break;
+    }
+    pollfd p{fds[0], POLLIN, 0};
+    const int rc = poll(&p, 1, static_cast<int>(std::min<int64_t>(left.count(), 1000)));
+    if (rc <= 0) continue;  // timeout or EINTR: check the deadline again
+    const ssize_t got = read(fds[0], buf, sizeof buf);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) break;
+    text.append(buf, static_cast<size_t>(got));
+  }
+  close(fds[0]);
+  if (timed_out) kill(pid, SIGKILL);
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  auto crashed = [&](const std::string& why) {
+    WorkloadResult r;
+    r.options = o;
+    r.crashes = 1;
+    r.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+    r.policy =
+        o.arch == Arch::kLegacy ? "single-stream" : (o.policy ? to_string(*o.policy) : "default");
+    r.first_error = why;
+    return r;
+  };
+  if (timed_out) return crashed("the run hung: killed after the watchdog's timeout");
+  if (WIFSIGNALED(status))
+    return crashed(std::string("the run crashed with signal ") + strsignal(WTERMSIG(status)));
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const std::exception&) {
+    return crashed("the run exited (status " + std::to_string(WEXITSTATUS(status)) +
+                   ") without a result");
+  }
+  if (j.contains("fatal")) {
+    throw Error(static_cast<ErrorCode>(j["fatal"]["code"].get<int>()),
+                j["fatal"]["message"].get<std::string>());
+  }
+  return WorkloadResult::from_json(j.at("result"), o);
+}
+
+WorkloadResult run_workload_as_configured(const nn::MlpWeights& weights, const WorkloadOptions& o) {
+  return o.isolate ? run_workload_isolated(weights, o) : run_workload(weights, o);
+}
+
+// ---- shared CLI options ----------------------------------------------------------------
+
+void ModelOptionStrings::apply(WorkloadOptions& o) const {
+  o.activation = ops::parse_activation(activation);
+  o.dtype = parse_dtype(dtype);
+  if (!policy.empty()) o.policy = parse_stream_policy(policy);
+}
+
+void add_model_options(CLI::App& cmd, WorkloadOptions& o, ModelOptionStrings& s) {
+  cmd.add_option("--backend", o.backend, "cpu or cuda")->capture_default_str();
+  cmd.add_option("--model", o.model,
+                 "safetensors file of an nn.Sequential of Linear layers (default: the seed's "
+                 "built-in 512-1024-1024-512 MLP)");
+  cmd.add_option("--activation", s.activation, "between layers: relu, gelu or gelu_tanh")
+      ->capture_default_str();
+  cmd.add_option("--dtype", s.dtype, "f32; f16 or bf16 on cuda")->capture_default_str();
+  cmd.add_option("--policy", s.policy,
+                 "pool streams: round-robin or exclusive (default: FLOTILLA_POLICY or "
+                 "round-robin)");
+  cmd.add_option("--seed", o.seed, "seed of the inputs")->capture_default_str();
+  cmd.add_flag(
+      "--in-process", [&o](int64_t) { o.isolate = false; },
+      "run in this process (a crash is not counted, it ends the command)");
+  cmd.add_flag(
+      "--no-progress", [&o](int64_t) { o.progress = false; }, "no progress line on stderr");
+}
+
+}  // namespace flotilla::cli

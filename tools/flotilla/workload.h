@@ -1,0 +1,121 @@
+// The inference workload behind `flotilla run` and `flotilla bench`: client
+// threads send requests (a batch of inputs through the MLP, output back to
+// the host) through one architecture, and every output is checked against a
+// single-thread reference computed first on the same device.
+//
+// Architectures (Arch):
+//  - legacy: the seed's Figure 1 made safe. Every thread uses the one default
+//    stream and holds one process-wide mutex for each whole request (as
+//    libtorch's `singleton` mode does): correct, and serial.
+//  - pool: Figure 2. Each thread uses its own current stream from the pool
+//    (Device::current_stream(), by --policy), and nothing is shared but the
+//    read-only weights.
+//  Issue 5 (BatchQueue) adds a third, `batching`: client threads submit
+//  batch-1 requests to a queue whose workers run real batches. It slots in
+//  as another Client in workload.cpp (see make_client) and adds its fields
+//  to WorkloadOptions::batching and WorkloadResult; nothing else changes.
+//
+// Thread safety: run_workload is called from one thread; it owns and joins
+// every thread it starts. Isolation: run_workload_isolated runs it in a
+// forked child so that a crash is counted rather than fatal; the parent
+// must not have touched a GPU driver before (a CUDA context does not
+// survive fork), which holds as long as it only loads MlpWeights.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+
+#include "flotilla/common/config.h"
+#include "flotilla/nn/mlp.h"
+#include "flotilla/ops/ops.h"
+#include "flotilla/ops/tensor.h"
+
+namespace flotilla::cli {
+
+enum class Arch { kLegacy, kPool };
+const char* to_string(Arch arch) noexcept;
+Arch parse_arch(const std::string& s);
+
+struct WorkloadOptions {
+  std::string backend = "cpu";
+  std::string model;  // a safetensors file; empty: the seed's built-in MLP
+  ops::Activation activation = ops::Activation::kRelu;
+  DType dtype = DType::kF32;
+  Arch arch = Arch::kPool;
+  std::optional<StreamPolicy> policy;  // unset: Config::from_env()'s (round-robin)
+  int threads = 8;
+  int64_t requests = 0;  // total over all threads; 0: run for `seconds`
+  double seconds = 0;
+  int batch = 1;             // samples per request
+  int distinct_inputs = 16;  // inputs cycled through (each with its reference output)
+  int warmup = 2;            // requests per thread before the clock starts (checked, not timed)
+  uint64_t seed = 1;         // of the inputs
+  bool progress = true;      // a progress line on stderr every second
+  bool isolate = true;       // run in a forked child (a crash is counted, not fatal)
+  double timeout_s = 0;      // child watchdog; 0: from seconds/requests
+  // Test hook (hidden --corrupt-every N): flips a bit in the output of every
+  // Nth timed request before the check, to prove the check can fail.
+  int corrupt_every = 0;
+
+  // Reserved for issue 5 (`--batching --max-batch B --max-delay-us D`):
+  // struct { bool enabled = false; int max_batch = 64; int64_t max_delay_us = 200; } batching;
+
+  // Throws InvalidArgument naming the option. Touches no device.
+  void validate() const;
+  // "seed" or the model path, as reported.
+  std::string model_name() const { return model.empty() ? "seed" : model; }
+};
+
+struct WorkloadResult {
+  WorkloadOptions options;
+  std::string model_shape;  // "512-1024-1024-512 relu"
+  std::string policy;       // the stream policy in effect ("single-stream" for legacy)
+  uint64_t requests = 0;    // timed requests that completed (right or wrong)
+  uint64_t samples = 0;     // requests x batch
+  double seconds = 0;
+  double requests_per_s = 0, samples_per_s = 0;
+  double p50_us = 0, p90_us = 0, p99_us = 0, mean_us = 0, max_us = 0;
+  uint64_t checks = 0;         // outputs compared with the reference (warmup included)
+  uint64_t wrong_results = 0;  // outputs that differed from it (bit for bit)
+  uint64_t violations = 0;     // ValidationError: a driver rule broken
+  uint64_t errors = 0;         // other flotilla::Error raised to a request
+  uint64_t crashes = 0;        // the (isolated) run died or hung
+  int streams_used = 0;        // distinct streams that served the client threads
+  std::string device_name;     // the device's description
+  std::string first_error;
+
+  bool failed() const { return crashes || violations || wrong_results || errors; }
+  nlohmann::json to_json() const;
+  static WorkloadResult from_json(const nlohmann::json& j, const WorkloadOptions& options);
+};
+
+// Loads the model the options name (host only; throws InvalidArgument naming
+// the file and the problem).
+nn::MlpWeights load_weights(const WorkloadOptions& options);
+
+// Runs the workload in this process. Errors that stop the whole run (the
+// device cannot be created, the reference fails) propagate as flotilla::Error.
+WorkloadResult run_workload(const nn::MlpWeights& weights, const WorkloadOptions& options);
+// The same in a forked child with a watchdog (options.isolate is ignored).
+// A death by signal or a hang gives crashes = 1; an error that stopped the
+// child's run is rethrown here with its code and message.
+WorkloadResult run_workload_isolated(const nn::MlpWeights& weights, const WorkloadOptions& options);
+// run_workload_isolated or run_workload, as options.isolate says.
+WorkloadResult run_workload_as_configured(const nn::MlpWeights& weights,
+                                          const WorkloadOptions& options);
+
+// The options both commands share: --backend --model --activation --dtype
+// --policy --seed. Call apply() in the command's callback (parses the
+// strings; throws InvalidArgument naming the option).
+struct ModelOptionStrings {
+  std::string activation = "relu";
+  std::string dtype = "f32";
+  std::string policy;  // empty: default
+  void apply(WorkloadOptions& o) const;
+};
+void add_model_options(CLI::App& cmd, WorkloadOptions& o, ModelOptionStrings& s);
+
+}  // namespace flotilla::cli
