@@ -160,6 +160,10 @@ step_connections() {
         --benchmark_filter='overlap|^submit/|roundtrip' --benchmark_counters_tabular=true
       echo "---- stress 32 threads, CUDA_DEVICE_MAX_CONNECTIONS=$c"
       CUDA_DEVICE_MAX_CONNECTIONS=$c stress 32 "$STRESS_OPS"
+      if [ -x /tmp/cuda_limits ]; then  # built by the bench step
+        echo "---- peer, CUDA_DEVICE_MAX_CONNECTIONS=$c"
+        CUDA_DEVICE_MAX_CONNECTIONS=$c timeout 120 /tmp/cuda_limits
+      fi
     } >>"$OUT/connections.log" 2>&1
   done
   {
@@ -167,7 +171,8 @@ step_connections() {
     env -u CUDA_DEVICE_MAX_CONNECTIONS timeout 60 "$BUILD/bench/micro_cuda" \
       --cuda_max_connections=8 --benchmark_filter=overlap --benchmark_counters_tabular=true
   } >>"$OUT/connections.log" 2>&1
-  grep -E "^----|micro_cuda:|_median|\"ops_per_s\"" "$OUT/connections.log" | tee -a "$SUMMARY"
+  grep -E "^----|micro_cuda:|_median|\"ops_per_s\"|raw-cuda (launch|roundtrip)" \
+    "$OUT/connections.log" | tee -a "$SUMMARY"
 }
 
 step_stress() {

@@ -33,20 +33,33 @@ QueueCore::QueueCore(std::shared_ptr<DeviceCore> device, int id, CompletionThrea
       ctx_(*device_, stream_.get(), device_->index(), device_->sm_count(), resources_),
       completion_(completion) {
   FL_INTERNAL_CHECK(completion_ != nullptr, "a cuda queue made after its driver's shutdown");
+  if (device_->words().enabled()) word_ = device_->words().take(*device_);
 }
 
 QueueCore::~QueueCore() {
   DeviceGuard guard(device_->index());
-  // Kernel resources (workspaces) may still be in use by work on the stream.
+  // Kernel resources (workspaces) may still be in use by work on the stream,
+  // and the GPU may still write the completion word.
   if (!device_->lost()) (void)cudaStreamSynchronize(stream_.get());
   resources_.clear();
+  if (!device_->lost()) device_->words().give(word_);  // a lost device keeps it: the GPU may write
 }
 
 void QueueCore::submit(const std::shared_ptr<CudaCommandBuffer>& cb, cudaEvent_t reuse) {
   bool wake = false;
   {
     MutexLock lock(mu_);
-    if (reuse) {
+    if (word_.host) {
+      // Note [Completion words]: the GPU writes `seq` once all work before
+      // it on the stream has run.
+      const uint64_t seq = next_seq_ + 1;
+      const CUresult r = device_->words().write()(stream_.get(), word_.device, seq, 0);
+      if (r != CUDA_SUCCESS)  // driver and runtime error numbers agree for these calls
+        device_->fail(static_cast<cudaError_t>(r), "cuStreamWriteValue64(stream, word, seq, 0)",
+                      __FILE__, __LINE__);
+      next_seq_ = seq;
+      cb->completion_seq_ = seq;
+    } else if (reuse) {
       cb->completion_event_ = reuse;
       cb->owns_completion_event_ = false;
     } else {
@@ -292,10 +305,12 @@ void CudaCommandBuffer::finish(std::exception_ptr failure) {
       device_.handler_errors.fetch_add(1, std::memory_order_relaxed);  // never kills the thread
     }
   }
+  // Counted before waiters wake, so a waiter reading stats() sees it; the
+  // shutdown drain that this lets through only joins this thread later.
+  device_.end_commit(!error, kernels);
   finished_.store(true, std::memory_order_release);
   { MutexLock lock(mu_); }  // a waiter is either before its check or asleep
   done_cv_.notify_all();
-  device_.end_commit(!error, kernels);
 }
 
 }  // namespace flotilla::backend::cuda

@@ -25,6 +25,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <deque>
 #include <exception>
 #include <memory>
@@ -77,6 +78,11 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   // the next submit hands it to the completion thread again.
   std::shared_ptr<CudaCommandBuffer> front_or_idle() FL_EXCLUDES(mu_);
   void pop_front() FL_EXCLUDES(mu_);
+  // The last sequence number the GPU wrote (Note [Completion words]).
+  uint64_t done_seq() const { return __atomic_load_n(word_.host, __ATOMIC_ACQUIRE); }
+  // Since when the oldest buffer has been seen pending without progress;
+  // read and written by the queue's completion thread only.
+  std::chrono::steady_clock::time_point stall_since;
 
  private:
   std::shared_ptr<DeviceCore> device_;
@@ -85,10 +91,12 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   QueueResources resources_;
   LaunchContext ctx_;
   CompletionThread* const completion_;  // owned by the driver, which outlives queues
+  CompletionWords::Word word_;          // empty when completion uses events
 
   Mutex mu_;
   std::deque<std::shared_ptr<CudaCommandBuffer>> in_flight_ FL_GUARDED_BY(mu_);
   bool active_ FL_GUARDED_BY(mu_) = false;  // handed to the completion thread
+  uint64_t next_seq_ FL_GUARDED_BY(mu_) = 0;
 };
 
 class CudaQueue final : public Queue {
@@ -141,7 +149,10 @@ class CudaCommandBuffer final : public CommandBuffer,
   // the completion event finished (`failure` null) or the device was lost.
   void finish(std::exception_ptr failure) FL_EXCLUDES(mu_);
   // Written by QueueCore::submit before the buffer is published to the
-  // completion thread, read only by it afterwards.
+  // completion thread, read only by it afterwards: the sequence number its
+  // queue's completion word reaches when it is done (Note [Completion
+  // words]), or 0 and an event to query instead.
+  uint64_t completion_seq() const { return completion_seq_; }
   cudaEvent_t completion_event() const { return completion_event_; }
 
  private:
@@ -173,6 +184,7 @@ class CudaCommandBuffer final : public CommandBuffer,
   // can then use it as the completion event instead of recording another.
   cudaEvent_t tail_signal_ FL_GUARDED_BY(mu_) = nullptr;
 
+  uint64_t completion_seq_ = 0;             // see completion_seq()
   cudaEvent_t completion_event_ = nullptr;  // see completion_event()
   bool owns_completion_event_ = false;      // false when it is a signal's (the EventCore owns it)
 

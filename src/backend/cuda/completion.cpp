@@ -16,8 +16,9 @@ namespace {
 
 thread_local const CompletionThread* tls_current = nullptr;
 
-// Note [Completion threads]: the pause between unproductive polls, and how
-// long an idle thread waits for new work before it sleeps.
+// Note [Completion threads]: the pause between unproductive polls (with
+// completion events; with completion words it is a few spin-loop hints), and
+// how long an idle thread waits for new work before it sleeps.
 constexpr auto kPollPause = std::chrono::microseconds(1);
 constexpr auto kIdleSpin = std::chrono::microseconds(200);
 
@@ -63,6 +64,14 @@ bool CompletionThread::take_incoming(std::vector<std::shared_ptr<QueueCore>>& wo
   return stop_;
 }
 
+namespace {
+
+// A pending buffer whose completion word has not moved for this long is
+// checked with cudaStreamQuery, which reports a fault (Note [Completion words]).
+constexpr auto kStallCheck = std::chrono::microseconds(200);
+
+}  // namespace
+
 bool CompletionThread::poll(std::vector<std::shared_ptr<QueueCore>>& working) {
   bool progressed = false;
   for (size_t i = 0; i < working.size();) {
@@ -80,9 +89,25 @@ bool CompletionThread::poll(std::vector<std::shared_ptr<QueueCore>>& working) {
         progressed = true;
         continue;
       }
-      const cudaError_t r = cudaEventQuery(cb->completion_event());
+      // Is the oldest buffer done? A load of host memory when completion
+      // words are on; CUDA is asked only when it stalls (or without words).
+      cudaError_t r = cudaSuccess;
+      const char* call = "cudaEventQuery(completion event)";
+      if (const uint64_t seq = cb->completion_seq()) {
+        if (q.done_seq() < seq) {
+          const auto now = std::chrono::steady_clock::now();
+          if (q.stall_since == std::chrono::steady_clock::time_point{}) q.stall_since = now;
+          if (now - q.stall_since < kStallCheck) break;  // pending, no CUDA call
+          q.stall_since = now;
+          call = "cudaStreamQuery(stream)";
+          r = cudaStreamQuery(q.stream());  // success: the stream ran everything, this too
+        }
+      } else {
+        r = cudaEventQuery(cb->completion_event());
+      }
       if (r == cudaErrorNotReady) break;  // the queue's later buffers are not done either
       if (r == cudaSuccess) {
+        q.stall_since = {};
         q.pop_front();
         cb->finish(nullptr);
         progressed = true;
@@ -90,19 +115,19 @@ bool CompletionThread::poll(std::vector<std::shared_ptr<QueueCore>>& working) {
       }
       if (is_sticky(r)) {
         // The next round of this loop fails this buffer and every other one.
-        device_.mark_lost(
-            device_.lost_error(r, "cudaEventQuery(completion event)", __FILE__, __LINE__));
+        device_.mark_lost(device_.lost_error(r, call, __FILE__, __LINE__));
         continue;
       }
       // Not sticky (the CUDA runtime unloading at exit, say): this buffer's
       // fate is unknown, so it fails with the error, and the rest go on.
       std::exception_ptr error;
       try {
-        throw_cuda_error(r, detail::str_cat("[", device_.label(), "]").c_str(),
-                         "cudaEventQuery(completion event)", __FILE__, __LINE__);
+        throw_cuda_error(r, detail::str_cat("[", device_.label(), "]").c_str(), call, __FILE__,
+                         __LINE__);
       } catch (...) {
         error = std::current_exception();
       }
+      q.stall_since = {};
       q.pop_front();
       cb->finish(error);
       progressed = true;
@@ -137,7 +162,12 @@ void CompletionThread::run() {
     }
     if (progressed) continue;
     if (!working.empty()) {
-      spin_until(poked, kPollPause);
+      if (device_.words().enabled()) {
+        // Polling is a few loads of host memory: pause only briefly.
+        for (int k = 0; k < 8; ++k) cpu_relax();
+      } else {
+        spin_until(poked, kPollPause);  // each poll is a CUDA call: leave the lock alone a while
+      }
       continue;
     }
     if (spin_until(poked, kIdleSpin)) continue;

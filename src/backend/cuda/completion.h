@@ -4,14 +4,16 @@
 // Each device has one or a few completion threads (Config::
 // cuda_completion_threads); each queue belongs to one of them. A thread
 // watches the oldest in-flight command buffer of each of its active queues
-// with cudaEventQuery (buffers of a queue complete in order), and for each
-// completed one marks its signals reached, runs its completion handlers and
-// wakes its waiters. Handlers therefore run on a Flotilla-owned thread that
-// may call CUDA, never inside a cudaLaunchHostFunc callback (where calling
-// CUDA is forbidden and which would stall the stream).
+// (buffers of a queue complete in order) through the queue's completion word
+// (Note [Completion words]: a load of host memory, no CUDA call) or, where
+// those are unavailable, cudaEventQuery. For each completed buffer it marks
+// the signals reached, runs the completion handlers and wakes the waiters.
+// Handlers therefore run on a Flotilla-owned thread that may call CUDA,
+// never inside a cudaLaunchHostFunc callback (where calling CUDA is
+// forbidden and which would stall the stream).
 //
 // Latency versus CPU: while any buffer is pending the thread polls, pausing
-// about a microsecond between unproductive rounds; with nothing pending it
+// briefly between unproductive rounds; with nothing pending it
 // spins a further 200 us for new work (back-to-back round trips never pay a
 // wake-up), then sleeps on a condition variable until a submit wakes it.
 //

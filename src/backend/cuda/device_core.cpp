@@ -88,6 +88,11 @@ void TimeBase::rebase(DeviceCore& device) {
   anchor_host_ = std::chrono::steady_clock::now();
 }
 
+cudaStream_t TimeBase::stream() {
+  MutexLock lock(mu_);
+  return stream_.get();
+}
+
 int64_t TimeBase::time_ns(DeviceCore& device, cudaEvent_t e) {
   DeviceGuard guard(device.index());
   MutexLock lock(mu_);
@@ -95,6 +100,73 @@ int64_t TimeBase::time_ns(DeviceCore& device, cudaEvent_t e) {
   float ms = 0;
   FL_CUDA_CHECK_DEV(device, cudaEventElapsedTime(&ms, anchor_.get(), e));
   return anchor_ns_ + std::llround(static_cast<double>(ms) * 1e6);
+}
+
+// ---- CompletionWords (Note [Completion words]) -------------------------------------------
+
+namespace {
+constexpr size_t kWordStride = 64;  // one cache line per word: no false sharing
+constexpr size_t kWordsPerSlab = 256;
+}  // namespace
+
+CompletionWords::~CompletionWords() {
+  MutexLock lock(mu_);
+  for (void* p : slabs_) (void)cudaFreeHost(p);
+}
+
+bool CompletionWords::init(DeviceCore& device, cudaStream_t stream) {
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+  if (cudaGetDriverEntryPointByVersion("cuStreamWriteValue64", &fn, 12000, cudaEnableDefault,
+                                       &found) != cudaSuccess ||
+      found != cudaDriverEntryPointSuccess || fn == nullptr) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  auto write = reinterpret_cast<WriteFn>(fn);
+  // Try it once: a driver or device without 64-bit memory operations
+  // refuses, and completion falls back to events.
+  Word w = take(device);
+  const bool ok = write(stream, w.device, 42, 0) == CUDA_SUCCESS &&
+                  cudaStreamSynchronize(stream) == cudaSuccess &&
+                  __atomic_load_n(w.host, __ATOMIC_ACQUIRE) == 42;
+  (void)cudaGetLastError();
+  give(w);
+  if (ok) write_ = write;
+  return ok;
+}
+
+CompletionWords::Word CompletionWords::take(DeviceCore& device) {
+  MutexLock lock(mu_);
+  if (free_.empty()) {
+    void* p = nullptr;
+    FL_CUDA_CHECK_DEV(device, cudaHostAlloc(&p, kWordStride * kWordsPerSlab,
+                                            cudaHostAllocMapped | cudaHostAllocPortable));
+    void* d = nullptr;
+    const cudaError_t r = cudaHostGetDevicePointer(&d, p, 0);
+    if (r != cudaSuccess) {
+      (void)cudaFreeHost(p);
+      device.fail(r, "cudaHostGetDevicePointer(&d, p, 0)", __FILE__, __LINE__);
+    }
+    slabs_.push_back(p);
+    for (size_t i = 0; i < kWordsPerSlab; ++i)
+      free_.push_back(Word{reinterpret_cast<uint64_t*>(static_cast<char*>(p) + i * kWordStride),
+                           reinterpret_cast<CUdeviceptr>(d) + i * kWordStride});
+  }
+  Word w = free_.back();
+  free_.pop_back();
+  __atomic_store_n(w.host, 0, __ATOMIC_RELEASE);
+  return w;
+}
+
+void CompletionWords::give(Word w) noexcept {
+  if (!w.host) return;
+  try {
+    MutexLock lock(mu_);
+    free_.push_back(w);
+  } catch (...) {
+    // Out of memory growing the list: the word stays unused until the slab goes.
+  }
 }
 
 // ---- DeviceCore -----------------------------------------------------------------------
@@ -109,6 +181,7 @@ DeviceCore::DeviceCore(int index, const Config&)
   FL_CUDA_CHECK_DEV(*this,
                     cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, index_));
   clock_.init(*this);
+  words_.init(*this, clock_.stream());
   sync_events_.prefill(*this, 64);
   timing_events_.prefill(*this, 16);
 }
