@@ -1,0 +1,238 @@
+// BatchQueue: many threads submit single requests; worker threads merge them
+// into real batches, run one forward per batch on their own stream, and
+// hand each request its row of the output.
+//
+//   serve::BatchQueue queue(device, 512, 512,
+//       [&mlp](const Stream& s, const Tensor& x) { return mlp.forward(s, x); },
+//       {.max_batch = 64, .max_delay = std::chrono::microseconds(200)});
+//   serve::RequestHandle h = queue.submit(input);   // any thread
+//   std::vector<float> y = h.get();                  // blocks; throws the request's error
+//
+// The model is a function from x [B, in] f32 to y [B, out] f32 on the
+// stream it is given (an nn::Mlp's forward fits). It must encode its work on
+// that stream (or order it before returning), must not keep x, and may throw:
+// a throw, a wrong output shape or a device failure fails that batch only.
+//
+// A batch (Note [One batch] in batch_queue.cpp): a worker waits for a first
+// request, then up to max_delay (by the clock, from the oldest request's
+// arrival) for company, up to max_batch; completes the expired ones; packs
+// the inputs into its pinned staging buffer (allocated once per worker),
+// copies them with one asynchronous copy into one [B, in] tensor on its
+// stream, runs one forward, copies [B, out] back with one asynchronous copy
+// into pinned staging, synchronizes its stream, and scatters the rows.
+//
+// Outcomes. Every submit() that returns a handle completes it exactly once
+// (Note [Exactly once] in queue_core.h): with its output, or with
+//   Timeout    its deadline passed before it ran (it never runs), or it
+//              waited under kBlock until its deadline without room;
+//   Cancelled  RequestHandle::cancel() before it started, or shutdown(kCancel);
+//   QueueFull  the queue held `capacity` requests and the policy is kReject;
+//   ShutDown   it was submitted after shutdown began;
+//   the error of its batch (the model threw, the device failed).
+// submit() itself throws only InvalidArgument, for a bad input (wrong size,
+// NaN when reject_nan): the caller's bug, refused before it can touch a
+// batch. Every other outcome arrives through the handle, so a client has
+// one place to look.
+//
+// Deadlines: a queued request whose deadline passes completes with Timeout
+// when a worker next looks at the queue: at once if one is waiting for
+// requests (its wait ends at the earliest deadline), else when one finishes
+// its batch. A request that has started runs to the end.
+//
+// Manual mode (workers = 0): no threads; step() forms and runs one batch on
+// the calling thread, with the same rules, and never waits. With a
+// ManualClock this makes every decision (max_delay, deadlines) a function
+// of the calls the test makes, for deterministic tests.
+//
+// Thread safety: submit, cancel, metrics, step and shutdown may be called
+// from any thread at once. Not from inside the model function (shutdown
+// would wait for the very worker that calls it).
+//
+// Lifetime: the queue must be destroyed before its Device. The destructor
+// drains (shutdown(kDrain)). RequestHandles may outlive the queue: they
+// hold their request's state, and cancel() on one after the queue is gone
+// returns false.
+//
+// What blocks: submit() under kBlock (until room, the request's deadline,
+// or shutdown); RequestHandle::get()/wait(); step() (runs a batch);
+// shutdown() and the destructor (drain or cancel, then join the workers).
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <thread>
+#include <vector>
+
+#include "flotilla/common/sync.h"
+#include "flotilla/ops/tensor.h"
+#include "flotilla/runtime/stream.h"
+#include "flotilla/serve/clock.h"
+#include "flotilla/serve/metrics.h"
+
+namespace flotilla {
+class Device;
+}
+
+namespace flotilla::serve {
+
+namespace detail {
+class QueueCore;
+struct Request;
+struct Lane;
+struct Batch;
+}  // namespace detail
+
+// What submit() does when `capacity` requests are queued.
+enum class OverflowPolicy {
+  kReject,  // complete the new request with QueueFull at once
+  kBlock,   // wait for room up to the request's deadline (then Timeout), or forever without one
+};
+
+// What shutdown() does with the requests still queued.
+enum class ShutdownMode {
+  kDrain,   // run them (max_delay no longer waits), then stop
+  kCancel,  // complete them with Cancelled, then stop
+};
+
+// Where a request is in its life. kQueued and kRunning are the only
+// non-final states; a request leaves kQueued exactly once (compare-and-swap).
+enum class RequestStatus {
+  kQueued,
+  kRunning,    // picked into a batch
+  kCompleted,  // has its output
+  kFailed,     // its batch failed
+  kExpired,    // Timeout
+  kCancelled,  // Cancelled
+  kRejected,   // QueueFull
+  kShutDown,   // ShutDown
+};
+const char* to_string(RequestStatus s) noexcept;
+const char* to_string(OverflowPolicy p) noexcept;
+const char* to_string(ShutdownMode m) noexcept;
+// "reject" / "block"; throws InvalidArgument listing them.
+OverflowPolicy parse_overflow_policy(const std::string& s);
+
+struct BatchQueueOptions {
+  int max_batch = 32;                        // requests per batch, >= 1
+  std::chrono::microseconds max_delay{100};  // how long the oldest request waits for company
+  size_t capacity = 1024;                    // queued requests at most, >= 1
+  OverflowPolicy when_full = OverflowPolicy::kReject;
+  int workers = 1;  // threads, each with its own stream; 0: manual mode
+  std::chrono::microseconds default_deadline{0};  // from submit, for requests without one; 0: none
+  bool reject_nan = false;                        // refuse inputs holding NaN at submit
+  std::shared_ptr<Clock> clock;                   // null: SteadyClock::instance()
+  size_t metrics_window = 4096;                   // latency samples kept for percentiles, >= 1
+  // Called once per request as it completes, on the completing thread,
+  // before its handle sees it; for tests and tracing. It must not block, call
+  // into the queue or throw (a throw is swallowed).
+  std::function<void(uint64_t id, RequestStatus status)> on_complete;
+
+  // Throws InvalidArgument naming the field.
+  void validate() const;
+};
+
+// The caller's side of one request, like a std::future: move-only, get()
+// once. Thread safety: one handle is one owner's object (move it to hand it
+// over); different handles may be used on any threads at once.
+class RequestHandle {
+ public:
+  RequestHandle() = default;  // not valid()
+  RequestHandle(RequestHandle&&) noexcept = default;
+  RequestHandle& operator=(RequestHandle&&) noexcept = default;
+  RequestHandle(const RequestHandle&) = delete;
+  RequestHandle& operator=(const RequestHandle&) = delete;
+  ~RequestHandle() = default;  // does not cancel: the request still completes
+
+  bool valid() const { return req_ != nullptr; }
+  // The request's id in its queue (ids grow in submission order).
+  uint64_t id() const;
+  RequestStatus status() const;
+  // True once get() would not block.
+  bool done() const;
+  // Blocks until done.
+  void wait() const;
+  // Blocks until done or `timeout` of real (steady) time passes; returns done().
+  bool wait_for(std::chrono::steady_clock::duration timeout) const;
+  // Blocks until done; returns the output (out_features values) or throws
+  // the request's error. Once: a second call throws InvalidState.
+  std::vector<float> get();
+  // Cancels the request if it has not started: then it completes with
+  // Cancelled, never runs, and this returns true. False if it had started,
+  // had already completed, or its queue is gone.
+  bool cancel();
+
+ private:
+  friend class BatchQueue;
+  friend class detail::QueueCore;
+  explicit RequestHandle(std::shared_ptr<detail::Request> req) : req_(std::move(req)) {}
+  std::shared_ptr<detail::Request> req_;
+};
+
+class BatchQueue {
+ public:
+  using Model = std::function<Tensor(const Stream& stream, const Tensor& x)>;
+
+  // Starts `options.workers` threads, each with a stream from `device`'s pool
+  // (round-robin) and its staging buffers. Throws InvalidArgument for bad
+  // options or sizes, and the device's errors (ShutDown, OutOfMemory).
+  BatchQueue(Device& device, int64_t in_features, int64_t out_features, Model model,
+             BatchQueueOptions options = {});
+  ~BatchQueue();  // shutdown(kDrain)
+  BatchQueue(const BatchQueue&) = delete;
+  BatchQueue& operator=(const BatchQueue&) = delete;
+
+  // Queues a copy of `input` (in_features values); `deadline` by clock()
+  // (unset: now + default_deadline, or none). See Outcomes above.
+  RequestHandle submit(std::span<const float> input,
+                       std::optional<Clock::time_point> deadline = std::nullopt);
+  // clock().now() + d, for submit's deadline.
+  Clock::time_point deadline_in(Clock::duration d) const;
+
+  // Manual mode only (workers = 0; else InvalidState): completes expired
+  // requests, then, if a batch is ready (max_batch queued, the oldest has
+  // waited max_delay, or shutdown began), runs it on the calling thread.
+  // Returns the requests run (0: none ready). Calls are serialised.
+  size_t step();
+
+  // Stops new submits (they complete with ShutDown; blocked ones too), then
+  // drains or cancels what is queued, and joins the workers. Idempotent; a
+  // later kCancel still cancels what a running drain has not started.
+  void shutdown(ShutdownMode mode = ShutdownMode::kDrain);
+  bool is_shut_down() const;
+
+  BatchQueueMetrics metrics() const;
+  const BatchQueueOptions& options() const { return options_; }
+  Clock& clock() const { return *clock_; }
+  int64_t in_features() const { return in_; }
+  int64_t out_features() const { return out_; }
+  // The streams the batches run on (one per worker; one in manual mode).
+  std::vector<Stream> streams() const;
+
+ private:
+  void worker_loop(detail::Lane& lane);
+  void run_batch(detail::Lane& lane, detail::Batch& batch);
+
+  Device& device_;
+  const int64_t in_, out_;
+  const Model model_;
+  const BatchQueueOptions options_;
+  const std::shared_ptr<Clock> clock_;
+  std::shared_ptr<detail::QueueCore> core_;
+  uint64_t listener_key_ = 0;  // written in the constructor only
+  // One lane per worker (or one for manual mode); fixed after construction.
+  std::vector<std::unique_ptr<detail::Lane>> lanes_;
+  std::vector<std::thread> threads_;  // joined by shutdown(); written in the constructor
+
+  // Serialises shutdown() callers; guards the join.
+  Mutex shutdown_mu_;
+  bool joined_ FL_GUARDED_BY(shutdown_mu_) = false;
+  // Serialises step() and the manual-mode drain (manual mode has one lane).
+  Mutex step_mu_ FL_ACQUIRED_AFTER(shutdown_mu_);
+};
+
+}  // namespace flotilla::serve

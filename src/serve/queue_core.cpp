@@ -1,0 +1,281 @@
+#include "serve/queue_core.h"
+
+#include <algorithm>
+
+#include "flotilla/common/error.h"
+
+namespace flotilla::serve::detail {
+
+namespace {
+
+int64_t micros(Clock::duration d) {
+  return std::chrono::duration_cast<std::chrono::microseconds>(d).count();
+}
+
+}  // namespace
+
+void Request::finish(std::vector<float> out, std::exception_ptr err) {
+  MutexLock lock(mu);
+  FL_INTERNAL_CHECK(!done, "request ", id, " completed twice (Note [Exactly once])");
+  output = std::move(out);
+  error = std::move(err);
+  done = true;
+  done_cv.notify_all();
+}
+
+QueueCore::QueueCore(const BatchQueueOptions& options, std::shared_ptr<Clock> clock)
+    : options_(options),
+      clock_(std::move(clock)),
+      recorder_(options.metrics_window, options.max_batch) {}
+
+void QueueCore::finish(Request& r, RequestStatus status, std::vector<float> out,
+                       std::exception_ptr err) {
+  recorder_.outcome(status);
+  if (options_.on_complete) {
+    try {
+      options_.on_complete(r.id, status);
+    } catch (...) {  // a tracing hook must not take the queue down
+    }
+  }
+  r.finish(std::move(out), std::move(err));
+}
+
+std::shared_ptr<Request> QueueCore::refuse(RequestStatus status, std::exception_ptr err,
+                                           Clock::time_point now) {
+  auto r = std::make_shared<Request>(next_id_++, std::vector<float>{}, now, Clock::kNever,
+                                     weak_from_this(), status);
+  finish(*r, status, {}, std::move(err));
+  return r;
+}
+
+std::shared_ptr<Request> QueueCore::submit(std::vector<float> input, Clock::time_point deadline) {
+  recorder_.submitted();
+  MutexLock lock(mu_);
+  Clock::time_point now = clock_->now();
+  if (stopping_)
+    return refuse(RequestStatus::kShutDown,
+                  std::make_exception_ptr(ShutDown(
+                      "[BatchQueue::submit] the queue is shutting down; submit to a live queue")),
+                  now);
+  if (deadline <= now)
+    return refuse(RequestStatus::kExpired,
+                  std::make_exception_ptr(
+                      Timeout("[BatchQueue::submit] the request's deadline had passed when it was "
+                              "submitted; give it a later deadline")),
+                  now);
+  if (fifo_.size() >= options_.capacity) {
+    if (options_.when_full == OverflowPolicy::kReject)
+      return refuse(RequestStatus::kRejected,
+                    std::make_exception_ptr(QueueFull(::flotilla::detail::str_cat(
+                        "[BatchQueue::submit] the queue holds its capacity of ", options_.capacity,
+                        " requests; retry later, raise capacity, add workers, or use "
+                        "OverflowPolicy::kBlock"))),
+                    now);
+    ++blocked_;
+    clock_->wait_until(mu_, space_cv_, deadline, [&]() FL_REQUIRES(mu_) {
+      return stopping_ || fifo_.size() < options_.capacity;
+    });
+    --blocked_;
+    now = clock_->now();
+    if (stopping_)
+      return refuse(RequestStatus::kShutDown,
+                    std::make_exception_ptr(ShutDown(
+                        "[BatchQueue::submit] the queue shut down while the request waited for "
+                        "room; submit to a live queue")),
+                    now);
+    if (fifo_.size() >= options_.capacity)
+      return refuse(RequestStatus::kExpired,
+                    std::make_exception_ptr(Timeout(::flotilla::detail::str_cat(
+                        "[BatchQueue::submit] the queue stayed full (", options_.capacity,
+                        " requests) until the request's deadline; give it a later deadline, "
+                        "raise capacity or add workers"))),
+                    now);
+  }
+  auto r = std::make_shared<Request>(next_id_++, std::move(input), now, deadline, weak_from_this(),
+                                     RequestStatus::kQueued);
+  fifo_.push_back(r);
+  if (deadline != Clock::kNever) deadlines_.emplace(deadline, r->id);
+  max_depth_ = std::max(max_depth_, fifo_.size());
+  ++events_;
+  // Wake the leader only when its decision may change: a first request, a
+  // full batch, or a deadline before the time it sleeps until. Otherwise its
+  // timed wait (max_delay) ends by itself; waking it per submit would cost a
+  // context switch per request under load.
+  if (fifo_.size() == 1 || fifo_.size() >= static_cast<size_t>(options_.max_batch) ||
+      deadline < leader_wake_)
+    work_cv_.notify_one();  // only the leader waits there
+  return r;
+}
+
+std::shared_ptr<Request> QueueCore::remove(uint64_t id) {
+  // The FIFO is in id order (ids are given under mu_ as requests are pushed).
+  auto it =
+      std::lower_bound(fifo_.begin(), fifo_.end(), id,
+                       [](const std::shared_ptr<Request>& r, uint64_t v) { return r->id < v; });
+  FL_INTERNAL_CHECK(it != fifo_.end() && (*it)->id == id, "queued request ", id,
+                    " is missing from the FIFO");
+  std::shared_ptr<Request> r = std::move(*it);
+  fifo_.erase(it);
+  if (r->deadline != Clock::kNever) deadlines_.erase({r->deadline, r->id});
+  return r;
+}
+
+void QueueCore::room_made() {
+  if (blocked_ > 0) space_cv_.notify_all();
+}
+
+bool QueueCore::cancel(Request& r) {
+  MutexLock lock(mu_);
+  if (!r.move(RequestStatus::kQueued, RequestStatus::kCancelled)) return false;
+  std::shared_ptr<Request> keep = remove(r.id);
+  room_made();
+  // The leader is not woken: a cancel only makes its decision later, and its
+  // timed wait ends, looks again and sleeps on.
+  finish(r, RequestStatus::kCancelled, {},
+         std::make_exception_ptr(Cancelled(::flotilla::detail::str_cat(
+             "[RequestHandle::cancel] request ", r.id, " was cancelled before it ran"))));
+  return true;
+}
+
+void QueueCore::expire(Request& r, Clock::time_point now) {
+  const bool won = r.move(RequestStatus::kQueued, RequestStatus::kExpired);
+  FL_INTERNAL_CHECK(won, "request ", r.id, " in the FIFO was not queued");
+  finish(
+      r, RequestStatus::kExpired, {},
+      std::make_exception_ptr(Timeout(::flotilla::detail::str_cat(
+          "[BatchQueue] request ", r.id, " reached its deadline after ", micros(now - r.enqueued),
+          " us in the queue, before it ran; give it a later deadline, or add workers or "
+          "lower max_delay"))));
+}
+
+void QueueCore::expire_due(Clock::time_point now) {
+  bool removed = false;
+  while (!deadlines_.empty() && deadlines_.begin()->first <= now) {
+    std::shared_ptr<Request> r = remove(deadlines_.begin()->second);
+    expire(*r, now);
+    removed = true;
+  }
+  if (removed) room_made();
+}
+
+bool QueueCore::batch_ready(Clock::time_point now) const {
+  if (fifo_.empty()) return false;
+  return stopping_ || fifo_.size() >= static_cast<size_t>(options_.max_batch) ||
+         now >= fifo_.front()->enqueued + options_.max_delay;
+}
+
+void QueueCore::pick(Batch& batch, Clock::time_point now) {
+  batch.requests.clear();
+  batch.picked_at = now;
+  while (!fifo_.empty() && batch.requests.size() < static_cast<size_t>(options_.max_batch)) {
+    std::shared_ptr<Request> r = std::move(fifo_.front());
+    fifo_.pop_front();
+    if (r->deadline != Clock::kNever) deadlines_.erase({r->deadline, r->id});
+    if (r->deadline <= now) {  // expire_due ran first; kept for clarity of the rule
+      expire(*r, now);
+      continue;
+    }
+    const bool won = r->move(RequestStatus::kQueued, RequestStatus::kRunning);
+    FL_INTERNAL_CHECK(won, "request ", r->id, " in the FIFO was not queued");
+    batch.requests.push_back(std::move(r));
+  }
+  room_made();
+}
+
+bool QueueCore::next_batch(Batch& batch) {
+  batch.requests.clear();
+  MutexLock lock(mu_);
+  // Wait to be the leader (Note [Batch leader]), or to exit.
+  idle_cv_.wait(mu_, [&]() FL_REQUIRES(mu_) { return !leader_ || (stopping_ && fifo_.empty()); });
+  if (stopping_ && fifo_.empty()) {
+    idle_cv_.notify_all();  // every idle worker exits too
+    return false;
+  }
+  leader_ = true;
+  for (;;) {
+    const Clock::time_point now = clock_->now();
+    expire_due(now);
+    if (batch_ready(now)) {
+      pick(batch, now);
+      if (!batch.requests.empty()) break;
+      continue;  // all were due: look again
+    }
+    if (fifo_.empty() && stopping_) {
+      leader_ = false;
+      idle_cv_.notify_all();
+      return false;
+    }
+    Clock::time_point wake = Clock::kNever;
+    if (!fifo_.empty()) wake = fifo_.front()->enqueued + options_.max_delay;
+    if (!deadlines_.empty()) wake = std::min(wake, deadlines_.begin()->first);
+    const uint64_t seen = events_;
+    leader_wake_ = wake;
+    clock_->wait_until(mu_, work_cv_, wake, [&]() FL_REQUIRES(mu_) { return events_ != seen; });
+    leader_wake_ = Clock::kNever;
+  }
+  leader_ = false;
+  idle_cv_.notify_one();  // the next leader collects while this batch runs
+  return true;
+}
+
+void QueueCore::take_ready(Batch& batch, bool force) {
+  batch.requests.clear();
+  MutexLock lock(mu_);
+  const Clock::time_point now = clock_->now();
+  expire_due(now);
+  if (force ? !fifo_.empty() : batch_ready(now)) pick(batch, now);
+}
+
+void QueueCore::complete(Request& r, RequestStatus to, std::vector<float> out,
+                         std::exception_ptr err) {
+  const bool won = r.move(RequestStatus::kRunning, to);
+  FL_INTERNAL_CHECK(won, "request ", r.id, " finished by a worker was not running");
+  finish(r, to, std::move(out), std::move(err));
+}
+
+void QueueCore::stop(ShutdownMode mode) {
+  MutexLock lock(mu_);
+  stopping_ = true;
+  if (mode == ShutdownMode::kCancel) {
+    while (!fifo_.empty()) {
+      std::shared_ptr<Request> r = std::move(fifo_.front());
+      fifo_.pop_front();
+      const bool won = r->move(RequestStatus::kQueued, RequestStatus::kCancelled);
+      FL_INTERNAL_CHECK(won, "request ", r->id, " in the FIFO was not queued");
+      finish(*r, RequestStatus::kCancelled, {},
+             std::make_exception_ptr(Cancelled(::flotilla::detail::str_cat(
+                 "[BatchQueue::shutdown] request ", r->id,
+                 " was cancelled by shutdown(kCancel) before it ran"))));
+    }
+    deadlines_.clear();
+  }
+  ++events_;
+  work_cv_.notify_all();
+  idle_cv_.notify_all();
+  space_cv_.notify_all();
+}
+
+bool QueueCore::stopping() const {
+  MutexLock lock(mu_);
+  return stopping_;
+}
+
+void QueueCore::wake() {
+  // Under mu_: a waiter between its look at the clock and its block holds it
+  // (Note [Clock waits without lost wake-ups] in clock.h).
+  MutexLock lock(mu_);
+  work_cv_.notify_all();
+  space_cv_.notify_all();
+}
+
+void QueueCore::fill(BatchQueueMetrics& m) const {
+  MutexLock lock(mu_);
+  m.capacity = options_.capacity;
+  m.max_batch = options_.max_batch;
+  m.workers = options_.workers;
+  m.depth = fifo_.size();
+  m.max_depth = max_depth_;
+  recorder_.fill(m);  // lock order: mu_, then the recorder's leaf mutex
+}
+
+}  // namespace flotilla::serve::detail

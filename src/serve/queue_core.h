@@ -1,0 +1,151 @@
+// The state behind a BatchQueue and its RequestHandles: the requests, the
+// bounded FIFO of queued ones, their deadlines, and batch formation.
+// Internal to the serve layer.
+//
+// Note [Exactly once]
+// Each Request has an atomic status. It is made kQueued (or, when refused at
+// submit, already final). Leaving kQueued is a compare-and-swap to kRunning
+// (a worker picked it), kCancelled (its handle or shutdown(kCancel)) or
+// kExpired (its deadline), and every such move is made under the core's
+// mutex together with removing the request from the FIFO and the deadline
+// set: so the FIFO holds exactly the kQueued requests, and the depth is
+// exact. Leaving kRunning is a compare-and-swap to kCompleted or kFailed by
+// the worker that picked it. Whoever wins a swap is the one party that
+// completes the request (finish(): once, checked); every loser sees the swap
+// fail and leaves the request alone. No path ends without a swap or a final
+// initial status, so every submitted request completes exactly once.
+//
+// Note [Batch leader]
+// Of the idle workers, one at a time is the leader: it waits for a first
+// request, then until the batch is full or the oldest request has waited
+// max_delay, and picks the batch; then it hands leadership on and runs the
+// batch outside the lock while the next leader collects. The leader's wait
+// also ends at the earliest queued deadline, to expire it on time. So
+// batches form in FIFO order and workers never split a batch between them.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <memory>
+#include <set>
+#include <utility>
+#include <vector>
+
+#include "flotilla/common/sync.h"
+#include "flotilla/serve/batch_queue.h"
+#include "serve/metrics_recorder.h"
+
+namespace flotilla::serve::detail {
+
+class QueueCore;
+
+struct Request {
+  Request(uint64_t id, std::vector<float> input, Clock::time_point enqueued,
+          Clock::time_point deadline, std::weak_ptr<QueueCore> core, RequestStatus status)
+      : id(id),
+        input(std::move(input)),
+        enqueued(enqueued),
+        deadline(deadline),
+        core(std::move(core)),
+        status(status) {}
+
+  // Immutable after construction: read by the worker that picked it.
+  const uint64_t id;
+  const std::vector<float> input;
+  const Clock::time_point enqueued;     // when it entered the FIFO (max_delay counts from it)
+  const Clock::time_point deadline;     // Clock::kNever: none
+  const std::weak_ptr<QueueCore> core;  // for cancel(); empty once the queue is gone
+
+  // acq_rel swaps: the winner of a move (Note [Exactly once]) sees every
+  // write made before the previous move; acquire loads for status().
+  std::atomic<RequestStatus> status;
+  bool move(RequestStatus from, RequestStatus to) {
+    return status.compare_exchange_strong(from, to, std::memory_order_acq_rel,
+                                          std::memory_order_acquire);
+  }
+
+  // Sets the result (output or error) and wakes the handle. Exactly once.
+  void finish(std::vector<float> out, std::exception_ptr err) FL_EXCLUDES(mu);
+
+  mutable Mutex mu;  // guards the result below
+  CondVar done_cv;   // signalled (under mu) when done becomes true
+  bool done FL_GUARDED_BY(mu) = false;
+  bool taken FL_GUARDED_BY(mu) = false;  // get() has handed the result over
+  std::vector<float> output FL_GUARDED_BY(mu);
+  std::exception_ptr error FL_GUARDED_BY(mu);
+};
+
+// Requests picked for one batch, in FIFO order, all kRunning.
+struct Batch {
+  std::vector<std::shared_ptr<Request>> requests;
+  Clock::time_point picked_at{};
+};
+
+class QueueCore : public std::enable_shared_from_this<QueueCore> {
+ public:
+  QueueCore(const BatchQueueOptions& options, std::shared_ptr<Clock> clock);
+
+  // Queues `input` (already checked) or refuses it (ShutDown, QueueFull,
+  // Timeout); the returned request is kQueued or already final. Blocks
+  // under kBlock.
+  std::shared_ptr<Request> submit(std::vector<float> input, Clock::time_point deadline)
+      FL_EXCLUDES(mu_);
+  // Moves `r` from kQueued to kCancelled and completes it; false if it was
+  // not queued.
+  bool cancel(Request& r) FL_EXCLUDES(mu_);
+
+  // Worker mode: blocks until this worker has picked a batch (true) or the
+  // queue is stopping and empty (false: the worker exits).
+  bool next_batch(Batch& batch) FL_EXCLUDES(mu_);
+  // Manual mode: expires what is due, then picks a batch if one is ready
+  // (or `force`); never waits. `batch.requests` is empty if none.
+  void take_ready(Batch& batch, bool force) FL_EXCLUDES(mu_);
+
+  // A worker's verdict on a request it picked: kRunning -> kCompleted/kFailed.
+  void complete(Request& r, RequestStatus to, std::vector<float> out, std::exception_ptr err);
+
+  // Stops submits; kCancel completes every queued request with Cancelled.
+  void stop(ShutdownMode mode) FL_EXCLUDES(mu_);
+  bool stopping() const FL_EXCLUDES(mu_);
+  // Wakes every waiter to look at the clock again (ManualClock listener).
+  void wake() FL_EXCLUDES(mu_);
+
+  MetricsRecorder& recorder() { return recorder_; }
+  void fill(BatchQueueMetrics& m) const FL_EXCLUDES(mu_);
+
+ private:
+  // Completes a request whose final status the caller has just won.
+  void finish(Request& r, RequestStatus status, std::vector<float> out, std::exception_ptr err);
+  std::shared_ptr<Request> refuse(RequestStatus status, std::exception_ptr err,
+                                  Clock::time_point now) FL_REQUIRES(mu_);
+  void expire_due(Clock::time_point now) FL_REQUIRES(mu_);
+  void expire(Request& r, Clock::time_point now) FL_REQUIRES(mu_);
+  void pick(Batch& batch, Clock::time_point now) FL_REQUIRES(mu_);
+  bool batch_ready(Clock::time_point now) const FL_REQUIRES(mu_);
+  // Removes the queued request `id` from the FIFO and the deadline set.
+  std::shared_ptr<Request> remove(uint64_t id) FL_REQUIRES(mu_);
+  void room_made() FL_REQUIRES(mu_);
+
+  const BatchQueueOptions options_;
+  const std::shared_ptr<Clock> clock_;
+  MetricsRecorder recorder_;
+
+  mutable Mutex mu_;  // guards the FIFO, the deadlines and the flags below
+  std::deque<std::shared_ptr<Request>> fifo_ FL_GUARDED_BY(mu_);  // kQueued only, ids ascending
+  std::set<std::pair<Clock::time_point, uint64_t>> deadlines_ FL_GUARDED_BY(mu_);
+  uint64_t next_id_ FL_GUARDED_BY(mu_) = 1;
+  size_t max_depth_ FL_GUARDED_BY(mu_) = 0;
+  bool stopping_ FL_GUARDED_BY(mu_) = false;
+  bool leader_ FL_GUARDED_BY(mu_) = false;  // a worker is collecting (Note [Batch leader])
+  uint64_t events_ FL_GUARDED_BY(mu_) = 0;  // bumped by submit and stop: ends the leader's wait
+  // When the waiting leader's timed wait ends (kNever: none is waiting).
+  Clock::time_point leader_wake_ FL_GUARDED_BY(mu_) = Clock::kNever;
+  int blocked_ FL_GUARDED_BY(mu_) = 0;  // submitters waiting for room (kBlock)
+  CondVar work_cv_;                     // the leader waits for requests, max_delay or a deadline
+  CondVar idle_cv_;                     // workers wait to become the leader
+  CondVar space_cv_;                    // kBlock submitters wait for room
+};
+
+}  // namespace flotilla::serve::detail

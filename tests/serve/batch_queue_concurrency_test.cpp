@@ -1,0 +1,341 @@
+// BatchQueue under concurrency: exactly-once completion under races of
+// submit, cancel, deadlines (a ManualClock moved by its own thread) and
+// shutdown; bounded depth under overload; many clients' batched outputs
+// against unbatched references. Threads start together on a latch; the
+// racing test repeats with a printed seed (FLOTILLA_TEST_SEED replays it).
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <latch>
+#include <map>
+#include <thread>
+
+#include "flotilla/nn/mlp.h"
+#include "serve/serve_test_util.h"
+
+namespace flotilla::serve::test {
+namespace {
+
+using namespace std::chrono_literals;
+
+constexpr float kFailMark = 1000.f;
+
+// The tiny model, failing (on the host) any batch holding a marked row.
+BatchQueue::Model marked_failing(const TinyModel& m) {
+  return [&m](const Stream& s, const Tensor& x) {
+    auto v = x.to_host(s);
+    for (int64_t r = 0; r < x.dim(0); ++r)
+      if (v[static_cast<size_t>(r * x.dim(1))] == kFailMark)
+        throw InvalidState("[test model] batch holds a marked row");
+    return m(s, x);
+  };
+}
+
+Outcome expected_outcome(RequestStatus s) {
+  switch (s) {
+    case RequestStatus::kCompleted: return Outcome::kCompleted;
+    case RequestStatus::kFailed: return Outcome::kFailed;
+    case RequestStatus::kExpired: return Outcome::kTimeout;
+    case RequestStatus::kCancelled: return Outcome::kCancelled;
+    case RequestStatus::kRejected: return Outcome::kQueueFull;
+    case RequestStatus::kShutDown: return Outcome::kShutDown;
+    default: return Outcome::kOther;
+  }
+}
+
+struct Sent {
+  RequestHandle handle;
+  std::vector<float> input;
+  bool marked = false;
+};
+
+TEST(BatchQueueConcurrency, EveryRequestCompletesExactlyOnceUnderRaces) {
+  auto device = make_device();
+  const TinyModel tiny(*device, 8, 4);
+  const uint64_t seed = test_seed();
+  const int rounds = scaled(24, 4);
+  const int clients = 4;
+  const int per_client = scaled(60, 12);
+  const int n = clients * per_client;
+  std::map<Outcome, uint64_t> totals;
+
+  for (int round = 0; round < rounds; ++round) {
+    SCOPED_TRACE(::testing::Message() << "round " << round << " seed " << seed);
+    std::mt19937_64 rng(seed * 1000003 + static_cast<uint64_t>(round));
+    auto clock = std::make_shared<ManualClock>();
+    std::vector<std::atomic<int>> completions(static_cast<size_t>(n) + 1);  // by id
+    std::atomic<int> stray_ids{0};
+
+    BatchQueueOptions o;
+    o.workers = round % 3;  // 0: manual mode, stepped by a thread below
+    o.when_full = round % 2 ? OverflowPolicy::kBlock : OverflowPolicy::kReject;
+    const ShutdownMode mode = (round / 2) % 2 ? ShutdownMode::kCancel : ShutdownMode::kDrain;
+    o.max_batch = 1 + static_cast<int>(rng() % 6);
+    o.max_delay = std::chrono::microseconds(std::array{0, 50, 200}[rng() % 3]);
+    o.capacity = 3 + rng() % 10;
+    o.clock = clock;
+    o.on_complete = [&](uint64_t id, RequestStatus) {
+      // relaxed: the counts are read after every thread has joined
+      if (id == 0 || id > static_cast<uint64_t>(n))
+        stray_ids.fetch_add(1, std::memory_order_relaxed);
+      else
+        completions[id].fetch_add(1, std::memory_order_relaxed);
+    };
+    const size_t shutdown_after = rng() % static_cast<size_t>(n);
+    const uint64_t client_seed = rng();
+
+    BatchQueue q(*device, tiny.in(), tiny.out(), marked_failing(tiny), o);
+    std::vector<std::vector<Sent>> sent(clients);
+    std::atomic<size_t> submitted{0};  // acq_rel: the shutdown thread waits on it
+    std::atomic<bool> stop{false};     // release/acquire: ends the clock and step threads
+    std::latch start(clients + 3);
+
+    std::vector<std::thread> threads;
+    for (int c = 0; c < clients; ++c) {
+      threads.emplace_back([&, c] {
+        std::mt19937_64 r(client_seed + static_cast<uint64_t>(c));
+        std::vector<size_t> cancel_later;
+        start.arrive_and_wait();
+        for (int i = 0; i < per_client; ++i) {
+          Sent s;
+          s.input = random_vector(r, static_cast<size_t>(tiny.in()));
+          s.marked = r() % 20 == 0;
+          if (s.marked) s.input[0] = kFailMark;
+          std::optional<Clock::time_point> deadline;
+          switch (r() % 4) {
+            case 1: deadline = q.deadline_in(std::chrono::microseconds(r() % 200)); break;
+            case 2: deadline = q.deadline_in(std::chrono::microseconds(r() % 20)); break;
+            default: break;
+          }
+          s.handle = q.submit(s.input, deadline);
+          submitted.fetch_add(1, std::memory_order_acq_rel);
+          const auto action = r() % 10;
+          if (action < 2) s.handle.cancel();
+          if (action == 2) cancel_later.push_back(sent[static_cast<size_t>(c)].size());
+          sent[static_cast<size_t>(c)].push_back(std::move(s));
+        }
+        for (size_t k : cancel_later) sent[static_cast<size_t>(c)][k].handle.cancel();
+      });
+    }
+    threads.emplace_back([&] {  // time passes in random steps
+      std::mt19937_64 r(client_seed ^ 0xc10c);
+      start.arrive_and_wait();
+      while (!stop.load(std::memory_order_acquire)) {
+        clock->advance(std::chrono::microseconds(r() % 40));
+        std::this_thread::sleep_for(20us);
+      }
+    });
+    threads.emplace_back([&] {  // manual mode: a thread steps the queue
+      start.arrive_and_wait();
+      while (o.workers == 0 && !stop.load(std::memory_order_acquire))
+        if (q.step() == 0) std::this_thread::yield();
+    });
+    std::thread closer([&] {
+      start.arrive_and_wait();
+      while (submitted.load(std::memory_order_acquire) < shutdown_after) std::this_thread::yield();
+      q.shutdown(mode);
+    });
+    for (int c = 0; c < clients; ++c) threads[static_cast<size_t>(c)].join();
+    closer.join();  // shutdown has returned: nothing is queued or running
+    stop.store(true, std::memory_order_release);
+    for (size_t t = static_cast<size_t>(clients); t < threads.size(); ++t) threads[t].join();
+
+    std::map<Outcome, uint64_t> counts;
+    for (auto& per : sent) {
+      for (Sent& s : per) {
+        ASSERT_TRUE(s.handle.done()) << "request " << s.handle.id() << " is "
+                                     << to_string(s.handle.status()) << " after shutdown";
+        const RequestStatus st = s.handle.status();
+        std::vector<float> y;
+        std::string msg;
+        const Outcome out = outcome_of(s.handle, &y, &msg);
+        EXPECT_EQ(out, expected_outcome(st)) << to_string(st) << ": " << msg;
+        ++counts[out];
+        EXPECT_EQ(completions[s.handle.id()].load(), 1)
+            << "request " << s.handle.id() << " (" << to_string(st) << ")";
+        if (out == Outcome::kCompleted) {
+          EXPECT_FALSE(s.marked) << "a marked request completed";
+          EXPECT_LT(max_rel_error(y, tiny.host_reference(s.input)), 1e-5);
+        }
+        if (out == Outcome::kFailed) {
+          EXPECT_NE(msg.find("marked row"), std::string::npos) << msg;
+        }
+      }
+    }
+    int total_completions = 0;
+    for (auto& c : completions) total_completions += c.load();
+    EXPECT_EQ(total_completions, n) << "completions that belong to no handle";
+    EXPECT_EQ(stray_ids.load(), 0);
+
+    const auto m = q.metrics();
+    EXPECT_EQ(m.submitted, static_cast<uint64_t>(n));
+    EXPECT_EQ(m.submitted,
+              m.completed + m.rejected + m.expired + m.cancelled + m.failed + m.shut_down);
+    EXPECT_EQ(m.completed, counts[Outcome::kCompleted]);
+    EXPECT_EQ(m.depth, 0u);
+    EXPECT_LE(m.max_depth, o.capacity);
+    if (o.when_full == OverflowPolicy::kBlock) {
+      EXPECT_EQ(m.rejected, 0u);
+    }
+    for (auto& [k, v] : counts) totals[k] += v;
+  }
+
+  std::printf("outcomes over %d rounds:", rounds);
+  for (auto& [k, v] : totals)
+    std::printf(" %s=%llu", outcome_name(k), static_cast<unsigned long long>(v));
+  std::printf("\n");
+  for (Outcome o : {Outcome::kCompleted, Outcome::kTimeout, Outcome::kCancelled,
+                    Outcome::kQueueFull, Outcome::kShutDown, Outcome::kFailed})
+    EXPECT_GT(totals[o], 0u) << "outcome " << outcome_name(o) << " never occurred: the race "
+                             << "did not exercise it";
+  EXPECT_EQ(totals[Outcome::kOther], 0u);
+}
+
+// A producer faster than the device: the queue never holds more than its
+// capacity; kReject answers QueueFull, kBlock makes the producers wait.
+TEST(BatchQueueConcurrency, OverloadIsBoundedByCapacity) {
+  auto device = make_device();
+  const TinyModel tiny(*device, 8, 4);
+  for (OverflowPolicy policy : {OverflowPolicy::kReject, OverflowPolicy::kBlock}) {
+    SCOPED_TRACE(to_string(policy));
+    BatchQueueOptions o;
+    o.workers = 1;
+    o.max_batch = 4;
+    o.max_delay = 0us;
+    o.capacity = 8;
+    o.when_full = policy;
+    auto slow = [&tiny](const Stream& s, const Tensor& x) {
+      Stream(s).dispatch("sleep_us", backend::KernelArgs().i64(300));
+      return tiny(s, x);
+    };
+    BatchQueue q(*device, tiny.in(), tiny.out(), slow, o);
+    const int producers = 4, each = scaled(120, 30);
+    std::latch start(producers + 1);
+    std::atomic<bool> done{false};  // release/acquire: ends the monitor
+    std::atomic<size_t> worst_seen{0};
+    std::vector<std::vector<Sent>> sent(producers);
+    std::vector<std::thread> ts;
+    for (int p = 0; p < producers; ++p) {
+      ts.emplace_back([&, p] {
+        std::mt19937_64 r(static_cast<uint64_t>(p));
+        start.arrive_and_wait();
+        for (int i = 0; i < each; ++i) {
+          Sent s;
+          s.input = random_vector(r, static_cast<size_t>(tiny.in()));
+          s.handle = q.submit(s.input);
+          sent[static_cast<size_t>(p)].push_back(std::move(s));
+        }
+      });
+    }
+    std::thread monitor([&] {
+      start.arrive_and_wait();
+      while (!done.load(std::memory_order_acquire)) {
+        size_t d = q.metrics().depth;
+        size_t w = worst_seen.load(std::memory_order_relaxed);  // one writer: relaxed
+        if (d > w) worst_seen.store(d, std::memory_order_relaxed);
+        std::this_thread::sleep_for(100us);
+      }
+    });
+    for (auto& t : ts) t.join();
+    q.shutdown();
+    done.store(true, std::memory_order_release);
+    monitor.join();
+
+    uint64_t completed = 0, full = 0;
+    for (auto& per : sent)
+      for (Sent& s : per) {
+        std::vector<float> y;
+        const Outcome out = outcome_of(s.handle, &y);
+        if (out == Outcome::kCompleted) {
+          ++completed;
+          EXPECT_LT(max_rel_error(y, tiny.host_reference(s.input)), 1e-5);
+        } else {
+          EXPECT_EQ(out, Outcome::kQueueFull);
+          ++full;
+        }
+      }
+    const auto m = q.metrics();
+    std::printf("%s: completed=%llu queue_full=%llu max_depth=%zu batches=%llu mean_batch=%.2f\n",
+                to_string(policy), static_cast<unsigned long long>(completed),
+                static_cast<unsigned long long>(full), m.max_depth,
+                static_cast<unsigned long long>(m.batches), m.mean_batch());
+    EXPECT_LE(m.max_depth, o.capacity);
+    EXPECT_LE(worst_seen.load(), o.capacity);
+    EXPECT_GT(completed, 0u);
+    if (policy == OverflowPolicy::kReject) {
+      EXPECT_GT(full, 0u) << "4 producers never outran a 300 us/batch device";
+    } else {
+      EXPECT_EQ(full, 0u);
+      EXPECT_EQ(completed, static_cast<uint64_t>(producers * each));
+      EXPECT_EQ(m.max_depth, o.capacity) << "the producers never had to wait";
+    }
+  }
+}
+
+// Real time, real threads: many clients, outputs against unbatched runs.
+void many_clients_match(Device& device, int64_t in, int64_t out, const BatchQueue::Model& model,
+                        int clients, int each, double tolerance) {
+  // References: a few distinct inputs, each run alone ([1, in]).
+  const int distinct = 8;
+  std::vector<std::vector<float>> xs, refs;
+  Stream s = device.streams().acquire_round_robin();
+  for (int i = 0; i < distinct; ++i) {
+    xs.push_back(nn::random_uniform(static_cast<size_t>(in), 500 + static_cast<uint64_t>(i)));
+    Tensor x = Tensor::from_host(xs.back(), {1, in}, DType::kF32, s);
+    refs.push_back(model(s, x).to_host(s));
+  }
+  BatchQueueOptions o;
+  o.workers = 2;
+  o.max_batch = 16;
+  o.max_delay = 2000us;
+  BatchQueue q(device, in, out, model, o);
+  std::latch start(clients);
+  std::atomic<int> wrong{0}, errors{0};  // relaxed: read after join
+  std::vector<std::thread> ts;
+  for (int c = 0; c < clients; ++c)
+    ts.emplace_back([&, c] {
+      start.arrive_and_wait();
+      for (int i = 0; i < each; ++i) {
+        const size_t k = static_cast<size_t>(c + i) % distinct;
+        try {
+          auto y = q.submit(xs[k]).get();
+          double worst = 0;
+          for (size_t j = 0; j < y.size(); ++j)
+            worst = std::max(worst, static_cast<double>(std::abs(y[j] - refs[k][j])) /
+                                        std::max(1e-3, static_cast<double>(std::abs(refs[k][j]))));
+          if (y.size() != refs[k].size() || worst > tolerance)
+            wrong.fetch_add(1, std::memory_order_relaxed);
+        } catch (const Error&) {
+          errors.fetch_add(1, std::memory_order_relaxed);
+        }
+      }
+    });
+  for (auto& t : ts) t.join();
+  const auto m = q.metrics();
+  std::printf("clients=%d requests=%llu batches=%llu mean_batch=%.2f queue_wait_p99=%.0fus\n",
+              clients, static_cast<unsigned long long>(m.completed),
+              static_cast<unsigned long long>(m.batches), m.mean_batch(), m.queue_wait.p99_us);
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_EQ(errors.load(), 0);
+  EXPECT_EQ(m.completed, static_cast<uint64_t>(clients * each));
+  EXPECT_LT(m.batches, m.completed) << "no batch ever held two requests";
+}
+
+TEST(BatchQueueConcurrency, ManyClientsGetTheirOwnRowsTinyModel) {
+  auto device = make_device();
+  const TinyModel tiny(*device, 32, 16);
+  many_clients_match(*device, 32, 16, tiny.model(), 16, scaled(60, 10), 1e-5);
+}
+
+TEST(BatchQueueConcurrency, ManyClientsGetTheirOwnRowsSeedMlp) {
+  auto device = make_device();
+  const nn::Mlp mlp(nn::MlpWeights::seed(), DType::kF32, device->default_stream());
+  many_clients_match(
+      *device, mlp.in_features(), mlp.out_features(),
+      [&mlp](const Stream& s, const Tensor& x) { return mlp.forward(s, x); }, 8, scaled(24, 6),
+      1e-4);
+}
+
+}  // namespace
+}  // namespace flotilla::serve::test

@@ -1,0 +1,671 @@
+// BatchQueue unit tests: deterministic, driven by a ManualClock (and, most of
+// them, by manual mode: workers = 0 and step()), so every max_delay and
+// deadline decision happens exactly when the test says.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <latch>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "flotilla/nn/mlp.h"
+#include "serve/serve_test_util.h"
+
+namespace flotilla::serve::test {
+namespace {
+
+using namespace std::chrono_literals;
+
+class BatchQueueTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    device_ = make_device();
+    model_ = std::make_unique<TinyModel>(*device_, kIn, kOut);
+    clock_ = std::make_shared<ManualClock>();
+  }
+
+  // Manual mode, ManualClock, the tiny model (counting its calls).
+  BatchQueueOptions manual(int max_batch = 4, std::chrono::microseconds max_delay = 100us) {
+    BatchQueueOptions o;
+    o.workers = 0;
+    o.max_batch = max_batch;
+    o.max_delay = max_delay;
+    o.clock = clock_;
+    return o;
+  }
+  BatchQueue::Model counted() {
+    return [this](const Stream& s, const Tensor& x) {
+      calls_.fetch_add(1);
+      rows_.fetch_add(x.dim(0));
+      return (*model_)(s, x);
+    };
+  }
+  std::vector<float> input(int i) {
+    std::mt19937_64 rng(1000 + static_cast<uint64_t>(i));
+    return random_vector(rng, kIn);
+  }
+  void expect_output(RequestHandle& h, int i) {
+    std::vector<float> y;
+    ASSERT_EQ(outcome_of(h, &y), Outcome::kCompleted);
+    EXPECT_LT(max_rel_error(y, model_->host_reference(input(i))), 1e-5) << "request " << i;
+  }
+
+  static constexpr int64_t kIn = 16, kOut = 8;
+  std::shared_ptr<Device> device_;
+  std::unique_ptr<TinyModel> model_;
+  std::shared_ptr<ManualClock> clock_;
+  std::atomic<int> calls_{0};
+  std::atomic<int64_t> rows_{0};
+};
+
+// ---- max_batch and max_delay ---------------------------------------------------------
+
+TEST_F(BatchQueueTest, MaxDelayHoldsTheFirstRequestForCompanyThenRuns) {
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(4, 100us));
+  auto h0 = q.submit(input(0));
+  auto h1 = q.submit(input(1));
+  EXPECT_EQ(q.step(), 0u) << "neither full nor waited max_delay: must wait for company";
+  clock_->advance(99us);
+  EXPECT_EQ(q.step(), 0u);
+  EXPECT_FALSE(h0.done());
+  EXPECT_EQ(h0.status(), RequestStatus::kQueued);
+  clock_->advance(1us);
+  EXPECT_EQ(q.step(), 2u) << "the oldest has waited max_delay: both run as one batch";
+  EXPECT_EQ(calls_.load(), 1);
+  EXPECT_EQ(h0.status(), RequestStatus::kCompleted);
+  expect_output(h0, 0);
+  expect_output(h1, 1);
+  auto m = q.metrics();
+  EXPECT_EQ(m.batches, 1u);
+  EXPECT_EQ(m.batch_sizes.at(2), 1u);
+  EXPECT_EQ(m.queue_wait.max_us, 100.0) << "queue wait is measured by the injected clock";
+}
+
+TEST_F(BatchQueueTest, AFullBatchRunsAtOnceAndTheRestWaits) {
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(4, 100us));
+  std::vector<RequestHandle> hs;
+  for (int i = 0; i < 6; ++i) hs.push_back(q.submit(input(i)));
+  EXPECT_EQ(q.step(), 4u);
+  EXPECT_EQ(q.step(), 0u) << "2 left, not full, max_delay not reached";
+  clock_->advance(100us);
+  EXPECT_EQ(q.step(), 2u);
+  EXPECT_EQ(calls_.load(), 2);
+  EXPECT_EQ(rows_.load(), 6);
+  for (int i = 0; i < 6; ++i) expect_output(hs[static_cast<size_t>(i)], i);
+  auto m = q.metrics();
+  EXPECT_EQ(m.batch_sizes.at(4), 1u);
+  EXPECT_EQ(m.batch_sizes.at(2), 1u);
+  EXPECT_DOUBLE_EQ(m.mean_batch(), 3.0);
+}
+
+TEST_F(BatchQueueTest, ZeroMaxDelayRunsWhatIsThere) {
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(8, 0us));
+  auto h = q.submit(input(0));
+  EXPECT_EQ(q.step(), 1u);
+  expect_output(h, 0);
+}
+
+// ---- Deadlines ---------------------------------------------------------------------
+
+TEST_F(BatchQueueTest, ARequestPastItsDeadlineTimesOutAndNeverRuns) {
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(4, 100us));
+  auto late = q.submit(input(0), q.deadline_in(50us));
+  auto patient = q.submit(input(1));
+  clock_->advance(49us);
+  EXPECT_EQ(q.step(), 0u);
+  EXPECT_FALSE(late.done());
+  clock_->advance(1us);
+  EXPECT_EQ(q.step(), 0u) << "the deadline passed; the other still waits for company";
+  EXPECT_TRUE(late.done());
+  EXPECT_EQ(late.status(), RequestStatus::kExpired);
+  std::string msg;
+  EXPECT_EQ(outcome_of(late, nullptr, &msg), Outcome::kTimeout);
+  EXPECT_NE(msg.find("deadline"), std::string::npos) << msg;
+  EXPECT_FALSE(patient.done());
+  clock_->advance(50us);
+  EXPECT_EQ(q.step(), 1u);
+  EXPECT_EQ(rows_.load(), 1) << "the expired request must never reach the model";
+  expect_output(patient, 1);
+  auto m = q.metrics();
+  EXPECT_EQ(m.expired, 1u);
+  EXPECT_EQ(m.completed, 1u);
+}
+
+TEST_F(BatchQueueTest, ExpiryWinsOverMaxDelayWhenBothHavePassed) {
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(4, 100us));
+  auto h = q.submit(input(0), q.deadline_in(100us));
+  clock_->advance(200us);
+  EXPECT_EQ(q.step(), 0u);
+  EXPECT_EQ(outcome_of(h), Outcome::kTimeout);
+  EXPECT_EQ(calls_.load(), 0);
+}
+
+TEST_F(BatchQueueTest, DefaultDeadlineAppliesAndAPassedDeadlineIsRefusedAtOnce) {
+  auto o = manual(4, 100us);
+  o.default_deadline = 30us;
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  auto h = q.submit(input(0));
+  auto already = q.submit(input(1), clock_->now());
+  EXPECT_TRUE(already.done());
+  EXPECT_EQ(outcome_of(already), Outcome::kTimeout);
+  clock_->advance(30us);
+  EXPECT_EQ(q.step(), 0u);
+  EXPECT_EQ(outcome_of(h), Outcome::kTimeout);
+  EXPECT_EQ(q.metrics().expired, 2u);
+}
+
+// ---- Cancellation ------------------------------------------------------------------
+
+TEST_F(BatchQueueTest, CancelSucceedsOnlyBeforeTheRequestStarts) {
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(4, 0us));
+  auto a = q.submit(input(0));
+  auto b = q.submit(input(1));
+  EXPECT_TRUE(a.cancel());
+  EXPECT_FALSE(a.cancel()) << "already cancelled";
+  EXPECT_EQ(a.status(), RequestStatus::kCancelled);
+  EXPECT_EQ(q.metrics().depth, 1u) << "a cancelled request leaves the queue at once";
+  EXPECT_EQ(q.step(), 1u);
+  EXPECT_EQ(rows_.load(), 1) << "the cancelled request must not run";
+  EXPECT_FALSE(b.cancel()) << "b has run";
+  EXPECT_EQ(outcome_of(a), Outcome::kCancelled);
+  expect_output(b, 1);
+  EXPECT_EQ(q.metrics().cancelled, 1u);
+}
+
+TEST_F(BatchQueueTest, CancellingTheOldestRestartsMaxDelayFromTheNext) {
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(4, 100us));
+  auto a = q.submit(input(0));
+  clock_->advance(60us);
+  auto b = q.submit(input(1));
+  EXPECT_TRUE(a.cancel());
+  clock_->advance(40us);  // a would be ready now; b has waited only 40 us
+  EXPECT_EQ(q.step(), 0u);
+  clock_->advance(60us);
+  EXPECT_EQ(q.step(), 1u);
+  expect_output(b, 1);
+}
+
+// ---- Batched equals unbatched ------------------------------------------------------
+
+TEST_F(BatchQueueTest, BatchedOutputsEqualUnbatchedOnesRequestByRequest) {
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(8, 0us));
+  const int n = 19;  // batches of 8, 8, 3
+  std::vector<RequestHandle> hs;
+  for (int i = 0; i < n; ++i) hs.push_back(q.submit(input(i)));
+  while (q.step() > 0) {
+  }
+  EXPECT_EQ(calls_.load(), 3);
+  Stream s = device_->streams().acquire_round_robin();
+  int exact = 0;
+  for (int i = 0; i < n; ++i) {
+    std::vector<float> y;
+    ASSERT_EQ(outcome_of(hs[static_cast<size_t>(i)], &y), Outcome::kCompleted);
+    auto ref = model_->unbatched(s, input(i));
+    ASSERT_EQ(y.size(), ref.size());
+    double worst = 0;
+    for (size_t k = 0; k < y.size(); ++k)
+      worst = std::max(
+          worst, static_cast<double>(std::abs(y[k] - ref[k])) / std::max(1.0f, std::abs(ref[k])));
+    EXPECT_LT(worst, 1e-5) << "request " << i << " differs from its unbatched run";
+    exact += y == ref;
+    // Rows must not be swapped: each is far from its neighbour's reference.
+    if (i > 0) {
+      EXPECT_GT(max_rel_error(y, model_->host_reference(input(i - 1))), 1e-3);
+    }
+  }
+  std::printf("bit-exact vs unbatched: %d of %d\n", exact, n);
+}
+
+TEST_F(BatchQueueTest, SeedMlpBatchedEqualsUnbatched) {
+  const nn::MlpWeights w = nn::MlpWeights::seed();
+  Stream up = device_->default_stream();
+  const nn::Mlp mlp(w, DType::kF32, up);
+  auto o = manual(16, 0us);
+  BatchQueue q(
+      *device_, mlp.in_features(), mlp.out_features(),
+      [&mlp](const Stream& s, const Tensor& x) { return mlp.forward(s, x); }, o);
+  const int n = 20;
+  std::vector<std::vector<float>> xs;
+  std::vector<RequestHandle> hs;
+  for (int i = 0; i < n; ++i) {
+    xs.push_back(nn::random_uniform(static_cast<size_t>(mlp.in_features()), 100 + i));
+    hs.push_back(q.submit(xs.back()));
+  }
+  EXPECT_EQ(q.step(), 16u);
+  EXPECT_EQ(q.step(), 4u);
+  Stream s = device_->streams().acquire_round_robin();
+  int exact = 0;
+  for (int i = 0; i < n; ++i) {
+    std::vector<float> y;
+    ASSERT_EQ(outcome_of(hs[static_cast<size_t>(i)], &y), Outcome::kCompleted);
+    Tensor x =
+        Tensor::from_host(xs[static_cast<size_t>(i)], {1, mlp.in_features()}, DType::kF32, s);
+    auto ref = mlp.forward(s, x).to_host(s);
+    ASSERT_EQ(y.size(), ref.size());
+    double worst = 0;
+    for (size_t k = 0; k < y.size(); ++k)
+      worst = std::max(
+          worst, static_cast<double>(std::abs(y[k] - ref[k])) / std::max(1e-3f, std::abs(ref[k])));
+    EXPECT_LT(worst, 1e-4) << "request " << i;
+    exact += y == ref;
+  }
+  std::printf("seed MLP bit-exact vs unbatched: %d of %d\n", exact, n);
+}
+
+// One copy in, one forward, one copy out per batch: the stream's kernel
+// count grows by 2 + the model's kernels, whatever the batch size.
+TEST_F(BatchQueueTest, ABatchIsOneCopyInOneForwardOneCopyOut) {
+  Stream probe = device_->streams().acquire_round_robin();
+  probe.synchronize();
+  const uint64_t before = probe.kernels_encoded();
+  Tensor x = Tensor::empty({1, kIn}, DType::kF32, probe);
+  (void)(*model_)(probe, x);
+  probe.synchronize();
+  const uint64_t model_kernels = probe.kernels_encoded() - before;
+  ASSERT_GE(model_kernels, 1u);
+
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(8, 0us));
+  Stream s = q.streams().at(0);
+  std::vector<RequestHandle> hs;
+  for (int i = 0; i < 8; ++i) hs.push_back(q.submit(input(i)));
+  const uint64_t k0 = s.kernels_encoded();
+  EXPECT_EQ(q.step(), 8u);
+  EXPECT_EQ(s.kernels_encoded() - k0, 2 + model_kernels);
+  EXPECT_EQ(calls_.load(), 1);
+  for (int i = 0; i < 8; ++i) expect_output(hs[static_cast<size_t>(i)], i);
+}
+
+// ---- Bad input -----------------------------------------------------------------------
+
+TEST_F(BatchQueueTest, BadInputIsRefusedAtSubmitAndNeverPoisonsABatch) {
+  auto o = manual(4, 0us);
+  o.reject_nan = true;
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  std::vector<float> short_input(kIn - 1, 0.5f);
+  try {
+    q.submit(short_input);
+    FAIL() << "a short input was accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("[BatchQueue::submit]"), std::string::npos) << e.what();
+  }
+  auto nan_input = input(0);
+  nan_input[3] = std::nanf("");
+  EXPECT_THROW(q.submit(nan_input), InvalidArgument);
+  EXPECT_THROW(q.submit(std::vector<float>(kIn + 1, 0.f)), InvalidArgument);
+  auto good = q.submit(input(1));
+  EXPECT_EQ(q.step(), 1u);
+  expect_output(good, 1);
+  auto m = q.metrics();
+  EXPECT_EQ(m.invalid, 3u);
+  EXPECT_EQ(m.submitted, 1u);
+  EXPECT_EQ(rows_.load(), 1);
+}
+
+TEST_F(BatchQueueTest, WithoutRejectNanANanRowStaysInItsOwnRow) {
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(4, 0us));
+  auto nan_input = input(0);
+  nan_input[0] = std::nanf("");
+  auto a = q.submit(nan_input);
+  auto b = q.submit(input(1));
+  EXPECT_EQ(q.step(), 2u);
+  std::vector<float> ya;
+  ASSERT_EQ(outcome_of(a, &ya), Outcome::kCompleted);
+  EXPECT_TRUE(std::isnan(ya[0]));
+  expect_output(b, 1);
+}
+
+// ---- Failing batches ---------------------------------------------------------------
+
+// The model reads its input (synchronizing) and fails on a marked row, by
+// throwing on the host or by a kernel that fails on the device.
+BatchQueue::Model failing_model(const TinyModel& m, bool on_device) {
+  return [&m, on_device](const Stream& s, const Tensor& x) {
+    auto v = x.to_host(s);
+    for (int64_t r = 0; r < x.dim(0); ++r) {
+      if (v[static_cast<size_t>(r * x.dim(1))] == 1000.f) {
+        if (!on_device) throw InvalidState("[test model] marked row");
+        Stream(s).dispatch("trap", backend::KernelArgs());
+      }
+    }
+    return m(s, x);
+  };
+}
+
+TEST_F(BatchQueueTest, ABatchThatFailsOnTheHostFailsOnlyItsOwnRequests) {
+  BatchQueue q(*device_, kIn, kOut, failing_model(*model_, false), manual(2, 0us));
+  auto bad = input(0);
+  bad[0] = 1000.f;
+  auto a = q.submit(bad);
+  auto b = q.submit(input(1));  // same batch as a
+  auto c = q.submit(input(2));
+  auto d = q.submit(input(3));
+  EXPECT_EQ(q.step(), 2u);
+  EXPECT_EQ(q.step(), 2u);
+  std::string msg;
+  EXPECT_EQ(outcome_of(a, nullptr, &msg), Outcome::kFailed);
+  EXPECT_NE(msg.find("marked row"), std::string::npos) << msg;
+  EXPECT_EQ(outcome_of(b), Outcome::kFailed);
+  EXPECT_EQ(b.status(), RequestStatus::kFailed);
+  expect_output(c, 2);
+  expect_output(d, 3);
+  auto m = q.metrics();
+  EXPECT_EQ(m.failed, 2u);
+  EXPECT_EQ(m.completed, 2u);
+}
+
+TEST_F(BatchQueueTest, ABatchThatFailsOnTheDeviceFailsOnlyItsOwnRequests) {
+  BatchQueue q(*device_, kIn, kOut, failing_model(*model_, true), manual(2, 0us));
+  auto bad = input(0);
+  bad[0] = 1000.f;
+  auto c = q.submit(input(2));
+  auto a = q.submit(bad);
+  auto d = q.submit(input(3));
+  auto e = q.submit(input(4));
+  EXPECT_EQ(q.step(), 2u);
+  EXPECT_EQ(q.step(), 2u);
+  std::string msg;
+  EXPECT_EQ(outcome_of(c, nullptr, &msg), Outcome::kFailed);
+  EXPECT_NE(msg.find("trap"), std::string::npos) << msg;
+  EXPECT_EQ(outcome_of(a), Outcome::kFailed);
+  expect_output(d, 3);  // the next batch on the same stream is clean
+  expect_output(e, 4);
+}
+
+TEST_F(BatchQueueTest, AModelReturningTheWrongShapeFailsItsBatch) {
+  auto wrong = [this](const Stream& s, const Tensor& x) { return (*model_)(s, x).reshape({-1}); };
+  BatchQueue q(*device_, kIn, kOut, wrong, manual(2, 0us));
+  auto a = q.submit(input(0));
+  EXPECT_EQ(q.step(), 1u);
+  std::string msg;
+  EXPECT_EQ(outcome_of(a, nullptr, &msg), Outcome::kFailed);
+  EXPECT_NE(msg.find("must return f32[1, 8]"), std::string::npos) << msg;
+}
+
+// ---- Capacity ------------------------------------------------------------------------
+
+TEST_F(BatchQueueTest, RejectPolicyCompletesTheOverflowWithQueueFull) {
+  auto o = manual(2, 0us);
+  o.capacity = 3;
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  std::vector<RequestHandle> hs;
+  for (int i = 0; i < 5; ++i) hs.push_back(q.submit(input(i)));
+  EXPECT_EQ(hs[3].status(), RequestStatus::kRejected);
+  EXPECT_EQ(outcome_of(hs[4]), Outcome::kQueueFull);
+  EXPECT_EQ(q.metrics().depth, 3u);
+  while (q.step() > 0) {
+  }
+  for (int i = 0; i < 3; ++i) expect_output(hs[static_cast<size_t>(i)], i);
+  auto m = q.metrics();
+  EXPECT_EQ(m.rejected, 2u);
+  EXPECT_EQ(m.max_depth, 3u);
+}
+
+TEST_F(BatchQueueTest, BlockPolicyWaitsUntilTheDeadlineThenTimesOut) {
+  auto o = manual(2, 0us);
+  o.capacity = 2;
+  o.when_full = OverflowPolicy::kBlock;
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  auto a = q.submit(input(0));
+  auto b = q.submit(input(1));
+  RequestHandle blocked;
+  std::atomic<bool> returned{false};           // relaxed is enough: read after join or as a hint
+  const auto deadline = q.deadline_in(100us);  // taken before the clock can move
+  std::thread t([&] {
+    blocked = q.submit(input(2), deadline);
+    returned = true;
+  });
+  std::this_thread::sleep_for(30ms);
+  EXPECT_FALSE(returned.load()) << "submit must block while the queue is full";
+  clock_->advance(100us);
+  t.join();
+  EXPECT_EQ(outcome_of(blocked), Outcome::kTimeout);
+  EXPECT_EQ(q.metrics().max_depth, 2u);
+  EXPECT_EQ(q.step(), 2u);
+  expect_output(a, 0);
+  expect_output(b, 1);
+}
+
+TEST_F(BatchQueueTest, BlockPolicyGetsRoomWhenABatchIsPicked) {
+  auto o = manual(2, 0us);
+  o.capacity = 2;
+  o.when_full = OverflowPolicy::kBlock;
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  auto a = q.submit(input(0));
+  auto b = q.submit(input(1));
+  RequestHandle c;
+  std::thread t([&] { c = q.submit(input(2)); });
+  std::this_thread::sleep_for(20ms);
+  EXPECT_EQ(q.step(), 2u);
+  t.join();
+  EXPECT_EQ(c.status(), RequestStatus::kQueued);
+  EXPECT_EQ(q.step(), 1u);
+  expect_output(c, 2);
+  EXPECT_LE(q.metrics().max_depth, 2u);
+}
+
+TEST_F(BatchQueueTest, BlockedSubmitterGetsShutDownWhenTheQueueStops) {
+  auto o = manual(2, 0us);
+  o.capacity = 1;
+  o.when_full = OverflowPolicy::kBlock;
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  auto a = q.submit(input(0));
+  RequestHandle c;
+  std::thread t([&] { c = q.submit(input(1)); });
+  std::this_thread::sleep_for(20ms);
+  q.shutdown(ShutdownMode::kDrain);
+  t.join();
+  expect_output(a, 0);
+  EXPECT_EQ(outcome_of(c), Outcome::kShutDown);
+}
+
+// ---- Shutdown ------------------------------------------------------------------------
+
+TEST_F(BatchQueueTest, ShutdownDrainRunsWhatIsQueued) {
+  auto o = manual(4, 1000000us);
+  o.workers = 2;
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  std::vector<RequestHandle> hs;
+  for (int i = 0; i < 6; ++i) hs.push_back(q.submit(input(i)));
+  q.shutdown(ShutdownMode::kDrain);  // max_delay (1 s on a clock that never moves) is waived
+  for (int i = 0; i < 6; ++i) expect_output(hs[static_cast<size_t>(i)], i);
+  EXPECT_EQ(rows_.load(), 6);
+  auto late = q.submit(input(9));
+  std::string msg;
+  EXPECT_EQ(outcome_of(late, nullptr, &msg), Outcome::kShutDown);
+  EXPECT_NE(msg.find("shutting down"), std::string::npos) << msg;
+  EXPECT_TRUE(q.is_shut_down());
+  q.shutdown(ShutdownMode::kCancel);  // idempotent
+}
+
+TEST_F(BatchQueueTest, ShutdownCancelCompletesQueuedRequestsWithCancelled) {
+  auto o = manual(4, 1000000us);
+  o.workers = 2;
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  std::vector<RequestHandle> hs;
+  for (int i = 0; i < 3; ++i) hs.push_back(q.submit(input(i)));
+  q.shutdown(ShutdownMode::kCancel);
+  for (auto& h : hs) EXPECT_EQ(outcome_of(h), Outcome::kCancelled);
+  EXPECT_EQ(calls_.load(), 0);
+  EXPECT_EQ(q.metrics().cancelled, 3u);
+}
+
+TEST_F(BatchQueueTest, ManualModeDrainsOnShutdownAndTheDestructorDrains) {
+  std::vector<RequestHandle> hs;
+  {
+    BatchQueue q(*device_, kIn, kOut, counted(), manual(2, 1000000us));
+    for (int i = 0; i < 5; ++i) hs.push_back(q.submit(input(i)));
+  }
+  for (int i = 0; i < 5; ++i) expect_output(hs[static_cast<size_t>(i)], i);
+  EXPECT_EQ(calls_.load(), 3);
+}
+
+// ---- Worker threads on a ManualClock -------------------------------------------------
+
+TEST_F(BatchQueueTest, AWorkerWaitsMaxDelayByTheClockNotByRealTime) {
+  auto o = manual(8, 1000us);
+  o.workers = 1;
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  auto h = q.submit(input(0));
+  std::this_thread::sleep_for(30ms);  // 30x max_delay of real time: must not matter
+  EXPECT_FALSE(h.done());
+  clock_->advance(1000us);
+  ASSERT_TRUE(h.wait_for(30s));
+  expect_output(h, 0);
+}
+
+TEST_F(BatchQueueTest, AWaitingWorkerExpiresARequestWhenTheClockReachesItsDeadline) {
+  auto o = manual(8, 1000000us);
+  o.workers = 1;
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  auto h = q.submit(input(0), q.deadline_in(100us));
+  std::this_thread::sleep_for(20ms);
+  EXPECT_FALSE(h.done());
+  clock_->advance(100us);
+  ASSERT_TRUE(h.wait_for(30s));
+  EXPECT_EQ(outcome_of(h), Outcome::kTimeout);
+  EXPECT_EQ(calls_.load(), 0);
+}
+
+// ---- Handles ---------------------------------------------------------------------------
+
+TEST_F(BatchQueueTest, HandleMisuseIsAnErrorAndHandlesOutliveTheirQueue) {
+  RequestHandle empty;
+  EXPECT_FALSE(empty.valid());
+  EXPECT_THROW(empty.get(), InvalidState);
+  RequestHandle h;
+  {
+    BatchQueue q(*device_, kIn, kOut, counted(), manual(2, 0us));
+    h = q.submit(input(0));
+    EXPECT_EQ(q.step(), 1u);
+  }
+  EXPECT_TRUE(h.done());
+  EXPECT_FALSE(h.cancel()) << "the queue is gone";
+  expect_output(h, 0);
+  EXPECT_THROW(h.get(), InvalidState) << "get() hands the output over once";
+}
+
+TEST_F(BatchQueueTest, OnCompleteRunsOncePerRequestBeforeTheHandleSeesIt) {
+  std::vector<std::pair<uint64_t, RequestStatus>> seen;
+  Mutex mu;
+  auto o = manual(4, 0us);
+  o.capacity = 2;
+  o.on_complete = [&](uint64_t id, RequestStatus s) {
+    MutexLock l(mu);
+    seen.emplace_back(id, s);
+  };
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  auto a = q.submit(input(0));
+  auto b = q.submit(input(1));
+  auto c = q.submit(input(2));  // QueueFull
+  EXPECT_TRUE(b.cancel());
+  EXPECT_EQ(q.step(), 1u);
+  MutexLock l(mu);
+  ASSERT_EQ(seen.size(), 3u);
+  EXPECT_EQ(seen[0], std::make_pair(c.id(), RequestStatus::kRejected));
+  EXPECT_EQ(seen[1], std::make_pair(b.id(), RequestStatus::kCancelled));
+  EXPECT_EQ(seen[2], std::make_pair(a.id(), RequestStatus::kCompleted));
+}
+
+// ---- Metrics -------------------------------------------------------------------------
+
+TEST_F(BatchQueueTest, MetricsAsStructJsonAndPrometheus) {
+  auto o = manual(4, 100us);
+  o.capacity = 5;
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  std::vector<RequestHandle> hs;
+  for (int i = 0; i < 6; ++i) hs.push_back(q.submit(input(i)));  // the 6th: QueueFull
+  EXPECT_TRUE(hs[4].cancel());
+  EXPECT_EQ(q.step(), 4u);  // picked at t0: waits 0
+  EXPECT_THROW(q.submit(std::vector<float>(3)), InvalidArgument);
+  auto late = q.submit(input(7), q.deadline_in(10us));
+  clock_->advance(10us);
+  EXPECT_EQ(q.step(), 0u);  // expires `late`
+  auto last = q.submit(input(8));
+  clock_->advance(100us);
+  EXPECT_EQ(q.step(), 1u);  // waited 100 us
+
+  auto m = q.metrics();
+  EXPECT_EQ(m.capacity, 5u);
+  EXPECT_EQ(m.depth, 0u);
+  EXPECT_EQ(m.max_depth, 5u);
+  EXPECT_EQ(m.submitted, 8u);
+  EXPECT_EQ(m.completed, 5u);
+  EXPECT_EQ(m.rejected, 1u);
+  EXPECT_EQ(m.cancelled, 1u);
+  EXPECT_EQ(m.expired, 1u);
+  EXPECT_EQ(m.failed, 0u);
+  EXPECT_EQ(m.invalid, 1u);
+  EXPECT_EQ(m.submitted,
+            m.completed + m.rejected + m.expired + m.cancelled + m.failed + m.shut_down);
+  EXPECT_EQ(m.batches, 2u);
+  EXPECT_EQ(m.batch_sizes.at(4), 1u);
+  EXPECT_EQ(m.batch_sizes.at(1), 1u);
+  EXPECT_EQ(m.queue_wait.count, 5u);
+  EXPECT_DOUBLE_EQ(m.queue_wait.p50_us, 0.0);
+  EXPECT_DOUBLE_EQ(m.queue_wait.p99_us, 100.0);
+  EXPECT_DOUBLE_EQ(m.queue_wait.sum_us, 100.0);
+
+  const nlohmann::json j = m.to_json();
+  EXPECT_EQ(j.at("completed"), 5);
+  EXPECT_EQ(j.at("rejected"), 1);
+  EXPECT_EQ(j.at("expired"), 1);
+  EXPECT_EQ(j.at("cancelled"), 1);
+  EXPECT_DOUBLE_EQ(j.at("mean_batch").get<double>(), 2.5);
+  EXPECT_EQ(j.at("batch_sizes").at("4"), 1);
+  EXPECT_DOUBLE_EQ(j.at("queue_wait").at("p99_us").get<double>(), 100.0);
+
+  const std::string p = m.to_prometheus();
+  for (const char* line : {
+           "# TYPE flotilla_batch_queue_depth gauge\n",
+           "# HELP flotilla_batch_queue_requests_total ",
+           "# TYPE flotilla_batch_queue_requests_total counter\n",
+           "flotilla_batch_queue_requests_total{outcome=\"completed\"} 5\n",
+           "flotilla_batch_queue_requests_total{outcome=\"rejected\"} 1\n",
+           "flotilla_batch_queue_max_depth 5\n",
+           "# TYPE flotilla_batch_queue_batch_size histogram\n",
+           "flotilla_batch_queue_batch_size_bucket{le=\"1\"} 1\n",
+           "flotilla_batch_queue_batch_size_bucket{le=\"2\"} 1\n",
+           "flotilla_batch_queue_batch_size_bucket{le=\"4\"} 2\n",
+           "flotilla_batch_queue_batch_size_bucket{le=\"+Inf\"} 2\n",
+           "flotilla_batch_queue_batch_size_sum 5\n",
+           "flotilla_batch_queue_batch_size_count 2\n",
+           "# TYPE flotilla_batch_queue_queue_wait_seconds summary\n",
+           "flotilla_batch_queue_queue_wait_seconds{quantile=\"0.99\"} 1e-04\n",
+           "flotilla_batch_queue_queue_wait_seconds_count 5\n",
+       })
+    EXPECT_NE(p.find(line), std::string::npos) << "missing: " << line << "\n" << p;
+  // Every sample line has a HELP and a TYPE for its family.
+  std::istringstream lines(p);
+  int helps = 0, types = 0;
+  for (std::string l; std::getline(lines, l);) {
+    helps += l.rfind("# HELP ", 0) == 0;
+    types += l.rfind("# TYPE ", 0) == 0;
+  }
+  EXPECT_EQ(helps, types);
+  EXPECT_GE(types, 9);
+}
+
+TEST_F(BatchQueueTest, BadOptionsAreRefused) {
+  auto bad = [&](auto mutate) {
+    auto o = manual();
+    mutate(o);
+    EXPECT_THROW(BatchQueue(*device_, kIn, kOut, counted(), o), InvalidArgument);
+  };
+  bad([](BatchQueueOptions& o) { o.max_batch = 0; });
+  bad([](BatchQueueOptions& o) { o.capacity = 0; });
+  bad([](BatchQueueOptions& o) { o.workers = -1; });
+  bad([](BatchQueueOptions& o) { o.max_delay = -1us; });
+  bad([](BatchQueueOptions& o) { o.metrics_window = 0; });
+  EXPECT_THROW(BatchQueue(*device_, 0, kOut, counted(), manual()), InvalidArgument);
+  EXPECT_THROW(BatchQueue(*device_, kIn, kOut, nullptr, manual()), InvalidArgument);
+  BatchQueueOptions threaded = manual();
+  threaded.workers = 1;
+  BatchQueue q(*device_, kIn, kOut, counted(), threaded);
+  EXPECT_THROW(q.step(), InvalidState);
+  EXPECT_EQ(parse_overflow_policy("block"), OverflowPolicy::kBlock);
+  EXPECT_THROW(parse_overflow_policy("drop"), InvalidArgument);
+}
+
+}  // namespace
+}  // namespace flotilla::serve::test

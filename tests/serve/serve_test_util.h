@@ -1,0 +1,148 @@
+// Helpers for the serve tests: scale and seed, a private CPU device, and a
+// tiny model built from ops (so most tests do not depend on nn::Mlp).
+//
+// Scale: FLOTILLA_TEST_SCALE multiplies iteration counts (CI's sanitizer
+// lanes set 0.25). Seed: FLOTILLA_TEST_SEED fixes it; otherwise random, and
+// printed by every test that uses one.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <random>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "flotilla/common/error.h"
+#include "flotilla/ops/ops.h"
+#include "flotilla/ops/tensor.h"
+#include "flotilla/runtime/device.h"
+#include "flotilla/serve/batch_queue.h"
+
+namespace flotilla::serve::test {
+
+inline int scaled(int n, int min = 1) {
+  double scale = 1.0;
+  if (const char* s = std::getenv("FLOTILLA_TEST_SCALE")) scale = std::atof(s);
+  if (scale <= 0) scale = 1.0;
+  return std::max(min, static_cast<int>(n * scale));
+}
+
+inline uint64_t test_seed() {
+  uint64_t seed = 0;
+  if (const char* s = std::getenv("FLOTILLA_TEST_SEED"))
+    seed = std::strtoull(s, nullptr, 10);
+  else
+    seed = std::random_device{}();
+  std::printf("[ seed     ] %llu (replay with FLOTILLA_TEST_SEED=%llu)\n",
+              static_cast<unsigned long long>(seed), static_cast<unsigned long long>(seed));
+  return seed;
+}
+
+// A private cpu device with the environment's settings (so the sanitizer
+// lanes' FLOTILLA_ALLOCATOR_CACHING=0 applies).
+inline std::shared_ptr<Device> make_device() {
+  return Device::create("cpu", 0, Config::from_env());
+}
+
+inline std::vector<float> random_vector(std::mt19937_64& rng, size_t n) {
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> v(n);
+  for (float& x : v) x = u(rng);
+  return v;
+}
+
+// y = x W^T + b, W [out, in]: one linear kernel. The host reference is in
+// double, so it checks the device's arithmetic rather than copying it.
+class TinyModel {
+ public:
+  TinyModel(Device& device, int64_t in, int64_t out, uint64_t seed = 7) : in_(in), out_(out) {
+    std::mt19937_64 rng(seed);
+    w_host_ = random_vector(rng, static_cast<size_t>(in * out));
+    b_host_ = random_vector(rng, static_cast<size_t>(out));
+    Stream s = device.default_stream();
+    w_ = Tensor::from_host(w_host_, {out, in}, DType::kF32, s);
+    b_ = Tensor::from_host(b_host_, {out}, DType::kF32, s);
+    s.synchronize();
+  }
+  int64_t in() const { return in_; }
+  int64_t out() const { return out_; }
+
+  Tensor operator()(const Stream& s, const Tensor& x) const { return ops::linear(s, x, w_, b_); }
+  BatchQueue::Model model() const {
+    return [this](const Stream& s, const Tensor& x) { return (*this)(s, x); };
+  }
+
+  std::vector<double> host_reference(std::span<const float> x) const {
+    std::vector<double> y(static_cast<size_t>(out_));
+    for (int64_t o = 0; o < out_; ++o) {
+      double acc = b_host_[static_cast<size_t>(o)];
+      for (int64_t i = 0; i < in_; ++i)
+        acc += static_cast<double>(x[static_cast<size_t>(i)]) *
+               w_host_[static_cast<size_t>(o * in_ + i)];
+      y[static_cast<size_t>(o)] = acc;
+    }
+    return y;
+  }
+  // The same model run unbatched ([1, in]) on `s`.
+  std::vector<float> unbatched(const Stream& s, std::span<const float> x) const {
+    Tensor t = Tensor::from_host(x, {1, in_}, DType::kF32, s);
+    return (*this)(s, t).to_host(s);
+  }
+
+ private:
+  int64_t in_, out_;
+  std::vector<float> w_host_, b_host_;
+  Tensor w_, b_;
+};
+
+// Largest |a - b| / max(1, |b|) over two outputs of the same length.
+inline double max_rel_error(std::span<const float> a, std::span<const double> b) {
+  if (a.size() != b.size()) return INFINITY;
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i)
+    worst = std::max(worst, std::abs(a[i] - b[i]) / std::max(1.0, std::abs(b[i])));
+  return worst;
+}
+
+// What a handle ended with, by the error's code.
+enum class Outcome { kCompleted, kTimeout, kCancelled, kQueueFull, kShutDown, kFailed, kOther };
+inline const char* outcome_name(Outcome o) {
+  switch (o) {
+    case Outcome::kCompleted: return "completed";
+    case Outcome::kTimeout: return "timeout";
+    case Outcome::kCancelled: return "cancelled";
+    case Outcome::kQueueFull: return "queue_full";
+    case Outcome::kShutDown: return "shut_down";
+    case Outcome::kFailed: return "failed";
+    case Outcome::kOther: return "other";
+  }
+  return "?";
+}
+
+// get()s the handle; the output goes to `out` when completed.
+inline Outcome outcome_of(RequestHandle& h, std::vector<float>* out = nullptr,
+                          std::string* message = nullptr) {
+  try {
+    auto y = h.get();
+    if (out) *out = std::move(y);
+    return Outcome::kCompleted;
+  } catch (const Error& e) {
+    if (message) *message = e.what();
+    switch (e.code()) {
+      case ErrorCode::kTimeout: return Outcome::kTimeout;
+      case ErrorCode::kCancelled: return Outcome::kCancelled;
+      case ErrorCode::kQueueFull: return Outcome::kQueueFull;
+      case ErrorCode::kShutDown: return Outcome::kShutDown;
+      default: return Outcome::kFailed;
+    }
+  } catch (...) {
+    return Outcome::kOther;
+  }
+}
+
+}  // namespace flotilla::serve::test
