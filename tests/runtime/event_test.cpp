@@ -142,7 +142,8 @@ TEST_F(EventTest, DroppedEventWithPendingCallbacksIsSafe) {
   EXPECT_TRUE(again.query());
   EXPECT_EQ(again.recorded_value(), 0u);
   again.record(s);
-  again.synchronize();
+  EXPECT_TRUE(again.synchronize_for(std::chrono::seconds(10)))
+      << "a reused event carries its previous owner's pending callbacks";
 }
 
 // A callback that throws: the thread that ran it survives, the others run,

@@ -65,6 +65,10 @@ TEST_F(PoolConcurrencyTest, RoundRobinSharedStreamsSerialiseTheirCallers) {
   Config c = test_config();
   c.pool_size = 3;  // 2 pooled streams for 12 threads
   c.adaptive_commit_kernels = 8;
+  // Each driver call stays inside its object this long: without the
+  // stream's serialisation, calls of threads sharing a stream overlap and
+  // the driver reports concurrent-object-use.
+  c.cpu_encode_cost = std::chrono::microseconds(20);
   auto dev = make_device(c);
   const int rounds = scaled(60, 8);
   std::vector<std::unique_ptr<FloatBuffer>> bufs;

@@ -67,9 +67,18 @@ bool has_kernel(Device& device, std::string_view name) {
 // ---- FloatBuffer ------------------------------------------------------------
 
 FloatBuffer::FloatBuffer(Device& device, size_t count)
-    : count_(count),
+    : dev_(device),
+      count_(count),
       device_(device.driver().allocate(count * sizeof(float))),
       host_(device.driver().allocate_host(count * sizeof(float))) {}
+
+FloatBuffer::~FloatBuffer() {
+  try {
+    if (!dev_.is_shut_down()) dev_.synchronize();
+  } catch (...) {
+    // A stream error the test did not collect, or a fork child: nothing to drain.
+  }
+}
 
 float* FloatBuffer::ptr(size_t offset) const {
   return static_cast<float*>(device_->device_ptr()) + offset;

@@ -61,6 +61,11 @@ bool has_kernel(Device& device, std::string_view name);
 class FloatBuffer {
  public:
   FloatBuffer(Device& device, size_t count);
+  // Synchronizes the device first, so no queued kernel (say, one a failed
+  // assertion left behind) writes the memory after it is freed.
+  ~FloatBuffer();
+  FloatBuffer(const FloatBuffer&) = delete;
+  FloatBuffer& operator=(const FloatBuffer&) = delete;
   float* ptr(size_t offset = 0) const;  // device address of element `offset`
   size_t count() const { return count_; }
   // Encodes a fill of [offset, offset + n) on `s` (n = 0: to the end).
@@ -69,6 +74,7 @@ class FloatBuffer {
   std::vector<float> read(Stream s) const;
 
  private:
+  Device& dev_;
   size_t count_;
   std::unique_ptr<backend::Buffer> device_;
   std::unique_ptr<backend::Buffer> host_;
