@@ -40,7 +40,9 @@ TEST(AllocatorSizeClass, RoundsUpWithBoundedWaste) {
     ASSERT_GE(c, n);
     ASSERT_EQ(c % 512, 0u) << n;
     ASSERT_LE(c - n, std::max<size_t>(511, n / 4)) << n;  // at most 25% (or 511 B) wasted
-    if (n >= prev_n) ASSERT_GE(c, prev_c) << "size classes must grow with the size";
+    if (n >= prev_n) {
+      ASSERT_GE(c, prev_c) << "size classes must grow with the size";
+    }
     prev_n = n;
     prev_c = c;
   }

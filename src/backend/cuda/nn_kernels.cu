@@ -1,0 +1,422 @@
+// The ops' kernels on CUDA, in f32, f16 and bf16, with the names and argument
+// layouts of the table at the top of src/ops/ops.cpp (the CPU ones are in
+// src/backend/cpu/kernels_nn.cpp).
+//
+// linear_<dt> is one cuBLASLt matmul with the bias and the activation fused
+// in its epilogue: RELU_BIAS / GELU_BIAS (cuBLASLt's GELU is the tanh
+// approximation, so act=3 fuses and act=2, exact GELU, runs the gelu kernel
+// after a BIAS epilogue). Compute and scale types are f32 (CUBLAS_COMPUTE_32F,
+// no TF32), so f32 results match a float64 reference to ~1e-6 and f16/bf16
+// accumulate in f32.
+//
+// Note [cuBLASLt plans]
+// Making a matmul descriptor, three layouts and asking the heuristic for an
+// algorithm costs tens of microseconds, more than the GEMM at batch 1. Each
+// queue keeps a cache of plans keyed by (M, N, K, dtype, epilogue), in a
+// per-queue resource with its cuBLASLt handle and workspace (kernels.h). The
+// bias pointer is an attribute of the descriptor, so setting it and
+// launching happen under the resource's mutex: two threads launching on one
+// queue (rare: one thread per stream is the norm) take turns for the few
+// microseconds of the enqueue.
+//
+// Elementwise kernels read and write T and compute in f32; layernorm and
+// softmax run one block per row with f32 block reductions.
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <unordered_map>
+
+#include "backend/cuda/kernels.h"
+#include "flotilla/common/error.h"
+#include "flotilla/common/sync.h"
+
+namespace flotilla::backend::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr size_t kWorkspaceBytes = size_t{8} << 20;  // per queue; enough for these GEMMs
+
+void need(const KernelArgs& a, const char* name, int ptrs, int scalars) {
+  FL_CHECK_ARG(a.num_ptrs >= ptrs && a.num_scalars >= scalars, "[kernel ", name, "] needs ", ptrs,
+               " pointers and ", scalars, " scalars, got ", a.num_ptrs, " and ", a.num_scalars);
+}
+
+unsigned blocks_for(uint64_t n, const LaunchContext& ctx) {
+  const uint64_t want = (n + kThreads - 1) / kThreads;
+  const uint64_t cap = static_cast<uint64_t>(std::max(1, ctx.sm_count())) * 8;
+  return static_cast<unsigned>(std::max<uint64_t>(1, std::min(want, cap)));
+}
+
+// ---- Element conversions -------------------------------------------------------------
+
+template <typename T>
+struct Cvt;
+template <>
+struct Cvt<float> {
+  __device__ static float load(float v) { return v; }
+  __device__ static float store(float v) { return v; }
+};
+template <>
+struct Cvt<__half> {
+  __device__ static float load(__half v) { return __half2float(v); }
+  __device__ static __half store(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Cvt<__nv_bfloat16> {
+  __device__ static float load(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
+};
+
+// Exact GELU through erfc (1 + erf(x) cancels for x << 0), and PyTorch's
+// tanh form written as x / (1 + exp(-2z)) for the same reason.
+__device__ float gelu_erf(float x) { return 0.5f * x * erfcf(-x * 0.70710678118654752f); }
+__device__ float gelu_tanh(float x) {
+  const float z = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  return x / (1.0f + expf(-2.0f * z));
+}
+
+// ---- Elementwise -----------------------------------------------------------------------
+
+template <typename T, bool kMul>
+__global__ void binary_bcast_kernel(const T* a, const T* b, T* out, uint64_t m, uint64_t n) {
+  for (uint64_t i = blockIdx.x * uint64_t{blockDim.x} + threadIdx.x; i < n;
+       i += uint64_t{gridDim.x} * blockDim.x) {
+    const float x = Cvt<T>::load(a[i]);
+    const float y = Cvt<T>::load(b[m == n ? i : i % m]);
+    out[i] = Cvt<T>::store(kMul ? x * y : x + y);
+  }
+}
+
+// act: 1 relu, 2 gelu (erf), 3 gelu (tanh).
+template <typename T>
+__global__ void activation_kernel(const T* x, T* y, int act, uint64_t n) {
+  for (uint64_t i = blockIdx.x * uint64_t{blockDim.x} + threadIdx.x; i < n;
+       i += uint64_t{gridDim.x} * blockDim.x) {
+    const float v = Cvt<T>::load(x[i]);
+    float r = v;
+    if (act == 1)
+      r = v > 0.f ? v : 0.f;
+    else if (act == 2)
+      r = gelu_erf(v);
+    else if (act == 3)
+      r = gelu_tanh(v);
+    y[i] = Cvt<T>::store(r);
+  }
+}
+
+// ---- Row reductions ------------------------------------------------------------------
+
+// The sum (or max) of this block's threads' `v`, returned to every thread.
+template <bool kMax>
+__device__ float block_reduce(float v) {
+  __shared__ float partial[32];
+  __shared__ float result;
+  for (int off = 16; off > 0; off >>= 1) {
+    const float o = __shfl_down_sync(0xffffffffu, v, off);
+    v = kMax ? fmaxf(v, o) : v + o;
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = (blockDim.x + 31) / 32;
+    v = lane < warps ? partial[lane] : (kMax ? -INFINITY : 0.f);
+    for (int off = 16; off > 0; off >>= 1) {
+      const float o = __shfl_down_sync(0xffffffffu, v, off);
+      v = kMax ? fmaxf(v, o) : v + o;
+    }
+    if (lane == 0) result = v;
+  }
+  __syncthreads();
+  const float r = result;
+  __syncthreads();  // `partial` and `result` are reused by the next call
+  return r;
+}
+
+template <typename T>
+__global__ void layernorm_kernel(const T* x, const T* gamma, const T* beta, T* y, int64_t cols,
+                                 float eps) {
+  const T* row = x + blockIdx.x * cols;
+  T* out = y + blockIdx.x * cols;
+  float s = 0.f;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) s += Cvt<T>::load(row[j]);
+  const float mean = block_reduce<false>(s) / static_cast<float>(cols);
+  float v = 0.f;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const float d = Cvt<T>::load(row[j]) - mean;
+    v += d * d;
+  }
+  const float inv = rsqrtf(block_reduce<false>(v) / static_cast<float>(cols) + eps);
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    float r = (Cvt<T>::load(row[j]) - mean) * inv;
+    if (gamma) r *= Cvt<T>::load(gamma[j]);
+    if (beta) r += Cvt<T>::load(beta[j]);
+    out[j] = Cvt<T>::store(r);
+  }
+}
+
+template <typename T>
+__global__ void softmax_kernel(const T* x, T* y, int64_t cols) {
+  const T* row = x + blockIdx.x * cols;
+  T* out = y + blockIdx.x * cols;
+  float m = -INFINITY;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) m = fmaxf(m, Cvt<T>::load(row[j]));
+  m = block_reduce<true>(m);
+  float s = 0.f;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) s += expf(Cvt<T>::load(row[j]) - m);
+  const float inv = 1.f / block_reduce<false>(s);
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x)
+    out[j] = Cvt<T>::store(expf(Cvt<T>::load(row[j]) - m) * inv);
+}
+
+int row_threads(int64_t cols) {
+  // A warp multiple, up to 1024, about one element per thread.
+  const int64_t t = std::min<int64_t>(1024, std::max<int64_t>(32, (cols + 31) / 32 * 32));
+  return static_cast<int>(t);
+}
+
+// ---- cuBLASLt ---------------------------------------------------------------------------
+
+[[noreturn]] void throw_cublas(cublasStatus_t s, const char* call, const char* file, int line) {
+  const auto text =
+      detail::str_cat("[kernel linear] ", call, " failed at ", file, ":", line, ": ",
+                      cublasLtGetStatusName(s), " (", cublasLtGetStatusString(s), ")");
+  if (s == CUBLAS_STATUS_ALLOC_FAILED) throw OutOfMemory(text);
+  if (s == CUBLAS_STATUS_INVALID_VALUE || s == CUBLAS_STATUS_NOT_SUPPORTED)
+    throw InvalidArgument(text);
+  throw InvalidState(text);
+}
+#define FL_CUBLAS_CHECK(call)                          \
+  do {                                                 \
+    const cublasStatus_t fl_st_ = (call);              \
+    if (fl_st_ != CUBLAS_STATUS_SUCCESS) [[unlikely]]  \
+      throw_cublas(fl_st_, #call, __FILE__, __LINE__); \
+  } while (0)
+
+struct PlanKey {
+  int64_t m, n, k;
+  int dtype;     // 0 f32, 1 f16, 2 bf16
+  int epilogue;  // cublasLtEpilogue_t
+  bool operator==(const PlanKey& o) const {
+    return m == o.m && n == o.n && k == o.k && dtype == o.dtype && epilogue == o.epilogue;
+  }
+};
+struct PlanKeyHash {
+  size_t operator()(const PlanKey& k) const noexcept {
+    uint64_t h = 1469598103934665603ull;
+    for (uint64_t v :
+         {static_cast<uint64_t>(k.m), static_cast<uint64_t>(k.n), static_cast<uint64_t>(k.k),
+          static_cast<uint64_t>(k.dtype), static_cast<uint64_t>(k.epilogue)})
+      h = (h ^ v) * 1099511628211ull;
+    return static_cast<size_t>(h);
+  }
+};
+
+// One matmul's descriptor, layouts and algorithm (Note [cuBLASLt plans]).
+struct Plan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  Plan() = default;
+  Plan(const Plan&) = delete;
+  Plan& operator=(const Plan&) = delete;
+  ~Plan() {
+    // Errors ignored: destroying host-side descriptors has no one to report to.
+    if (c) (void)cublasLtMatrixLayoutDestroy(c);
+    if (b) (void)cublasLtMatrixLayoutDestroy(b);
+    if (a) (void)cublasLtMatrixLayoutDestroy(a);
+    if (desc) (void)cublasLtMatmulDescDestroy(desc);
+  }
+};
+
+struct LtResource final : QueueResource {
+  cublasLtHandle_t handle = nullptr;
+  void* workspace = nullptr;
+  Mutex mu;  // guards plans and the descriptors' bias pointers during a launch
+  std::unordered_map<PlanKey, std::unique_ptr<Plan>, PlanKeyHash> plans FL_GUARDED_BY(mu);
+
+  ~LtResource() override {
+    {
+      MutexLock lock(mu);
+      plans.clear();
+    }
+    // The queue's stream has finished (kernels.h), so the workspace is idle.
+    if (workspace) (void)cudaFree(workspace);
+    if (handle) (void)cublasLtDestroy(handle);
+  }
+};
+
+LtResource& lt_resource(LaunchContext& ctx) {
+  return ctx.resource<LtResource>([&ctx] {
+    auto r = std::make_unique<LtResource>();
+    FL_CUBLAS_CHECK(cublasLtCreate(&r->handle));
+    FL_CUDA_CHECK_CTX(ctx, cudaMalloc(&r->workspace, kWorkspaceBytes));
+    return r;
+  });
+}
+
+cudaDataType_t cuda_type(int dtype) {
+  return dtype == 0 ? CUDA_R_32F : dtype == 1 ? CUDA_R_16F : CUDA_R_16BF;
+}
+
+// Row-major y[M,N] = x[M,K] w[N,K]^T is column-major y^T[N,M] = w^T x^T:
+// A = w seen as column-major [K,N] (transposed), B = x as column-major [K,M].
+std::unique_ptr<Plan> make_plan(LtResource& r, const PlanKey& key) {
+  auto p = std::make_unique<Plan>();
+  const cudaDataType_t t = cuda_type(key.dtype);
+  FL_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t trans_a = CUBLAS_OP_T, trans_b = CUBLAS_OP_N;
+  FL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans_a,
+                                                 sizeof(trans_a)));
+  FL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &trans_b,
+                                                 sizeof(trans_b)));
+  const auto epi = static_cast<cublasLtEpilogue_t>(key.epilogue);
+  FL_CUBLAS_CHECK(
+      cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
+  FL_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->a, t, static_cast<uint64_t>(key.k),
+                                             static_cast<uint64_t>(key.n), key.k));
+  FL_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->b, t, static_cast<uint64_t>(key.k),
+                                             static_cast<uint64_t>(key.m), key.k));
+  FL_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->c, t, static_cast<uint64_t>(key.n),
+                                             static_cast<uint64_t>(key.m), key.n));
+  cublasLtMatmulPreference_t pref = nullptr;
+  FL_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  const uint64_t ws = kWorkspaceBytes;
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t s1 = cublasLtMatmulPreferenceSetAttribute(
+      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+  const cublasStatus_t s2 = s1 == CUBLAS_STATUS_SUCCESS ? cublasLtMatmulAlgoGetHeuristic(
+                                                              r.handle, p->desc, p->a, p->b, p->c,
+                                                              p->c, pref, 1, &result, &found)
+                                                        : s1;
+  (void)cublasLtMatmulPreferenceDestroy(pref);
+  FL_CUBLAS_CHECK(s2);
+  FL_CHECK_ARG(found > 0, "[kernel linear] cuBLASLt has no algorithm for M=", key.m, " N=", key.n,
+               " K=", key.k, " dtype=", key.dtype, " epilogue=", key.epilogue);
+  p->algo = result.algo;
+  return p;
+}
+
+template <typename T>
+void launch_activation(const T* x, T* y, int act, uint64_t n, LaunchContext& ctx) {
+  activation_kernel<T><<<blocks_for(n, ctx), kThreads, 0, ctx.stream()>>>(x, y, act, n);
+  FL_CUDA_CHECK_LAUNCH(ctx);
+}
+
+template <typename T, int kDtype>
+void linear(const KernelArgs& a, LaunchContext& ctx) {
+  need(a, "linear", 4, 4);
+  const int64_t M = a.scalars[0].i, N = a.scalars[1].i, K = a.scalars[2].i, act = a.scalars[3].i;
+  FL_CHECK_ARG(M > 0 && N > 0 && K > 0 && act >= 0 && act <= 3, "[kernel linear] bad sizes M=", M,
+               " N=", N, " K=", K, " act=", act);
+  const void* x = a.ptrs[0];
+  const void* w = a.ptrs[1];
+  const void* bias = a.ptrs[2];
+  void* y = a.ptrs[3];
+  FL_CHECK_ARG(x && w && y, "[kernel linear] a tensor pointer is null");
+  cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_DEFAULT;
+  if (act == 1)
+    epi = bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU;
+  else if (act == 3)
+    epi = bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU;
+  else if (bias)
+    epi = CUBLASLT_EPILOGUE_BIAS;  // none, or exact gelu (a kernel after)
+  LtResource& r = lt_resource(ctx);
+  const PlanKey key{M, N, K, kDtype, static_cast<int>(epi)};
+  const float alpha = 1.f, beta = 0.f;
+  {
+    MutexLock lock(r.mu);
+    auto it = r.plans.find(key);
+    if (it == r.plans.end()) it = r.plans.emplace(key, make_plan(r, key)).first;
+    Plan& p = *it->second;
+    if (bias)
+      FL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                                                     &bias, sizeof(bias)));
+    FL_CUBLAS_CHECK(cublasLtMatmul(r.handle, p.desc, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c,
+                                   &p.algo, r.workspace, kWorkspaceBytes, ctx.stream()));
+  }
+  if (act == 2)
+    launch_activation<T>(static_cast<const T*>(y), static_cast<T*>(y), 2,
+                         static_cast<uint64_t>(M * N), ctx);
+}
+
+template <typename T, bool kMul>
+void binary_bcast(const KernelArgs& a, LaunchContext& ctx) {
+  need(a, kMul ? "mul_bcast" : "add_bcast", 3, 1);
+  const auto m = static_cast<uint64_t>(a.scalars[0].i);
+  if (a.n == 0) return;
+  FL_CHECK_ARG(m > 0 && a.n % m == 0, "[kernel ", kMul ? "mul_bcast" : "add_bcast", "] b's size ",
+               m, " does not divide a's ", a.n);
+  binary_bcast_kernel<T, kMul><<<blocks_for(a.n, ctx), kThreads, 0, ctx.stream()>>>(
+      static_cast<const T*>(a.ptrs[0]), static_cast<const T*>(a.ptrs[1]),
+      static_cast<T*>(a.ptrs[2]), m, a.n);
+  FL_CUDA_CHECK_LAUNCH(ctx);
+}
+
+template <typename T>
+void relu(const KernelArgs& a, LaunchContext& ctx) {
+  need(a, "relu", 2, 0);
+  if (a.n == 0) return;
+  launch_activation<T>(static_cast<const T*>(a.ptrs[0]), static_cast<T*>(a.ptrs[1]), 1, a.n, ctx);
+}
+
+template <typename T>
+void gelu(const KernelArgs& a, LaunchContext& ctx) {
+  need(a, "gelu", 2, 1);
+  if (a.n == 0) return;
+  launch_activation<T>(static_cast<const T*>(a.ptrs[0]), static_cast<T*>(a.ptrs[1]),
+                       a.scalars[0].i ? 3 : 2, a.n, ctx);
+}
+
+template <typename T>
+void layernorm(const KernelArgs& a, LaunchContext& ctx) {
+  need(a, "layernorm", 4, 3);
+  const int64_t rows = a.scalars[0].i, cols = a.scalars[1].i;
+  FL_CHECK_ARG(rows > 0 && cols > 0 && rows < (int64_t{1} << 31),
+               "[kernel layernorm] bad sizes rows=", rows, " cols=", cols);
+  layernorm_kernel<T><<<static_cast<unsigned>(rows), row_threads(cols), 0, ctx.stream()>>>(
+      static_cast<const T*>(a.ptrs[0]), static_cast<const T*>(a.ptrs[1]),
+      static_cast<const T*>(a.ptrs[2]), static_cast<T*>(a.ptrs[3]), cols,
+      static_cast<float>(a.scalars[2].f));
+  FL_CUDA_CHECK_LAUNCH(ctx);
+}
+
+template <typename T>
+void softmax(const KernelArgs& a, LaunchContext& ctx) {
+  need(a, "softmax", 2, 2);
+  const int64_t rows = a.scalars[0].i, cols = a.scalars[1].i;
+  FL_CHECK_ARG(rows > 0 && cols > 0 && rows < (int64_t{1} << 31),
+               "[kernel softmax] bad sizes rows=", rows, " cols=", cols);
+  softmax_kernel<T><<<static_cast<unsigned>(rows), row_threads(cols), 0, ctx.stream()>>>(
+      static_cast<const T*>(a.ptrs[0]), static_cast<T*>(a.ptrs[1]), cols);
+  FL_CUDA_CHECK_LAUNCH(ctx);
+}
+
+template <typename T, int kDtype>
+void add_typed(KernelTable& table, const char* suffix) {
+  const std::string s = suffix;
+  table.emplace("linear_" + s, &linear<T, kDtype>);
+  table.emplace("add_bcast_" + s, &binary_bcast<T, false>);
+  table.emplace("mul_bcast_" + s, &binary_bcast<T, true>);
+  table.emplace("relu_" + s, &relu<T>);
+  table.emplace("gelu_" + s, &gelu<T>);
+  table.emplace("layernorm_" + s, &layernorm<T>);
+  table.emplace("softmax_" + s, &softmax<T>);
+}
+
+}  // namespace
+
+void add_nn_kernels(KernelTable& table) {
+  add_typed<float, 0>(table, "f32");
+  add_typed<__half, 1>(table, "f16");
+  add_typed<__nv_bfloat16, 2>(table, "bf16");
+}
+
+}  // namespace flotilla::backend::cuda
