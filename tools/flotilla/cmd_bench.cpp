@@ -35,6 +35,9 @@ struct BenchOptions {
   double seconds_per_point = 1.0;
   std::string out = "bench-out";
   bool plot = true;
+  // --batching: a `batching` series (batch-1 requests through a BatchQueue)
+  // over the same threads, beside pool batch 1 (batching off).
+  bool batching = false;
 };
 
 std::string utc_now() {
@@ -65,14 +68,14 @@ std::string host_name() {
 }
 
 void print_header() {
-  std::printf("%-7s %6s %7s %12s %12s %10s %10s %10s %6s %5s %5s %7s\n", "arch", "batch", "threads",
+  std::printf("%-8s %6s %7s %12s %12s %10s %10s %10s %6s %5s %5s %7s\n", "arch", "batch", "threads",
               "requests/s", "samples/s", "p50_us", "p90_us", "p99_us", "wrong", "viol", "crash",
               "streams");
 }
 
 void print_row(const WorkloadResult& r) {
-  std::printf("%-7s %6d %7d %12.1f %12.1f %10.1f %10.1f %10.1f %6llu %5llu %5llu %7d\n",
-              to_string(r.options.arch), r.options.batch, r.options.threads, r.requests_per_s,
+  std::printf("%-8s %6d %7d %12.1f %12.1f %10.1f %10.1f %10.1f %6llu %5llu %5llu %7d\n",
+              arch_label(r.options), r.options.batch, r.options.threads, r.requests_per_s,
               r.samples_per_s, r.p50_us, r.p90_us, r.p99_us,
               static_cast<unsigned long long>(r.wrong_results),
               static_cast<unsigned long long>(r.violations + r.errors),
@@ -86,7 +89,7 @@ void write_plot_files(const std::filesystem::path& dir, const std::vector<Worklo
   std::map<std::pair<std::string, int>, std::vector<const WorkloadResult*>> series;
   std::vector<std::pair<std::string, int>> order;
   for (const auto& p : points) {
-    const std::pair<std::string, int> key{to_string(p.options.arch), p.options.batch};
+    const std::pair<std::string, int> key{arch_label(p.options), p.options.batch};
     if (!series.count(key)) order.push_back(key);
     series[key].push_back(&p);
   }
@@ -111,9 +114,9 @@ void write_plot_files(const std::filesystem::path& dir, const std::vector<Worklo
      << "data = '" << abs << "/bench.dat'\n"
      << "set multiplot layout 1,2 title \"" << title << "\"\n"
      << "set logscale x 2\nset logscale y\nset grid\nset xlabel 'client threads'\n"
-     << "set format y '%g'\nset key below horizontal maxrows 2\n"
+     << "set key left top\n"
      << "set title 'throughput'\nset ylabel 'samples/s'\n";
-  auto plot = [&](const char* column) {
+  auto plot = [&](int column) {
     gp << "plot ";
     const char* colors[] = {"#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02"};
     std::map<int, int> color_of_batch;
@@ -125,13 +128,14 @@ void write_plot_files(const std::filesystem::path& dir, const std::vector<Worklo
       }
       gp << (i ? ", \\\n     " : "") << "data index " << i << " using 1:" << column
          << " with linespoints lw 2 pt 7 dt " << (arch == "legacy" ? 2 : 1) << " lc rgb '"
-         << colors[color_of_batch[batch] % 6] << "' title '" << arch << ", batch " << batch << "'";
+         << (arch == "batching" ? "#000000" : colors[color_of_batch[batch] % 6]) << "' title '"
+         << arch << ", batch " << batch << "'";
     }
     gp << "\n";
   };
-  plot("2");
-  gp << "set title 'p99 latency'\nset ylabel 'p99 latency (ms)'\n";
-  plot("($5/1000.0)");
+  plot(2);
+  gp << "set title 'p99 latency'\nset ylabel 'p99 latency (us)'\nset key left top\n";
+  plot(5);
   gp << "unset multiplot\n";
 }
 
@@ -171,13 +175,23 @@ void run_bench(const BenchOptions& b) {
       o.batch = batch;
       o.validate();
     }
+  auto batching_point = [&](int t) {
+    WorkloadOptions o = base;
+    o.threads = t;
+    o.batch = 1;
+    o.batching.enabled = true;
+    return o;
+  };
+  if (b.batching)
+    for (int t : b.threads) batching_point(t).validate();
   const nn::MlpWeights weights = load_weights(base);  // a bad file ends here, naming it
   const std::filesystem::path dir(b.out);
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   FL_CHECK_ARG(!ec, "[bench] cannot create --out directory '", b.out, "': ", ec.message());
 
-  const size_t total = archs.size() * b.batches.size() * b.threads.size();
+  const size_t total =
+      archs.size() * b.batches.size() * b.threads.size() + (b.batching ? b.threads.size() : 0);
   std::vector<WorkloadResult> points;
   size_t done = 0;
   for (Arch arch : archs)
@@ -191,6 +205,12 @@ void run_bench(const BenchOptions& b) {
                      to_string(arch), batch, t);
         points.push_back(run_workload_as_configured(weights, o));
       }
+  if (b.batching)
+    for (int t : b.threads) {
+      std::fprintf(stderr, "bench: point %zu/%zu: batching, batch 1, %d threads\n", ++done, total,
+                   t);
+      points.push_back(run_workload_as_configured(weights, batching_point(t)));
+    }
 
   const WorkloadResult& first = points.front();
   std::ostringstream title;
@@ -211,6 +231,7 @@ void run_bench(const BenchOptions& b) {
                       {"threads", b.threads},
                       {"batches", b.batches},
                       {"archs", b.archs},
+                      {"batching", b.batching},
                       {"points", nlohmann::json::array()}};
   bool failed = false;
   for (const auto& p : points) {
@@ -244,9 +265,9 @@ void add_bench_command(CLI::App& app) {
   auto b = std::make_shared<BenchOptions>();
   auto strings = std::make_shared<ModelOptionStrings>();
   add_model_options(*cmd, b->base, *strings);
-  cmd->add_option("--threads-list", b->threads, "client thread counts")
-      ->delimiter(',')
-      ->capture_default_str();
+  auto* threads_opt = cmd->add_option("--threads-list", b->threads, "client thread counts")
+                          ->delimiter(',')
+                          ->capture_default_str();
   cmd->add_option("--batches", b->batches, "batch sizes")->delimiter(',')->capture_default_str();
   cmd->add_option("--archs", b->archs, "architectures: legacy, pool")
       ->delimiter(',')
@@ -257,10 +278,19 @@ void add_bench_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag(
       "--no-plot", [b](int64_t) { b->plot = false; }, "do not run gnuplot");
-  // Issue 5 adds --batching here: a `batching` series (client threads of
-  // batch-1 requests through the BatchQueue) beside legacy and pool.
-  cmd->callback([b, strings] {
+  cmd->add_flag("--batching", b->batching,
+                "add a batching series: batch-1 requests through a BatchQueue (threads "
+                "1..64 unless --threads-list)");
+  cmd->add_option("--max-batch", b->base.batching.max_batch, "batching: requests per batch")
+      ->capture_default_str();
+  cmd->add_option("--max-delay-us", b->base.batching.max_delay_us,
+                  "batching: how long a request waits for company (us)")
+      ->capture_default_str();
+  cmd->add_option("--queue-workers", b->base.batching.workers, "batching: worker threads")
+      ->capture_default_str();
+  cmd->callback([b, strings, threads_opt] {
     strings->apply(b->base);
+    if (b->batching && threads_opt->count() == 0) b->threads = {1, 2, 4, 8, 16, 32, 64};
     run_bench(*b);
   });
 }

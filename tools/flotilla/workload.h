@@ -38,6 +38,9 @@ namespace flotilla::cli {
 enum class Arch { kLegacy, kPool };
 const char* to_string(Arch arch) noexcept;
 Arch parse_arch(const std::string& s);
+struct WorkloadOptions;
+// "batching" with --batching, else to_string(arch): how results are labelled.
+const char* arch_label(const WorkloadOptions& o) noexcept;
 
 struct WorkloadOptions {
   std::string backend = "cpu";
@@ -60,8 +63,17 @@ struct WorkloadOptions {
   // Nth timed request before the check, to prove the check can fail.
   int corrupt_every = 0;
 
-  // Reserved for issue 5 (`--batching --max-batch B --max-delay-us D`):
-  // struct { bool enabled = false; int max_batch = 64; int64_t max_delay_us = 200; } batching;
+  // Issue 5 (`--batching --max-batch B --max-delay-us D --queue-workers W`):
+  // the client threads submit batch-1 requests to one serve::BatchQueue,
+  // whose W workers run real batches. Outputs are checked against the
+  // batch-1 reference within fp32 tolerance, not bit for bit: a batched row
+  // goes through a GEMM of another shape, which BLAS may sum in another order.
+  struct Batching {
+    bool enabled = false;
+    int max_batch = 64;
+    int64_t max_delay_us = 200;
+    int workers = 2;
+  } batching;
 
   // Throws InvalidArgument naming the option. Touches no device.
   void validate() const;
@@ -86,6 +98,9 @@ struct WorkloadResult {
   int streams_used = 0;        // distinct streams that served the client threads
   std::string device_name;     // the device's description
   std::string first_error;
+  // With --batching (the queue's metrics, warmup included).
+  double mean_batch = 0;
+  uint64_t rejected = 0, expired = 0, cancelled = 0;
 
   bool failed() const { return crashes || violations || wrong_results || errors; }
   nlohmann::json to_json() const;

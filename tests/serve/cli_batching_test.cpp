@@ -1,0 +1,115 @@
+// `flotilla run --batching` and `flotilla bench --batching` end to end: the
+// built binary merges client threads' batch-1 requests in a BatchQueue,
+// every output is checked against the unbatched reference, the JSON carries
+// the queue's figures, a corrupted output is caught, and bad options end
+// with one line.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#ifndef FLOTILLA_CLI
+#error "FLOTILLA_CLI must name the built flotilla binary"
+#endif
+
+namespace {
+
+struct Result {
+  int exit_code = -1;
+  std::string out;
+};
+
+Result run_cli(const std::string& args, const std::string& redirect) {
+  const std::string cmd = std::string("'") + FLOTILLA_CLI + "' " + args + " " + redirect;
+  Result o;
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return o;
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) o.out.append(buf.data(), n);
+  const int status = pclose(p);
+  o.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  return o;
+}
+
+TEST(CliBatching, RunMergesRequestsAndEveryOutputIsRight) {
+  const auto r = run_cli(
+      "run --batching --threads 8 --requests 400 --max-batch 16 --max-delay-us 2000 "
+      "--queue-workers 2 --json",
+      "2>/dev/null");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  const auto j = nlohmann::json::parse(r.out);
+  for (const char* key : {"mean_batch", "rejected", "expired", "cancelled", "max_batch",
+                          "max_delay_us", "queue_workers", "requests_per_s", "p99_us"})
+    EXPECT_TRUE(j.contains(key)) << "missing key " << key << " in " << r.out;
+  EXPECT_EQ(j["arch"], "batching");
+  EXPECT_EQ(j["requests"], 400);
+  EXPECT_EQ(j["batch"], 1);
+  EXPECT_EQ(j["wrong_results"], 0);
+  EXPECT_EQ(j["errors"], 0);
+  EXPECT_EQ(j["crashes"], 0);
+  EXPECT_GE(j["checks"].get<int>(), 400);
+  EXPECT_EQ(j["rejected"], 0);
+  EXPECT_EQ(j["expired"], 0);
+  EXPECT_EQ(j["cancelled"], 0);
+  EXPECT_EQ(j["streams_used"], 2) << "the queue's two workers serve every client";
+  EXPECT_GT(j["mean_batch"].get<double>(), 1.0) << "8 clients and a 2 ms delay: real batches";
+  EXPECT_LE(j["mean_batch"].get<double>(), 16.0);
+}
+
+TEST(CliBatching, CatchesACorruptedOutput) {
+  const auto r =
+      run_cli("run --batching --threads 4 --requests 100 --corrupt-every 10 --json", "2>/dev/null");
+  EXPECT_EQ(r.exit_code, 1) << "a wrong result must fail the run: " << r.out;
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["wrong_results"], 10);
+}
+
+TEST(CliBatching, BadOptionsEndWithOneLine) {
+  for (const char* args :
+       {"run --batching --batch 4", "run --batching --max-batch 0",
+        "run --batching --max-delay-us -1", "run --batching --queue-workers 0"}) {
+    const auto r = run_cli(args, "2>&1");
+    EXPECT_NE(r.exit_code, 0) << args;
+    int lines = 0;
+    for (char c : r.out) lines += c == '\n';
+    EXPECT_EQ(lines, 1) << args << ": " << r.out;
+    EXPECT_NE(r.out.find("flotilla: error:"), std::string::npos) << r.out;
+  }
+}
+
+TEST(CliBatching, BenchAddsABatchingSeries) {
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("fl_bench_batching_" + std::to_string(::getpid()));
+  const auto r = run_cli(
+      "bench --batching --threads-list 1,4 --batches 1 --archs pool "
+      "--seconds-per-point 0.2 --no-plot --out '" +
+          dir.string() + "'",
+      "2>/dev/null");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  std::ifstream in(dir / "bench.json");
+  const auto j = nlohmann::json::parse(in);
+  std::filesystem::remove_all(dir);
+  EXPECT_EQ(j["batching"], true);
+  int pool = 0, batching = 0;
+  for (const auto& p : j["points"]) {
+    EXPECT_EQ(p["wrong_results"], 0);
+    if (p["arch"] == "batching") {
+      ++batching;
+      EXPECT_TRUE(p.contains("mean_batch"));
+    } else {
+      ++pool;
+    }
+  }
+  EXPECT_EQ(pool, 2);
+  EXPECT_EQ(batching, 2);
+  EXPECT_NE(r.out.find("batching"), std::string::npos) << r.out;
+}
+
+}  // namespace
