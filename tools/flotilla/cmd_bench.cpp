@@ -114,9 +114,9 @@ void write_plot_files(const std::filesystem::path& dir, const std::vector<Worklo
      << "data = '" << abs << "/bench.dat'\n"
      << "set multiplot layout 1,2 title \"" << title << "\"\n"
      << "set logscale x 2\nset logscale y\nset grid\nset xlabel 'client threads'\n"
-     << "set key left top\n"
+     << "set format y '%g'\nset key below horizontal maxrows 2\n"
      << "set title 'throughput'\nset ylabel 'samples/s'\n";
-  auto plot = [&](int column) {
+  auto plot = [&](const char* column) {
     gp << "plot ";
     const char* colors[] = {"#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02"};
     std::map<int, int> color_of_batch;
@@ -133,9 +133,9 @@ void write_plot_files(const std::filesystem::path& dir, const std::vector<Worklo
     }
     gp << "\n";
   };
-  plot(2);
-  gp << "set title 'p99 latency'\nset ylabel 'p99 latency (us)'\nset key left top\n";
-  plot(5);
+  plot("2");
+  gp << "set title 'p99 latency'\nset ylabel 'p99 latency (ms)'\n";
+  plot("($5/1000.0)");
   gp << "unset multiplot\n";
 }
 
