@@ -130,6 +130,17 @@ step_bench() {
   timeout 240 "$BUILD/bench/micro_cuda" --benchmark_counters_tabular=true >"$OUT/bench.log" 2>&1
   note "micro_cuda exit $?"
   grep -E "micro_cuda:|_median" "$OUT/bench.log" | tee -a "$SUMMARY"
+  # Completion threads per device (Config::cuda_completion_threads): 1 and 4
+  # against the default, on the paths that finish many command buffers.
+  for n in 1 4; do
+    {
+      echo "---- FLOTILLA_CUDA_COMPLETION_THREADS=$n"
+      FLOTILLA_CUDA_COMPLETION_THREADS=$n timeout 120 "$BUILD/bench/micro_cuda" \
+        --benchmark_filter='^roundtrip|^submit_commit_each' --benchmark_counters_tabular=true
+    } >>"$OUT/bench.log" 2>&1
+  done
+  sed -n '/^---- FLOTILLA_CUDA_COMPLETION_THREADS/,$p' "$OUT/bench.log" |
+    grep -E "^----|_median" | tee -a "$SUMMARY"
   local peer
   peer=$(peer_dir)
   if [ -z "$peer" ]; then

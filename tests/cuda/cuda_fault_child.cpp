@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <string>
 #include <thread>
+#include <typeinfo>
 #include <vector>
 
 #include "flotilla/flotilla.h"
@@ -32,8 +33,15 @@ int failures = 0;
 void check(bool ok, const std::string& what) {
   if (!ok) {
     std::printf("FAIL: %s\n", what.c_str());
+    std::fflush(stdout);
     ++failures;
   }
+}
+
+// Progress, so a crash shows where it happened.
+void step(const char* what) {
+  std::printf("step: %s\n", what);
+  std::fflush(stdout);
 }
 
 double ms_since(Clock::time_point t0) {
@@ -49,11 +57,16 @@ void expect_lost(const std::string& what, double limit_ms, Fn fn) {
     check(false, what + ": no error");
   } catch (const DeviceLost& e) {
     const double ms = ms_since(t0);
+    static bool shown = false;
+    if (!shown) {
+      shown = true;
+      std::printf("lost: %s\n", e.what());
+    }
     check(ms < limit_ms, what + ": took " + std::to_string(ms) + " ms");
     check(std::string(e.what()).find("lost") != std::string::npos,
           what + ": message does not say the device is lost: " + e.what());
   } catch (const std::exception& e) {
-    check(false, what + ": wrong error: " + e.what());
+    check(false, what + ": wrong error (" + typeid(e).name() + "): " + e.what());
   }
 }
 
@@ -115,11 +128,12 @@ int main() {
     waiter_done = true;
   });
 
-  // The fault.
+  step("work in flight; now the fault");
   Stream bad = dev->streams().at(1);
   bad.dispatch("fill_f32", KernelArgs().ptr(buf->device_ptr()).f64(1).size(1024));
   bad.dispatch("trap", KernelArgs());
   expect_lost("synchronize of the faulting stream", 30000, [&] { bad.synchronize(); });
+  step("the faulting stream reported the loss");
   waiter.join();
   check(waiter_result == "ok", "the waiting thread: " + waiter_result);
   raw->wait_until_completed();
@@ -129,6 +143,7 @@ int main() {
   check(callback_runs.load() == 1,
         "stream callback ran " + std::to_string(callback_runs.load()) + " times");
 
+  step("waiters, handlers and callbacks checked");
   // The device is lost for good, and says so at once.
   check(drv.device_error() != nullptr, "device_error() is null after the fault");
   expect_lost("dispatch after the fault", 100, [&] {
@@ -145,10 +160,12 @@ int main() {
   // A second read of the same error: the first one is kept.
   check(drv.device_error() == drv.device_error(), "device_error() changed");
 
+  step("later calls checked; shutting down");
   const auto t0 = Clock::now();
   dev->shutdown();  // must not hang on work that will never complete
   check(ms_since(t0) < 5000, "shutdown took " + std::to_string(ms_since(t0)) + " ms");
   dev.reset();
+  step("device destroyed");
 
   if (failures == 0) std::printf("FAULT-OK\n");
   std::fflush(stdout);

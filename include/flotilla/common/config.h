@@ -60,9 +60,11 @@ struct Config {
   size_t cpu_memory_limit = 0;  // bytes the cpu device may allocate; 0: physical memory
 
   // CUDA driver (Note [CUDA_DEVICE_MAX_CONNECTIONS] in src/backend/cuda).
-  // Hardware work queues per CUDA context: how many streams' kernels can
-  // overlap. 0: Flotilla's default (32). Applied before CUDA initialises in
-  // this process, unless the user set CUDA_DEVICE_MAX_CONNECTIONS.
+  // Hardware work queues per CUDA context: how many streams' kernel chains
+  // can overlap. 0: Flotilla's default (32). CUDA reads it once, when it
+  // initialises, which Flotilla's first CUDA device count does; so it takes
+  // effect through FLOTILLA_CUDA_MAX_CONNECTIONS (read by from_env() then),
+  // and CUDA_DEVICE_MAX_CONNECTIONS, if set, wins over both.
   int cuda_max_connections = 0;
   // Completion threads per CUDA device (they observe finished command
   // buffers and run handlers). 0: auto (2 with 8+ cores, else 1).

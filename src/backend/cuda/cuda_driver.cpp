@@ -116,8 +116,14 @@ CudaDriver::CudaDriver(int index, const Config& config) : pid_(getpid()) {
   FL_CUDA_CHECK_DEV(*dev_, cudaGetDeviceProperties(&prop, index));
   info_.backend = "cuda";
   info_.index = index;
+  const bool refused =
+      config.cuda_max_connections > 0 && config.cuda_max_connections != connections;
   info_.name = detail::str_cat(prop.name, " (sm_", prop.major, prop.minor,
-                               ", CUDA_DEVICE_MAX_CONNECTIONS=", connections, ")");
+                               ", CUDA_DEVICE_MAX_CONNECTIONS=", connections,
+                               refused ? detail::str_cat("; ", config.cuda_max_connections,
+                                                         " was asked after CUDA had initialised")
+                                       : std::string(),
+                               ")");
   info_.memory_bytes = prop.totalGlobalMem;
   info_.compute_units = prop.multiProcessorCount;
   info_.encoding_thread_safe = true;
@@ -263,6 +269,12 @@ void drain_live_drivers() {
 
 std::unique_ptr<Driver> make_cuda_driver(int index, const Config& config) {
   const int n = cuda_device_count();
+  if (cuda_initialised_before_fork())
+    throw InvalidState(detail::str_cat(
+        "[Device] cuda:", index,
+        ": this process is a fork() child of one that had initialised CUDA, and CUDA cannot be "
+        "used after fork(); create CUDA devices in a process started with exec (posix_spawn) or "
+        "fork before any CUDA use"));
   FL_CHECK_ARG(index >= 0 && index < n, "[Device] cuda:", index,
                " does not exist; this machine has ", n, " CUDA device(s)",
                n == 0 ? " (no NVIDIA driver or GPU was found)" : "");

@@ -1,7 +1,9 @@
 #include "backend/cuda/cuda_env.h"
 
 #include <cuda_runtime_api.h>
+#include <unistd.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <string>
 
@@ -18,8 +20,6 @@ constexpr const char* kVar = "CUDA_DEVICE_MAX_CONNECTIONS";
 struct ConnectionsState {
   Mutex mu;
   bool applied FL_GUARDED_BY(mu) = false;
-  bool user_set FL_GUARDED_BY(mu) = false;
-  bool frozen FL_GUARDED_BY(mu) = false;
   int effective FL_GUARDED_BY(mu) = 8;  // CUDA's own default
 };
 
@@ -30,34 +30,32 @@ ConnectionsState& state() {
   return *s;
 }
 
+// The process that first initialised CUDA (relaxed: written once, before
+// any device exists, by the thread that counts first).
+std::atomic<pid_t> g_cuda_pid{0};
+
 }  // namespace
 
 int apply_max_connections(int requested) {
   auto& s = state();
   MutexLock lock(s.mu);
-  const int want = requested > 0 ? requested : kDefaultMaxConnections;
   if (!s.applied) {
     s.applied = true;
     if (const char* v = std::getenv(kVar)) {
-      s.user_set = true;
       s.effective = std::atoi(v);
     } else {
+      s.effective = requested > 0 ? requested : kDefaultMaxConnections;
       // setenv races only with getenv on other threads; CUDA is not
-      // initialised yet, so nothing else of ours reads it now.
-      ::setenv(kVar, std::to_string(want).c_str(), 0);
-      s.effective = want;
+      // initialised yet, so nothing of ours reads it now.
+      ::setenv(kVar, std::to_string(s.effective).c_str(), 0);
     }
-  } else if (!s.user_set && !s.frozen && want != s.effective) {
-    ::setenv(kVar, std::to_string(want).c_str(), 1);
-    s.effective = want;
   }
   return s.effective;
 }
 
-void freeze_max_connections() {
-  auto& s = state();
-  MutexLock lock(s.mu);
-  s.frozen = true;
+bool cuda_initialised_before_fork() {
+  const pid_t p = g_cuda_pid.load(std::memory_order_relaxed);
+  return p != 0 && p != getpid();
 }
 
 int cuda_device_count() {
@@ -72,6 +70,7 @@ int cuda_device_count() {
       // A malformed FLOTILLA_* variable is reported when a device is made.
     }
     apply_max_connections(requested);
+    g_cuda_pid.store(getpid(), std::memory_order_relaxed);
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess) {
       (void)cudaGetLastError();

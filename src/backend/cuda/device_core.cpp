@@ -174,10 +174,8 @@ void CompletionWords::give(Word w) noexcept {
 DeviceCore::DeviceCore(int index, const Config&)
     : index_(index), label_(detail::str_cat("cuda:", index)) {
   DeviceGuard guard(index_);
-  // Creates the primary context: from here on CUDA_DEVICE_MAX_CONNECTIONS
-  // is fixed for the process (Note [CUDA_DEVICE_MAX_CONNECTIONS]).
+  // Creates the primary context now rather than at the first launch.
   FL_CUDA_CHECK_DEV(*this, cudaFree(nullptr));
-  freeze_max_connections();
   FL_CUDA_CHECK_DEV(*this,
                     cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, index_));
   clock_.init(*this);
