@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 
 #include "flotilla/nn/safetensors.h"
 #include "nn_test_util.h"
@@ -139,6 +140,19 @@ TEST(MlpWeights, LoadNamesAMissingOrMalformedFile) {
         }
       },
       InvalidArgument);
+  const std::string garbage = temp_file("garbage");
+  {
+    std::ofstream f(garbage, std::ios::binary);
+    f << "this is not a safetensors file at all";
+  }
+  try {
+    MlpWeights::load(garbage, ops::Activation::kRelu);
+    ADD_FAILURE() << "a text file was accepted as a model";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find(garbage), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("beyond the file"), std::string::npos) << e.what();
+  }
+  std::filesystem::remove(garbage);
 }
 
 class NN_SUITE(MlpForward) : public ::testing::Test {

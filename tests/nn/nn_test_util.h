@@ -24,8 +24,10 @@
 #ifndef FLOTILLA_TEST_BACKEND
 #define FLOTILLA_TEST_BACKEND "cpu"
 #define NN_SUITE(name) name##Cpu
+#define NN_TEST_CUDA 0
 #else
 #define NN_SUITE(name) name##Cuda
+#define NN_TEST_CUDA 1
 #endif
 
 namespace flotilla::nn::test {
