@@ -291,6 +291,33 @@ TEST(Allocator, HostBlocksAreReusedOnlyAfterTheirCopyRan) {
   EXPECT_GE(al.stats().cache_hits, 1u);
 }
 
+TEST(Allocator, SynchronizeStreamRecyclesBlocksThatWaitedForItAlone) {
+  auto dev = Device::create("cpu", 0, alloc_config(true));
+  Allocator& al = dev->allocator();
+  Stream a = dev->streams().at(1), b = dev->streams().at(2);
+  Allocation dst = al.allocate(4096, a);
+  Allocation h = al.allocate_host(4096, a);
+  void* hp = h.host_ptr();
+  a.dispatch("copy_bytes", backend::KernelArgs().ptr(dst.device_ptr()).ptr(h.device_ptr()).size(4));
+  h.reset();
+  // A device block also used on b, which is held: a's synchronize says
+  // nothing about b, so it must stay pending.
+  Gate gate(b);
+  Allocation x = al.allocate(8192, a);
+  void* xp = x.device_ptr();
+  x.record_stream(b);
+  fill(b, xp, 2048, 1.0f);
+  b.commit();
+  x.reset();
+  al.synchronize_stream(a);
+  const uint64_t hits = al.stats().cache_hits;
+  EXPECT_EQ(al.allocate_host(4096, a).host_ptr(), hp) << "the staging block waited for a alone";
+  EXPECT_EQ(al.stats().cache_hits, hits + 1);
+  EXPECT_NE(al.allocate(8192, a).device_ptr(), xp) << "stream b still has to write the block";
+  gate.open();
+  b.synchronize();
+}
+
 TEST(Allocator, ReleaseIdleMakesTheBlockReusableAtOnce) {
   auto dev = Device::create("cpu", 0, alloc_config(true));
   Allocator& al = dev->allocator();

@@ -275,10 +275,16 @@ TEST(EncodingLockOnAgx, LockOffShowsViolations) {
   EXPECT_EQ(run.lock.acquisitions, 0u);
 }
 
-// Under contention the lock measures its waits.
+// Under contention the lock measures its waits. Whether 8 threads overlap
+// at all depends on the scheduler (on 2 busy cores one may finish before the
+// next starts), so a few runs are allowed to see contention; none may see a
+// violation.
 TEST(EncodingLockOnAgx, ContentionIsMeasured) {
-  const AgxRun run = run_agx_threads(EncodingLockMode::kOn);
-  EXPECT_EQ(run.violations, 0u);
+  AgxRun run;
+  for (int attempt = 0; attempt < 5 && run.lock.contended == 0; ++attempt) {
+    run = run_agx_threads(EncodingLockMode::kOn);
+    EXPECT_EQ(run.violations, 0u);
+  }
   EXPECT_GT(run.lock.contended, 0u);
   EXPECT_GT(run.lock.wait.count(), 0);
   EXPECT_LE(run.lock.contended, run.lock.acquisitions);

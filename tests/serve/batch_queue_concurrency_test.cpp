@@ -54,9 +54,9 @@ TEST(BatchQueueConcurrency, EveryRequestCompletesExactlyOnceUnderRaces) {
   auto device = make_device();
   const TinyModel tiny(*device, 8, 4);
   const uint64_t seed = test_seed();
-  const int rounds = scaled(24, 4);
+  const int rounds = scaled(60, 6);
   const int clients = 4;
-  const int per_client = scaled(60, 12);
+  const int per_client = scaled(100, 20);
   const int n = clients * per_client;
   std::map<Outcome, uint64_t> totals;
 

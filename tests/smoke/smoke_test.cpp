@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "flotilla/flotilla.h"
+#include "runtime/thread_streams.h"
 
 namespace flotilla {
 namespace {
@@ -45,6 +46,22 @@ TEST(Smoke, EventOrdersTwoStreams) {
   e.then([&] { ran++; });
   e.synchronize();
   EXPECT_EQ(ran.load(), 1);
+}
+
+}  // namespace
+}  // namespace flotilla
+
+namespace flotilla {
+namespace {
+
+// A thread that outlives many private devices must not keep a binding per
+// dead device: current_stream() scans the list on every call.
+TEST(Smoke, ThreadBindingsOfDestroyedDevicesArePruned) {
+  for (int i = 0; i < 50; ++i) {
+    auto dev = Device::create("cpu", 0, Config{});
+    (void)dev->current_stream();
+  }
+  EXPECT_LE(detail::thread_binding_count(), 2u);
 }
 
 }  // namespace
