@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <utility>
+#include <vector>
 
 #include "flotilla/common/error.h"
 #include "flotilla/runtime/allocator.h"
@@ -90,11 +91,17 @@ thread_local ThreadBindings tls_bindings;
 ThreadBinding& thread_binding(Device& device) {
   for (auto& e : tls_bindings.entries)
     if (e.device_id == device.id()) return e;
+  // First use of this device on this thread: drop the bindings of devices
+  // that no longer exist, so a thread that outlives many private devices
+  // keeps a short list (the hot path above scans it on every call).
+  std::erase_if(tls_bindings.entries, [](const ThreadBinding& b) { return b.device.expired(); });
   auto& e = tls_bindings.entries.emplace_back();
   e.device_id = device.id();
   e.device = device.weak_from_this();
   return e;
 }
+
+size_t thread_binding_count() noexcept { return tls_bindings.entries.size(); }
 
 int swap_current_stream_index(Device& device, int index) noexcept {
   for (auto& e : tls_bindings.entries)

@@ -7,6 +7,7 @@
 // committed and the exclusive slot returned, if the device is still alive.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 
@@ -25,6 +26,8 @@ struct ThreadBinding {
 
 // The calling thread's binding for `device`, created on first use.
 ThreadBinding& thread_binding(Device& device);
+// Bindings the calling thread holds (live and dead devices): for tests.
+size_t thread_binding_count() noexcept;
 // Sets the current stream index (-1 clears it); returns the previous one.
 int swap_current_stream_index(Device& device, int index) noexcept;
 
