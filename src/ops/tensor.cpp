@@ -200,7 +200,7 @@ void Tensor::to_host(std::span<float> out, const Stream& stream) const {
   FL_INTERNAL_CHECK(staging.host_ptr() != nullptr, "staging memory is not host-visible");
   Stream(stream).dispatch(
       "copy_bytes", backend::KernelArgs().ptr(staging.device_ptr()).ptr(data()).size(nbytes()));
-  Stream(stream).synchronize();
+  device().allocator().synchronize_stream(stream);  // also recycles staging blocks
   convert_to_float(staging.host_ptr(), dtype_, out);
   staging.release_idle();  // the stream has synchronized: the copy has run
 }

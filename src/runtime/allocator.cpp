@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <bit>
 #include <map>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -57,6 +58,7 @@ struct PendingBlock {
   uint64_t streams = 0;       // streams to record an event on (bit per index)
   std::vector<Event> events;  // recorded; empty until then
   bool recorded = false;
+  uint64_t seq = 0;  // the shard's free counter at the free (synchronize_stream)
 };
 
 }  // namespace
@@ -65,6 +67,7 @@ struct Allocator::Shard {
   Mutex mu;  // short: only container operations run under it
   std::map<size_t, std::vector<std::unique_ptr<detail::Block>>> ready FL_GUARDED_BY(mu);
   std::vector<PendingBlock> pending FL_GUARDED_BY(mu);
+  uint64_t next_seq FL_GUARDED_BY(mu) = 1;
 };
 
 struct Allocator::Counters {
@@ -248,13 +251,18 @@ void Allocator::reap(Shard& s) {
   }
   std::vector<PendingBlock> keep;
   std::vector<std::unique_ptr<detail::Block>> done;
+  // One event per stream covers every block of this pass that waits for it.
+  std::vector<std::optional<Event>> marks(static_cast<size_t>(num_streams_));
   for (auto& p : work) {
     if (!p.recorded) {
       try {
         for (uint64_t bits = p.streams; bits; bits &= bits - 1) {
-          Event e(device_);
-          e.record(Stream(device_, std::countr_zero(bits)));
-          p.events.push_back(std::move(e));
+          auto& mark = marks[static_cast<size_t>(std::countr_zero(bits))];
+          if (!mark) {
+            mark.emplace(device_);
+            mark->record(Stream(device_, std::countr_zero(bits)));
+          }
+          p.events.push_back(*mark);
         }
         p.recorded = true;
       } catch (...) {
@@ -421,6 +429,7 @@ void Allocator::free_block(detail::Block* raw, bool idle) noexcept {
   p.block = std::move(block);
   try {
     MutexLock lock(s.mu);
+    p.seq = s.next_seq++;
     s.pending.push_back(std::move(p));  // strong guarantee: kept on throw
   } catch (...) {
     leak(std::move(p.block));
@@ -434,6 +443,46 @@ void Allocator::leak(std::unique_ptr<detail::Block> block) noexcept {
   counters_->cached.fetch_sub(block->cls, std::memory_order_relaxed);
   counters_->reserved.fetch_sub(block->cls, std::memory_order_relaxed);
   (void)block.release();
+}
+
+void Allocator::synchronize_stream(const Stream& stream) {
+  FL_CHECK_ARG(&stream.device() == &device_, "[Allocator::synchronize_stream] the stream is on ",
+               stream.device().name(), " but this allocator belongs to ", device_.name());
+  const uint64_t own = uint64_t{1} << stream.index();
+  uint64_t before[2];
+  for (int host = 0; host < 2; ++host) {
+    Shard& s = shard(stream.index(), host != 0);
+    MutexLock lock(s.mu);
+    before[host] = s.next_seq;
+  }
+  Stream(stream).synchronize();
+  // Every block freed to this stream before the synchronize began, and
+  // waiting for this stream only, has had all its uses run.
+  for (int host = 0; host < 2; ++host) {
+    Shard& s = shard(stream.index(), host != 0);
+    std::vector<std::unique_ptr<detail::Block>> idle;
+    {
+      MutexLock lock(s.mu);
+      auto keep = s.pending.begin();
+      for (auto it = s.pending.begin(); it != s.pending.end(); ++it) {
+        if (it->seq < before[host] && (it->streams & ~own) == 0) {
+          it->block->used_on.store(0, std::memory_order_relaxed);
+          if (caching_)
+            s.ready[it->block->cls].push_back(std::move(it->block));
+          else
+            idle.push_back(std::move(it->block));
+        } else {
+          if (keep != it) *keep = std::move(*it);
+          ++keep;
+        }
+      }
+      s.pending.erase(keep, s.pending.end());
+    }
+    for (auto& b : idle) {
+      counters_->cached.fetch_sub(b->cls, std::memory_order_relaxed);
+      release_to_driver(std::move(b));
+    }
+  }
 }
 
 void Allocator::empty_cache() {

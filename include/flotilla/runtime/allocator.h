@@ -153,6 +153,12 @@ class Allocator {
   // done with it.
   Allocation allocate_host(size_t bytes, const Stream& stream);
 
+  // Synchronizes `stream` (blocks the host; rethrows its asynchronous
+  // error), then makes every block freed to it before the call and waiting
+  // for it alone (host staging blocks, no-caching frees) reusable at once,
+  // without the events they would otherwise wait for. Tensor::to_host uses it.
+  void synchronize_stream(const Stream& stream);
+
   // Gives every cached block back to the driver, first waiting (on the host)
   // for the streams that last used them, and waits for deferred no-caching
   // frees to finish. Blocks in use are untouched.
