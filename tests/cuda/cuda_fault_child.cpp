@@ -1,8 +1,11 @@
 // The child process of the sticky-failure test (cuda_fault_test.cpp): a
 // kernel faults while other streams have work in flight, callbacks pending
 // and threads waiting. It checks, in this order, that
-//  - the waiters wake with DeviceLost (no hang), each callback and each
-//    completion handler runs exactly once, handlers see kError + DeviceLost;
+//  - the faulting work and work that can never run (it waits for an event
+//    recorded after the fault) end with DeviceLost; a thread waiting for it
+//    wakes (no hang); each callback and completion handler runs exactly once;
+//    work that was running elsewhere settles either way (CUDA leaves open
+//    whether it completes);
 //  - device_error() holds the DeviceLost, and every later call throws it
 //    at once (well under 100 ms);
 //  - event waits on the lost device throw instead of hanging;
@@ -70,6 +73,20 @@ void expect_lost(const std::string& what, double limit_ms, Fn fn) {
   }
 }
 
+// How a buffer ended, for the handler checks: 1 completed, 2 failed with
+// DeviceLost, 3 anything else.
+int outcome(CommandBuffer& cb) {
+  if (cb.status() == backend::CommandBufferStatus::kCompleted) return 1;
+  if (cb.status() != backend::CommandBufferStatus::kError || !cb.error()) return 3;
+  try {
+    std::rethrow_exception(cb.error());
+  } catch (const DeviceLost&) {
+    return 2;
+  } catch (...) {
+  }
+  return 3;
+}
+
 }  // namespace
 
 int main() {
@@ -81,76 +98,98 @@ int main() {
   auto dev = Device::create("cuda", 0, Config{});
   auto& drv = dev->driver();
   auto buf = drv.allocate(1 << 20);
+  const auto fill = KernelArgs().ptr(buf->device_ptr()).f64(1).size(1024);
 
-  // Work in flight elsewhere: a long kernel on stream 2 with a callback and a
-  // raw command buffer with a handler on a queue of its own.
+  // Everything is set up before the first fault can happen: each trap runs
+  // only after a sleep of its own stream.
+  //
+  // (1) Work on another stream that may finish or be killed (CUDA leaves it
+  // open whether kernels running on other streams complete after a fault):
+  // a long kernel with a callback, which must run once either way.
   Stream busy = dev->streams().at(2);
-  std::atomic<int> callback_runs{0};
-  busy.dispatch("sleep_us", KernelArgs().i64(300000));
-  busy.add_callback([&] { ++callback_runs; });
+  std::atomic<int> busy_runs{0};
+  busy.dispatch("sleep_us", KernelArgs().i64(100000));
+  busy.add_callback([&] { ++busy_runs; });
+
+  // (2) A fault in a raw command buffer with a handler: it must see kError
+  // with DeviceLost, once.
   auto q = drv.new_queue();
   auto raw = q->new_command_buffer();
-  std::atomic<int> handler_runs{0}, handler_saw_error{0};
   {
     auto& enc = raw->compute_encoder();
-    enc.dispatch(drv.pipeline("sleep_us"), KernelArgs().i64(300000));
+    enc.dispatch(drv.pipeline("sleep_us"), KernelArgs().i64(30000));
+    enc.dispatch(drv.pipeline("trap"), KernelArgs());
     enc.end_encoding();
   }
+  std::atomic<int> raw_runs{0}, raw_outcome{0};
   raw->add_completed_handler([&](CommandBuffer& cb) {
-    ++handler_runs;
-    if (cb.status() == backend::CommandBufferStatus::kError && cb.error()) {
-      try {
-        std::rethrow_exception(cb.error());
-      } catch (const DeviceLost&) {
-        ++handler_saw_error;
-      } catch (...) {
-      }
-    }
+    ++raw_runs;
+    raw_outcome = outcome(cb);
   });
-  raw->commit();
-  Event marker(*dev);
-  Stream other = dev->streams().at(3);
-  other.dispatch("sleep_us", KernelArgs().i64(300000));
-  marker.record(other);
 
-  // A thread blocked in synchronize() when the fault comes.
-  std::atomic<bool> waiter_done{false};
+  // (3) A fault on a runtime stream, and an event recorded after it.
+  Stream bad = dev->streams().at(1);
+  bad.dispatch("sleep_us", KernelArgs().i64(20000));
+  bad.dispatch("fill_f32", fill);
+  bad.dispatch("trap", KernelArgs());
+  Event after_fault(*dev);
+  after_fault.record(bad);
+
+  // (4) Work that can never run: it waits on the GPU for that event. Its
+  // callback must run once, and a thread waiting for it must get DeviceLost.
+  Stream blocked = dev->streams().at(3);
+  after_fault.wait(blocked);
+  blocked.dispatch("fill_f32", fill);
+  std::atomic<int> blocked_runs{0};
+  blocked.add_callback([&] { ++blocked_runs; });
+  raw->commit();
+
   std::string waiter_result = "did not finish";
   std::thread waiter([&] {
     try {
-      busy.synchronize();
+      blocked.synchronize();
       waiter_result = "synchronize returned without an error";
     } catch (const DeviceLost&) {
       waiter_result = "ok";
     } catch (const std::exception& e) {
       waiter_result = std::string("wrong error: ") + e.what();
     }
-    waiter_done = true;
   });
 
-  step("work in flight; now the fault");
-  Stream bad = dev->streams().at(1);
-  bad.dispatch("fill_f32", KernelArgs().ptr(buf->device_ptr()).f64(1).size(1024));
-  bad.dispatch("trap", KernelArgs());
+  step("work in flight; now the faults");
   expect_lost("synchronize of the faulting stream", 30000, [&] { bad.synchronize(); });
   step("the faulting stream reported the loss");
   waiter.join();
-  check(waiter_result == "ok", "the waiting thread: " + waiter_result);
+  check(waiter_result == "ok", "the thread waiting for blocked work: " + waiter_result);
+  check(blocked_runs.load() == 1,
+        "blocked stream's callback ran " + std::to_string(blocked_runs.load()) + " times");
   raw->wait_until_completed();
-  check(raw->status() == backend::CommandBufferStatus::kError, "raw buffer status is not kError");
-  check(handler_runs.load() == 1, "handler ran " + std::to_string(handler_runs.load()) + " times");
-  check(handler_saw_error.load() == 1, "handler did not see kError with DeviceLost");
-  check(callback_runs.load() == 1,
-        "stream callback ran " + std::to_string(callback_runs.load()) + " times");
-
+  check(raw_runs.load() == 1, "raw handler ran " + std::to_string(raw_runs.load()) + " times");
+  check(raw_outcome.load() == 2, "raw buffer with a trap: outcome " +
+                                     std::to_string(raw_outcome.load()) +
+                                     " (2 = kError with DeviceLost)");
+  // The busy stream: finished or lost, but settled, and its callback ran once.
+  std::string busy_result;
+  try {
+    busy.synchronize();
+    busy_result = "completed";
+  } catch (const DeviceLost&) {
+    busy_result = "lost";
+  } catch (const std::exception& e) {
+    busy_result = std::string("wrong error: ") + e.what();
+  }
+  check(busy_result == "completed" || busy_result == "lost", "busy stream: " + busy_result);
+  check(busy_runs.load() == 1,
+        "busy stream's callback ran " + std::to_string(busy_runs.load()) + " times");
+  std::printf("busy stream (running when the fault came): %s\n", busy_result.c_str());
   step("waiters, handlers and callbacks checked");
+
   // The device is lost for good, and says so at once.
   check(drv.device_error() != nullptr, "device_error() is null after the fault");
-  expect_lost("dispatch after the fault", 100, [&] {
-    dev->streams().at(4).dispatch("fill_f32", KernelArgs().ptr(buf->device_ptr()).f64(2).size(16));
-  });
-  expect_lost("synchronize of another stream", 100, [&] { other.synchronize(); });
-  expect_lost("event synchronize", 100, [&] { marker.synchronize(); });
+  expect_lost("dispatch after the fault", 100,
+              [&] { dev->streams().at(4).dispatch("fill_f32", fill); });
+  expect_lost("synchronize of another stream", 100, [&] { blocked.synchronize(); });
+  expect_lost("event synchronize", 100, [&] { after_fault.synchronize(); });
   expect_lost("allocate", 100, [&] { drv.allocate(4096); });
   expect_lost("raw commit", 100, [&] {
     auto cb = q->new_command_buffer();

@@ -80,9 +80,11 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   void pop_front() FL_EXCLUDES(mu_);
   // The last sequence number the GPU wrote (Note [Completion words]).
   uint64_t done_seq() const { return __atomic_load_n(word_.host, __ATOMIC_ACQUIRE); }
-  // Since when the oldest buffer has been seen pending without progress;
-  // read and written by the queue's completion thread only.
+  // Since when the oldest buffer has been seen pending without progress, and
+  // how many stall checks found the stream idle with the word unmoved; read
+  // and written by the queue's completion thread only.
   std::chrono::steady_clock::time_point stall_since;
+  int idle_checks = 0;
 
  private:
   std::shared_ptr<DeviceCore> device_;

@@ -69,6 +69,9 @@ namespace {
 // A pending buffer whose completion word has not moved for this long is
 // checked with cudaStreamQuery, which reports a fault (Note [Completion words]).
 constexpr auto kStallCheck = std::chrono::microseconds(200);
+// How many stall checks must find the stream idle with the word unmoved
+// before the buffer counts as done anyway (5 ms: a fault is reported by then).
+constexpr int kIdleChecks = 25;
 
 }  // namespace
 
@@ -100,7 +103,12 @@ bool CompletionThread::poll(std::vector<std::shared_ptr<QueueCore>>& working) {
           if (now - q.stall_since < kStallCheck) break;  // pending, no CUDA call
           q.stall_since = now;
           call = "cudaStreamQuery(stream)";
-          r = cudaStreamQuery(q.stream());  // success: the stream ran everything, this too
+          r = cudaStreamQuery(q.stream());
+          // The stream says it is idle, yet the word has not moved: the write
+          // is about to land, or a fault aborted the work and is not reported
+          // yet (seen on an H100: other streams' queries report it first).
+          // Believe "idle" only when it persists.
+          if (r == cudaSuccess && q.done_seq() < seq && ++q.idle_checks < kIdleChecks) break;
         }
       } else {
         r = cudaEventQuery(cb->completion_event());
@@ -108,6 +116,7 @@ bool CompletionThread::poll(std::vector<std::shared_ptr<QueueCore>>& working) {
       if (r == cudaErrorNotReady) break;  // the queue's later buffers are not done either
       if (r == cudaSuccess) {
         q.stall_since = {};
+        q.idle_checks = 0;
         q.pop_front();
         cb->finish(nullptr);
         progressed = true;
@@ -128,6 +137,7 @@ bool CompletionThread::poll(std::vector<std::shared_ptr<QueueCore>>& working) {
         error = std::current_exception();
       }
       q.stall_since = {};
+      q.idle_checks = 0;
       q.pop_front();
       cb->finish(error);
       progressed = true;

@@ -87,10 +87,13 @@ class TimeBase {
 // sees completion within a few hundred nanoseconds. Only writes are used,
 // never stream waits on memory, which CUDA's scheduler cannot see and which
 // can deadlock streams sharing a hardware queue.
-// A buffer whose word does not move for a while is checked with
-// cudaStreamQuery: that reports a fault (the device is lost) or a finished
-// stream. Where the memory operation is unavailable (checked once per
-// device), completion falls back to a pooled CUDA event per buffer.
+// A buffer whose word does not move for 200 us is checked with
+// cudaStreamQuery: that reports a fault (the device is lost), or an idle
+// stream, which is believed only if it stays so for 5 ms with the word still
+// unmoved (after a fault on an H100, the query on a stream whose work was
+// killed said "idle" while queries on other streams reported the fault).
+// Where the memory operation is unavailable (checked once per device),
+// completion falls back to a pooled CUDA event per buffer.
 class CompletionWords {
  public:
   using WriteFn = CUresult (*)(CUstream stream, CUdeviceptr addr, cuuint64_t value,
