@@ -88,6 +88,14 @@ TEST(CliRun, CatchesACorruptedOutput) {
   EXPECT_EQ(j["requests"], 50);
 }
 
+TEST(CliRun, CountsACrashOfTheIsolatedRun) {
+  const auto r = run_cli("run --threads 2 --requests 50 --crash-after 10 --json", "2>/dev/null");
+  EXPECT_EQ(r.exit_code, 1) << "a crash must fail the run: " << r.out;
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["crashes"], 1);
+  EXPECT_NE(j["first_error"].get<std::string>().find("signal"), std::string::npos) << r.out;
+}
+
 TEST(CliRun, BadModelFileEndsWithOneLineNamingIt) {
   const auto path = std::filesystem::temp_directory_path() /
                     ("fl_cli_bad_" + std::to_string(::getpid()) + ".safetensors");

@@ -66,6 +66,7 @@ void add_run_command(CLI::App& app) {
   cmd->add_flag("--json", *json, "print one JSON object on stdout");
   // Hidden (empty group): the CLI test's proof that a wrong output is caught.
   cmd->add_option("--corrupt-every", o->corrupt_every, "test hook")->group("");
+  cmd->add_option("--crash-after", o->crash_after, "test hook")->group("");
   cmd->add_flag("--batching", o->batching.enabled,
                 "client threads submit batch-1 requests to a BatchQueue that runs real batches");
   cmd->add_option("--max-batch", o->batching.max_batch, "with --batching: requests per batch")

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <latch>
@@ -58,6 +59,7 @@ void WorkloadOptions::validate() const {
                "[run] distinct inputs must be in 1..1024");
   FL_CHECK_ARG(warmup >= 0, "[run] warmup must not be negative");
   FL_CHECK_ARG(corrupt_every >= 0, "[run] --corrupt-every must not be negative");
+  FL_CHECK_ARG(crash_after >= 0, "[run] --crash-after must not be negative");
   FL_CHECK_ARG(dtype == DType::kF32 || backend != "cpu", "[run] --dtype ",
                flotilla::to_string(dtype),
                " needs --backend cuda: the cpu backend has f32 kernels only");
@@ -407,6 +409,7 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
         if (o.requests > 0 && ticket >= static_cast<uint64_t>(o.requests)) break;
         const bool corrupt =
             o.corrupt_every > 0 && (ticket + 1) % static_cast<uint64_t>(o.corrupt_every) == 0;
+        if (o.crash_after > 0 && ticket + 1 == static_cast<uint64_t>(o.crash_after)) std::abort();
         const double us = one_request(*client, ctx, r % ctx.inputs.size(), out, st, corrupt);
         st.latency_us.push_back(static_cast<float>(us));
         completed.fetch_add(1, std::memory_order_relaxed);
@@ -577,6 +580,7 @@ WorkloadResult run_workload_isolated(const nn::MlpWeights& weights, const Worklo
     WorkloadResult r;
     r.options = o;
     r.crashes = 1;
+    r.model_shape = weights.describe();
     r.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
     r.policy =
         o.arch == Arch::kLegacy ? "single-stream" : (o.policy ? to_string(*o.policy) : "default");

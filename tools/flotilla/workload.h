@@ -62,6 +62,9 @@ struct WorkloadOptions {
   // Test hook (hidden --corrupt-every N): flips a bit in the output of every
   // Nth timed request before the check, to prove the check can fail.
   int corrupt_every = 0;
+  // Test hook (hidden --crash-after N): the Nth timed request aborts the
+  // process, to prove an isolated run counts a crash rather than dying.
+  int64_t crash_after = 0;
 
   // Issue 5 (`--batching --max-batch B --max-delay-us D --queue-workers W`):
   // the client threads submit batch-1 requests to one serve::BatchQueue,
