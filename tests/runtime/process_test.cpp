@@ -1,21 +1,22 @@
 // Process-level behaviour, each in a child process (label concurrency):
 //  - Device::get made first by 16 threads at once: one device.
 //  - exit() with work in flight: the atexit handler drains it; every
-//    completion handler runs; the process exits 0 without hanging
-//    (Note [Process exit] in src/runtime/device.cpp).
+//    completion handler runs, uncommitted work too; the process exits 0
+//    without hanging (Note [Process exit] in src/runtime/device.cpp).
 //  - fork() after init: the child gets InvalidState naming fork on first use
 //    of an old device; a device made in the child works; the child's exit
 //    does not hang on the parent's (absent) driver threads.
 //
 // Each test body runs in a fresh process (FL_EXPECT_IN_FRESH_PROCESS
 // re-executes this binary), so nothing the test process did before, such as
-// a process-wide device, is inherited; the bodies then fork where they need
-// a parent to observe a child.
-#include <sys/mman.h>
+// a process-wide device or a GPU context, is inherited; the fork test then
+// forks again, after making its devices.
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <csignal>
+#include <cstdlib>
 #include <functional>
 #include <iostream>
 #include <latch>
@@ -110,21 +111,49 @@ constexpr int kExitThreads = 4;
 constexpr int kCallbacksPerThread = 50;
 constexpr int kEventCallbacks = 10;
 
-// The child: encodes work and completion handlers that write to the pipe on
-// several threads, leaves the last of it uncommitted, and calls exit(0)
-// without synchronizing anything.
-void exit_with_work_in_flight(int fd, float* shared) {
+std::atomic<int> g_exit_handlers{0};
+std::atomic<int> g_exit_event_callbacks{0};
+float g_exit_host[16];  // cpu only: a kernel never committed before exit fills it
+
+// Registered with atexit() before the process-wide device exists, so it runs
+// after the device's own atexit drain: everything must have run by then.
+void exit_verdict() {
+  ChildChecks checks;
+  CHILD_CHECK(checks, g_exit_handlers.load() == kExitThreads * kCallbacksPerThread,
+              "completion handlers ran: ", g_exit_handlers.load(), " of ",
+              kExitThreads * kCallbacksPerThread);
+  CHILD_CHECK(checks, g_exit_event_callbacks.load() == kEventCallbacks,
+              "event callbacks ran: ", g_exit_event_callbacks.load(), " of ", kEventCallbacks);
+  if (is_cpu())
+    CHILD_CHECK(checks, g_exit_host[0] == 42.0f && g_exit_host[15] == 42.0f,
+                "work left uncommitted at exit did not run: ", g_exit_host[0]);
+  if (checks.finish("exit_with_work_in_flight") != 0) _exit(1);
+}
+
+void exit_hang(int) {
+  const char msg[] = "HANG: exit() with work in flight did not finish within 60 s\n";
+  (void)!::write(2, msg, sizeof msg - 1);
+  _exit(3);
+}
+
+// Encodes work and completion handlers on several threads, leaves the last of
+// it uncommitted, and calls exit(0) without synchronizing anything. The death
+// test's parent sees the exit code and the verdict; a hang is cut by SIGALRM.
+int exit_scenario() {
+  std::signal(SIGALRM, exit_hang);
+  ::alarm(60);
+  std::atexit(exit_verdict);
   Config c = test_config();
   c.sync_mode = SyncMode::kNone;
   Device& dev = Device::get(kBackend, 0, c);
   const bool slow = has_kernel(dev, "sleep_us");
   std::vector<std::thread> threads;
   for (int t = 0; t < kExitThreads; ++t)
-    threads.emplace_back([&dev, fd, slow] {
+    threads.emplace_back([&dev, slow] {
       Stream s = dev.current_stream();
       for (int i = 0; i < kCallbacksPerThread; ++i) {
         if (slow) s.dispatch("sleep_us", KernelArgs().i64(300));
-        s.add_callback([fd] { write_all(fd, "h"); });
+        s.add_callback([] { g_exit_handlers.fetch_add(1); });
       }
       if (slow) s.dispatch("sleep_us", KernelArgs().i64(300));  // uncommitted at thread exit
     });
@@ -133,35 +162,12 @@ void exit_with_work_in_flight(int fd, float* shared) {
   if (slow) s.dispatch("sleep_us", KernelArgs().i64(5000));
   Event e(dev);
   e.record(s);
-  for (int i = 0; i < kEventCallbacks; ++i) e.then([fd] { write_all(fd, "e"); });
-  if (shared) {
-    // cpu: a kernel writes shared memory the parent reads; never committed here.
-    s.dispatch("fill_f32", KernelArgs().ptr(shared).f64(42.0).size(16));
+  for (int i = 0; i < kEventCallbacks; ++i) e.then([] { g_exit_event_callbacks.fetch_add(1); });
+  if (is_cpu()) {
+    // cpu kernels take host pointers: this one is never committed here.
+    s.dispatch("fill_f32", KernelArgs().ptr(g_exit_host).f64(42.0).size(16));
   }
   std::exit(0);
-}
-
-int exit_scenario() {
-  ChildChecks checks;
-  // Shared with the child, for the cpu driver's kernels (raw host pointers).
-  void* mem = ::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-  CHILD_CHECK(checks, mem != MAP_FAILED);
-  float* shared = is_cpu() ? static_cast<float*>(mem) : nullptr;
-  ChildResult r =
-      run_child([&](int fd) { exit_with_work_in_flight(fd, shared); }, std::chrono::seconds(60));
-  CHILD_CHECK(checks, !r.timed_out, r.describe());
-  CHILD_CHECK(checks, r.exited && r.exit_code == 0, r.describe());
-  const auto handlers = std::count(r.output.begin(), r.output.end(), 'h');
-  const auto event_callbacks = std::count(r.output.begin(), r.output.end(), 'e');
-  CHILD_CHECK(checks, handlers == kExitThreads * kCallbacksPerThread,
-              "completion handlers ran: ", handlers, " of ", kExitThreads * kCallbacksPerThread);
-  CHILD_CHECK(checks, event_callbacks == kEventCallbacks, "event callbacks ran: ", event_callbacks,
-              " of ", kEventCallbacks);
-  if (shared) {
-    CHILD_CHECK(checks, shared[0] == 42.0f && shared[15] == 42.0f,
-                "work left uncommitted at exit did not run: ", shared[0]);
-  }
-  return checks.finish("exit_with_work_in_flight");
 }
 
 TEST_F(ProcessTest, ExitWithWorkInFlightDrainsAndRunsEveryHandler) {

@@ -115,8 +115,11 @@ TEST_F(StreamTest, KernelsRunInEncodingOrder) {
 
 // A kernel that fails makes synchronize() throw, once; the stream goes on.
 TEST_F(StreamTest, FailedCommandBufferReachesSynchronizeOnce) {
+  if (!is_cpu())
+    GTEST_SKIP() << "on " << kBackend
+                 << " a faulting kernel loses the device for the whole process (DeviceLost), "
+                    "which the backend's own child-process fault test covers";
   auto dev = make_device();
-  if (!has_kernel(*dev, "trap")) GTEST_SKIP() << "the backend has no trap kernel";
   Stream s = dev->streams().at(1);
   s.dispatch("trap", KernelArgs());
   EXPECT_THROW(s.synchronize(), InvalidState);
