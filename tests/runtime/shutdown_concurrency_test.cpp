@@ -70,6 +70,11 @@ void shutdown_while_submitting(SyncMode mode) {
     Config c = test_config();
     c.sync_mode = mode;
     c.adaptive_commit_kernels = 8;
+    // 8 threads on 2 streams, each driver call a few microseconds: callers
+    // queue on the stream locks, and so sit between the device's usable
+    // check and the stream lock when the shutdown starts.
+    c.pool_size = 3;
+    c.cpu_encode_cost = std::chrono::microseconds(5);
     auto dev = make_device(c);
     std::vector<std::unique_ptr<backend::Buffer>> arrays;
     for (int t = 0; t < kThreads; ++t) {
