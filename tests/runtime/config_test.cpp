@@ -3,6 +3,8 @@
 #include <cstdlib>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "runtime/runtime_test_util.h"
 
@@ -34,12 +36,24 @@ const char* const kVars[] = {"FLOTILLA_POOL_SIZE",   "FLOTILLA_POLICY",
                              "FLOTILLA_SYNC_MODE",   "FLOTILLA_ENCODING_LOCK",
                              "FLOTILLA_CPU_THREADS", "FLOTILLA_ALLOCATOR_CACHING"};
 
+// Clears the FLOTILLA_* variables for each test (CI sets some, such as
+// FLOTILLA_ALLOCATOR_CACHING) and restores them afterwards.
 class ConfigTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    for (const char* v : kVars)
-      ASSERT_EQ(std::getenv(v), nullptr) << v << " is set around the test";
+    for (const char* v : kVars) {
+      const char* old = std::getenv(v);
+      saved_.emplace_back(v, old ? std::optional<std::string>(old) : std::nullopt);
+      ::unsetenv(v);
+    }
   }
+  void TearDown() override {
+    for (const auto& [name, value] : saved_)
+      if (value) ::setenv(name, value->c_str(), 1);
+  }
+
+ private:
+  std::vector<std::pair<const char*, std::optional<std::string>>> saved_;
 };
 
 TEST_F(ConfigTest, DefaultsWithoutVariables) {
