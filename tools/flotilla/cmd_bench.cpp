@@ -114,7 +114,7 @@ void write_plot_files(const std::filesystem::path& dir, const std::vector<Worklo
      << "data = '" << abs << "/bench.dat'\n"
      << "set multiplot layout 1,2 title \"" << title << "\"\n"
      << "set logscale x 2\nset logscale y\nset grid\nset xlabel 'client threads'\n"
-     << "set format y '%g'\nset key below horizontal maxrows 2\n"
+     << "set format y '%g'\nset key outside right top vertical\n"
      << "set title 'throughput'\nset ylabel 'samples/s'\n";
   auto plot = [&](const char* column) {
     gp << "plot ";
