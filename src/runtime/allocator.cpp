@@ -63,7 +63,8 @@ struct PendingBlock {
 
 }  // namespace
 
-struct Allocator::Shard {
+// Cache-line aligned: threads on neighbouring streams do not share a line.
+struct alignas(64) Allocator::Shard {
   Mutex mu;  // short: only container operations run under it
   std::map<size_t, std::vector<std::unique_ptr<detail::Block>>> ready FL_GUARDED_BY(mu);
   std::vector<PendingBlock> pending FL_GUARDED_BY(mu);
@@ -73,12 +74,13 @@ struct Allocator::Shard {
 struct Allocator::Counters {
   // All relaxed: statistics, exact once the threads using the allocator are
   // joined (their joins order every update before the read).
-  std::atomic<size_t> in_use{0};
-  std::atomic<size_t> cached{0};
+  // The ones every allocation and free touches get a cache line each.
+  alignas(64) std::atomic<size_t> in_use{0};
+  alignas(64) std::atomic<size_t> cached{0};
   std::atomic<size_t> reserved{0};
-  std::atomic<size_t> peak{0};
-  std::atomic<uint64_t> allocations{0};
-  std::atomic<uint64_t> cache_hits{0};
+  alignas(64) std::atomic<size_t> peak{0};
+  alignas(64) std::atomic<uint64_t> allocations{0};
+  alignas(64) std::atomic<uint64_t> cache_hits{0};
   std::atomic<uint64_t> driver_allocations{0};
   std::atomic<uint64_t> driver_frees{0};
   std::atomic<uint64_t> cross_stream_reuses{0};
