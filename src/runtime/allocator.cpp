@@ -138,8 +138,11 @@ void Allocation::record_stream(const Stream& stream) {
                "[Allocation::record_stream] the stream is on ", stream.device().name(),
                " but the memory belongs to ", allocator_->device_.name());
   if (stream.index() == block_->stream) return;
-  // Relaxed: see Block::used_on.
-  block_->used_on.fetch_or(uint64_t{1} << stream.index(), std::memory_order_relaxed);
+  // Relaxed: see Block::used_on. Read first: shared weights are recorded by
+  // every op on every stream, and a read keeps their cache line shared.
+  const uint64_t bit = uint64_t{1} << stream.index();
+  if ((block_->used_on.load(std::memory_order_relaxed) & bit) == 0)
+    block_->used_on.fetch_or(bit, std::memory_order_relaxed);
 }
 
 void Allocation::reset() noexcept {
