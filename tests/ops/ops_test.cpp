@@ -201,6 +201,24 @@ TEST_F(OPS_SUITE, LinearAtTheSeedModelsShapesAndWithLeadingDims) {
   }
 }
 
+// Row views start at any element: the GEMM must not assume aligned inputs
+// (on CUDA, cuBLASLt algorithms are chosen for the actual alignment).
+TEST_F(OPS_SUITE, LinearOnARowViewAtAnOddOffset) {
+  for (DType dt : dtypes()) {
+    const int64_t K = 20, N = 12;
+    Vec xs, ws, bs;
+    Tensor x = rand_tensor({5, K}, dt, &xs);
+    Tensor w = rand_tensor({N, K}, dt, &ws);
+    Tensor b = rand_tensor({N}, dt, &bs);
+    Tensor xv = x.narrow(1, 3);  // starts 20 elements in: 40 or 80 bytes
+    Vec rows(xs.begin() + K, xs.begin() + 4 * K);
+    Tensor y = ops::linear(s(), xv, w, b, Activation::kRelu);
+    EXPECT_LT(rel_error(y.to_host(s()), linear_ref(rows, ws, &bs, 3, N, K, Activation::kRelu)),
+              tolerance(dt))
+        << to_string(dt);
+  }
+}
+
 TEST_F(OPS_SUITE, AddAndMulSameShapeAndBroadcast) {
   for (DType dt : dtypes()) {
     Vec as, bs, cs;

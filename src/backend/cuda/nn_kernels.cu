@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <memory>
 #include <unordered_map>
+#include <utility>
 
 #include "backend/cuda/kernels.h"
 #include "flotilla/common/error.h"
@@ -203,10 +204,21 @@ struct PlanKey {
   int64_t m, n, k;
   int dtype;     // 0 f32, 1 f16, 2 bf16
   int epilogue;  // cublasLtEpilogue_t
+  // Alignment in bytes (a power of two up to 256) of w, x and y: row views
+  // (Tensor::narrow) are less aligned than fresh blocks, and an algorithm
+  // chosen for 256-byte alignment fails on them.
+  uint32_t align_a, align_b, align_c;
   bool operator==(const PlanKey& o) const {
-    return m == o.m && n == o.n && k == o.k && dtype == o.dtype && epilogue == o.epilogue;
+    return m == o.m && n == o.n && k == o.k && dtype == o.dtype && epilogue == o.epilogue &&
+           align_a == o.align_a && align_b == o.align_b && align_c == o.align_c;
   }
 };
+
+uint32_t alignment(const void* p) {
+  const auto v = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t low = v & (~v + 1);  // the lowest set bit
+  return static_cast<uint32_t>(low == 0 || low > 256 ? 256 : low);
+}
 struct PlanKeyHash {
   size_t operator()(const PlanKey& k) const noexcept {
     uint64_t h = 1469598103934665603ull;
@@ -290,8 +302,16 @@ std::unique_ptr<Plan> make_plan(LtResource& r, const PlanKey& key) {
   const uint64_t ws = kWorkspaceBytes;
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
-  const cublasStatus_t s1 = cublasLtMatmulPreferenceSetAttribute(
+  cublasStatus_t s1 = cublasLtMatmulPreferenceSetAttribute(
       pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+  const std::pair<cublasLtMatmulPreferenceAttributes_t, uint32_t> aligns[] = {
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, key.align_a},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, key.align_b},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, key.align_c},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, key.align_c}};
+  for (const auto& [attr, value] : aligns)
+    if (s1 == CUBLAS_STATUS_SUCCESS)
+      s1 = cublasLtMatmulPreferenceSetAttribute(pref, attr, &value, sizeof(value));
   const cublasStatus_t s2 = s1 == CUBLAS_STATUS_SUCCESS ? cublasLtMatmulAlgoGetHeuristic(
                                                               r.handle, p->desc, p->a, p->b, p->c,
                                                               p->c, pref, 1, &result, &found)
@@ -329,7 +349,8 @@ void linear(const KernelArgs& a, LaunchContext& ctx) {
   else if (bias)
     epi = CUBLASLT_EPILOGUE_BIAS;  // none, or exact gelu (a kernel after)
   LtResource& r = lt_resource(ctx);
-  const PlanKey key{M, N, K, kDtype, static_cast<int>(epi)};
+  const PlanKey key{M,           N, K, kDtype, static_cast<int>(epi), alignment(w), alignment(x),
+                    alignment(y)};
   const float alpha = 1.f, beta = 0.f;
   {
     MutexLock lock(r.mu);
