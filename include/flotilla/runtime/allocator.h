@@ -10,17 +10,21 @@
 //   which the stream's ordering makes safe. So a freed block is reused on
 //   its own stream at once.
 // - A block used on other streams (record_stream, which the ops do for every
-//   tensor they touch on a stream other than its own) gets, at free time, an
-//   Event recorded on each of those streams; it becomes reusable only once
+//   tensor they touch on a stream other than its own) waits, after the free,
+//   for an Event on each of those streams; it becomes reusable only once
 //   every such event is reached (checked on the host, never waited for).
+//   The events are recorded by the next allocation on the block's stream,
+//   not inside the free, which may run in a stream callback (Note
+//   [Cross-stream reuse] in allocator.cpp); later only covers more work.
 // - A block is reused on a different stream only after an Event says the
 //   device is done with it: under memory pressure an allocation on stream B
 //   may take a block cached on stream A; it records an Event on A and makes
-//   B wait for it on the device before B's next work (Note [Cross-stream
-//   reuse] in allocator.cpp).
+//   B wait for it on the device before B's next work.
 // - Host staging blocks (allocate_host: pinned memory for copies) are written
-//   by the host, not in stream order, so every host block gets an event at
-//   free time and is reused only once it is reached.
+//   by the host, not in stream order, so a freed host block waits for an
+//   event on its own stream too, or for synchronize_stream() of that stream
+//   (Tensor::to_host calls it, so serving loops recycle staging without
+//   events).
 //
 // Size classes: requests round up to 512 B below 1 MiB, and above it to a
 // quarter of a power of two (1, 1.25, 1.5, 1.75 x 2^k), so at most 25% is
@@ -33,9 +37,11 @@
 // how much was asked, in use, cached, and the device's limit.
 //
 // No caching (Config::allocator_caching = false, FLOTILLA_ALLOCATOR_CACHING=0,
-// set in the sanitizer lanes): every free returns the memory to the driver
-// as soon as the device is done with it (an Event callback), so ASan sees a
-// use after free of a tensor's memory.
+// set in the sanitizer lanes): a freed block goes back to the driver once
+// the device is done with it: at the next allocation on any stream after its
+// events are reached, at synchronize_stream() of its stream, or in
+// empty_cache(). Nothing is reused, so ASan sees a use after free of a
+// tensor's memory.
 //
 // Thread safety: all members may be called from any thread. The state is
 // sharded per stream (one short Mutex per stream and kind), so threads on
