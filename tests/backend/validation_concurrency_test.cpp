@@ -14,6 +14,7 @@
 #include <chrono>
 #include <latch>
 #include <optional>
+#include <random>
 #include <thread>
 #include <vector>
 
@@ -288,6 +289,55 @@ TEST(EncodingLockOnAgx, ContentionIsMeasured) {
   EXPECT_GT(run.lock.contended, 0u);
   EXPECT_GT(run.lock.wait.count(), 0);
   EXPECT_LE(run.lock.contended, run.lock.acquisitions);
+}
+
+}  // namespace
+}  // namespace flotilla::test
+
+namespace flotilla::test {
+namespace {
+
+// Threads commit and wait on raw command buffers while another thread shuts
+// the driver down. A commit either fails with ShutDown or its buffer
+// completes: a commit that slipped in after the drain had finished would be
+// queued on stopped execution threads and its waiter would hang (the
+// Watchdog turns that into a failure).
+TEST(CpuDriverShutdown, CommitRacingShutdownNeverHangs) {
+  constexpr int kThreads = 4;
+  std::mt19937_64 rng(test_seed());
+  for (int iter = 0; iter < scaled(200, 20); ++iter) {
+    Watchdog dog(std::chrono::seconds(30), "a commit racing the driver's shutdown");
+    auto drv = make_cpu_driver();
+    std::atomic<int> other_errors{0};
+    std::latch go(kThreads + 1);
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t)
+      threads.emplace_back([&] {
+        std::unique_ptr<backend::Queue> q;
+        try {
+          q = drv->new_queue();
+        } catch (const ShutDown&) {
+        }
+        go.arrive_and_wait();
+        if (!q) return;
+        try {
+          for (;;) {
+            auto cb = q->new_command_buffer();
+            cb->commit();
+            cb->wait_until_completed();
+          }
+        } catch (const ShutDown&) {
+        } catch (const std::exception& e) {
+          ADD_FAILURE() << e.what();
+          other_errors.fetch_add(1);
+        }
+      });
+    go.arrive_and_wait();
+    std::this_thread::sleep_for(std::chrono::microseconds(rng() % 300));
+    drv->shutdown();
+    for (auto& t : threads) t.join();
+    ASSERT_EQ(other_errors.load(), 0) << "iteration " << iter;
+  }
 }
 
 }  // namespace

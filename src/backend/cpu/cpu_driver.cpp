@@ -217,6 +217,7 @@ class CpuDriver final : public Driver {
   uint64_t next_buffer_id() { return next_cb_id_.fetch_add(1, std::memory_order_relaxed); }
 
   // Committed-but-unfinished command buffers, for draining at shutdown.
+  // on_committed() throws ShutDown once the drain is done.
   void on_committed() FL_EXCLUDES(mu_);
   void on_finished(bool ok) FL_EXCLUDES(mu_);
   void count_kernel() { kernels_.fetch_add(1, std::memory_order_relaxed); }
@@ -236,6 +237,7 @@ class CpuDriver final : public Driver {
   uint64_t in_flight_ FL_GUARDED_BY(mu_) = 0;
   std::vector<std::weak_ptr<QueueCore>> queues_ FL_GUARDED_BY(mu_);
   bool shutting_down_ FL_GUARDED_BY(mu_) = false;
+  bool accepting_commits_ FL_GUARDED_BY(mu_) = true;  // false once the drain is done
 
   // acquire/release: set once by shutdown(); readers then see the drain done.
   std::atomic<bool> shut_down_{false};
@@ -607,9 +609,11 @@ void CpuCommandBuffer::commit() {
     if (open_encoder_)
       violation("commit-with-open-encoder", "commit",
                 "a compute encoder is still encoding; call end_encoding() before commit()");
+    // Counted in flight before it is committed: a driver that finished
+    // draining refuses it here (ShutDown), leaving the buffer not enqueued.
+    driver_.on_committed();
     set_status(CommandBufferStatus::kCommitted);
   }
-  driver_.on_committed();
   queue_->enqueue(shared_from_this());
 }
 
@@ -805,9 +809,13 @@ DriverStats CpuDriver::stats() const {
 }
 
 void CpuDriver::on_committed() {
-  committed_.fetch_add(1, std::memory_order_relaxed);
   MutexLock lock(mu_);
+  if (!accepting_commits_)
+    throw ShutDown(
+        "[CommandBuffer::commit] the cpu driver has been shut down; "
+        "create a new device to run more work");
   ++in_flight_;
+  committed_.fetch_add(1, std::memory_order_relaxed);
 }
 
 void CpuDriver::on_finished(bool) {
@@ -839,8 +847,12 @@ void CpuDriver::shutdown() {
     {
       MutexLock lock(mu_);
       if (drained_.wait_for(mu_, std::chrono::milliseconds(20),
-                            [&]() FL_REQUIRES(mu_) { return in_flight_ == 0; }))
+                            [&]() FL_REQUIRES(mu_) { return in_flight_ == 0; })) {
+        // Still under mu_: a commit that passed check_alive() cannot slip in
+        // between this drain and stopping the execution threads.
+        accepting_commits_ = false;
         break;
+      }
       idle_rounds = executor_.idle() ? idle_rounds + 1 : 0;
       if (idle_rounds < 3) continue;
       for (auto& w : queues_)
