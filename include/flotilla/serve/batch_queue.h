@@ -118,9 +118,13 @@ const char* to_string(ShutdownMode m) noexcept;
 OverflowPolicy parse_overflow_policy(const std::string& s);
 
 struct BatchQueueOptions {
-  int max_batch = 32;                        // requests per batch, >= 1
-  std::chrono::microseconds max_delay{100};  // how long the oldest request waits for company
-  size_t capacity = 1024;                    // queued requests at most, >= 1
+  int max_batch = 32;  // requests per batch, >= 1
+  // How long the oldest request waits for company. 0 (Triton's default):
+  // a free worker takes what is queued at once, and batches grow only while
+  // the workers are busy; raise it to trade latency for bigger batches when
+  // requests arrive faster than a batch runs.
+  std::chrono::microseconds max_delay{0};
+  size_t capacity = 1024;  // queued requests at most, >= 1
   OverflowPolicy when_full = OverflowPolicy::kReject;
   int workers = 1;  // threads, each with its own stream; 0: manual mode
   std::chrono::microseconds default_deadline{0};  // from submit, for requests without one; 0: none
