@@ -109,7 +109,7 @@ void write_plot_files(const std::filesystem::path& dir, const std::vector<Worklo
   std::ofstream gp(dir / "bench.gp");
   FL_CHECK_ARG(gp, "[bench] cannot write ", (dir / "bench.gp").string());
   gp << "# Written by flotilla bench; re-run with: gnuplot " << abs << "/bench.gp\n"
-     << "set terminal pngcairo size 1500,620 font 'sans,10'\n"
+     << "set terminal pngcairo noenhanced size 1500,620 font 'sans,10'\n"
      << "set output '" << abs << "/bench.png'\n"
      << "data = '" << abs << "/bench.dat'\n"
      << "set multiplot layout 1,2 title \"" << title << "\"\n"
@@ -257,6 +257,52 @@ void run_bench(const BenchOptions& b) {
   }
 }
 
+// Re-renders bench.png from an earlier run's bench.json, without running
+// anything: for results taken on a machine without gnuplot (the GPU machine).
+void replot(const std::string& out) {
+  const std::filesystem::path dir(out);
+  std::ifstream in(dir / "bench.json");
+  FL_CHECK_ARG(in, "[bench --replot] cannot read ", (dir / "bench.json").string(),
+               "; pass the --out directory of an earlier flotilla bench");
+  nlohmann::json j;
+  try {
+    in >> j;
+  } catch (const std::exception& e) {
+    throw InvalidArgument(detail::str_cat("[bench --replot] ", (dir / "bench.json").string(),
+                                          " is not valid JSON: ", e.what()));
+  }
+  std::vector<WorkloadResult> points;
+  std::ostringstream title;
+  try {
+    for (const auto& p : j.at("points")) {
+      WorkloadOptions o;
+      const std::string arch = p.at("arch");
+      o.batching.enabled = arch == "batching";
+      o.arch = o.batching.enabled ? Arch::kPool : parse_arch(arch);
+      o.batch = p.at("batch");
+      o.threads = p.at("threads");
+      points.push_back(WorkloadResult::from_json(p, o));
+    }
+    title << "flotilla bench: " << j.at("model_shape").get<std::string>() << " "
+          << j.at("dtype").get<std::string>() << " on " << j.at("device").get<std::string>() << ", "
+          << j.at("seconds_per_point").get<double>() << " s per point, "
+          << j.at("date").get<std::string>();
+  } catch (const nlohmann::json::exception& e) {
+    throw InvalidArgument(detail::str_cat("[bench --replot] ", (dir / "bench.json").string(),
+                                          " is not a flotilla bench result: ", e.what()));
+  }
+  FL_CHECK_ARG(!points.empty(), "[bench --replot] ", (dir / "bench.json").string(),
+               " has no points");
+  write_plot_files(dir, points, title.str());
+  FL_CHECK_STATE(run_gnuplot(dir),
+                 "[bench --replot] gnuplot is missing or failed; install "
+                 "gnuplot-nox (Debian) and run again");
+  std::printf("%s\n", title.str().c_str());
+  print_header();
+  for (const auto& p : points) print_row(p);
+  std::printf("wrote %s/bench.png\n", out.c_str());
+}
+
 }  // namespace
 
 void add_bench_command(CLI::App& app) {
@@ -288,7 +334,15 @@ void add_bench_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--queue-workers", b->base.batching.workers, "batching: worker threads")
       ->capture_default_str();
-  cmd->callback([b, strings, threads_opt] {
+  auto replot_dir = std::make_shared<std::string>();
+  cmd->add_option("--replot", *replot_dir,
+                  "only re-render DIR/bench.png from DIR/bench.json of an earlier run (for "
+                  "results from a machine without gnuplot)");
+  cmd->callback([b, strings, threads_opt, replot_dir] {
+    if (!replot_dir->empty()) {
+      replot(*replot_dir);
+      return;
+    }
     strings->apply(b->base);
     if (b->batching && threads_opt->count() == 0) b->threads = {1, 2, 4, 8, 16, 32, 64};
     run_bench(*b);
