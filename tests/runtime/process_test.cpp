@@ -17,6 +17,7 @@
 #include <atomic>
 #include <csignal>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <iostream>
 #include <latch>
@@ -50,6 +51,22 @@ class ProcessTest : public RuntimeTest {};
 
 bool contains(const std::string& s, const std::string& part) {
   return s.find(part) != std::string::npos;
+}
+
+// Turns a hang of this (fresh) process into a failure that names itself.
+const char* g_hang_what = "";
+void on_hang(int) {
+  const char prefix[] = "HANG: ";
+  (void)!::write(2, prefix, sizeof prefix - 1);
+  (void)!::write(2, g_hang_what, std::strlen(g_hang_what));
+  const char suffix[] = " did not finish in time\n";
+  (void)!::write(2, suffix, sizeof suffix - 1);
+  _exit(3);
+}
+void arm_hang_alarm(const char* what, unsigned seconds) {
+  g_hang_what = what;
+  std::signal(SIGALRM, on_hang);
+  ::alarm(seconds);
 }
 
 // ---- Device::get, made first by 16 threads at once ------------------------------------
@@ -105,6 +122,44 @@ TEST_F(ProcessTest, DeviceGetFromManyThreadsCreatesOneDevice) {
   for (int i = 0; i < scaled(3, 1); ++i) FL_EXPECT_IN_FRESH_PROCESS(device_get_race);
 }
 
+// The first Device::get fails (a bad Config) while 15 other threads wait for
+// it: every one gets the error, none waits forever, and a later call with a
+// good Config creates the device. Would catch: a once-flag that an exception
+// leaves "in progress" (ThreadSanitizer's pthread_once; libstdc++ PR 66146).
+int device_get_failure_race() {
+  arm_hang_alarm("threads racing a failing Device::get", 30);
+  ChildChecks checks;
+  constexpr int kThreads = 16;
+  std::latch go(kThreads);
+  std::atomic<int> invalid{0}, other{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kThreads; ++i)
+    threads.emplace_back([&] {
+      Config bad = test_config();
+      bad.pool_size = 1;
+      go.arrive_and_wait();
+      try {
+        (void)Device::get(kBackend, 0, bad);
+        other.fetch_add(1);
+      } catch (const InvalidArgument&) {
+        invalid.fetch_add(1);
+      } catch (...) {
+        other.fetch_add(1);
+      }
+    });
+  for (auto& t : threads) t.join();
+  CHILD_CHECK(checks, invalid.load() == kThreads, "InvalidArgument in ", invalid.load(), " of ",
+              kThreads, " threads, something else in ", other.load());
+  Device& dev = Device::get(kBackend, 0, test_config());
+  CHILD_CHECK(checks, dev.config().pool_size == test_config().pool_size);
+  CHILD_CHECK(checks, &Device::get(kBackend, 0) == &dev);
+  return checks.finish("device_get_failure_race");
+}
+
+TEST_F(ProcessTest, FailedDeviceGetDoesNotHangTheOthers) {
+  for (int i = 0; i < scaled(3, 1); ++i) FL_EXPECT_IN_FRESH_PROCESS(device_get_failure_race);
+}
+
 // ---- exit() with work in flight --------------------------------------------------------
 
 constexpr int kExitThreads = 4;
@@ -130,18 +185,11 @@ void exit_verdict() {
   if (checks.finish("exit_with_work_in_flight") != 0) _exit(1);
 }
 
-void exit_hang(int) {
-  const char msg[] = "HANG: exit() with work in flight did not finish within 60 s\n";
-  (void)!::write(2, msg, sizeof msg - 1);
-  _exit(3);
-}
-
 // Encodes work and completion handlers on several threads, leaves the last of
 // it uncommitted, and calls exit(0) without synchronizing anything. The death
 // test's parent sees the exit code and the verdict; a hang is cut by SIGALRM.
 int exit_scenario() {
-  std::signal(SIGALRM, exit_hang);
-  ::alarm(60);
+  arm_hang_alarm("exit() with work in flight", 60);
   std::atexit(exit_verdict);
   Config c = test_config();
   c.sync_mode = SyncMode::kNone;
@@ -247,6 +295,21 @@ TEST_F(ProcessTest, ForkAfterInitGivesAClearErrorAndChildDevicesWork) {
     GTEST_SKIP() << "a " << kBackend
                  << " device cannot be made in the child of a process that initialised it "
                     "(the GPU runtime does not survive fork); the cpu variant tests fork";
+#if defined(__SANITIZE_ADDRESS__)
+#define FL_UNDER_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define FL_UNDER_ASAN 1
+#endif
+#endif
+#ifdef FL_UNDER_ASAN
+  // LLVM 14's ASan (Debian 12) does not lock its allocator around fork(): a
+  // driver thread still freeing memory at the fork leaves the child
+  // deadlocked in its first malloc (seen in the CI ASan lane; fixed upstream
+  // in LLVM 17). glibc's malloc and TSan's runtime are fork-safe, so this
+  // test runs in the release and TSan lanes.
+  GTEST_SKIP() << "ASan (LLVM 14) allocator is not fork-safe in threaded processes";
+#endif
   FL_EXPECT_IN_FRESH_PROCESS(fork_scenario);
 }
 
