@@ -32,13 +32,28 @@ std::atomic<uint64_t> g_next_device_id{1};
 // unusable. Relaxed: read and written by the one thread of a fresh child.
 std::atomic<uint64_t> g_fork_generation{0};
 
-void on_fork_child() { g_fork_generation.fetch_add(1, std::memory_order_relaxed); }
+// Creation of process-wide devices is serialised by this mutex, not
+// std::call_once: a creation that throws (a bad Config) must leave the slot
+// empty for the next caller without stranding the threads waiting on it
+// (ThreadSanitizer's pthread_once strands them; libstdc++ PR 66146). Leaked,
+// like the tables (Note [Process exit]).
+Mutex& g_create_mu = *new Mutex;
+
+// fork() waits for a device being created, so the child never inherits
+// g_create_mu locked by a thread that does not exist there.
+void on_fork_prepare() FL_NO_THREAD_SAFETY_ANALYSIS { g_create_mu.lock(); }
+void on_fork_parent() FL_NO_THREAD_SAFETY_ANALYSIS { g_create_mu.unlock(); }
+void on_fork_child() FL_NO_THREAD_SAFETY_ANALYSIS {
+  g_create_mu.unlock();
+  g_fork_generation.fetch_add(1, std::memory_order_relaxed);
+}
 
 constexpr int kMaxGlobalDevices = 16;
 
 struct GlobalSlot {
-  std::once_flag once;
-  std::shared_ptr<Device> device;  // written once inside call_once
+  // acquire/release: published once under g_create_mu; readers need no lock.
+  std::atomic<Device*> ready{nullptr};
+  std::shared_ptr<Device> device FL_GUARDED_BY(g_create_mu);  // owns *ready
 };
 
 // One table per backend, allocated once and never freed (Note [Process exit]).
@@ -136,7 +151,8 @@ Device::Device(std::string_view backend, int index, const Config& config)
 std::shared_ptr<Device> Device::make(std::string_view backend, int index, const Config& config) {
   config.validate();
   static std::once_flag atfork_once;
-  std::call_once(atfork_once, [] { pthread_atfork(nullptr, nullptr, &on_fork_child); });
+  std::call_once(atfork_once,
+                 [] { pthread_atfork(&on_fork_prepare, &on_fork_parent, &on_fork_child); });
   const int n = count(backend);
   FL_CHECK_ARG(
       index >= 0 && index<n, "[Device] ", backend, ":", index, " does not exist; this machine has ",
@@ -150,7 +166,11 @@ Device& Device::get(std::string_view backend, int index) {
   auto& slots = global_slots(backend);
   if (index >= 0 && index < kMaxGlobalDevices) {
     auto& slot = slots[static_cast<size_t>(index)];
-    std::call_once(slot.once, [&] { slot.device = make(backend, index, Config::from_env()); });
+    if (Device* d = slot.ready.load(std::memory_order_acquire)) return *d;
+    MutexLock lock(g_create_mu);
+    if (Device* d = slot.ready.load(std::memory_order_acquire)) return *d;
+    slot.device = make(backend, index, Config::from_env());
+    slot.ready.store(slot.device.get(), std::memory_order_release);
     return *slot.device;
   }
   return get(backend, index, Config{});
@@ -161,7 +181,11 @@ Device& Device::get(std::string_view backend, int index, const Config& config) {
   FL_CHECK_ARG(index >= 0 && index < kMaxGlobalDevices, "[Device::get] device index ", index,
                " is out of range; Flotilla supports ", kMaxGlobalDevices, " devices per backend");
   auto& slot = slots[static_cast<size_t>(index)];
-  std::call_once(slot.once, [&] { slot.device = make(backend, index, config); });
+  if (Device* d = slot.ready.load(std::memory_order_acquire)) return *d;
+  MutexLock lock(g_create_mu);
+  if (Device* d = slot.ready.load(std::memory_order_acquire)) return *d;
+  slot.device = make(backend, index, config);
+  slot.ready.store(slot.device.get(), std::memory_order_release);
   return *slot.device;
 }
 
@@ -183,11 +207,9 @@ void Device::shutdown_all() {
   for (const auto& b : backend::backends()) {
     auto& slots = global_slots(b.name);
     for (auto& slot : slots) {
-      // Reading `device` is safe: call_once has returned for any slot whose
-      // device is set, and shutdown_all runs at exit or by explicit call.
-      if (slot.device) {
+      if (Device* d = slot.ready.load(std::memory_order_acquire)) {
         try {
-          slot.device->shutdown();
+          d->shutdown();
         } catch (...) {
           // At exit there is no one to report to; the device is lost anyway.
         }

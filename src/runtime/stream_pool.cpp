@@ -40,14 +40,18 @@ detail::StreamState& StreamPool::state(int index) {
 detail::StreamState* StreamPool::create_state(int index) {
   Slot& slot = slots_[static_cast<size_t>(index)];
   // Lazy creation, exactly once even when many threads race here first. If
-  // the driver throws, the flag stays unset and the next caller retries.
-  std::call_once(slot.once, [&] {
-    auto queue = device_.driver("StreamPool::state").new_queue();
-    slot.owner = std::make_unique<detail::StreamState>(device_, index, std::move(queue));
-    slot.state.store(slot.owner.get(), std::memory_order_release);
-    created_.fetch_add(1, std::memory_order_relaxed);
-  });
-  return slot.state.load(std::memory_order_acquire);
+  // the driver throws, the slot stays empty and the next caller retries.
+  // Checked before the lock too: a fork child gets its error even if a
+  // parent thread held the lock at fork().
+  device_.check_usable("StreamPool::state");
+  MutexLock lock(create_mu_);
+  if (auto* s = slot.state.load(std::memory_order_acquire)) return s;
+  auto queue = device_.driver("StreamPool::state").new_queue();
+  auto& owner = owners_[static_cast<size_t>(index)];
+  owner = std::make_unique<detail::StreamState>(device_, index, std::move(queue));
+  slot.state.store(owner.get(), std::memory_order_release);
+  created_.fetch_add(1, std::memory_order_relaxed);
+  return owner.get();
 }
 
 Stream StreamPool::acquire() {

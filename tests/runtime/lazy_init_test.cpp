@@ -5,6 +5,7 @@
 // "if (!stream_) stream_ = create()" that two threads both pass, leaving two
 // streams (two driver queues) for one slot, a leaked or double-freed one, and
 // threads that disagree about which stream is theirs.
+#include <atomic>
 #include <latch>
 #include <set>
 #include <thread>
@@ -87,6 +88,29 @@ TEST_F(LazyInitTest, CurrentStreamsFirstUsedTogether) {
     if (is_cpu()) {
       EXPECT_EQ(queues_made(*dev), static_cast<int>(distinct.size()));
     }
+  }
+}
+
+// The first creation of a slot fails (the device is shut down) while other
+// threads wait for it: each gets the error, none waits forever, and nothing
+// is created. Would catch: a once-flag that an exception leaves "in
+// progress" (ThreadSanitizer's pthread_once does; libstdc++ PR 66146), which
+// hangs every thread waiting on it.
+TEST_F(LazyInitTest, FailedFirstCreationDoesNotHangTheOthers) {
+  for (int iter = 0; iter < scaled(20, 5); ++iter) {
+    Watchdog dog(std::chrono::seconds(30), "threads racing a failing stream creation");
+    auto dev = make_device();
+    dev->shutdown();
+    std::atomic<int> shut_down{0};
+    race([&](int) {
+      try {
+        dev->streams().state(6);
+      } catch (const ShutDown&) {
+        shut_down.fetch_add(1);
+      }
+    });
+    ASSERT_EQ(shut_down.load(), kThreads) << "iteration " << iter;
+    ASSERT_EQ(dev->streams().created(), 0);
   }
 }
 

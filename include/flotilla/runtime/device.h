@@ -2,8 +2,10 @@
 // MPSDevice, made safe).
 //
 // Device::get(backend, index) returns the process-wide device, created once
-// (std::call_once) by whichever thread asks first, with the Config passed to
-// that first call (or Config::from_env()). Device::create() makes a private
+// (a lock-free check, then creation under a mutex) by whichever thread asks
+// first, with the Config passed to that first call (or Config::from_env()).
+// If that creation throws, every caller waiting on it gets the error and the
+// next call tries again. Device::create() makes a private
 // device with its own driver, pool and threads, for tests and tools that
 // compare configurations in one process.
 //

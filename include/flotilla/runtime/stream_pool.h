@@ -68,7 +68,7 @@ class StreamPool {
   void release_exclusive(int slot);
 
  private:
-  detail::StreamState* create_state(int index);
+  detail::StreamState* create_state(int index) FL_EXCLUDES(create_mu_);
 
   Device& device_;
   const int size_;
@@ -77,13 +77,17 @@ class StreamPool {
   const std::chrono::milliseconds wait_;
 
   struct Slot {
-    std::once_flag once;
-    // acquire/release: published once by call_once; the fast path reads it
-    // without the once_flag.
+    // acquire/release: published once under create_mu_; the fast path reads
+    // it without the lock.
     std::atomic<detail::StreamState*> state{nullptr};
-    std::unique_ptr<detail::StreamState> owner;  // written once inside call_once
   };
   std::array<Slot, kMaxStreams> slots_;
+  // Lazy creation is serialised by a mutex, not std::call_once: a creation
+  // that throws must leave the slot empty for the next caller without
+  // stranding the threads waiting on it (ThreadSanitizer's pthread_once
+  // strands them; libstdc++ PR 66146).
+  Mutex create_mu_;
+  std::array<std::unique_ptr<detail::StreamState>, kMaxStreams> owners_ FL_GUARDED_BY(create_mu_);
   // Relaxed: only the distribution of indices matters; nothing is published.
   std::atomic<uint32_t> rr_counter_{0};
   // acq_rel: a slot's bit is the hand-off of the slot between threads.
