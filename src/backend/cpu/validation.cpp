@@ -40,22 +40,19 @@ ObjectUseChecker::Scope::~Scope() {
 EncodingChecker::Scope::Scope(EncodingChecker& checker, ViolationSink& sink, const char* call) {
   if (!checker.enabled_) return;
   const auto me = std::this_thread::get_id();
-  int before = checker.inside_.fetch_add(1, std::memory_order_acq_rel);
-  if (before != 0) {
-    checker.inside_.fetch_sub(1, std::memory_order_acq_rel);
-    auto other = checker.last_entered_.load(std::memory_order_relaxed);
+  std::thread::id other{};
+  if (!checker.encoding_.compare_exchange_strong(other, me, std::memory_order_acq_rel)) {
     sink.raise("concurrent-encoding",
                detail::str_cat("[ComputeEncoder::", call, "] ", thread_name(me),
                                " made an encoding call while ", thread_name(other),
                                " was encoding; this driver's encoding path is not thread-safe "
                                "(AGX model): take the device's EncodingLock around encoding"));
   }
-  checker.last_entered_.store(me, std::memory_order_relaxed);
   checker_ = &checker;
 }
 
 EncodingChecker::Scope::~Scope() {
-  if (checker_) checker_->inside_.fetch_sub(1, std::memory_order_acq_rel);
+  if (checker_) checker_->encoding_.store(std::thread::id{}, std::memory_order_release);
 }
 
 void simulate_cost(std::chrono::nanoseconds cost) {

@@ -75,9 +75,10 @@ class EncodingChecker {
 
  private:
   const bool enabled_;
-  // acq_rel: the count is the whole protocol; the id is for messages only.
-  std::atomic<int> inside_{0};
-  std::atomic<std::thread::id> last_entered_{};
+  // The thread encoding now, or none. acq_rel on entry (a compare-and-swap),
+  // release on exit, as in ObjectUseChecker; a failed swap also yields the
+  // thread inside, so the message names the right one.
+  std::atomic<std::thread::id> encoding_{};
 };
 
 // Busy-waits `cost` to model a driver's encoding work (see Config).
