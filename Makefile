@@ -29,15 +29,10 @@ configure: $(BUILD)/build.ninja
 build: deps configure
 	cmake --build $(BUILD) -j $(JOBS)
 
-# The main job: many threads running the seed's MLP concurrently, every
-# result checked (see README). Falls back to the stress tool until
-# `flotilla run` exists in this build.
+# The main job: 8 threads running the seed's MLP concurrently on the CPU
+# backend, every output checked against a single-thread reference (README).
 run: build
-	@if $(BUILD)/flotilla run --help >/dev/null 2>&1; then \
-	  $(BUILD)/flotilla run --backend cpu --threads 8 --requests 4000; \
-	else \
-	  $(BUILD)/flotilla stress --backend cpu --arch pool --threads 8 --rounds 5; \
-	fi
+	$(BUILD)/flotilla run --backend cpu --threads 8 --requests 4000
 
 test: build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --timeout 900
