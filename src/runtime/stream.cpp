@@ -31,6 +31,29 @@ void Stream::synchronize() {
   state().synchronize();
 }
 
+StreamFence Stream::fence() {
+  device_->check_usable("Stream::fence");
+  detail::StreamState& st = state();
+  return StreamFence(&st, st.commit_for_fence());
+}
+
+bool StreamFence::reached() const {
+  if (!cb_) return true;
+  const auto s = cb_->status();
+  return s == backend::CommandBufferStatus::kCompleted || s == backend::CommandBufferStatus::kError;
+}
+
+void StreamFence::wait() const {
+  if (!cb_) return;
+  cb_->wait_until_completed();
+  state_->rethrow_error();
+  if (cb_->status() == backend::CommandBufferStatus::kError) {
+    // Its error was recorded on the stream and already rethrown to a
+    // synchronize() or an earlier wait: the work is still lost, say so.
+    if (std::exception_ptr e = cb_->error()) std::rethrow_exception(e);
+  }
+}
+
 bool Stream::query() const {
   device_->check_usable("Stream::query");
   return state().query();
@@ -141,6 +164,11 @@ void StreamState::dispatch(const backend::Pipeline& pipeline, const backend::Ker
 void StreamState::commit() {
   MutexLock lock(mu_);
   commit_locked();
+}
+
+std::shared_ptr<backend::CommandBuffer> StreamState::commit_for_fence() {
+  MutexLock lock(mu_);
+  return commit_locked();
 }
 
 void StreamState::synchronize() {

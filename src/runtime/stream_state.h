@@ -25,6 +25,10 @@ class StreamState {
       FL_EXCLUDES(mu_);
   void commit() FL_EXCLUDES(mu_);
   void synchronize() FL_EXCLUDES(mu_);
+  // Commits; returns the last committed buffer (null if none ever was).
+  std::shared_ptr<backend::CommandBuffer> commit_for_fence() FL_EXCLUDES(mu_);
+  // Rethrows the first asynchronous error, once.
+  void rethrow_error() FL_EXCLUDES(mu_);
   bool query() const FL_EXCLUDES(mu_);
   void add_callback(std::function<void()> fn) FL_EXCLUDES(mu_);
   // Event commands: end the encoder, append a signal or wait; a signal commits.
@@ -44,7 +48,6 @@ class StreamState {
   void end_encoder() FL_REQUIRES(mu_);
   // Commits the current buffer, if any; returns the last committed buffer.
   std::shared_ptr<backend::CommandBuffer> commit_locked() FL_REQUIRES(mu_);
-  void rethrow_error() FL_EXCLUDES(mu_);
 
   Device& device_;
   EncodingLock& encoding_lock_;

@@ -51,6 +51,12 @@ void BatchQueueOptions::validate() const {
   FL_CHECK_ARG(default_deadline.count() >= 0, "[BatchQueueOptions] default_deadline is ",
                default_deadline.count(), " us; use 0 (none) or a positive time");
   FL_CHECK_ARG(metrics_window >= 1, "[BatchQueueOptions] metrics_window is 0; it must be >= 1");
+  FL_CHECK_ARG(pipeline_depth >= 1 && pipeline_depth <= 64,
+               "[BatchQueueOptions] pipeline_depth is ", pipeline_depth,
+               "; use 1 (one batch in flight per worker) to 64");
+  FL_CHECK_ARG(spin_wait.count() >= 0 && spin_wait.count() <= 1000000,
+               "[BatchQueueOptions] spin_wait is ", spin_wait.count(),
+               " us; use 0 (sleep at once) to 1000000");
 }
 
 // ---- RequestHandle -------------------------------------------------------------------
@@ -80,6 +86,7 @@ bool RequestHandle::done() const {
 
 void RequestHandle::wait() const {
   detail::Request& r = need(req_, "RequestHandle::wait");
+  r.spin_for_done();
   MutexLock lock(r.mu);
   r.done_cv.wait(r.mu, [&]() FL_REQUIRES(r.mu) { return r.done; });
 }
@@ -92,6 +99,7 @@ bool RequestHandle::wait_for(std::chrono::steady_clock::duration timeout) const 
 
 std::vector<float> RequestHandle::get() {
   detail::Request& r = need(req_, "RequestHandle::get");
+  r.spin_for_done();
   MutexLock lock(r.mu);
   r.done_cv.wait(r.mu, [&]() FL_REQUIRES(r.mu) { return r.done; });
   FL_CHECK_STATE(!r.taken, "[RequestHandle::get] called twice on request ", r.id,
@@ -111,14 +119,28 @@ bool RequestHandle::cancel() {
 
 namespace detail {
 
-// What one worker owns: its stream and its pinned staging buffers, sized for
-// max_batch rows and reused by every batch (the stream is synchronized
-// before the next batch writes them).
-struct Lane {
-  Stream stream;
+// One batch's place in a lane: pinned staging for max_batch rows each way,
+// reused once the batch that last used it has completed.
+struct Slot {
   std::unique_ptr<backend::Buffer> input;   // [max_batch, in] f32, host-visible
   std::unique_ptr<backend::Buffer> output;  // [max_batch, out] f32, host-visible
+  Batch batch;                              // the requests in flight here
+  StreamFence fence;                        // reached when the output is in staging
+  std::exception_ptr error;                 // the batch failed while launching
+};
+
+// What one worker owns: its stream and a ring of pipeline_depth slots; the
+// in-flight ones are [oldest, oldest + in_flight) modulo the ring.
+struct Lane {
+  explicit Lane(Stream s) : stream(s) {}
+  Stream stream;
   const backend::Pipeline* copy = nullptr;  // the driver's "copy_bytes"
+  std::vector<Slot> slots;
+  size_t oldest = 0;
+  size_t in_flight = 0;
+
+  bool has_free_slot() const { return in_flight < slots.size(); }
+  Slot& free_slot() { return slots[(oldest + in_flight) % slots.size()]; }
 };
 
 }  // namespace detail
@@ -140,14 +162,17 @@ BatchQueue::BatchQueue(Device& device, int64_t in_features, int64_t out_features
 
   backend::Driver& driver = device_.driver("BatchQueue");
   const auto rows = static_cast<size_t>(options_.max_batch);
+  const int depth = options_.workers == 0 ? 1 : options_.pipeline_depth;
   for (int i = 0; i < std::max(1, options_.workers); ++i) {
-    auto lane = std::make_unique<detail::Lane>(
-        detail::Lane{device_.streams().acquire_round_robin(),
-                     driver.allocate_host(rows * static_cast<size_t>(in_) * sizeof(float)),
-                     driver.allocate_host(rows * static_cast<size_t>(out_) * sizeof(float)),
-                     &device_.pipeline("copy_bytes")});
-    FL_INTERNAL_CHECK(lane->input->host_ptr() && lane->output->host_ptr(),
-                      "the driver's host staging memory is not host-visible");
+    auto lane = std::make_unique<detail::Lane>(device_.streams().acquire_round_robin());
+    lane->copy = &device_.pipeline("copy_bytes");
+    lane->slots.resize(static_cast<size_t>(depth));
+    for (detail::Slot& slot : lane->slots) {
+      slot.input = driver.allocate_host(rows * static_cast<size_t>(in_) * sizeof(float));
+      slot.output = driver.allocate_host(rows * static_cast<size_t>(out_) * sizeof(float));
+      FL_INTERNAL_CHECK(slot.input->host_ptr() && slot.output->host_ptr(),
+                        "the driver's host staging memory is not host-visible");
+    }
     lanes_.push_back(std::move(lane));
   }
 
@@ -201,41 +226,70 @@ size_t BatchQueue::step() {
   FL_CHECK_STATE(options_.workers == 0, "[BatchQueue::step] the queue has ", options_.workers,
                  " worker threads; step() is for manual mode (workers = 0)");
   MutexLock lock(step_mu_);
-  detail::Batch batch;
-  core_->take_ready(batch, /*force=*/false);
-  const size_t n = batch.requests.size();
-  if (n > 0) run_batch(*lanes_.front(), batch);
+  detail::Lane& lane = *lanes_.front();
+  detail::Slot& slot = lane.free_slot();
+  core_->take_ready(slot.batch, /*force=*/false);
+  const size_t n = slot.batch.requests.size();
+  if (n > 0) run_batch(lane);
   return n;
 }
 
+// Note [Pipelined lanes]
+// A worker keeps up to pipeline_depth batches in flight on its stream. With
+// a free slot it takes a batch: waiting for one (as the leader, Note [Batch
+// leader]) only when it has nothing in flight, else just a ready one
+// (try_batch). With no free slot, or nothing ready, it completes its oldest
+// batch: waits for that batch's fence and scatters the rows. The stream runs
+// batches in order, so fences are reached in order and staging is reused
+// only after the batch that used it completed. A worker exits once the
+// queue is stopping and empty and its last batch has completed.
 void BatchQueue::worker_loop(detail::Lane& lane) {
-  detail::Batch batch;
-  while (core_->next_batch(batch)) run_batch(lane, batch);
+  for (;;) {
+    if (lane.has_free_slot()) {
+      detail::Batch& batch = lane.free_slot().batch;
+      const bool got = lane.in_flight > 0 ? core_->try_batch(batch) : core_->next_batch(batch);
+      if (got) {
+        launch_batch(lane);
+        continue;
+      }
+      if (lane.in_flight == 0) return;  // stopping, and nothing is left
+    }
+    complete_oldest(lane);
+  }
+}
+
+void BatchQueue::run_batch(detail::Lane& lane) {
+  launch_batch(lane);
+  complete_oldest(lane);
 }
 
 // Note [One batch]
-// Pack every input into the lane's pinned staging buffer, one asynchronous
+// Pack every input into the slot's pinned staging buffer, one asynchronous
 // copy into one [B, in] tensor, one forward, one asynchronous copy of
-// [B, out] back into pinned staging, one synchronize, then scatter rows.
-// Any error (the model threw, a wrong output, a device failure) fails just
-// these requests; the stream is synchronized again, errors swallowed, so
-// the next batch starts clean.
-void BatchQueue::run_batch(detail::Lane& lane, detail::Batch& batch) {
-  auto& reqs = batch.requests;
+// [B, out] back into pinned staging, then a fence (which commits). Any error
+// while launching (the model threw, a wrong output, a device failure) is
+// kept in the slot and fails just these requests when the slot completes,
+// in turn; the fence is taken anyway, so what was encoded still runs before
+// the slot's staging is reused. A failure the device reports later reaches
+// the fence's wait().
+void BatchQueue::launch_batch(detail::Lane& lane) {
+  detail::Slot& slot = lane.free_slot();
+  ++lane.in_flight;
+  auto& reqs = slot.batch.requests;
   const auto b = static_cast<int64_t>(reqs.size());
   const size_t in_row = static_cast<size_t>(in_) * sizeof(float);
   const size_t out_row = static_cast<size_t>(out_) * sizeof(float);
   Stream stream = lane.stream;
-  std::exception_ptr error;
+  slot.error = nullptr;
   try {
-    auto* packed = static_cast<char*>(lane.input->host_ptr());
+    auto* packed = static_cast<char*>(slot.input->host_ptr());
     for (int64_t i = 0; i < b; ++i)
       std::memcpy(packed + static_cast<size_t>(i) * in_row,
                   reqs[static_cast<size_t>(i)]->input.data(), in_row);
     Tensor x = Tensor::empty({b, in_}, DType::kF32, stream);
     stream.dispatch(*lane.copy, backend::KernelArgs()
                                     .ptr(x.data())
-                                    .ptr(lane.input->device_ptr())
+                                    .ptr(slot.input->device_ptr())
                                     .size(static_cast<uint64_t>(b) * in_row));
     Tensor y = model_(stream, x);
     FL_CHECK_STATE(y.defined() && y.dtype() == DType::kF32 && y.rank() == 2 && y.dim(0) == b &&
@@ -244,46 +298,48 @@ void BatchQueue::run_batch(detail::Lane& lane, detail::Batch& batch) {
                    "; it must return f32[", b, ", ", out_, "] on ", device_.name());
     y.record_stream(stream);
     stream.dispatch(*lane.copy, backend::KernelArgs()
-                                    .ptr(lane.output->device_ptr())
+                                    .ptr(slot.output->device_ptr())
                                     .ptr(y.data())
                                     .size(static_cast<uint64_t>(b) * out_row));
-    stream.synchronize();
   } catch (...) {
-    error = std::current_exception();
-    try {
-      stream.synchronize();
-    } catch (...) {  // the batch's own error again, or the device's: already reported
-    }
+    slot.error = std::current_exception();
   }
+  try {
+    slot.fence = stream.fence();
+  } catch (...) {  // the device is gone or shutting down: nothing to wait for
+    slot.fence = StreamFence();
+    if (!slot.error) slot.error = std::current_exception();
+  }
+}
+
+void BatchQueue::complete_oldest(detail::Lane& lane) {
+  FL_INTERNAL_CHECK(lane.in_flight > 0, "no batch in flight to complete");
+  detail::Slot& slot = lane.slots[lane.oldest];
+  try {
+    slot.fence.wait();
+  } catch (...) {
+    if (!slot.error) slot.error = std::current_exception();
+  }
+  slot.fence = StreamFence();
   const Clock::time_point end = clock_->now();
+  auto& reqs = slot.batch.requests;
 
   try {  // metrics are best effort: never a reason to lose a result
     std::vector<std::chrono::nanoseconds> waits;
     waits.reserve(reqs.size());
     for (const auto& r : reqs)
       waits.push_back(
-          std::chrono::duration_cast<std::chrono::nanoseconds>(batch.picked_at - r->enqueued));
+          std::chrono::duration_cast<std::chrono::nanoseconds>(slot.batch.picked_at - r->enqueued));
     core_->recorder().batch(
-        std::chrono::duration_cast<std::chrono::nanoseconds>(end - batch.picked_at), waits);
+        std::chrono::duration_cast<std::chrono::nanoseconds>(end - slot.batch.picked_at), waits);
   } catch (...) {
   }
 
-  const auto* rows = static_cast<const float*>(lane.output->host_ptr());
-  for (size_t i = 0; i < reqs.size(); ++i) {
-    std::exception_ptr e = error;
-    std::vector<float> y;
-    if (!e) {
-      try {
-        const float* row = rows + i * static_cast<size_t>(out_);
-        y.assign(row, row + out_);
-      } catch (...) {  // out of host memory for this one output
-        e = std::current_exception();
-      }
-    }
-    core_->complete(*reqs[i], e ? RequestStatus::kFailed : RequestStatus::kCompleted, std::move(y),
-                    e);
-  }
-  reqs.clear();
+  core_->complete_batch(slot.batch, slot.error, static_cast<const float*>(slot.output->host_ptr()),
+                        static_cast<size_t>(out_));
+  slot.error = nullptr;
+  lane.oldest = (lane.oldest + 1) % lane.slots.size();
+  --lane.in_flight;
 }
 
 void BatchQueue::shutdown(ShutdownMode mode) {
@@ -292,11 +348,11 @@ void BatchQueue::shutdown(ShutdownMode mode) {
   if (joined_) return;
   if (options_.workers == 0) {
     MutexLock step_lock(step_mu_);
-    detail::Batch batch;
+    detail::Lane& lane = *lanes_.front();
     for (;;) {
-      core_->take_ready(batch, /*force=*/true);
-      if (batch.requests.empty()) break;
-      run_batch(*lanes_.front(), batch);
+      core_->take_ready(lane.free_slot().batch, /*force=*/true);
+      if (lane.free_slot().batch.requests.empty()) break;
+      run_batch(lane);
     }
   }
   for (auto& t : threads_) t.join();

@@ -48,28 +48,19 @@ LatencySummary LatencyWindow::summary() const {
 MetricsRecorder::MetricsRecorder(size_t window, int max_batch)
     : batch_sizes_(static_cast<size_t>(max_batch) + 1, 0), queue_wait_(window), compute_(window) {}
 
-void MetricsRecorder::submitted() {
-  MutexLock lock(mu_);
-  ++submitted_;
-}
-
-void MetricsRecorder::invalid() {
-  MutexLock lock(mu_);
-  ++invalid_;
-}
-
-void MetricsRecorder::outcome(RequestStatus status) {
-  MutexLock lock(mu_);
+void MetricsRecorder::outcome(RequestStatus status, uint64_t n) {
+  std::atomic<uint64_t>* counter = nullptr;
   switch (status) {
-    case RequestStatus::kCompleted: ++completed_; break;
-    case RequestStatus::kFailed: ++failed_; break;
-    case RequestStatus::kExpired: ++expired_; break;
-    case RequestStatus::kCancelled: ++cancelled_; break;
-    case RequestStatus::kRejected: ++rejected_; break;
-    case RequestStatus::kShutDown: ++shut_down_; break;
+    case RequestStatus::kCompleted: counter = &completed_; break;
+    case RequestStatus::kFailed: counter = &failed_; break;
+    case RequestStatus::kExpired: counter = &expired_; break;
+    case RequestStatus::kCancelled: counter = &cancelled_; break;
+    case RequestStatus::kRejected: counter = &rejected_; break;
+    case RequestStatus::kShutDown: counter = &shut_down_; break;
     case RequestStatus::kQueued:
-    case RequestStatus::kRunning: break;  // not final: never passed here
+    case RequestStatus::kRunning: return;  // not final: never passed here
   }
+  counter->fetch_add(n, std::memory_order_relaxed);
 }
 
 void MetricsRecorder::batch(std::chrono::nanoseconds compute,
@@ -85,15 +76,16 @@ void MetricsRecorder::batch(std::chrono::nanoseconds compute,
 }
 
 void MetricsRecorder::fill(BatchQueueMetrics& m) const {
+  constexpr auto relaxed = std::memory_order_relaxed;
+  m.submitted = submitted_.load(relaxed);
+  m.invalid = invalid_.load(relaxed);
+  m.completed = completed_.load(relaxed);
+  m.rejected = rejected_.load(relaxed);
+  m.expired = expired_.load(relaxed);
+  m.cancelled = cancelled_.load(relaxed);
+  m.failed = failed_.load(relaxed);
+  m.shut_down = shut_down_.load(relaxed);
   MutexLock lock(mu_);
-  m.submitted = submitted_;
-  m.invalid = invalid_;
-  m.completed = completed_;
-  m.rejected = rejected_;
-  m.expired = expired_;
-  m.cancelled = cancelled_;
-  m.failed = failed_;
-  m.shut_down = shut_down_;
   m.batch_sizes = batch_sizes_;
   m.batches = batches_;
   m.batched_requests = batched_requests_;

@@ -1,11 +1,13 @@
 // MetricsRecorder: the counters and windows behind BatchQueueMetrics.
 // Internal to the serve layer.
 //
-// Thread safety: all members may be called from any thread; one short leaf
-// Mutex guards everything (a queue takes it after its own mutex, never
-// before).
+// Thread safety: all members may be called from any thread. The counters
+// are relaxed atomics (one per request would make a mutex the queue's
+// busiest lock); one short leaf Mutex guards the batch statistics (a queue
+// takes it after its own mutex, never before).
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -38,10 +40,15 @@ class MetricsRecorder {
  public:
   MetricsRecorder(size_t window, int max_batch);
 
-  void submitted() FL_EXCLUDES(mu_);
-  void invalid() FL_EXCLUDES(mu_);
-  // A request reached a final status (not kQueued / kRunning).
-  void outcome(RequestStatus status) FL_EXCLUDES(mu_);
+  void submitted() { submitted_.fetch_add(1, std::memory_order_relaxed); }
+  void invalid() { invalid_.fetch_add(1, std::memory_order_relaxed); }
+  // `n` requests reached a final status (not kQueued / kRunning).
+  void outcome(RequestStatus status, uint64_t n = 1);
+  // One request counted completed failed after all.
+  void recount_completed_as_failed() {
+    failed_.fetch_add(1, std::memory_order_relaxed);
+    completed_.fetch_sub(1, std::memory_order_relaxed);
+  }
   // A batch of `waits.size()` requests ran (or failed) in `compute`.
   void batch(std::chrono::nanoseconds compute, std::span<const std::chrono::nanoseconds> waits)
       FL_EXCLUDES(mu_);
@@ -49,15 +56,12 @@ class MetricsRecorder {
   void fill(BatchQueueMetrics& m) const FL_EXCLUDES(mu_);
 
  private:
-  mutable Mutex mu_;  // guards every field below
-  uint64_t submitted_ FL_GUARDED_BY(mu_) = 0;
-  uint64_t invalid_ FL_GUARDED_BY(mu_) = 0;
-  uint64_t completed_ FL_GUARDED_BY(mu_) = 0;
-  uint64_t rejected_ FL_GUARDED_BY(mu_) = 0;
-  uint64_t expired_ FL_GUARDED_BY(mu_) = 0;
-  uint64_t cancelled_ FL_GUARDED_BY(mu_) = 0;
-  uint64_t failed_ FL_GUARDED_BY(mu_) = 0;
-  uint64_t shut_down_ FL_GUARDED_BY(mu_) = 0;
+  // Relaxed: counts, read by fill() (a reader that has seen a request
+  // complete, through its handle, also sees it counted).
+  std::atomic<uint64_t> submitted_{0}, invalid_{0}, completed_{0}, rejected_{0}, expired_{0},
+      cancelled_{0}, failed_{0}, shut_down_{0};
+
+  mutable Mutex mu_;  // guards the batch statistics below
   std::vector<uint64_t> batch_sizes_ FL_GUARDED_BY(mu_);
   uint64_t batches_ FL_GUARDED_BY(mu_) = 0;
   uint64_t batched_requests_ FL_GUARDED_BY(mu_) = 0;

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "flotilla/common/error.h"
+#include "flotilla/common/spin.h"
 
 namespace flotilla::serve::detail {
 
@@ -20,7 +21,13 @@ void Request::finish(std::vector<float> out, std::exception_ptr err) {
   output = std::move(out);
   error = std::move(err);
   done = true;
+  done_hint.store(true, std::memory_order_release);
   done_cv.notify_all();
+}
+
+bool Request::spin_for_done() const {
+  return ::flotilla::detail::spin_until([&] { return done_hint.load(std::memory_order_acquire); },
+                                        spin);
 }
 
 QueueCore::QueueCore(const BatchQueueOptions& options, std::shared_ptr<Clock> clock)
@@ -29,8 +36,8 @@ QueueCore::QueueCore(const BatchQueueOptions& options, std::shared_ptr<Clock> cl
       recorder_(options.metrics_window, options.max_batch) {}
 
 void QueueCore::finish(Request& r, RequestStatus status, std::vector<float> out,
-                       std::exception_ptr err) {
-  recorder_.outcome(status);
+                       std::exception_ptr err, bool count) {
+  if (count) recorder_.outcome(status);
   if (options_.on_complete) {
     try {
       options_.on_complete(r.id, status);
@@ -43,7 +50,7 @@ void QueueCore::finish(Request& r, RequestStatus status, std::vector<float> out,
 std::shared_ptr<Request> QueueCore::refuse(RequestStatus status, std::exception_ptr err,
                                            Clock::time_point now) {
   auto r = std::make_shared<Request>(next_id_++, std::vector<float>{}, now, Clock::kNever,
-                                     weak_from_this(), status);
+                                     weak_from_this(), status, std::chrono::nanoseconds(0));
   finish(*r, status, {}, std::move(err));
   return r;
 }
@@ -92,11 +99,11 @@ std::shared_ptr<Request> QueueCore::submit(std::vector<float> input, Clock::time
                     now);
   }
   auto r = std::make_shared<Request>(next_id_++, std::move(input), now, deadline, weak_from_this(),
-                                     RequestStatus::kQueued);
+                                     RequestStatus::kQueued, options_.spin_wait);
   fifo_.push_back(r);
   if (deadline != Clock::kNever) deadlines_.emplace(deadline, r->id);
   max_depth_ = std::max(max_depth_, fifo_.size());
-  ++events_;
+  bump_events();
   // Wake the leader only when its decision may change: a first request, a
   // full batch, or a deadline before the time it sleeps until. Otherwise its
   // timed wait (max_delay) ends by itself; waking it per submit would cost a
@@ -192,6 +199,7 @@ bool QueueCore::next_batch(Batch& batch) {
     return false;
   }
   leader_ = true;
+  bool spun = false;  // spun once since the last sleep: sleep now
   for (;;) {
     const Clock::time_point now = clock_->now();
     expire_due(now);
@@ -209,6 +217,20 @@ bool QueueCore::next_batch(Batch& batch) {
     if (!fifo_.empty()) wake = fifo_.front()->enqueued + options_.max_delay;
     if (!deadlines_.empty()) wake = std::min(wake, deadlines_.begin()->first);
     const uint64_t seen = events_;
+    if (fifo_.empty() && !spun && options_.spin_wait.count() > 0) {
+      // Spin for a submit before sleeping (spin_wait): a sleeping leader
+      // costs each first request of a batch a futex wake-up. The lock is
+      // released meanwhile, so submitters can get in.
+      spun = true;
+      const Clock::duration limit =
+          std::min<Clock::duration>(options_.spin_wait, wake - clock_->now());
+      lock.unlock();
+      ::flotilla::detail::spin_until(
+          [&] { return events_hint_.load(std::memory_order_acquire) != seen; }, limit);
+      lock.lock();
+      continue;  // look again, under the lock
+    }
+    spun = false;
     leader_wake_ = wake;
     clock_->wait_until(mu_, work_cv_, wake, [&]() FL_REQUIRES(mu_) { return events_ != seen; });
     leader_wake_ = Clock::kNever;
@@ -216,6 +238,15 @@ bool QueueCore::next_batch(Batch& batch) {
   leader_ = false;
   idle_cv_.notify_one();  // the next leader collects while this batch runs
   return true;
+}
+
+bool QueueCore::try_batch(Batch& batch) {
+  batch.requests.clear();
+  MutexLock lock(mu_);
+  const Clock::time_point now = clock_->now();
+  expire_due(now);
+  if (batch_ready(now)) pick(batch, now);
+  return !batch.requests.empty();
 }
 
 void QueueCore::take_ready(Batch& batch, bool force) {
@@ -226,11 +257,31 @@ void QueueCore::take_ready(Batch& batch, bool force) {
   if (force ? !fifo_.empty() : batch_ready(now)) pick(batch, now);
 }
 
-void QueueCore::complete(Request& r, RequestStatus to, std::vector<float> out,
-                         std::exception_ptr err) {
-  const bool won = r.move(RequestStatus::kRunning, to);
-  FL_INTERNAL_CHECK(won, "request ", r.id, " finished by a worker was not running");
-  finish(r, to, std::move(out), std::move(err));
+void QueueCore::complete_batch(Batch& batch, std::exception_ptr error, const float* rows,
+                               size_t out_features) {
+  const size_t n = batch.requests.size();
+  // Counted before any handle sees its result, as finish() does one by one;
+  // nothing here may throw before every request is finished.
+  recorder_.outcome(error ? RequestStatus::kFailed : RequestStatus::kCompleted, n);
+  for (size_t i = 0; i < n; ++i) {
+    Request& r = *batch.requests[i];
+    std::exception_ptr e = error;
+    std::vector<float> y;
+    if (!e) {
+      try {
+        const float* row = rows + i * out_features;
+        y.assign(row, row + out_features);
+      } catch (...) {  // out of host memory for this one output
+        e = std::current_exception();
+        recorder_.recount_completed_as_failed();
+      }
+    }
+    const RequestStatus to = e ? RequestStatus::kFailed : RequestStatus::kCompleted;
+    const bool won = r.move(RequestStatus::kRunning, to);
+    FL_INTERNAL_CHECK(won, "request ", r.id, " finished by a worker was not running");
+    finish(r, to, std::move(y), std::move(e), /*count=*/false);
+  }
+  batch.requests.clear();
 }
 
 void QueueCore::stop(ShutdownMode mode) {
@@ -249,7 +300,7 @@ void QueueCore::stop(ShutdownMode mode) {
     }
     deadlines_.clear();
   }
-  ++events_;
+  bump_events();
   work_cv_.notify_all();
   idle_cv_.notify_all();
   space_cv_.notify_all();

@@ -22,9 +22,14 @@
 // batch outside the lock while the next leader collects. The leader's wait
 // also ends at the earliest queued deadline, to expire it on time. So
 // batches form in FIFO order and workers never split a batch between them.
+// A worker that still has batches in flight does not queue for leadership:
+// it takes a ready batch if there is one (try_batch), else completes its
+// oldest batch. With spin_wait, a leader facing an empty queue first spins
+// (without the lock) for a submit, then sleeps.
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <exception>
@@ -43,12 +48,14 @@ class QueueCore;
 
 struct Request {
   Request(uint64_t id, std::vector<float> input, Clock::time_point enqueued,
-          Clock::time_point deadline, std::weak_ptr<QueueCore> core, RequestStatus status)
+          Clock::time_point deadline, std::weak_ptr<QueueCore> core, RequestStatus status,
+          std::chrono::nanoseconds spin)
       : id(id),
         input(std::move(input)),
         enqueued(enqueued),
         deadline(deadline),
         core(std::move(core)),
+        spin(spin),
         status(status) {}
 
   // Immutable after construction: read by the worker that picked it.
@@ -57,6 +64,7 @@ struct Request {
   const Clock::time_point enqueued;     // when it entered the FIFO (max_delay counts from it)
   const Clock::time_point deadline;     // Clock::kNever: none
   const std::weak_ptr<QueueCore> core;  // for cancel(); empty once the queue is gone
+  const std::chrono::nanoseconds spin;  // BatchQueueOptions::spin_wait
 
   // acq_rel swaps: the winner of a move (Note [Exactly once]) sees every
   // write made before the previous move; acquire loads for status().
@@ -68,10 +76,14 @@ struct Request {
 
   // Sets the result (output or error) and wakes the handle. Exactly once.
   void finish(std::vector<float> out, std::exception_ptr err) FL_EXCLUDES(mu);
+  // Spins up to `spin` for the result (without the lock); true if it is in.
+  bool spin_for_done() const;
 
   mutable Mutex mu;  // guards the result below
   CondVar done_cv;   // signalled (under mu) when done becomes true
   bool done FL_GUARDED_BY(mu) = false;
+  // A copy of `done` for spinning waiters; set (release) under mu with it.
+  std::atomic<bool> done_hint{false};
   bool taken FL_GUARDED_BY(mu) = false;  // get() has handed the result over
   std::vector<float> output FL_GUARDED_BY(mu);
   std::exception_ptr error FL_GUARDED_BY(mu);
@@ -99,12 +111,18 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   // Worker mode: blocks until this worker has picked a batch (true) or the
   // queue is stopping and empty (false: the worker exits).
   bool next_batch(Batch& batch) FL_EXCLUDES(mu_);
+  // A worker with batches in flight: expires what is due, then picks a batch
+  // if one is ready, without waiting or taking leadership; false if none.
+  bool try_batch(Batch& batch) FL_EXCLUDES(mu_);
   // Manual mode: expires what is due, then picks a batch if one is ready
   // (or `force`); never waits. `batch.requests` is empty if none.
   void take_ready(Batch& batch, bool force) FL_EXCLUDES(mu_);
 
-  // A worker's verdict on a request it picked: kRunning -> kCompleted/kFailed.
-  void complete(Request& r, RequestStatus to, std::vector<float> out, std::exception_ptr err);
+  // A worker's verdict on a batch it picked: each request kRunning ->
+  // kCompleted with its row of `rows` ([n, out_features]), or kFailed with
+  // `error` (also if its row cannot be copied). Clears batch.requests.
+  void complete_batch(Batch& batch, std::exception_ptr error, const float* rows,
+                      size_t out_features);
 
   // Stops submits; kCancel completes every queued request with Cancelled.
   void stop(ShutdownMode mode) FL_EXCLUDES(mu_);
@@ -116,8 +134,10 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   void fill(BatchQueueMetrics& m) const FL_EXCLUDES(mu_);
 
  private:
-  // Completes a request whose final status the caller has just won.
-  void finish(Request& r, RequestStatus status, std::vector<float> out, std::exception_ptr err);
+  // Completes a request whose final status the caller has just won;
+  // `count`: add it to the metrics (complete_batch counts a batch at once).
+  void finish(Request& r, RequestStatus status, std::vector<float> out, std::exception_ptr err,
+              bool count = true);
   std::shared_ptr<Request> refuse(RequestStatus status, std::exception_ptr err,
                                   Clock::time_point now) FL_REQUIRES(mu_);
   void expire_due(Clock::time_point now) FL_REQUIRES(mu_);
@@ -127,6 +147,10 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   // Removes the queued request `id` from the FIFO and the deadline set.
   std::shared_ptr<Request> remove(uint64_t id) FL_REQUIRES(mu_);
   void room_made() FL_REQUIRES(mu_);
+  void bump_events() FL_REQUIRES(mu_) {
+    ++events_;
+    events_hint_.store(events_, std::memory_order_release);
+  }
 
   const BatchQueueOptions options_;
   const std::shared_ptr<Clock> clock_;
@@ -140,6 +164,9 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   bool stopping_ FL_GUARDED_BY(mu_) = false;
   bool leader_ FL_GUARDED_BY(mu_) = false;  // a worker is collecting (Note [Batch leader])
   uint64_t events_ FL_GUARDED_BY(mu_) = 0;  // bumped by submit and stop: ends the leader's wait
+  // A copy of events_ for the leader's spin (spin_wait), which runs without
+  // mu_; written under mu_ (release), read with acquire.
+  std::atomic<uint64_t> events_hint_{0};
   // When the waiting leader's timed wait ends (kNever: none is waiting).
   Clock::time_point leader_wake_ FL_GUARDED_BY(mu_) = Clock::kNever;
   int blocked_ FL_GUARDED_BY(mu_) = 0;  // submitters waiting for room (kBlock)

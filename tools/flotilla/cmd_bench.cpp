@@ -327,13 +327,7 @@ void add_bench_command(CLI::App& app) {
   cmd->add_flag("--batching", b->batching,
                 "add a batching series: batch-1 requests through a BatchQueue (threads "
                 "1..64 unless --threads-list)");
-  cmd->add_option("--max-batch", b->base.batching.max_batch, "batching: requests per batch")
-      ->capture_default_str();
-  cmd->add_option("--max-delay-us", b->base.batching.max_delay_us,
-                  "batching: how long a request waits for company (us)")
-      ->capture_default_str();
-  cmd->add_option("--queue-workers", b->base.batching.workers, "batching: worker threads")
-      ->capture_default_str();
+  add_batching_options(*cmd, b->base.batching);
   auto replot_dir = std::make_shared<std::string>();
   cmd->add_option("--replot", *replot_dir,
                   "only re-render DIR/bench.png from DIR/bench.json of an earlier run (for "

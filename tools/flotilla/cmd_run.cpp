@@ -34,9 +34,10 @@ void print_human(const WorkloadResult& r) {
   std::printf("  streams used    %d\n", r.streams_used);
   if (o.batching.enabled)
     std::printf(
-        "  batching        max batch %d, max delay %lld us, %d workers: mean batch %.2f, "
-        "rejected %llu, expired %llu, cancelled %llu\n",
+        "  batching        max batch %d, max delay %lld us, %d workers x %d in flight, window "
+        "%d, spin %lld us: mean batch %.2f, rejected %llu, expired %llu, cancelled %llu\n",
         o.batching.max_batch, static_cast<long long>(o.batching.max_delay_us), o.batching.workers,
+        o.batching.pipeline_depth, o.batching.window, static_cast<long long>(o.batching.spin_us),
         r.mean_batch, static_cast<unsigned long long>(r.rejected),
         static_cast<unsigned long long>(r.expired), static_cast<unsigned long long>(r.cancelled));
   if (!r.first_error.empty()) std::printf("  first error     %s\n", r.first_error.c_str());
@@ -69,14 +70,7 @@ void add_run_command(CLI::App& app) {
   cmd->add_option("--crash-after", o->crash_after, "test hook")->group("");
   cmd->add_flag("--batching", o->batching.enabled,
                 "client threads submit batch-1 requests to a BatchQueue that runs real batches");
-  cmd->add_option("--max-batch", o->batching.max_batch, "with --batching: requests per batch")
-      ->capture_default_str();
-  cmd->add_option("--max-delay-us", o->batching.max_delay_us,
-                  "with --batching: how long a request waits for company (us)")
-      ->capture_default_str();
-  cmd->add_option("--queue-workers", o->batching.workers,
-                  "with --batching: worker threads, each with its own stream")
-      ->capture_default_str();
+  add_batching_options(*cmd, o->batching);
   cmd->callback([o, strings, arch, json] {
     strings->apply(*o);
     o->arch = parse_arch(*arch);

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <iostream>
 #include <latch>
 #include <memory>
@@ -76,6 +77,16 @@ void WorkloadOptions::validate() const {
                  "[run] --max-delay-us must be in 0..10000000, not ", batching.max_delay_us);
     FL_CHECK_ARG(batching.workers >= 1 && batching.workers <= 256,
                  "[run] --queue-workers must be in 1..256, not ", batching.workers);
+    FL_CHECK_ARG(batching.window >= 1 && batching.window <= 4096,
+                 "[run] --window must be in 1..4096, not ", batching.window);
+    FL_CHECK_ARG(batching.pipeline_depth >= 1 && batching.pipeline_depth <= 64,
+                 "[run] --pipeline-depth must be in 1..64, not ", batching.pipeline_depth);
+    FL_CHECK_ARG(batching.spin_us >= 0 && batching.spin_us <= 1000000,
+                 "[run] --spin-us must be in 0..1000000, not ", batching.spin_us);
+  } else {
+    FL_CHECK_ARG(batching.window == 1,
+                 "[run] --window keeps several requests in flight through the BatchQueue; "
+                 "it needs --batching");
   }
 }
 
@@ -114,6 +125,9 @@ nlohmann::json WorkloadResult::to_json() const {
     j["max_batch"] = o.batching.max_batch;
     j["max_delay_us"] = o.batching.max_delay_us;
     j["queue_workers"] = o.batching.workers;
+    j["window"] = o.batching.window;
+    j["pipeline_depth"] = o.batching.pipeline_depth;
+    j["spin_us"] = o.batching.spin_us;
     j["mean_batch"] = mean_batch;
     j["rejected"] = rejected;
     j["expired"] = expired;
@@ -173,6 +187,7 @@ struct RunContext {
   const WorkloadOptions& options;
   std::vector<std::vector<float>> inputs;      // [distinct][batch * in]
   std::vector<std::vector<float>> references;  // [distinct][batch * out]
+  std::vector<double> reference_scale;         // [distinct]: max |reference value|
   // The legacy architecture's one process-wide lock: held for each whole
   // request, it serialises all use of the default stream (it guards no field).
   Mutex legacy_mu;
@@ -252,11 +267,9 @@ std::unique_ptr<Client> make_client(RunContext& ctx) {
 }
 
 // --batching's check: every value within 1e-5 of the reference's magnitude
-// (|a - b| <= 1e-5 (|b| + max |b|)); batched rows differ from batch-1 ones by
-// about 1e-7 on the seed's MLP, whose outputs are about 0.2.
-bool close_to_reference(std::span<const float> out, std::span<const float> ref) {
-  double scale = 0;
-  for (float v : ref) scale = std::max(scale, static_cast<double>(std::abs(v)));
+// (|a - b| <= 1e-5 (|b| + max |b|), `scale` = max |b|); batched rows differ
+// from batch-1 ones by about 1e-7 on the seed's MLP, whose outputs are about 0.2.
+bool close_to_reference(std::span<const float> out, std::span<const float> ref, double scale) {
   for (size_t i = 0; i < out.size(); ++i) {
     const double a = out[i], b = ref[i];
     if (!(std::abs(a - b) <= 1e-5 * (std::abs(b) + scale))) return false;  // NaN fails too
@@ -271,22 +284,24 @@ struct ThreadStats {
   std::string first_error;
 };
 
-// Runs inputs[k] through the client, checks the output; counts what failed.
-// Returns the latency in µs.
-double one_request(Client& client, const RunContext& ctx, size_t k, std::vector<float>& out,
-                   ThreadStats& st, bool corrupt = false) {
-  const auto t0 = Clock::now();
+// Checks the output of inputs[k] against its reference; counts a wrong one.
+void check_output(const RunContext& ctx, size_t k, std::span<float> out, ThreadStats& st,
+                  bool corrupt) {
+  const bool batching = ctx.options.batching.enabled;
+  // Batching compares within a tolerance: a 1-ulp corruption would pass it.
+  if (corrupt) out[0] = batching ? out[0] + 1.0f : std::nextafter(out[0], INFINITY);
+  ++st.checks;
+  // Exact: the same model on the same device computes the same bits.
+  if (batching ? !close_to_reference(out, ctx.references[k], ctx.reference_scale[k])
+               : std::memcmp(out.data(), ctx.references[k].data(), out.size() * sizeof(float)) != 0)
+    ++st.wrong;
+}
+
+// Runs `fn` (a request, or the wait for one); counts what it throws.
+template <typename Fn>
+void counting_errors(ThreadStats& st, Fn&& fn) {
   try {
-    client.request(ctx.inputs[k], out);
-    const bool batching = ctx.options.batching.enabled;
-    // Batching compares within a tolerance: a 1-ulp corruption would pass it.
-    if (corrupt) out[0] = batching ? out[0] + 1.0f : std::nextafter(out[0], INFINITY);
-    ++st.checks;
-    // Exact: the same model on the same device computes the same bits.
-    if (batching
-            ? !close_to_reference(out, ctx.references[k])
-            : std::memcmp(out.data(), ctx.references[k].data(), out.size() * sizeof(float)) != 0)
-      ++st.wrong;
+    fn();
   } catch (const ValidationError& e) {
     ++st.violations;
     if (st.first_error.empty()) st.first_error = e.what();
@@ -294,6 +309,17 @@ double one_request(Client& client, const RunContext& ctx, size_t k, std::vector<
     ++st.errors;
     if (st.first_error.empty()) st.first_error = e.what();
   }
+}
+
+// Runs inputs[k] through the client, checks the output; counts what failed.
+// Returns the latency in µs.
+double one_request(Client& client, const RunContext& ctx, size_t k, std::vector<float>& out,
+                   ThreadStats& st, bool corrupt = false) {
+  const auto t0 = Clock::now();
+  counting_errors(st, [&] {
+    client.request(ctx.inputs[k], out);
+    check_output(ctx, k, out, st, corrupt);
+  });
   return std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
 }
 
@@ -358,13 +384,16 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
 
   const Stream s0 = dev.default_stream();
   nn::Mlp model(weights, o.dtype, s0);
-  RunContext ctx{dev, model, o, {}, {}, {}};
+  RunContext ctx{dev, model, o, {}, {}, {}, {}};
   const size_t in_n = static_cast<size_t>(o.batch * model.in_features());
   const size_t out_n = static_cast<size_t>(o.batch * model.out_features());
   for (int k = 0; k < o.distinct_inputs; ++k) {
     ctx.inputs.push_back(nn::random_uniform(in_n, o.seed * 1000003 + static_cast<uint64_t>(k)));
     ctx.references.emplace_back(out_n);
     infer(ctx, s0, ctx.inputs.back(), ctx.references.back());  // one thread: the reference
+    double scale = 0;
+    for (float v : ctx.references.back()) scale = std::max(scale, static_cast<double>(std::abs(v)));
+    ctx.reference_scale.push_back(scale);
   }
   std::optional<serve::BatchQueue> queue;  // destroyed (drained) before the model
   if (o.batching.enabled) {
@@ -372,7 +401,11 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
     qo.max_batch = o.batching.max_batch;
     qo.max_delay = std::chrono::microseconds(o.batching.max_delay_us);
     qo.workers = o.batching.workers;
-    qo.capacity = 1024;  // >= --threads: each client has one request in flight
+    qo.pipeline_depth = o.batching.pipeline_depth;
+    qo.spin_wait = std::chrono::microseconds(o.batching.spin_us);
+    // Room for every client's window: no client waits for room.
+    qo.capacity = std::max<size_t>(
+        1024, static_cast<size_t>(o.threads) * static_cast<size_t>(o.batching.window));
     qo.when_full = serve::OverflowPolicy::kBlock;
     queue.emplace(
         dev, model.in_features(), model.out_features(),
@@ -403,16 +436,56 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
       counted_down = true;
       start.arrive_and_wait();
       st.latency_us.reserve(o.requests > 0 ? static_cast<size_t>(o.requests) / n + 1 : 4096);
-      for (uint64_t r = t;; r += 7) {
-        if (o.requests == 0 && stop.load(std::memory_order_relaxed)) break;
+      // The next request's ticket, or none once the run is over; `corrupt`
+      // says whether the corrupt-every hook picks it.
+      auto next = [&](bool& corrupt) -> bool {
+        if (o.requests == 0 && stop.load(std::memory_order_relaxed)) return false;
         const uint64_t ticket = next_ticket.fetch_add(1, std::memory_order_relaxed);
-        if (o.requests > 0 && ticket >= static_cast<uint64_t>(o.requests)) break;
-        const bool corrupt =
-            o.corrupt_every > 0 && (ticket + 1) % static_cast<uint64_t>(o.corrupt_every) == 0;
+        if (o.requests > 0 && ticket >= static_cast<uint64_t>(o.requests)) return false;
+        corrupt = o.corrupt_every > 0 && (ticket + 1) % static_cast<uint64_t>(o.corrupt_every) == 0;
         if (o.crash_after > 0 && ticket + 1 == static_cast<uint64_t>(o.crash_after)) std::abort();
-        const double us = one_request(*client, ctx, r % ctx.inputs.size(), out, st, corrupt);
-        st.latency_us.push_back(static_cast<float>(us));
-        completed.fetch_add(1, std::memory_order_relaxed);
+        return true;
+      };
+      const size_t window = static_cast<size_t>(o.batching.window);
+      bool corrupt = false;
+      if (window == 1) {
+        for (uint64_t r = t; next(corrupt); r += 7) {
+          const double us = one_request(*client, ctx, r % ctx.inputs.size(), out, st, corrupt);
+          st.latency_us.push_back(static_cast<float>(us));
+          completed.fetch_add(1, std::memory_order_relaxed);
+        }
+      } else {  // --window: keep `window` requests in flight through the queue
+        struct Pending {
+          serve::RequestHandle handle;
+          size_t k;
+          Clock::time_point t0;
+          bool corrupt;
+        };
+        std::deque<Pending> pending;
+        bool more = true;
+        for (uint64_t r = t;;) {
+          while (more && pending.size() < window) {
+            more = next(corrupt);
+            if (!more) break;
+            const size_t k = r % ctx.inputs.size();
+            r += 7;
+            Pending p{{}, k, Clock::now(), corrupt};
+            counting_errors(st, [&] { p.handle = ctx.queue->submit(ctx.inputs[k]); });
+            if (p.handle.valid()) pending.push_back(std::move(p));
+          }
+          if (pending.empty()) break;
+          Pending p = std::move(pending.front());
+          pending.pop_front();
+          counting_errors(st, [&] {
+            const std::vector<float> y = p.handle.get();  // throws the request's error
+            FL_INTERNAL_CHECK(y.size() == out.size(), "the queue returned ", y.size(), " values");
+            std::copy(y.begin(), y.end(), out.begin());
+            check_output(ctx, p.k, out, st, p.corrupt);
+          });
+          st.latency_us.push_back(static_cast<float>(
+              std::chrono::duration<double, std::micro>(Clock::now() - p.t0).count()));
+          completed.fetch_add(1, std::memory_order_relaxed);
+        }
       }
     } catch (const Error& e) {  // the client could not be made (e.g. no free stream)
       ++st.errors;
@@ -614,6 +687,24 @@ void ModelOptionStrings::apply(WorkloadOptions& o) const {
   o.activation = ops::parse_activation(activation);
   o.dtype = parse_dtype(dtype);
   if (!policy.empty()) o.policy = parse_stream_policy(policy);
+}
+
+void add_batching_options(CLI::App& cmd, WorkloadOptions::Batching& b) {
+  cmd.add_option("--max-batch", b.max_batch, "batching: requests per batch")->capture_default_str();
+  cmd.add_option("--max-delay-us", b.max_delay_us,
+                 "batching: how long a request waits for company (us)")
+      ->capture_default_str();
+  cmd.add_option("--queue-workers", b.workers, "batching: worker threads, each with its own stream")
+      ->capture_default_str();
+  cmd.add_option("--window", b.window,
+                 "batching: requests each client keeps in flight (1: one at a time)")
+      ->capture_default_str();
+  cmd.add_option("--pipeline-depth", b.pipeline_depth,
+                 "batching: batches each worker keeps in flight")
+      ->capture_default_str();
+  cmd.add_option("--spin-us", b.spin_us,
+                 "batching: how long waiting threads spin before they sleep (us)")
+      ->capture_default_str();
 }
 
 void add_model_options(CLI::App& cmd, WorkloadOptions& o, ModelOptionStrings& s) {

@@ -66,7 +66,7 @@ struct WorkloadOptions {
   // process, to prove an isolated run counts a crash rather than dying.
   int64_t crash_after = 0;
 
-  // Issue 5 (`--batching --max-batch B --max-delay-us D --queue-workers W`):
+  // Issue 5 (`--batching --max-batch B --max-delay-us D --queue-workers W ...`):
   // the client threads submit batch-1 requests to one serve::BatchQueue,
   // whose W workers run real batches. Outputs are checked against the
   // batch-1 reference within fp32 tolerance, not bit for bit: a batched row
@@ -79,6 +79,12 @@ struct WorkloadOptions {
     // are busy); see the issue-5 report's figures.
     int64_t max_delay_us = 0;
     int workers = 4;
+    // Requests each client keeps in flight (--window): it submits that many,
+    // then submits the next each time the oldest completes (a frontend thread
+    // serving many connections). 1: one at a time (a closed loop).
+    int window = 1;
+    int pipeline_depth = 2;  // BatchQueueOptions::pipeline_depth
+    int64_t spin_us = 0;     // BatchQueueOptions::spin_wait
   } batching;
 
   // Throws InvalidArgument naming the option. Touches no device.
@@ -138,5 +144,8 @@ struct ModelOptionStrings {
   void apply(WorkloadOptions& o) const;
 };
 void add_model_options(CLI::App& cmd, WorkloadOptions& o, ModelOptionStrings& s);
+// The BatchQueue's options both commands share: --max-batch --max-delay-us
+// --queue-workers --window --pipeline-depth --spin-us.
+void add_batching_options(CLI::App& cmd, WorkloadOptions::Batching& b);
 
 }  // namespace flotilla::cli

@@ -49,15 +49,29 @@ class FL_CAPABILITY("mutex") Mutex {
 };
 
 // Scoped lock on a Mutex. No default constructor, no copy.
+// unlock() and lock() let a scope let go of the mutex for a while (a
+// bounded spin) and take it back; the destructor unlocks only if held.
 class FL_SCOPED_CAPABILITY MutexLock {
  public:
   explicit MutexLock(Mutex& mu) FL_ACQUIRE(mu) : mu_(mu) { mu_.lock(); }
-  ~MutexLock() FL_RELEASE() { mu_.unlock(); }
+  ~MutexLock() FL_RELEASE() {
+    if (held_) mu_.unlock();
+  }
   MutexLock(const MutexLock&) = delete;
   MutexLock& operator=(const MutexLock&) = delete;
 
+  void unlock() FL_RELEASE() {
+    held_ = false;
+    mu_.unlock();
+  }
+  void lock() FL_ACQUIRE() {
+    mu_.lock();
+    held_ = true;
+  }
+
  private:
   Mutex& mu_;
+  bool held_ = true;
 };
 
 // Condition variable bound to a Mutex the caller already holds.

@@ -23,6 +23,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string_view>
 
 #include "flotilla/backend/driver.h"
@@ -30,6 +31,7 @@
 namespace flotilla {
 
 class Device;
+class StreamFence;
 namespace detail {
 class StreamState;
 }
@@ -56,6 +58,11 @@ class Stream {
   void synchronize();
   // True if all work committed so far has finished (does not commit).
   bool query() const;
+  // Commits, and returns a fence on the work committed so far: a point to
+  // wait for later without waiting for what is encoded after it (a
+  // synchronize() would). For pipelines that keep several batches in flight
+  // on one stream.
+  StreamFence fence();
   // Runs `fn` on a driver thread once the work encoded so far has run
   // (commits the stream). If `fn` throws, the error reaches synchronize().
   void add_callback(std::function<void()> fn);
@@ -69,6 +76,31 @@ class Stream {
  private:
   Device* device_;
   int index_;
+};
+
+// A point in one stream's committed work (Stream::fence()). A value: copies
+// refer to the same point; a default-made fence is already reached.
+//
+// wait() blocks until the point is reached, then rethrows the stream's first
+// asynchronous error, once, as Stream::synchronize() does; if there was none
+// but the fenced command buffer itself failed, it throws that failure. So a
+// pipeline that waits for its fences in order sees every failure of the work
+// before each one. reached() does not block or throw.
+//
+// Thread safety: any thread; wait() from several threads at once is allowed
+// (each error is rethrown to one of them). Lifetime: not past its Device.
+class StreamFence {
+ public:
+  StreamFence() = default;
+  bool reached() const;
+  void wait() const;
+
+ private:
+  friend class Stream;
+  StreamFence(detail::StreamState* state, std::shared_ptr<backend::CommandBuffer> cb)
+      : state_(state), cb_(std::move(cb)) {}
+  detail::StreamState* state_ = nullptr;
+  std::shared_ptr<backend::CommandBuffer> cb_;  // null: nothing was committed yet
 };
 
 // Makes `stream` the calling thread's current stream on its device for the

@@ -16,10 +16,12 @@
 // A batch (Note [One batch] in batch_queue.cpp): a worker waits for a first
 // request, then up to max_delay (by the clock, from the oldest request's
 // arrival) for company, up to max_batch; completes the expired ones; packs
-// the inputs into its pinned staging buffer (allocated once per worker),
-// copies them with one asynchronous copy into one [B, in] tensor on its
-// stream, runs one forward, copies [B, out] back with one asynchronous copy
-// into pinned staging, synchronizes its stream, and scatters the rows.
+// the inputs into a pinned staging buffer (allocated once, pipeline_depth
+// per worker), copies them with one asynchronous copy into one [B, in]
+// tensor on its stream, runs one forward, copies [B, out] back with one
+// asynchronous copy into pinned staging, and takes a fence; when the fence
+// is reached it scatters the rows. Up to pipeline_depth batches per worker
+// are in flight at once.
 //
 // Outcomes. Every submit() that returns a handle completes it exactly once
 // (Note [Exactly once] in queue_core.h): with its output, or with
@@ -84,6 +86,7 @@ namespace detail {
 class QueueCore;
 struct Request;
 struct Lane;
+struct Slot;
 struct Batch;
 }  // namespace detail
 
@@ -127,6 +130,16 @@ struct BatchQueueOptions {
   size_t capacity = 1024;  // queued requests at most, >= 1
   OverflowPolicy when_full = OverflowPolicy::kReject;
   int workers = 1;  // threads, each with its own stream; 0: manual mode
+  // Batches each worker keeps in flight on its stream (1..64), each with its
+  // own pinned staging: while the device runs one, the worker packs and
+  // launches the next, and completes each when its fence is reached (Note
+  // [Pipelined lanes] in batch_queue.cpp). 1: launch, wait, complete.
+  int pipeline_depth = 2;
+  // How long a waiting thread spins before it sleeps: a handle's get() and
+  // wait(), and the idle worker waiting for requests. A futex sleep and
+  // wake-up costs several microseconds on each side of a request; spinning
+  // trades CPU for that latency. 0: sleep at once.
+  std::chrono::microseconds spin_wait{0};
   std::chrono::microseconds default_deadline{0};  // from submit, for requests without one; 0: none
   bool reject_nan = false;                        // refuse inputs holding NaN at submit
   std::shared_ptr<Clock> clock;                   // null: SteadyClock::instance()
@@ -219,7 +232,12 @@ class BatchQueue {
 
  private:
   void worker_loop(detail::Lane& lane);
-  void run_batch(detail::Lane& lane, detail::Batch& batch);
+  // Launches the batch in the lane's free slot; it is then in flight.
+  void launch_batch(detail::Lane& lane);
+  // Waits for the lane's oldest batch and completes its requests.
+  void complete_oldest(detail::Lane& lane);
+  // Launches and completes the batch in the free slot (manual mode).
+  void run_batch(detail::Lane& lane);
 
   Device& device_;
   const int64_t in_, out_;

@@ -12,8 +12,10 @@
 // Percentiles are over a bounded window of the latest samples
 // (BatchQueueOptions::metrics_window); counts and sums are over all time.
 //
-// Thread safety: a plain value; the snapshot is taken under the queue's
-// locks, so its figures agree with each other.
+// Thread safety: a plain value. Taken while requests flow, the counts are
+// read one by one (each exact, the set not one instant: a request may show
+// as submitted and not yet completed); taken once the queue is idle, they
+// agree exactly, as above.
 #pragma once
 
 #include <cstddef>

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs `flotilla run --batching` over a list of configurations, each for a few
+# seconds, interleaved REPEATS times, and prints one JSON line per run (the
+# configuration's label, then the run's --json object). For the figures of
+# docs/PERF.md's batching section and for tuning the queue's defaults.
+#
+# Usage: scripts/batching_sweep.sh FLOTILLA_BINARY CONFIG_FILE
+#   CONFIG_FILE: one configuration per line, `label: flotilla-run-options`,
+#   e.g. `64c-w64: --threads 64 --window 64 --max-batch 1024`; `#` comments.
+# Environment: BACKEND (default cuda), SECONDS_PER_RUN (default 2), REPEATS
+#   (default 1).
+set -u -o pipefail
+bin=$1
+configs=$2
+backend=${BACKEND:-cuda}
+secs=${SECONDS_PER_RUN:-2}
+repeats=${REPEATS:-1}
+for ((rep = 1; rep <= repeats; rep++)); do
+  while IFS= read -r line; do
+    line=${line%%#*}
+    [ -z "${line// /}" ] && continue
+    label=${line%%:*}
+    opts=${line#*:}
+    # shellcheck disable=SC2086 # opts is a list of options
+    json=$("$bin" run --backend "$backend" --batching --seconds "$secs" --json --no-progress \
+      $opts 2>/dev/null | tail -1)
+    echo "{\"label\":\"$label\",\"repeat\":$rep,\"opts\":\"${opts# }\",\"result\":${json:-null}}"
+  done <"$configs"
+done
