@@ -217,7 +217,11 @@ RequestHandle BatchQueue::submit(std::span<const float> input,
     d = *deadline;
   else if (options_.default_deadline.count() > 0)
     d = clock_->now() + options_.default_deadline;
-  return RequestHandle(core_->submit(std::vector<float>(input.begin(), input.end()), d));
+  auto r =
+      std::make_shared<detail::Request>(std::vector<float>(input.begin(), input.end()),
+                                        static_cast<size_t>(out_), d, core_, options_.spin_wait);
+  core_->submit(r);
+  return RequestHandle(std::move(r));
 }
 
 Clock::time_point BatchQueue::deadline_in(Clock::duration d) const { return clock_->now() + d; }

@@ -44,11 +44,6 @@ class MetricsRecorder {
   void invalid() { invalid_.fetch_add(1, std::memory_order_relaxed); }
   // `n` requests reached a final status (not kQueued / kRunning).
   void outcome(RequestStatus status, uint64_t n = 1);
-  // One request counted completed failed after all.
-  void recount_completed_as_failed() {
-    failed_.fetch_add(1, std::memory_order_relaxed);
-    completed_.fetch_sub(1, std::memory_order_relaxed);
-  }
   // A batch of `waits.size()` requests ran (or failed) in `compute`.
   void batch(std::chrono::nanoseconds compute, std::span<const std::chrono::nanoseconds> waits)
       FL_EXCLUDES(mu_);

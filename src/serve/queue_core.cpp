@@ -15,10 +15,10 @@ int64_t micros(Clock::duration d) {
 
 }  // namespace
 
-void Request::finish(std::vector<float> out, std::exception_ptr err) {
+void Request::finish(const float* row, std::exception_ptr err) {
   MutexLock lock(mu);
   FL_INTERNAL_CHECK(!done, "request ", id, " completed twice (Note [Exactly once])");
-  output = std::move(out);
+  if (!err) std::copy(row, row + output.size(), output.begin());
   error = std::move(err);
   done = true;
   done_hint.store(true, std::memory_order_release);
@@ -35,8 +35,8 @@ QueueCore::QueueCore(const BatchQueueOptions& options, std::shared_ptr<Clock> cl
       clock_(std::move(clock)),
       recorder_(options.metrics_window, options.max_batch) {}
 
-void QueueCore::finish(Request& r, RequestStatus status, std::vector<float> out,
-                       std::exception_ptr err, bool count) {
+void QueueCore::finish(Request& r, RequestStatus status, const float* row, std::exception_ptr err,
+                       bool count) {
   if (count) recorder_.outcome(status);
   if (options_.on_complete) {
     try {
@@ -44,62 +44,57 @@ void QueueCore::finish(Request& r, RequestStatus status, std::vector<float> out,
     } catch (...) {  // a tracing hook must not take the queue down
     }
   }
-  r.finish(std::move(out), std::move(err));
+  r.finish(row, std::move(err));
 }
 
-std::shared_ptr<Request> QueueCore::refuse(RequestStatus status, std::exception_ptr err,
-                                           Clock::time_point now) {
-  auto r = std::make_shared<Request>(next_id_++, std::vector<float>{}, now, Clock::kNever,
-                                     weak_from_this(), status, std::chrono::nanoseconds(0));
-  finish(*r, status, {}, std::move(err));
-  return r;
+void QueueCore::refuse(Request& r, RequestStatus status, std::exception_ptr err) {
+  const bool won = r.move(RequestStatus::kQueued, status);
+  FL_INTERNAL_CHECK(won, "new request ", r.id, " was not queued");
+  finish(r, status, nullptr, std::move(err));
 }
 
-std::shared_ptr<Request> QueueCore::submit(std::vector<float> input, Clock::time_point deadline) {
+void QueueCore::submit(const std::shared_ptr<Request>& r) {
   recorder_.submitted();
   MutexLock lock(mu_);
   Clock::time_point now = clock_->now();
+  r->id = next_id_++;
+  r->enqueued = now;
+  const Clock::time_point deadline = r->deadline;
   if (stopping_)
-    return refuse(RequestStatus::kShutDown,
+    return refuse(*r, RequestStatus::kShutDown,
                   std::make_exception_ptr(ShutDown(
-                      "[BatchQueue::submit] the queue is shutting down; submit to a live queue")),
-                  now);
+                      "[BatchQueue::submit] the queue is shutting down; submit to a live queue")));
   if (deadline <= now)
-    return refuse(RequestStatus::kExpired,
+    return refuse(*r, RequestStatus::kExpired,
                   std::make_exception_ptr(
                       Timeout("[BatchQueue::submit] the request's deadline had passed when it was "
-                              "submitted; give it a later deadline")),
-                  now);
+                              "submitted; give it a later deadline")));
   if (fifo_.size() >= options_.capacity) {
     if (options_.when_full == OverflowPolicy::kReject)
-      return refuse(RequestStatus::kRejected,
+      return refuse(*r, RequestStatus::kRejected,
                     std::make_exception_ptr(QueueFull(::flotilla::detail::str_cat(
                         "[BatchQueue::submit] the queue holds its capacity of ", options_.capacity,
                         " requests; retry later, raise capacity, add workers, or use "
-                        "OverflowPolicy::kBlock"))),
-                    now);
+                        "OverflowPolicy::kBlock"))));
     ++blocked_;
     clock_->wait_until(mu_, space_cv_, deadline, [&]() FL_REQUIRES(mu_) {
       return stopping_ || fifo_.size() < options_.capacity;
     });
     --blocked_;
     now = clock_->now();
+    r->enqueued = now;
     if (stopping_)
-      return refuse(RequestStatus::kShutDown,
+      return refuse(*r, RequestStatus::kShutDown,
                     std::make_exception_ptr(ShutDown(
                         "[BatchQueue::submit] the queue shut down while the request waited for "
-                        "room; submit to a live queue")),
-                    now);
+                        "room; submit to a live queue")));
     if (fifo_.size() >= options_.capacity)
-      return refuse(RequestStatus::kExpired,
+      return refuse(*r, RequestStatus::kExpired,
                     std::make_exception_ptr(Timeout(::flotilla::detail::str_cat(
                         "[BatchQueue::submit] the queue stayed full (", options_.capacity,
                         " requests) until the request's deadline; give it a later deadline, "
-                        "raise capacity or add workers"))),
-                    now);
+                        "raise capacity or add workers"))));
   }
-  auto r = std::make_shared<Request>(next_id_++, std::move(input), now, deadline, weak_from_this(),
-                                     RequestStatus::kQueued, options_.spin_wait);
   fifo_.push_back(r);
   if (deadline != Clock::kNever) deadlines_.emplace(deadline, r->id);
   max_depth_ = std::max(max_depth_, fifo_.size());
@@ -111,7 +106,6 @@ std::shared_ptr<Request> QueueCore::submit(std::vector<float> input, Clock::time
   if (fifo_.size() == 1 || fifo_.size() >= static_cast<size_t>(options_.max_batch) ||
       deadline < leader_wake_)
     work_cv_.notify_one();  // only the leader waits there
-  return r;
 }
 
 std::shared_ptr<Request> QueueCore::remove(uint64_t id) {
@@ -138,7 +132,7 @@ bool QueueCore::cancel(Request& r) {
   room_made();
   // The leader is not woken: a cancel only makes its decision later, and its
   // timed wait ends, looks again and sleeps on.
-  finish(r, RequestStatus::kCancelled, {},
+  finish(r, RequestStatus::kCancelled, nullptr,
          std::make_exception_ptr(Cancelled(::flotilla::detail::str_cat(
              "[RequestHandle::cancel] request ", r.id, " was cancelled before it ran"))));
   return true;
@@ -148,7 +142,7 @@ void QueueCore::expire(Request& r, Clock::time_point now) {
   const bool won = r.move(RequestStatus::kQueued, RequestStatus::kExpired);
   FL_INTERNAL_CHECK(won, "request ", r.id, " in the FIFO was not queued");
   finish(
-      r, RequestStatus::kExpired, {},
+      r, RequestStatus::kExpired, nullptr,
       std::make_exception_ptr(Timeout(::flotilla::detail::str_cat(
           "[BatchQueue] request ", r.id, " reached its deadline after ", micros(now - r.enqueued),
           " us in the queue, before it ran; give it a later deadline, or add workers or "
@@ -260,26 +254,14 @@ void QueueCore::take_ready(Batch& batch, bool force) {
 void QueueCore::complete_batch(Batch& batch, std::exception_ptr error, const float* rows,
                                size_t out_features) {
   const size_t n = batch.requests.size();
-  // Counted before any handle sees its result, as finish() does one by one;
-  // nothing here may throw before every request is finished.
-  recorder_.outcome(error ? RequestStatus::kFailed : RequestStatus::kCompleted, n);
+  const RequestStatus to = error ? RequestStatus::kFailed : RequestStatus::kCompleted;
+  // Counted before any handle sees its result, as finish() does one by one.
+  recorder_.outcome(to, n);
   for (size_t i = 0; i < n; ++i) {
     Request& r = *batch.requests[i];
-    std::exception_ptr e = error;
-    std::vector<float> y;
-    if (!e) {
-      try {
-        const float* row = rows + i * out_features;
-        y.assign(row, row + out_features);
-      } catch (...) {  // out of host memory for this one output
-        e = std::current_exception();
-        recorder_.recount_completed_as_failed();
-      }
-    }
-    const RequestStatus to = e ? RequestStatus::kFailed : RequestStatus::kCompleted;
     const bool won = r.move(RequestStatus::kRunning, to);
     FL_INTERNAL_CHECK(won, "request ", r.id, " finished by a worker was not running");
-    finish(r, to, std::move(y), std::move(e), /*count=*/false);
+    finish(r, to, rows + i * out_features, error, /*count=*/false);
   }
   batch.requests.clear();
 }
@@ -293,7 +275,7 @@ void QueueCore::stop(ShutdownMode mode) {
       fifo_.pop_front();
       const bool won = r->move(RequestStatus::kQueued, RequestStatus::kCancelled);
       FL_INTERNAL_CHECK(won, "request ", r->id, " in the FIFO was not queued");
-      finish(*r, RequestStatus::kCancelled, {},
+      finish(*r, RequestStatus::kCancelled, nullptr,
              std::make_exception_ptr(Cancelled(::flotilla::detail::str_cat(
                  "[BatchQueue::shutdown] request ", r->id,
                  " was cancelled by shutdown(kCancel) before it ran"))));

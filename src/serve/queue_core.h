@@ -47,35 +47,37 @@ namespace flotilla::serve::detail {
 class QueueCore;
 
 struct Request {
-  Request(uint64_t id, std::vector<float> input, Clock::time_point enqueued,
-          Clock::time_point deadline, std::weak_ptr<QueueCore> core, RequestStatus status,
-          std::chrono::nanoseconds spin)
-      : id(id),
-        input(std::move(input)),
-        enqueued(enqueued),
+  // Made by the submitting thread, outside the core's lock; `output` is
+  // allocated here too, so the worker only copies into it.
+  Request(std::vector<float> input, size_t out_features, Clock::time_point deadline,
+          std::weak_ptr<QueueCore> core, std::chrono::nanoseconds spin)
+      : input(std::move(input)),
         deadline(deadline),
         core(std::move(core)),
         spin(spin),
-        status(status) {}
+        output(out_features) {}
 
+  // Written once under the core's mutex by submit(), before the request is
+  // published (in the FIFO, or to its handle); read-only after.
+  uint64_t id = 0;
+  Clock::time_point enqueued{};  // when it entered the FIFO (max_delay counts from it)
   // Immutable after construction: read by the worker that picked it.
-  const uint64_t id;
   const std::vector<float> input;
-  const Clock::time_point enqueued;     // when it entered the FIFO (max_delay counts from it)
   const Clock::time_point deadline;     // Clock::kNever: none
   const std::weak_ptr<QueueCore> core;  // for cancel(); empty once the queue is gone
   const std::chrono::nanoseconds spin;  // BatchQueueOptions::spin_wait
 
   // acq_rel swaps: the winner of a move (Note [Exactly once]) sees every
   // write made before the previous move; acquire loads for status().
-  std::atomic<RequestStatus> status;
+  std::atomic<RequestStatus> status{RequestStatus::kQueued};
   bool move(RequestStatus from, RequestStatus to) {
     return status.compare_exchange_strong(from, to, std::memory_order_acq_rel,
                                           std::memory_order_acquire);
   }
 
-  // Sets the result (output or error) and wakes the handle. Exactly once.
-  void finish(std::vector<float> out, std::exception_ptr err) FL_EXCLUDES(mu);
+  // Sets the result (`row`, out_features values, or the error `err`) and
+  // wakes the handle. Exactly once.
+  void finish(const float* row, std::exception_ptr err) FL_EXCLUDES(mu);
   // Spins up to `spin` for the result (without the lock); true if it is in.
   bool spin_for_done() const;
 
@@ -84,8 +86,8 @@ struct Request {
   bool done FL_GUARDED_BY(mu) = false;
   // A copy of `done` for spinning waiters; set (release) under mu with it.
   std::atomic<bool> done_hint{false};
-  bool taken FL_GUARDED_BY(mu) = false;  // get() has handed the result over
-  std::vector<float> output FL_GUARDED_BY(mu);
+  bool taken FL_GUARDED_BY(mu) = false;         // get() has handed the result over
+  std::vector<float> output FL_GUARDED_BY(mu);  // sized at construction
   std::exception_ptr error FL_GUARDED_BY(mu);
 };
 
@@ -99,11 +101,10 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
  public:
   QueueCore(const BatchQueueOptions& options, std::shared_ptr<Clock> clock);
 
-  // Queues `input` (already checked) or refuses it (ShutDown, QueueFull,
-  // Timeout); the returned request is kQueued or already final. Blocks
-  // under kBlock.
-  std::shared_ptr<Request> submit(std::vector<float> input, Clock::time_point deadline)
-      FL_EXCLUDES(mu_);
+  // Queues `r` (new, its input already checked) or refuses it (ShutDown,
+  // QueueFull, Timeout): on return it is kQueued or already final, with its
+  // id. Blocks under kBlock.
+  void submit(const std::shared_ptr<Request>& r) FL_EXCLUDES(mu_);
   // Moves `r` from kQueued to kCancelled and completes it; false if it was
   // not queued.
   bool cancel(Request& r) FL_EXCLUDES(mu_);
@@ -120,7 +121,7 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
 
   // A worker's verdict on a batch it picked: each request kRunning ->
   // kCompleted with its row of `rows` ([n, out_features]), or kFailed with
-  // `error` (also if its row cannot be copied). Clears batch.requests.
+  // `error`. Clears batch.requests.
   void complete_batch(Batch& batch, std::exception_ptr error, const float* rows,
                       size_t out_features);
 
@@ -136,10 +137,10 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
  private:
   // Completes a request whose final status the caller has just won;
   // `count`: add it to the metrics (complete_batch counts a batch at once).
-  void finish(Request& r, RequestStatus status, std::vector<float> out, std::exception_ptr err,
+  void finish(Request& r, RequestStatus status, const float* row, std::exception_ptr err,
               bool count = true);
-  std::shared_ptr<Request> refuse(RequestStatus status, std::exception_ptr err,
-                                  Clock::time_point now) FL_REQUIRES(mu_);
+  // Completes the new request `r` with a refusal.
+  void refuse(Request& r, RequestStatus status, std::exception_ptr err) FL_REQUIRES(mu_);
   void expire_due(Clock::time_point now) FL_REQUIRES(mu_);
   void expire(Request& r, Clock::time_point now) FL_REQUIRES(mu_);
   void pick(Batch& batch, Clock::time_point now) FL_REQUIRES(mu_);
