@@ -48,6 +48,7 @@ void QueueCore::finish(Request& r, RequestStatus status, const float* row, std::
 }
 
 void QueueCore::refuse(Request& r, RequestStatus status, std::exception_ptr err) {
+  r.id = next_id_++;
   const bool won = r.move(RequestStatus::kQueued, status);
   FL_INTERNAL_CHECK(won, "new request ", r.id, " was not queued");
   finish(r, status, nullptr, std::move(err));
@@ -57,7 +58,6 @@ void QueueCore::submit(const std::shared_ptr<Request>& r) {
   recorder_.submitted();
   MutexLock lock(mu_);
   Clock::time_point now = clock_->now();
-  r->id = next_id_++;
   r->enqueued = now;
   const Clock::time_point deadline = r->deadline;
   if (stopping_)
@@ -95,6 +95,7 @@ void QueueCore::submit(const std::shared_ptr<Request>& r) {
                         " requests) until the request's deadline; give it a later deadline, "
                         "raise capacity or add workers"))));
   }
+  r->id = next_id_++;  // here, after any wait for room: the FIFO stays in id order
   fifo_.push_back(r);
   if (deadline != Clock::kNever) deadlines_.emplace(deadline, r->id);
   max_depth_ = std::max(max_depth_, fifo_.size());
