@@ -56,7 +56,7 @@ void QueueCore::refuse(Request& r, RequestStatus status, std::exception_ptr err)
 
 void QueueCore::submit(const std::shared_ptr<Request>& r) {
   recorder_.submitted();
-  MutexLock lock(mu_);
+  MutexLock lock(mu_, kSpinFirst);
   Clock::time_point now = clock_->now();
   r->enqueued = now;
   const Clock::time_point deadline = r->deadline;
@@ -127,7 +127,7 @@ void QueueCore::room_made() {
 }
 
 bool QueueCore::cancel(Request& r) {
-  MutexLock lock(mu_);
+  MutexLock lock(mu_, kSpinFirst);
   if (!r.move(RequestStatus::kQueued, RequestStatus::kCancelled)) return false;
   std::shared_ptr<Request> keep = remove(r.id);
   room_made();
@@ -186,7 +186,7 @@ void QueueCore::pick(Batch& batch, Clock::time_point now) {
 
 bool QueueCore::next_batch(Batch& batch) {
   batch.requests.clear();
-  MutexLock lock(mu_);
+  MutexLock lock(mu_, kSpinFirst);
   // Wait to be the leader (Note [Batch leader]), or to exit.
   idle_cv_.wait(mu_, [&]() FL_REQUIRES(mu_) { return !leader_ || (stopping_ && fifo_.empty()); });
   if (stopping_ && fifo_.empty()) {
@@ -237,7 +237,7 @@ bool QueueCore::next_batch(Batch& batch) {
 
 bool QueueCore::try_batch(Batch& batch) {
   batch.requests.clear();
-  MutexLock lock(mu_);
+  MutexLock lock(mu_, kSpinFirst);
   const Clock::time_point now = clock_->now();
   expire_due(now);
   if (batch_ready(now)) pick(batch, now);

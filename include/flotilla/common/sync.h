@@ -10,6 +10,8 @@
 #include <condition_variable>
 #include <mutex>
 
+#include "flotilla/common/spin.h"
+
 #if defined(__clang__)
 #define FL_THREAD_ANNOTATION(x) __attribute__((x))
 #else
@@ -31,6 +33,11 @@
 
 namespace flotilla {
 
+// Asks a lock to try without sleeping for a moment first (see
+// Mutex::lock(SpinFirst)).
+struct SpinFirst {};
+inline constexpr SpinFirst kSpinFirst{};
+
 // A plain, non-recursive mutex that clang's analysis understands.
 class FL_CAPABILITY("mutex") Mutex {
  public:
@@ -39,6 +46,17 @@ class FL_CAPABILITY("mutex") Mutex {
   Mutex& operator=(const Mutex&) = delete;
 
   void lock() FL_ACQUIRE() { mu_.lock(); }
+  // Tries for about a microsecond before it sleeps: for a lock that many
+  // threads take for a few hundred nanoseconds each (a BatchQueue's FIFO),
+  // where a futex sleep and wake-up per hand-over costs more than the hold
+  // and caps the lock at about a million hand-overs a second.
+  void lock(SpinFirst) FL_ACQUIRE() FL_NO_THREAD_SAFETY_ANALYSIS {
+    for (int i = 0; i < 64; ++i) {
+      if (mu_.try_lock()) return;
+      detail::cpu_relax();
+    }
+    mu_.lock();
+  }
   void unlock() FL_RELEASE() { mu_.unlock(); }
   bool try_lock() FL_TRY_ACQUIRE(true) { return mu_.try_lock(); }
 
@@ -54,6 +72,7 @@ class FL_CAPABILITY("mutex") Mutex {
 class FL_SCOPED_CAPABILITY MutexLock {
  public:
   explicit MutexLock(Mutex& mu) FL_ACQUIRE(mu) : mu_(mu) { mu_.lock(); }
+  MutexLock(Mutex& mu, SpinFirst how) FL_ACQUIRE(mu) : mu_(mu) { mu_.lock(how); }
   ~MutexLock() FL_RELEASE() {
     if (held_) mu_.unlock();
   }
