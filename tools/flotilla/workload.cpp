@@ -132,6 +132,11 @@ nlohmann::json WorkloadResult::to_json() const {
     j["rejected"] = rejected;
     j["expired"] = expired;
     j["cancelled"] = cancelled;
+    j["queue_wait_p50_us"] = queue_wait_p50_us;
+    j["queue_wait_p99_us"] = queue_wait_p99_us;
+    j["compute_p50_us"] = compute_p50_us;
+    j["compute_p99_us"] = compute_p99_us;
+    j["max_depth"] = max_depth;
   }
   return j;
 }
@@ -163,6 +168,11 @@ WorkloadResult WorkloadResult::from_json(const nlohmann::json& j, const Workload
   r.rejected = j.value("rejected", uint64_t{0});
   r.expired = j.value("expired", uint64_t{0});
   r.cancelled = j.value("cancelled", uint64_t{0});
+  r.queue_wait_p50_us = j.value("queue_wait_p50_us", 0.0);
+  r.queue_wait_p99_us = j.value("queue_wait_p99_us", 0.0);
+  r.compute_p50_us = j.value("compute_p50_us", 0.0);
+  r.compute_p99_us = j.value("compute_p99_us", 0.0);
+  r.max_depth = j.value("max_depth", uint64_t{0});
   return r;
 }
 
@@ -552,6 +562,11 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
     result.rejected = m.rejected;
     result.expired = m.expired;
     result.cancelled = m.cancelled;
+    result.queue_wait_p50_us = m.queue_wait.p50_us;
+    result.queue_wait_p99_us = m.queue_wait.p99_us;
+    result.compute_p50_us = m.compute.p50_us;
+    result.compute_p99_us = m.compute.p99_us;
+    result.max_depth = m.max_depth;
     std::set<int> queue_streams;
     for (const Stream& s : queue->streams()) queue_streams.insert(s.index());
     result.streams_used = static_cast<int>(queue_streams.size());

@@ -113,6 +113,11 @@ struct WorkloadResult {
   // With --batching (the queue's metrics, warmup included).
   double mean_batch = 0;
   uint64_t rejected = 0, expired = 0, cancelled = 0;
+  // Where a request's time goes: queued (submit to picked into a batch) and
+  // compute (picked to its batch's results in host memory), by the queue's
+  // window of recent samples; max_depth: the most requests queued at once.
+  double queue_wait_p50_us = 0, queue_wait_p99_us = 0, compute_p50_us = 0, compute_p99_us = 0;
+  uint64_t max_depth = 0;
 
   bool failed() const { return crashes || violations || wrong_results || errors; }
   nlohmann::json to_json() const;
