@@ -56,8 +56,14 @@ void QueueCore::refuse(Request& r, RequestStatus status, std::exception_ptr err)
 
 void QueueCore::submit(const std::shared_ptr<Request>& r) {
   recorder_.submitted();
-  MutexLock lock(mu_, kSpinFirst);
+  // The clock is read before the lock: on some machines (a VM whose clock
+  // source is not the TSC) a clock read is a system call of a microsecond or
+  // more, and inside the lock it would cap the whole queue at about a million
+  // submits a second. So the FIFO's enqueued times may be out of order by
+  // the time two submitters took to get the lock (max_delay counts from the
+  // front's time: it can run short by that much, never long).
   Clock::time_point now = clock_->now();
+  MutexLock lock(mu_, kSpinFirst);
   r->enqueued = now;
   const Clock::time_point deadline = r->deadline;
   if (stopping_)
@@ -237,8 +243,8 @@ bool QueueCore::next_batch(Batch& batch) {
 
 bool QueueCore::try_batch(Batch& batch) {
   batch.requests.clear();
+  const Clock::time_point now = clock_->now();  // before the lock, as in submit()
   MutexLock lock(mu_, kSpinFirst);
-  const Clock::time_point now = clock_->now();
   expire_due(now);
   if (batch_ready(now)) pick(batch, now);
   return !batch.requests.empty();
