@@ -247,6 +247,10 @@ size_t BatchQueue::step() {
 // batches in order, so fences are reached in order and staging is reused
 // only after the batch that used it completed. A worker exits once the
 // queue is stopping and empty and its last batch has completed.
+// A worker blocked on its oldest batch takes no new requests until that
+// batch completes (they go to another worker, or wait, as with depth 1): the
+// pipeline fills when requests are queued as a batch finishes launching,
+// that is under load, where it pays.
 void BatchQueue::worker_loop(detail::Lane& lane) {
   for (;;) {
     if (lane.has_free_slot()) {

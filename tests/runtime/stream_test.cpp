@@ -129,6 +129,73 @@ TEST_F(StreamTest, FailedCommandBufferReachesSynchronizeOnce) {
   EXPECT_EQ(b.read(s)[7], 3.0f);
 }
 
+// ---- Fences (Stream::fence) -------------------------------------------------------
+
+TEST_F(StreamTest, DefaultFenceAndFenceOfAnIdleStreamAreReached) {
+  auto dev = make_device();
+  StreamFence none;
+  EXPECT_TRUE(none.reached());
+  EXPECT_NO_THROW(none.wait());
+  StreamFence idle = dev->streams().at(1).fence();  // nothing ever committed
+  EXPECT_TRUE(idle.reached());
+  EXPECT_NO_THROW(idle.wait());
+}
+
+TEST_F(StreamTest, FenceCommitsAndIsReachedOnlyAfterTheWorkBeforeIt) {
+  auto dev = make_device();
+  Stream s = dev->streams().at(1);
+  FloatBuffer b(*dev, 64);
+  Hold hold(s);  // nothing committed after this runs until release()
+  b.fill(s, 5.0f);
+  const uint64_t commits = s.commits();
+  StreamFence f = s.fence();
+  EXPECT_GT(s.commits(), commits) << "fence() must commit what is encoded";
+  if (is_cpu()) EXPECT_FALSE(f.reached()) << "reached while the stream is held";
+  hold.release();
+  f.wait();
+  EXPECT_TRUE(f.reached());
+  EXPECT_EQ(b.read(s)[63], 5.0f);
+}
+
+TEST_F(StreamTest, FenceDoesNotWaitForWorkEncodedAfterIt) {
+  if (!is_cpu()) GTEST_SKIP() << "needs the cpu backend's exact Hold";
+  auto dev = make_device();
+  Stream s = dev->streams().at(1);
+  FloatBuffer b(*dev, 64);
+  b.fill(s, 1.0f);
+  StreamFence first = s.fence();
+  first.wait();  // the stream is idle now
+  b.fill(s, 2.0f);
+  StreamFence second = s.fence();
+  Hold hold(s);  // holds what comes after `second`
+  b.fill(s, 3.0f);
+  s.commit();
+  second.wait();  // returns although later work is held
+  EXPECT_TRUE(second.reached());
+  hold.release();
+  EXPECT_EQ(b.read(s)[0], 3.0f);
+}
+
+TEST_F(StreamTest, FenceWaitRethrowsAFailureBeforeItOnce) {
+  if (!is_cpu())
+    GTEST_SKIP() << "on " << kBackend
+                 << " a faulting kernel loses the device for the whole process (DeviceLost)";
+  auto dev = make_device();
+  Stream s = dev->streams().at(1);
+  s.dispatch("trap", KernelArgs());
+  StreamFence f = s.fence();
+  EXPECT_THROW(f.wait(), InvalidState);
+  // The stream's error went to this wait; the fenced buffer itself failed, so
+  // a second wait on the same fence still reports it.
+  EXPECT_THROW(f.wait(), InvalidState);
+  EXPECT_NO_THROW(s.synchronize()) << "the stream's error was rethrown once, to the fence";
+  FloatBuffer b(*dev, 8);
+  b.fill(s, 4.0f);
+  StreamFence ok = s.fence();
+  EXPECT_NO_THROW(ok.wait());
+  EXPECT_EQ(b.read(s)[7], 4.0f);
+}
+
 TEST_F(StreamTest, UnknownKernelIsInvalidArgumentNamingIt) {
   auto dev = make_device();
   try {

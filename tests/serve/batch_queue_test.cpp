@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <latch>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -370,6 +371,138 @@ TEST_F(BatchQueueTest, ABatchThatFailsOnTheDeviceFailsOnlyItsOwnRequests) {
   EXPECT_EQ(outcome_of(a), Outcome::kFailed);
   expect_output(d, 3);  // the next batch on the same stream is clean
   expect_output(e, 4);
+}
+
+// ---- Pipelined lanes (pipeline_depth) ------------------------------------------------
+
+// Polls `pred` for up to 20 s of real time.
+bool eventually_true(const std::function<bool()>& pred) {
+  const auto end = std::chrono::steady_clock::now() + 20s;
+  while (std::chrono::steady_clock::now() < end) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(1ms);
+  }
+  return pred();
+}
+
+// A model whose first call leaves its batch held on the stream until open():
+// a completion callback blocks a cpu execution thread, so nothing after it on
+// that stream (the output copy, the fence) runs before. The first call also
+// returns only after release_first_call(), so the test can queue more
+// requests while the worker is still launching its first batch.
+struct GatedFirstBatch {
+  std::shared_ptr<std::latch> gate = std::make_shared<std::latch>(1);
+  std::latch first_call_may_return{1};
+  std::atomic<int> calls{0};
+  std::atomic<bool> opened{false}, released{false};
+  ~GatedFirstBatch() {
+    release_first_call();
+    open();
+  }
+  void open() {
+    if (!opened.exchange(true)) gate->count_down();
+  }
+  void release_first_call() {
+    if (!released.exchange(true)) first_call_may_return.count_down();
+  }
+  BatchQueue::Model model(const TinyModel& m) {
+    return [this, &m](const Stream& s, const Tensor& x) {
+      Tensor y = m(s, x);
+      if (calls.fetch_add(1) == 0) {
+        Stream held = s;
+        held.add_callback([g = gate] { g->wait(); });
+        first_call_may_return.wait();
+      }
+      return y;
+    };
+  }
+};
+
+// Requests queued while a worker launches a batch go out as the next batch
+// before the first completes (pipeline_depth 2), or only after it (1).
+TEST_F(BatchQueueTest, APipelinedWorkerLaunchesTheNextBatchBeforeTheFirstCompletes) {
+  auto o = manual(2, 0us);
+  o.workers = 1;
+  o.pipeline_depth = 2;
+  GatedFirstBatch g;
+  BatchQueue q(*device_, kIn, kOut, g.model(*model_), o);
+  auto a = q.submit(input(0));
+  auto b = q.submit(input(1));
+  ASSERT_TRUE(eventually_true([&] { return g.calls.load() == 1; }));
+  auto c = q.submit(input(2));
+  auto d = q.submit(input(3));
+  g.release_first_call();
+  EXPECT_TRUE(eventually_true([&] { return g.calls.load() == 2; }))
+      << "the worker did not launch the second batch while the first was in flight";
+  EXPECT_FALSE(a.done()) << "the first batch completed while its stream was held";
+  EXPECT_FALSE(c.done()) << "the second batch completed before the first";
+  g.open();
+  expect_output(a, 0);
+  expect_output(b, 1);
+  expect_output(c, 2);
+  expect_output(d, 3);
+  // a may have gone out alone (max_delay 0, before b arrived): 2 or 3 batches.
+  EXPECT_GE(q.metrics().batches, 2u);
+}
+
+TEST_F(BatchQueueTest, DepthOneWaitsForEachBatchBeforeTheNext) {
+  auto o = manual(2, 0us);
+  o.workers = 1;
+  o.pipeline_depth = 1;
+  GatedFirstBatch g;
+  BatchQueue q(*device_, kIn, kOut, g.model(*model_), o);
+  auto a = q.submit(input(0));
+  auto b = q.submit(input(1));
+  ASSERT_TRUE(eventually_true([&] { return g.calls.load() == 1; }));
+  auto c = q.submit(input(2));
+  g.release_first_call();
+  std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(g.calls.load(), 1) << "depth 1 launched a batch while one was in flight";
+  EXPECT_EQ(c.status(), RequestStatus::kQueued);
+  g.open();
+  expect_output(a, 0);
+  expect_output(b, 1);
+  expect_output(c, 2);
+}
+
+TEST_F(BatchQueueTest, APipelinedBatchThatFailsOnTheDeviceFailsOnlyItsOwnRequests) {
+  auto o = manual(2, 0us);
+  o.workers = 1;
+  o.pipeline_depth = 3;
+  GatedFirstBatch g;  // holds the stream while the next batches are launched behind it
+  std::atomic<int> failing_calls{0};
+  BatchQueue::Model failing = failing_model(*model_, true);
+  BatchQueue::Model gated = g.model(*model_);
+  BatchQueue q(
+      *device_, kIn, kOut,
+      [&](const Stream& s, const Tensor& x) {
+        // The first batch is held, the second may fail, the third is plain:
+        // the failing model synchronizes to read its input, which would hand
+        // it the error of the batch before (Stream::synchronize's rule).
+        const int n = failing_calls.load();
+        if (g.calls.load() == 0) return gated(s, x);
+        failing_calls.fetch_add(1);
+        return n == 0 ? failing(s, x) : (*model_)(s, x);
+      },
+      o);
+  auto bad = input(3);
+  bad[0] = 1000.f;  // the failing model traps on the device for this row
+  auto a = q.submit(input(0));
+  ASSERT_TRUE(eventually_true([&] { return g.calls.load() == 1; }));
+  auto b = q.submit(input(1));
+  auto c = q.submit(bad);
+  auto d = q.submit(input(4));
+  auto e = q.submit(input(5));
+  g.release_first_call();
+  std::this_thread::sleep_for(20ms);
+  g.open();
+  expect_output(a, 0);
+  std::string msg;
+  EXPECT_EQ(outcome_of(b, nullptr, &msg), Outcome::kFailed) << "b shares c's batch";
+  EXPECT_NE(msg.find("trap"), std::string::npos) << msg;
+  EXPECT_EQ(outcome_of(c), Outcome::kFailed);
+  expect_output(d, 4);  // launched behind the failed batch, on the same stream
+  expect_output(e, 5);
 }
 
 TEST_F(BatchQueueTest, AModelReturningTheWrongShapeFailsItsBatch) {
