@@ -7,6 +7,8 @@
 # Usage: scripts/batching_sweep.sh FLOTILLA_BINARY CONFIG_FILE
 #   CONFIG_FILE: one configuration per line, `label: flotilla-run-options`,
 #   e.g. `64c-w64: --threads 64 --window 64 --max-batch 1024`; `#` comments.
+#   A label starting with `pool` runs without --batching (per-thread streams),
+#   for side-by-side figures.
 # Environment: BACKEND (default cuda), SECONDS_PER_RUN (default 2), REPEATS
 #   (default 1).
 set -u -o pipefail
@@ -21,8 +23,10 @@ for ((rep = 1; rep <= repeats; rep++)); do
     [ -z "${line// /}" ] && continue
     label=${line%%:*}
     opts=${line#*:}
-    # shellcheck disable=SC2086 # opts is a list of options
-    json=$("$bin" run --backend "$backend" --batching --seconds "$secs" --json --no-progress \
+    mode=--batching
+    [[ $label == pool* ]] && mode=
+    # shellcheck disable=SC2086 # opts and mode are lists of options
+    json=$("$bin" run --backend "$backend" $mode --seconds "$secs" --json --no-progress \
       $opts 2>/dev/null | tail -1)
     echo "{\"label\":\"$label\",\"repeat\":$rep,\"opts\":\"${opts# }\",\"result\":${json:-null}}"
   done <"$configs"

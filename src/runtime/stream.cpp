@@ -34,7 +34,8 @@ void Stream::synchronize() {
 StreamFence Stream::fence() {
   device_->check_usable("Stream::fence");
   detail::StreamState& st = state();
-  return StreamFence(&st, st.commit_for_fence());
+  auto [cb, seq] = st.commit_for_fence();
+  return StreamFence(&st, std::move(cb), seq);
 }
 
 bool StreamFence::reached() const {
@@ -46,7 +47,7 @@ bool StreamFence::reached() const {
 void StreamFence::wait() const {
   if (!cb_) return;
   cb_->wait_until_completed();
-  state_->rethrow_error();
+  state_->rethrow_error_upto(seq_);
   if (cb_->status() == backend::CommandBufferStatus::kError) {
     // Its error was recorded on the stream and already rethrown to a
     // synchronize() or an earlier wait: the work is still lost, say so.
@@ -122,8 +123,9 @@ std::shared_ptr<backend::CommandBuffer> StreamState::commit_locked() {
   end_encoder();
   // The handler captures only `this`: a StreamState lives until its device is
   // destroyed, which happens after the driver has drained (Device::~Device).
-  cb_->add_completed_handler([this](backend::CommandBuffer& cb) {
-    if (cb.status() == backend::CommandBufferStatus::kError) record_error(cb.error());
+  const uint64_t seq = ++committed_seq_;
+  cb_->add_completed_handler([this, seq](backend::CommandBuffer& cb) {
+    if (cb.status() == backend::CommandBufferStatus::kError) record_error(cb.error(), seq);
   });
   auto cb = std::move(cb_);
   cb_.reset();
@@ -166,9 +168,10 @@ void StreamState::commit() {
   commit_locked();
 }
 
-std::shared_ptr<backend::CommandBuffer> StreamState::commit_for_fence() {
+std::pair<std::shared_ptr<backend::CommandBuffer>, uint64_t> StreamState::commit_for_fence() {
   MutexLock lock(mu_);
-  return commit_locked();
+  auto cb = commit_locked();
+  return {std::move(cb), committed_seq_};
 }
 
 void StreamState::synchronize() {
@@ -193,11 +196,12 @@ bool StreamState::query() const {
 void StreamState::add_callback(std::function<void()> fn) {
   MutexLock lock(mu_);
   ensure_buffer("Stream::add_callback");
-  cb_->add_completed_handler([this, fn = std::move(fn)](backend::CommandBuffer&) {
+  const uint64_t seq = committed_seq_ + 1;  // the number commit_locked() gives this buffer
+  cb_->add_completed_handler([this, seq, fn = std::move(fn)](backend::CommandBuffer&) {
     try {
       fn();
     } catch (...) {
-      record_error(std::current_exception());
+      record_error(std::current_exception(), seq);
     }
   });
   commit_locked();
@@ -222,9 +226,21 @@ void StreamState::encode_wait(backend::SharedEvent& event, uint64_t value) {
   cb_->encode_wait(event, value);
 }
 
-void StreamState::record_error(std::exception_ptr e) {
+void StreamState::record_error(std::exception_ptr e, uint64_t seq) {
   MutexLock lock(mu_);
-  if (!error_) error_ = std::move(e);
+  if (!error_) {
+    error_ = std::move(e);
+    error_seq_ = seq;
+  }
+}
+
+void StreamState::rethrow_error_upto(uint64_t seq) {
+  std::exception_ptr e;
+  {
+    MutexLock lock(mu_);
+    if (error_ && error_seq_ <= seq) e = std::exchange(error_, nullptr);
+  }
+  if (e) std::rethrow_exception(e);
 }
 
 void StreamState::rethrow_error() {

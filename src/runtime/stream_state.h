@@ -5,6 +5,7 @@
 #include <exception>
 #include <functional>
 #include <memory>
+#include <utility>
 
 #include "flotilla/backend/driver.h"
 #include "flotilla/common/sync.h"
@@ -25,17 +26,22 @@ class StreamState {
       FL_EXCLUDES(mu_);
   void commit() FL_EXCLUDES(mu_);
   void synchronize() FL_EXCLUDES(mu_);
-  // Commits; returns the last committed buffer (null if none ever was).
-  std::shared_ptr<backend::CommandBuffer> commit_for_fence() FL_EXCLUDES(mu_);
+  // Commits; returns the last committed buffer (null if none ever was) and
+  // its commit number (1, 2, ... in commit order; 0: none).
+  std::pair<std::shared_ptr<backend::CommandBuffer>, uint64_t> commit_for_fence() FL_EXCLUDES(mu_);
   // Rethrows the first asynchronous error, once.
   void rethrow_error() FL_EXCLUDES(mu_);
+  // The same, only if that error came from a buffer committed at or before
+  // commit number `seq` (a fence must not take a later buffer's failure).
+  void rethrow_error_upto(uint64_t seq) FL_EXCLUDES(mu_);
   bool query() const FL_EXCLUDES(mu_);
   void add_callback(std::function<void()> fn) FL_EXCLUDES(mu_);
   // Event commands: end the encoder, append a signal or wait; a signal commits.
   void encode_signal(backend::SharedEvent& event, uint64_t value) FL_EXCLUDES(mu_);
   void encode_wait(backend::SharedEvent& event, uint64_t value) FL_EXCLUDES(mu_);
-  // Records an asynchronous error (first one wins).
-  void record_error(std::exception_ptr e) FL_EXCLUDES(mu_);
+  // Records an asynchronous error of the buffer with commit number `seq`
+  // (first one wins).
+  void record_error(std::exception_ptr e, uint64_t seq) FL_EXCLUDES(mu_);
 
   int index() const { return index_; }
   uint64_t kernels() const { return kernels_total_.load(std::memory_order_relaxed); }
@@ -61,6 +67,8 @@ class StreamState {
   int kernels_in_cb_ FL_GUARDED_BY(mu_) = 0;
   std::shared_ptr<backend::CommandBuffer> last_committed_ FL_GUARDED_BY(mu_);
   std::exception_ptr error_ FL_GUARDED_BY(mu_);
+  uint64_t error_seq_ FL_GUARDED_BY(mu_) = 0;      // commit number of error_'s buffer
+  uint64_t committed_seq_ FL_GUARDED_BY(mu_) = 0;  // buffers committed so far
 
   // Relaxed: statistics.
   std::atomic<uint64_t> kernels_total_{0};

@@ -111,8 +111,7 @@ std::vector<float> RequestHandle::get() {
 
 bool RequestHandle::cancel() {
   detail::Request& r = need(req_, "RequestHandle::cancel");
-  std::shared_ptr<detail::QueueCore> core = r.core.lock();
-  return core && core->cancel(r);
+  return detail::QueueCore::cancel_request(r);
 }
 
 // ---- BatchQueue ----------------------------------------------------------------------
@@ -192,6 +191,7 @@ BatchQueue::BatchQueue(Device& device, int64_t in_features, int64_t out_features
 BatchQueue::~BatchQueue() {
   shutdown(ShutdownMode::kDrain);
   clock_->remove_listener(listener_key_);
+  detail::QueueCore::retire_after_shutdown();  // before core_ goes
 }
 
 RequestHandle BatchQueue::submit(std::span<const float> input,
@@ -217,9 +217,9 @@ RequestHandle BatchQueue::submit(std::span<const float> input,
     d = *deadline;
   else if (options_.default_deadline.count() > 0)
     d = clock_->now() + options_.default_deadline;
-  auto r =
-      std::make_shared<detail::Request>(std::vector<float>(input.begin(), input.end()),
-                                        static_cast<size_t>(out_), d, core_, options_.spin_wait);
+  auto r = std::make_shared<detail::Request>(std::vector<float>(input.begin(), input.end()),
+                                             static_cast<size_t>(out_), d, core_.get(),
+                                             options_.spin_wait);
   core_->submit(r);
   return RequestHandle(std::move(r));
 }

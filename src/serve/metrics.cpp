@@ -77,7 +77,6 @@ void MetricsRecorder::batch(std::chrono::nanoseconds compute,
 
 void MetricsRecorder::fill(BatchQueueMetrics& m) const {
   constexpr auto relaxed = std::memory_order_relaxed;
-  m.submitted = submitted_.load(relaxed);
   m.invalid = invalid_.load(relaxed);
   m.completed = completed_.load(relaxed);
   m.rejected = rejected_.load(relaxed);

@@ -40,21 +40,21 @@ class MetricsRecorder {
  public:
   MetricsRecorder(size_t window, int max_batch);
 
-  void submitted() { submitted_.fetch_add(1, std::memory_order_relaxed); }
   void invalid() { invalid_.fetch_add(1, std::memory_order_relaxed); }
   // `n` requests reached a final status (not kQueued / kRunning).
   void outcome(RequestStatus status, uint64_t n = 1);
   // A batch of `waits.size()` requests ran (or failed) in `compute`.
   void batch(std::chrono::nanoseconds compute, std::span<const std::chrono::nanoseconds> waits)
       FL_EXCLUDES(mu_);
-  // Fills every field of `m` but the configuration and depth ones.
+  // Fills every field of `m` but the configuration, depth and submitted ones
+  // (the queue counts submits under its own lock).
   void fill(BatchQueueMetrics& m) const FL_EXCLUDES(mu_);
 
  private:
   // Relaxed: counts, read by fill() (a reader that has seen a request
   // complete, through its handle, also sees it counted).
-  std::atomic<uint64_t> submitted_{0}, invalid_{0}, completed_{0}, rejected_{0}, expired_{0},
-      cancelled_{0}, failed_{0}, shut_down_{0};
+  std::atomic<uint64_t> invalid_{0}, completed_{0}, rejected_{0}, expired_{0}, cancelled_{0},
+      failed_{0}, shut_down_{0};
 
   mutable Mutex mu_;  // guards the batch statistics below
   std::vector<uint64_t> batch_sizes_ FL_GUARDED_BY(mu_);

@@ -54,8 +54,21 @@ void QueueCore::refuse(Request& r, RequestStatus status, std::exception_ptr err)
   finish(r, status, nullptr, std::move(err));
 }
 
+namespace {
+// Guards the lifetime of every QueueCore against cancel() (Note [Cancel
+// after the queue is gone]); holds no data.
+Mutex g_lifetime_mu;
+}  // namespace
+
+bool QueueCore::cancel_request(Request& r) {
+  MutexLock lock(g_lifetime_mu);
+  if (r.status.load(std::memory_order_acquire) != RequestStatus::kQueued) return false;
+  return r.core->cancel(r);  // queued: its queue has not shut down, the core lives
+}
+
+void QueueCore::retire_after_shutdown() { MutexLock lock(g_lifetime_mu); }
+
 void QueueCore::submit(const std::shared_ptr<Request>& r) {
-  recorder_.submitted();
   // The clock is read before the lock: on some machines (a VM whose clock
   // source is not the TSC) a clock read is a system call of a microsecond or
   // more, and inside the lock it would cap the whole queue at about a million
@@ -64,6 +77,7 @@ void QueueCore::submit(const std::shared_ptr<Request>& r) {
   // front's time: it can run short by that much, never long).
   Clock::time_point now = clock_->now();
   MutexLock lock(mu_, kSpinFirst);
+  ++submitted_;
   r->enqueued = now;
   const Clock::time_point deadline = r->deadline;
   if (stopping_)
@@ -315,6 +329,7 @@ void QueueCore::fill(BatchQueueMetrics& m) const {
   m.workers = options_.workers;
   m.depth = fifo_.size();
   m.max_depth = max_depth_;
+  m.submitted = submitted_;
   recorder_.fill(m);  // lock order: mu_, then the recorder's leaf mutex
 }
 

@@ -50,12 +50,8 @@ struct Request {
   // Made by the submitting thread, outside the core's lock; `output` is
   // allocated here too, so the worker only copies into it.
   Request(std::vector<float> input, size_t out_features, Clock::time_point deadline,
-          std::weak_ptr<QueueCore> core, std::chrono::nanoseconds spin)
-      : input(std::move(input)),
-        deadline(deadline),
-        core(std::move(core)),
-        spin(spin),
-        output(out_features) {}
+          QueueCore* core, std::chrono::nanoseconds spin)
+      : input(std::move(input)), deadline(deadline), core(core), spin(spin), output(out_features) {}
 
   // Written once under the core's mutex by submit(), before the request is
   // published (in the FIFO, or to its handle); read-only after.
@@ -63,8 +59,12 @@ struct Request {
   Clock::time_point enqueued{};  // when it entered the FIFO (max_delay counts from it)
   // Immutable after construction: read by the worker that picked it.
   const std::vector<float> input;
-  const Clock::time_point deadline;     // Clock::kNever: none
-  const std::weak_ptr<QueueCore> core;  // for cancel(); empty once the queue is gone
+  const Clock::time_point deadline;  // Clock::kNever: none
+  // For cancel(), which may use it only under the lifetime lock and only
+  // while the request is queued (Note [Cancel after the queue is gone]). A
+  // weak_ptr would cost two atomic operations per request on one counter
+  // that every client shares.
+  QueueCore* const core;
   const std::chrono::nanoseconds spin;  // BatchQueueOptions::spin_wait
 
   // acq_rel swaps: the winner of a move (Note [Exactly once]) sees every
@@ -97,8 +97,22 @@ struct Batch {
   Clock::time_point picked_at{};
 };
 
-class QueueCore : public std::enable_shared_from_this<QueueCore> {
+// Note [Cancel after the queue is gone]
+// A RequestHandle may outlive its queue; cancel() on it must then return
+// false without touching the freed QueueCore. Every request is final once
+// its queue has shut down, and a queue shuts down before its core is freed.
+// So cancel() takes the process-wide lifetime lock, and under it touches the
+// core only if the request is still queued; the core's owner, after
+// shutdown, passes through the same lock before freeing it
+// (retire_after_shutdown), so no cancel() that saw a queued request is still
+// using the core. Only cancel() and queue destruction take this lock.
+class QueueCore {
  public:
+  // Cancels `r` through its core, if it is still queued (see the Note).
+  static bool cancel_request(Request& r);
+  // Call after shutdown, before freeing the core (see the Note).
+  static void retire_after_shutdown();
+
   QueueCore(const BatchQueueOptions& options, std::shared_ptr<Clock> clock);
 
   // Queues `r` (new, its input already checked) or refuses it (ShutDown,
@@ -163,6 +177,7 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   std::deque<std::shared_ptr<Request>> fifo_ FL_GUARDED_BY(mu_);  // kQueued only, ids ascending
   std::set<std::pair<Clock::time_point, uint64_t>> deadlines_ FL_GUARDED_BY(mu_);
   uint64_t next_id_ FL_GUARDED_BY(mu_) = 1;
+  uint64_t submitted_ FL_GUARDED_BY(mu_) = 0;
   size_t max_depth_ FL_GUARDED_BY(mu_) = 0;
   bool stopping_ FL_GUARDED_BY(mu_) = false;
   bool leader_ FL_GUARDED_BY(mu_) = false;  // a worker is collecting (Note [Batch leader])

@@ -196,6 +196,23 @@ TEST_F(StreamTest, FenceWaitRethrowsAFailureBeforeItOnce) {
   EXPECT_EQ(b.read(s)[7], 4.0f);
 }
 
+TEST_F(StreamTest, AnEarlierFenceDoesNotTakeALaterBuffersFailure) {
+  if (!is_cpu())
+    GTEST_SKIP() << "on " << kBackend
+                 << " a faulting kernel loses the device for the whole process (DeviceLost)";
+  auto dev = make_device();
+  Stream s = dev->streams().at(1);
+  FloatBuffer b(*dev, 8);
+  b.fill(s, 1.0f);
+  StreamFence before = s.fence();
+  s.dispatch("trap", KernelArgs());
+  StreamFence after = s.fence();
+  ASSERT_TRUE(eventually([&] { return after.reached(); }, std::chrono::seconds(20)));
+  EXPECT_NO_THROW(before.wait()) << "the failure came after this fence";
+  EXPECT_THROW(after.wait(), InvalidState);
+  EXPECT_NO_THROW(s.synchronize()) << "the failure was rethrown once, to its own fence";
+}
+
 TEST_F(StreamTest, UnknownKernelIsInvalidArgumentNamingIt) {
   auto dev = make_device();
   try {

@@ -82,10 +82,12 @@ class Stream {
 // refer to the same point; a default-made fence is already reached.
 //
 // wait() blocks until the point is reached, then rethrows the stream's first
-// asynchronous error, once, as Stream::synchronize() does; if there was none
-// but the fenced command buffer itself failed, it throws that failure. So a
-// pipeline that waits for its fences in order sees every failure of the work
-// before each one. reached() does not block or throw.
+// asynchronous error, once, as Stream::synchronize() does, but only if it
+// came from work committed at or before the fence (a later buffer's failure
+// is left for a later fence or synchronize); if there was none but the
+// fenced command buffer itself failed, it throws that failure. So a pipeline
+// that waits for its fences in order sees each failure at the first fence
+// after it, never at an earlier one. reached() does not block or throw.
 //
 // Thread safety: any thread; wait() from several threads at once is allowed
 // (each error is rethrown to one of them). Lifetime: not past its Device.
@@ -97,10 +99,11 @@ class StreamFence {
 
  private:
   friend class Stream;
-  StreamFence(detail::StreamState* state, std::shared_ptr<backend::CommandBuffer> cb)
-      : state_(state), cb_(std::move(cb)) {}
+  StreamFence(detail::StreamState* state, std::shared_ptr<backend::CommandBuffer> cb, uint64_t seq)
+      : state_(state), cb_(std::move(cb)), seq_(seq) {}
   detail::StreamState* state_ = nullptr;
   std::shared_ptr<backend::CommandBuffer> cb_;  // null: nothing was committed yet
+  uint64_t seq_ = 0;                            // cb_'s commit number on its stream
 };
 
 // Makes `stream` the calling thread's current stream on its device for the
