@@ -137,6 +137,9 @@ nlohmann::json WorkloadResult::to_json() const {
     j["compute_p50_us"] = compute_p50_us;
     j["compute_p99_us"] = compute_p99_us;
     j["max_depth"] = max_depth;
+    j["client_submit_us"] = client_submit_us;
+    j["client_get_us"] = client_get_us;
+    j["client_check_us"] = client_check_us;
   }
   return j;
 }
@@ -173,6 +176,9 @@ WorkloadResult WorkloadResult::from_json(const nlohmann::json& j, const Workload
   r.compute_p50_us = j.value("compute_p50_us", 0.0);
   r.compute_p99_us = j.value("compute_p99_us", 0.0);
   r.max_depth = j.value("max_depth", uint64_t{0});
+  r.client_submit_us = j.value("client_submit_us", 0.0);
+  r.client_get_us = j.value("client_get_us", 0.0);
+  r.client_check_us = j.value("client_check_us", 0.0);
   return r;
 }
 
@@ -290,6 +296,9 @@ bool close_to_reference(std::span<const float> out, std::span<const float> ref, 
 struct ThreadStats {
   std::vector<float> latency_us;  // timed requests only
   uint64_t checks = 0, wrong = 0, violations = 0, errors = 0;
+  // --window: the client thread's own time per phase (submit() calls, get()
+  // calls including waiting, copying and checking outputs), summed.
+  std::chrono::nanoseconds submit_time{0}, get_time{0}, check_time{0};
   int stream = -1;
   std::string first_error;
 };
@@ -490,19 +499,26 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
             r += 7;
             Pending p{{}, k, Clock::now(), corrupt};
             counting_errors(st, [&] { p.handle = ctx.queue->submit(ctx.inputs[k]); });
+            st.submit_time += Clock::now() - p.t0;
             if (p.handle.valid()) pending.push_back(std::move(p));
           }
           if (pending.empty()) break;
           Pending p = std::move(pending.front());
           pending.pop_front();
+          const auto t_get = Clock::now();
+          auto t_got = t_get;
           counting_errors(st, [&] {
             const std::vector<float> y = p.handle.get();  // throws the request's error
+            t_got = Clock::now();
             FL_INTERNAL_CHECK(y.size() == out.size(), "the queue returned ", y.size(), " values");
             std::copy(y.begin(), y.end(), out.begin());
             check_output(ctx, p.k, out, st, p.corrupt);
           });
-          st.latency_us.push_back(static_cast<float>(
-              std::chrono::duration<double, std::micro>(Clock::now() - p.t0).count()));
+          const auto t_done = Clock::now();
+          st.get_time += t_got - t_get;
+          st.check_time += t_done - t_got;
+          st.latency_us.push_back(
+              static_cast<float>(std::chrono::duration<double, std::micro>(t_got - p.t0).count()));
           if (st.latency_us.size() % 64 == 0)  // for the progress line only
             completed.fetch_add(64, std::memory_order_relaxed);
         }
@@ -544,6 +560,7 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
 
   std::vector<float> all;
   std::set<int> streams;
+  std::chrono::nanoseconds submit_time{0}, get_time{0}, check_time{0};
   for (auto& st : stats) {
     all.insert(all.end(), st.latency_us.begin(), st.latency_us.end());
     result.checks += st.checks;
@@ -552,6 +569,9 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
     result.errors += st.errors;
     if (result.first_error.empty()) result.first_error = st.first_error;
     if (st.stream >= 0) streams.insert(st.stream);
+    submit_time += st.submit_time;
+    get_time += st.get_time;
+    check_time += st.check_time;
   }
   result.requests = all.size();
   result.samples = result.requests * static_cast<uint64_t>(o.batch);
@@ -566,6 +586,14 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
   result.p90_us = percentile(all, 0.90);
   result.p99_us = percentile(all, 0.99);
   result.streams_used = static_cast<int>(streams.size());
+  if (o.batching.window > 1 && result.requests > 0) {
+    const auto per_request_us = [&](std::chrono::nanoseconds t) {
+      return static_cast<double>(t.count()) / 1e3 / static_cast<double>(result.requests);
+    };
+    result.client_submit_us = per_request_us(submit_time);
+    result.client_get_us = per_request_us(get_time);
+    result.client_check_us = per_request_us(check_time);
+  }
   if (queue) {
     const serve::BatchQueueMetrics m = queue->metrics();
     result.mean_batch = m.mean_batch();

@@ -118,6 +118,9 @@ struct WorkloadResult {
   // window of recent samples; max_depth: the most requests queued at once.
   double queue_wait_p50_us = 0, queue_wait_p99_us = 0, compute_p50_us = 0, compute_p99_us = 0;
   uint64_t max_depth = 0;
+  // --window > 1: a client thread's time per request, by phase (submit(),
+  // get() including the wait, copying and checking the output), in µs.
+  double client_submit_us = 0, client_get_us = 0, client_check_us = 0;
 
   bool failed() const { return crashes || violations || wrong_results || errors; }
   nlohmann::json to_json() const;
