@@ -48,10 +48,44 @@ void QueueCore::finish(Request& r, RequestStatus status, const float* row, std::
 }
 
 void QueueCore::refuse(Request& r, RequestStatus status, std::exception_ptr err) {
-  r.id = next_id_++;
+  {
+    MutexLock in(inbox_mu_);
+    r.id = next_id_++;
+  }
   const bool won = r.move(RequestStatus::kQueued, status);
   FL_INTERNAL_CHECK(won, "new request ", r.id, " was not queued");
   finish(r, status, nullptr, std::move(err));
+}
+
+bool QueueCore::reserve_room(size_t* before) {
+  size_t q = queued_.load(std::memory_order_relaxed);
+  while (q < options_.capacity) {
+    if (queued_.compare_exchange_weak(q, q + 1, std::memory_order_relaxed)) {
+      if (before) *before = q;
+      return true;
+    }
+  }
+  return false;
+}
+
+void QueueCore::left_fifo(size_t n) { queued_.fetch_sub(n, std::memory_order_relaxed); }
+
+void QueueCore::take_inbox(Request* next) {
+  std::vector<std::shared_ptr<Request>> in;
+  {
+    MutexLock lock(inbox_mu_, kSpinFirst);
+    // `next` gets its id in the same step: every id in the inbox is smaller,
+    // every later one larger, so the FIFO stays in id order.
+    if (next) next->id = next_id_++;
+    if (inbox_.empty()) return;
+    in.swap(inbox_);
+    inbox_.reserve(in.capacity());
+  }
+  for (auto& r : in) {
+    if (r->deadline != Clock::kNever) deadlines_.emplace(r->deadline, r->id);
+    fifo_.push_back(std::move(r));
+  }
+  max_depth_ = std::max(max_depth_, fifo_.size());
 }
 
 namespace {
@@ -69,16 +103,44 @@ bool QueueCore::cancel_request(Request& r) {
 void QueueCore::retire_after_shutdown() { MutexLock lock(g_lifetime_mu); }
 
 void QueueCore::submit(const std::shared_ptr<Request>& r) {
-  // The clock is read before the lock: on some machines (a VM whose clock
+  // The clock is read before any lock: on some machines (a VM whose clock
   // source is not the TSC) a clock read is a system call of a microsecond or
-  // more, and inside the lock it would cap the whole queue at about a million
-  // submits a second. So the FIFO's enqueued times may be out of order by
-  // the time two submitters took to get the lock (max_delay counts from the
-  // front's time: it can run short by that much, never long).
-  Clock::time_point now = clock_->now();
-  MutexLock lock(mu_, kSpinFirst);
-  ++submitted_;
+  // more. So enqueued times may be out of order by the time two submitters
+  // took to get in (max_delay counts from the front's time: it can run short
+  // by that much, never long).
+  const Clock::time_point now = clock_->now();
   r->enqueued = now;
+  // The fast path (Note [Inbox]): room, a live queue and a future deadline.
+  bool queued = false, wake = false;
+  {
+    MutexLock in(inbox_mu_, kSpinFirst);
+    ++submitted_;
+    size_t before = 0;  // requests queued before this one
+    if (!inbox_closed_ && r->deadline > now && reserve_room(&before)) {
+      r->id = next_id_++;
+      inbox_.push_back(r);
+      queued = true;
+      // seq_cst: pairs with the leader's store before its last look at the
+      // inbox (Note [Inbox]), so one of the two sees the other.
+      if (leader_waiting_.load(std::memory_order_seq_cst))
+        wake = before == 0 || before + 1 >= static_cast<size_t>(options_.max_batch) ||
+               r->deadline < leader_wake_hint_.load(std::memory_order_relaxed);
+    }
+  }
+  if (queued) {
+    if (wake) {
+      MutexLock lock(mu_);
+      bump_events();
+      work_cv_.notify_one();  // only the leader waits there
+    }
+    return;
+  }
+  submit_slow(r, now);
+}
+
+void QueueCore::submit_slow(const std::shared_ptr<Request>& r, Clock::time_point now) {
+  MutexLock lock(mu_, kSpinFirst);
+  take_inbox();
   const Clock::time_point deadline = r->deadline;
   if (stopping_)
     return refuse(*r, RequestStatus::kShutDown,
@@ -89,7 +151,7 @@ void QueueCore::submit(const std::shared_ptr<Request>& r) {
                   std::make_exception_ptr(
                       Timeout("[BatchQueue::submit] the request's deadline had passed when it was "
                               "submitted; give it a later deadline")));
-  if (fifo_.size() >= options_.capacity) {
+  if (!reserve_room()) {
     if (options_.when_full == OverflowPolicy::kReject)
       return refuse(*r, RequestStatus::kRejected,
                     std::make_exception_ptr(QueueFull(::flotilla::detail::str_cat(
@@ -97,25 +159,35 @@ void QueueCore::submit(const std::shared_ptr<Request>& r) {
                         " requests; retry later, raise capacity, add workers, or use "
                         "OverflowPolicy::kBlock"))));
     ++blocked_;
-    clock_->wait_until(mu_, space_cv_, deadline, [&]() FL_REQUIRES(mu_) {
-      return stopping_ || fifo_.size() < options_.capacity;
-    });
+    bool room = false;
+    for (;;) {
+      const bool ok = clock_->wait_until(mu_, space_cv_, deadline, [&]() FL_REQUIRES(mu_) {
+        return stopping_ || queued_.load(std::memory_order_relaxed) < options_.capacity;
+      });
+      if (!ok || stopping_) break;
+      room = reserve_room();
+      if (room) break;  // else a fast-path submit took the room first: wait on
+    }
     --blocked_;
-    now = clock_->now();
-    r->enqueued = now;
-    if (stopping_)
+    take_inbox();
+    r->enqueued = clock_->now();
+    if (stopping_) {
+      if (room) left_fifo(1);
       return refuse(*r, RequestStatus::kShutDown,
                     std::make_exception_ptr(ShutDown(
                         "[BatchQueue::submit] the queue shut down while the request waited for "
                         "room; submit to a live queue")));
-    if (fifo_.size() >= options_.capacity)
+    }
+    if (!room)
       return refuse(*r, RequestStatus::kExpired,
                     std::make_exception_ptr(Timeout(::flotilla::detail::str_cat(
                         "[BatchQueue::submit] the queue stayed full (", options_.capacity,
                         " requests) until the request's deadline; give it a later deadline, "
                         "raise capacity or add workers"))));
   }
-  r->id = next_id_++;  // here, after any wait for room: the FIFO stays in id order
+  // Its id, and the inbox moved into the FIFO ahead of it, in one step; under
+  // mu_, so no later id reaches the FIFO before it.
+  take_inbox(r.get());
   fifo_.push_back(r);
   if (deadline != Clock::kNever) deadlines_.emplace(deadline, r->id);
   max_depth_ = std::max(max_depth_, fifo_.size());
@@ -138,6 +210,7 @@ std::shared_ptr<Request> QueueCore::remove(uint64_t id) {
                     " is missing from the FIFO");
   std::shared_ptr<Request> r = std::move(*it);
   fifo_.erase(it);
+  left_fifo(1);
   if (r->deadline != Clock::kNever) deadlines_.erase({r->deadline, r->id});
   return r;
 }
@@ -148,6 +221,7 @@ void QueueCore::room_made() {
 
 bool QueueCore::cancel(Request& r) {
   MutexLock lock(mu_, kSpinFirst);
+  take_inbox();  // r may still be there: put it in the FIFO, where remove() finds it
   if (!r.move(RequestStatus::kQueued, RequestStatus::kCancelled)) return false;
   std::shared_ptr<Request> keep = remove(r.id);
   room_made();
@@ -192,6 +266,7 @@ void QueueCore::pick(Batch& batch, Clock::time_point now) {
   while (!fifo_.empty() && batch.requests.size() < static_cast<size_t>(options_.max_batch)) {
     std::shared_ptr<Request> r = std::move(fifo_.front());
     fifo_.pop_front();
+    left_fifo(1);
     if (r->deadline != Clock::kNever) deadlines_.erase({r->deadline, r->id});
     if (r->deadline <= now) {  // expire_due ran first; kept for clarity of the rule
       expire(*r, now);
@@ -216,6 +291,7 @@ bool QueueCore::next_batch(Batch& batch) {
   leader_ = true;
   bool spun = false;  // spun once since the last sleep: sleep now
   for (;;) {
+    take_inbox();
     const Clock::time_point now = clock_->now();
     expire_due(now);
     if (batch_ready(now)) {
@@ -232,6 +308,16 @@ bool QueueCore::next_batch(Batch& batch) {
     if (!fifo_.empty()) wake = fifo_.front()->enqueued + options_.max_delay;
     if (!deadlines_.empty()) wake = std::min(wake, deadlines_.begin()->first);
     const uint64_t seen = events_;
+    // About to wait: say so, then look at the inbox once more (Note [Inbox]).
+    leader_wake_ = wake;
+    leader_wake_hint_.store(wake, std::memory_order_relaxed);
+    leader_waiting_.store(true, std::memory_order_seq_cst);
+    const size_t before = fifo_.size();
+    take_inbox();
+    if (fifo_.size() != before) {
+      leader_waiting_.store(false, std::memory_order_relaxed);
+      continue;
+    }
     if (fifo_.empty() && !spun && options_.spin_wait.count() > 0) {
       // Spin for a submit before sleeping (spin_wait): a sleeping leader
       // costs each first request of a batch a futex wake-up. The lock is
@@ -241,13 +327,18 @@ bool QueueCore::next_batch(Batch& batch) {
           std::min<Clock::duration>(options_.spin_wait, wake - clock_->now());
       lock.unlock();
       ::flotilla::detail::spin_until(
-          [&] { return events_hint_.load(std::memory_order_acquire) != seen; }, limit);
+          [&] {
+            return queued_.load(std::memory_order_relaxed) != 0 ||
+                   events_hint_.load(std::memory_order_acquire) != seen;
+          },
+          limit);
       lock.lock();
+      leader_waiting_.store(false, std::memory_order_relaxed);
       continue;  // look again, under the lock
     }
     spun = false;
-    leader_wake_ = wake;
     clock_->wait_until(mu_, work_cv_, wake, [&]() FL_REQUIRES(mu_) { return events_ != seen; });
+    leader_waiting_.store(false, std::memory_order_relaxed);
     leader_wake_ = Clock::kNever;
   }
   leader_ = false;
@@ -259,6 +350,7 @@ bool QueueCore::try_batch(Batch& batch) {
   batch.requests.clear();
   const Clock::time_point now = clock_->now();  // before the lock, as in submit()
   MutexLock lock(mu_, kSpinFirst);
+  take_inbox();
   expire_due(now);
   if (batch_ready(now)) pick(batch, now);
   return !batch.requests.empty();
@@ -267,6 +359,7 @@ bool QueueCore::try_batch(Batch& batch) {
 void QueueCore::take_ready(Batch& batch, bool force) {
   batch.requests.clear();
   MutexLock lock(mu_);
+  take_inbox();
   const Clock::time_point now = clock_->now();
   expire_due(now);
   if (force ? !fifo_.empty() : batch_ready(now)) pick(batch, now);
@@ -290,10 +383,16 @@ void QueueCore::complete_batch(Batch& batch, std::exception_ptr error, const flo
 void QueueCore::stop(ShutdownMode mode) {
   MutexLock lock(mu_);
   stopping_ = true;
+  {
+    MutexLock in(inbox_mu_);
+    inbox_closed_ = true;  // later submits take the slow path, which sees stopping_
+  }
+  take_inbox();
   if (mode == ShutdownMode::kCancel) {
     while (!fifo_.empty()) {
       std::shared_ptr<Request> r = std::move(fifo_.front());
       fifo_.pop_front();
+      left_fifo(1);
       const bool won = r->move(RequestStatus::kQueued, RequestStatus::kCancelled);
       FL_INTERNAL_CHECK(won, "request ", r->id, " in the FIFO was not queued");
       finish(*r, RequestStatus::kCancelled, nullptr,
@@ -327,9 +426,12 @@ void QueueCore::fill(BatchQueueMetrics& m) const {
   m.capacity = options_.capacity;
   m.max_batch = options_.max_batch;
   m.workers = options_.workers;
-  m.depth = fifo_.size();
+  m.depth = queued_.load(std::memory_order_relaxed);  // the FIFO and the inbox
   m.max_depth = max_depth_;
-  m.submitted = submitted_;
+  {
+    MutexLock in(inbox_mu_);
+    m.submitted = submitted_;
+  }
   recorder_.fill(m);  // lock order: mu_, then the recorder's leaf mutex
 }
 

@@ -154,7 +154,17 @@ class QueueCore {
   void finish(Request& r, RequestStatus status, const float* row, std::exception_ptr err,
               bool count = true);
   // Completes the new request `r` with a refusal.
-  void refuse(Request& r, RequestStatus status, std::exception_ptr err) FL_REQUIRES(mu_);
+  void refuse(Request& r, RequestStatus status, std::exception_ptr err) FL_EXCLUDES(inbox_mu_);
+  // The part of submit() that takes mu_: refusals and waiting for room.
+  void submit_slow(const std::shared_ptr<Request>& r, Clock::time_point now) FL_EXCLUDES(mu_);
+  // Counts one more queued request if that stays within capacity; `before`:
+  // how many were queued before it.
+  bool reserve_room(size_t* before = nullptr);
+  // `n` requests left the FIFO.
+  void left_fifo(size_t n);
+  // Moves the inbox into the FIFO, in id order (Note [Inbox]); gives `next`
+  // (a request the caller pushes right after) the next id in the same step.
+  void take_inbox(Request* next = nullptr) FL_REQUIRES(mu_) FL_EXCLUDES(inbox_mu_);
   void expire_due(Clock::time_point now) FL_REQUIRES(mu_);
   void expire(Request& r, Clock::time_point now) FL_REQUIRES(mu_);
   void pick(Batch& batch, Clock::time_point now) FL_REQUIRES(mu_);
@@ -171,13 +181,31 @@ class QueueCore {
   const std::shared_ptr<Clock> clock_;
   MetricsRecorder recorder_;
 
-  // Guards the FIFO, the deadlines and the flags below. Taken by every
-  // submit and every batch: the hot paths take it with kSpinFirst.
+  // Guards the FIFO, the deadlines and the flags below. Taken by every batch
+  // and by submits that need a decision (Note [Inbox]); the hot paths take it
+  // with kSpinFirst.
   mutable Mutex mu_;
   std::deque<std::shared_ptr<Request>> fifo_ FL_GUARDED_BY(mu_);  // kQueued only, ids ascending
   std::set<std::pair<Clock::time_point, uint64_t>> deadlines_ FL_GUARDED_BY(mu_);
-  uint64_t next_id_ FL_GUARDED_BY(mu_) = 1;
-  uint64_t submitted_ FL_GUARDED_BY(mu_) = 0;
+  // Note [Inbox]: submits that need no decision (room, a live queue, a
+  // future deadline) only append to the inbox under this short lock, which
+  // workers never hold while they pick a batch; whoever takes mu_ moves the
+  // inbox into the FIFO first (take_inbox), so under mu_ the FIFO is
+  // complete. Ids are given under inbox_mu_ in inbox order, and a slow-path
+  // submit gives its id while holding mu_ too, so the FIFO stays in id order.
+  // A leader about to wait sets leader_waiting_ and then looks at the inbox
+  // once more; a fast submit appends and then reads leader_waiting_: one of
+  // the two sees the other, so no request sleeps in the inbox while the
+  // leader sleeps (a woken leader is notified under mu_).
+  mutable Mutex inbox_mu_ FL_ACQUIRED_AFTER(mu_);  // guards the inbox and the fields below
+  std::vector<std::shared_ptr<Request>> inbox_ FL_GUARDED_BY(inbox_mu_);
+  bool inbox_closed_ FL_GUARDED_BY(inbox_mu_) = false;  // stop() began
+  uint64_t next_id_ FL_GUARDED_BY(inbox_mu_) = 1;
+  uint64_t submitted_ FL_GUARDED_BY(inbox_mu_) = 0;
+  // Requests queued (FIFO + inbox); reserve_room() keeps it <= capacity.
+  std::atomic<size_t> queued_{0};
+  std::atomic<bool> leader_waiting_{false};
+  std::atomic<Clock::time_point> leader_wake_hint_{Clock::kNever};
   size_t max_depth_ FL_GUARDED_BY(mu_) = 0;
   bool stopping_ FL_GUARDED_BY(mu_) = false;
   bool leader_ FL_GUARDED_BY(mu_) = false;  // a worker is collecting (Note [Batch leader])
