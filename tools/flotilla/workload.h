@@ -83,7 +83,7 @@ struct WorkloadOptions {
     // then submits the next each time the oldest completes (a frontend thread
     // serving many connections). 1: one at a time (a closed loop).
     int window = 1;
-    int pipeline_depth = 2;  // BatchQueueOptions::pipeline_depth
+    int pipeline_depth = 1;  // BatchQueueOptions::pipeline_depth (see its default)
     int64_t spin_us = 0;     // BatchQueueOptions::spin_wait
   } batching;
 

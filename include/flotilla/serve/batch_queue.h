@@ -133,8 +133,10 @@ struct BatchQueueOptions {
   // Batches each worker keeps in flight on its stream (1..64), each with its
   // own pinned staging: while the device runs one, the worker packs and
   // launches the next, and completes each when its fence is reached (Note
-  // [Pipelined lanes] in batch_queue.cpp). 1: launch, wait, complete.
-  int pipeline_depth = 2;
+  // [Pipelined lanes] in batch_queue.cpp). 1: launch, wait, complete. On the
+  // H100 with the seed's MLP, 1 served batch-1 clients best (docs/PERF.md):
+  // raise it when a batch's device time is long against its host time.
+  int pipeline_depth = 1;
   // How long a waiting thread spins before it sleeps: a handle's get() and
   // wait(), and the idle worker waiting for requests. A futex sleep and
   // wake-up costs several microseconds on each side of a request; spinning
