@@ -14,28 +14,19 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "common/cli_runner.h"
+
 #ifndef FLOTILLA_CLI
 #error "FLOTILLA_CLI must name the built flotilla binary"
 #endif
 
 namespace {
 
-struct Result {
-  int exit_code = -1;
-  std::string out;
-};
+using Result = flotilla::test::CliResult;
 
+// Runs the built CLI with `args`; `redirect` is shell text for stderr.
 Result run_cli(const std::string& args, const std::string& redirect) {
-  const std::string cmd = std::string("'") + FLOTILLA_CLI + "' " + args + " " + redirect;
-  Result o;
-  FILE* p = popen(cmd.c_str(), "r");
-  if (!p) return o;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) o.out.append(buf.data(), n);
-  const int status = pclose(p);
-  o.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  return o;
+  return flotilla::test::run_cli_binary(FLOTILLA_CLI, args, redirect);
 }
 
 TEST(CliBatching, RunMergesRequestsAndEveryOutputIsRight) {

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "common/cli_runner.h"
 #include "stress.h"
 
 namespace flotilla::cli {
@@ -74,14 +75,10 @@ TEST(StressTool, AgxModelNeedsTheEncodingLock) {
 }
 
 std::string run_cli(const std::string& args, int* exit_code) {
-  std::string cmd = std::string(FLOTILLA_CLI) + " " + args + " 2>/dev/null";
-  FILE* p = popen(cmd.c_str(), "r");
-  EXPECT_NE(p, nullptr);
-  std::string out;
-  std::array<char, 4096> buf{};
-  while (size_t n = fread(buf.data(), 1, buf.size(), p)) out.append(buf.data(), n);
-  *exit_code = pclose(p);
-  return out;
+  const test::CliResult r = test::run_cli_binary(FLOTILLA_CLI, args, "2>/dev/null");
+  EXPECT_NE(r.exit_code, -1) << "could not start the shell";
+  *exit_code = r.exit_code;
+  return r.out;
 }
 
 TEST(StressTool, CliJsonReportsLegacyFailuresAndPoolSuccess) {
