@@ -232,9 +232,9 @@ size_t BatchQueue::step() {
   MutexLock lock(step_mu_);
   detail::Lane& lane = *lanes_.front();
   detail::Slot& slot = lane.free_slot();
-  core_->take_ready(slot.batch, /*force=*/false);
+  if (!core_->take_ready(slot.batch, /*force=*/false)) return 0;
   const size_t n = slot.batch.requests.size();
-  if (n > 0) run_batch(lane);
+  run_batch(lane);
   return n;
 }
 
@@ -242,7 +242,7 @@ size_t BatchQueue::step() {
 // A worker keeps up to pipeline_depth batches in flight on its stream. With
 // a free slot it takes a batch: waiting for one (as the leader, Note [Batch
 // leader]) only when it has nothing in flight, else just a ready one
-// (try_batch). With no free slot, or nothing ready, it completes its oldest
+// (take_ready). With no free slot, or nothing ready, it completes its oldest
 // batch: waits for that batch's fence and scatters the rows. The stream runs
 // batches in order, so fences are reached in order and staging is reused
 // only after the batch that used it completed. A worker exits once the
@@ -255,7 +255,8 @@ void BatchQueue::worker_loop(detail::Lane& lane) {
   for (;;) {
     if (lane.has_free_slot()) {
       detail::Batch& batch = lane.free_slot().batch;
-      const bool got = lane.in_flight > 0 ? core_->try_batch(batch) : core_->next_batch(batch);
+      const bool got =
+          lane.in_flight > 0 ? core_->take_ready(batch, /*force=*/false) : core_->next_batch(batch);
       if (got) {
         launch_batch(lane);
         continue;
@@ -357,11 +358,7 @@ void BatchQueue::shutdown(ShutdownMode mode) {
   if (options_.workers == 0) {
     MutexLock step_lock(step_mu_);
     detail::Lane& lane = *lanes_.front();
-    for (;;) {
-      core_->take_ready(lane.free_slot().batch, /*force=*/true);
-      if (lane.free_slot().batch.requests.empty()) break;
-      run_batch(lane);
-    }
+    while (core_->take_ready(lane.free_slot().batch, /*force=*/true)) run_batch(lane);
   }
   for (auto& t : threads_) t.join();
   joined_ = true;

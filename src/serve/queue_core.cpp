@@ -124,7 +124,7 @@ void QueueCore::submit(const std::shared_ptr<Request>& r) {
       // inbox (Note [Inbox]), so one of the two sees the other.
       if (leader_waiting_.load(std::memory_order_seq_cst))
         wake = before == 0 || before + 1 >= static_cast<size_t>(options_.max_batch) ||
-               r->deadline < leader_wake_hint_.load(std::memory_order_relaxed);
+               r->deadline < leader_wake_.load(std::memory_order_relaxed);
     }
   }
   if (queued) {
@@ -197,7 +197,7 @@ void QueueCore::submit_slow(const std::shared_ptr<Request>& r, Clock::time_point
   // timed wait (max_delay) ends by itself; waking it per submit would cost a
   // context switch per request under load.
   if (fifo_.size() == 1 || fifo_.size() >= static_cast<size_t>(options_.max_batch) ||
-      deadline < leader_wake_)
+      deadline < leader_wake_.load(std::memory_order_relaxed))
     work_cv_.notify_one();  // only the leader waits there
 }
 
@@ -309,8 +309,7 @@ bool QueueCore::next_batch(Batch& batch) {
     if (!deadlines_.empty()) wake = std::min(wake, deadlines_.begin()->first);
     const uint64_t seen = events_;
     // About to wait: say so, then look at the inbox once more (Note [Inbox]).
-    leader_wake_ = wake;
-    leader_wake_hint_.store(wake, std::memory_order_relaxed);
+    leader_wake_.store(wake, std::memory_order_relaxed);
     leader_waiting_.store(true, std::memory_order_seq_cst);
     const size_t before = fifo_.size();
     take_inbox();
@@ -339,30 +338,21 @@ bool QueueCore::next_batch(Batch& batch) {
     spun = false;
     clock_->wait_until(mu_, work_cv_, wake, [&]() FL_REQUIRES(mu_) { return events_ != seen; });
     leader_waiting_.store(false, std::memory_order_relaxed);
-    leader_wake_ = Clock::kNever;
+    leader_wake_.store(Clock::kNever, std::memory_order_relaxed);
   }
   leader_ = false;
   idle_cv_.notify_one();  // the next leader collects while this batch runs
   return true;
 }
 
-bool QueueCore::try_batch(Batch& batch) {
+bool QueueCore::take_ready(Batch& batch, bool force) {
   batch.requests.clear();
   const Clock::time_point now = clock_->now();  // before the lock, as in submit()
   MutexLock lock(mu_, kSpinFirst);
   take_inbox();
   expire_due(now);
-  if (batch_ready(now)) pick(batch, now);
-  return !batch.requests.empty();
-}
-
-void QueueCore::take_ready(Batch& batch, bool force) {
-  batch.requests.clear();
-  MutexLock lock(mu_);
-  take_inbox();
-  const Clock::time_point now = clock_->now();
-  expire_due(now);
   if (force ? !fifo_.empty() : batch_ready(now)) pick(batch, now);
+  return !batch.requests.empty();
 }
 
 void QueueCore::complete_batch(Batch& batch, std::exception_ptr error, const float* rows,

@@ -23,7 +23,7 @@
 // also ends at the earliest queued deadline, to expire it on time. So
 // batches form in FIFO order and workers never split a batch between them.
 // A worker that still has batches in flight does not queue for leadership:
-// it takes a ready batch if there is one (try_batch), else completes its
+// it takes a ready batch if there is one (take_ready), else completes its
 // oldest batch. With spin_wait, a leader facing an empty queue first spins
 // (without the lock) for a submit, then sleeps.
 #pragma once
@@ -126,12 +126,11 @@ class QueueCore {
   // Worker mode: blocks until this worker has picked a batch (true) or the
   // queue is stopping and empty (false: the worker exits).
   bool next_batch(Batch& batch) FL_EXCLUDES(mu_);
-  // A worker with batches in flight: expires what is due, then picks a batch
-  // if one is ready, without waiting or taking leadership; false if none.
-  bool try_batch(Batch& batch) FL_EXCLUDES(mu_);
-  // Manual mode: expires what is due, then picks a batch if one is ready
-  // (or `force`); never waits. `batch.requests` is empty if none.
-  void take_ready(Batch& batch, bool force) FL_EXCLUDES(mu_);
+  // Expires what is due, then picks a batch if one is ready (or, with
+  // `force`, whatever is queued), without waiting or taking leadership;
+  // true if it picked one. For a worker with batches in flight, for manual
+  // mode's step(), and for the manual-mode drain.
+  bool take_ready(Batch& batch, bool force) FL_EXCLUDES(mu_);
 
   // A worker's verdict on a batch it picked: each request kRunning ->
   // kCompleted with its row of `rows` ([n, out_features]), or kFailed with
@@ -205,7 +204,6 @@ class QueueCore {
   // Requests queued (FIFO + inbox); reserve_room() keeps it <= capacity.
   std::atomic<size_t> queued_{0};
   std::atomic<bool> leader_waiting_{false};
-  std::atomic<Clock::time_point> leader_wake_hint_{Clock::kNever};
   size_t max_depth_ FL_GUARDED_BY(mu_) = 0;
   bool stopping_ FL_GUARDED_BY(mu_) = false;
   bool leader_ FL_GUARDED_BY(mu_) = false;  // a worker is collecting (Note [Batch leader])
@@ -214,7 +212,10 @@ class QueueCore {
   // mu_; written under mu_ (release), read with acquire.
   std::atomic<uint64_t> events_hint_{0};
   // When the waiting leader's timed wait ends (kNever: none is waiting).
-  Clock::time_point leader_wake_ FL_GUARDED_BY(mu_) = Clock::kNever;
+  // Written under mu_ by the leader; read by slow-path submits under mu_ and
+  // by fast-path submits without it (relaxed: a stale value only wakes the
+  // leader early, or leaves it to its timed wait).
+  std::atomic<Clock::time_point> leader_wake_{Clock::kNever};
   int blocked_ FL_GUARDED_BY(mu_) = 0;  // submitters waiting for room (kBlock)
   CondVar work_cv_;                     // the leader waits for requests, max_delay or a deadline
   CondVar idle_cv_;                     // workers wait to become the leader
