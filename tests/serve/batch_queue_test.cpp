@@ -35,6 +35,14 @@ class BatchQueueTest : public ::testing::Test {
     o.clock = clock_;
     return o;
   }
+  // One worker thread, `depth` batches in flight, ManualClock, max_batch 2,
+  // no max_delay: for the pipelined-lane tests.
+  BatchQueueOptions one_worker(int depth) {
+    BatchQueueOptions o = manual(2, 0us);
+    o.workers = 1;
+    o.pipeline_depth = depth;
+    return o;
+  }
   BatchQueue::Model counted() {
     return [this](const Stream& s, const Tensor& x) {
       calls_.fetch_add(1);
@@ -421,9 +429,7 @@ struct GatedFirstBatch {
 // Requests queued while a worker launches a batch go out as the next batch
 // before the first completes (pipeline_depth 2), or only after it (1).
 TEST_F(BatchQueueTest, APipelinedWorkerLaunchesTheNextBatchBeforeTheFirstCompletes) {
-  auto o = manual(2, 0us);
-  o.workers = 1;
-  o.pipeline_depth = 2;
+  auto o = one_worker(2);
   GatedFirstBatch g;
   BatchQueue q(*device_, kIn, kOut, g.model(*model_), o);
   auto a = q.submit(input(0));
@@ -446,9 +452,7 @@ TEST_F(BatchQueueTest, APipelinedWorkerLaunchesTheNextBatchBeforeTheFirstComplet
 }
 
 TEST_F(BatchQueueTest, DepthOneWaitsForEachBatchBeforeTheNext) {
-  auto o = manual(2, 0us);
-  o.workers = 1;
-  o.pipeline_depth = 1;
+  auto o = one_worker(1);
   GatedFirstBatch g;
   BatchQueue q(*device_, kIn, kOut, g.model(*model_), o);
   auto a = q.submit(input(0));
@@ -466,9 +470,7 @@ TEST_F(BatchQueueTest, DepthOneWaitsForEachBatchBeforeTheNext) {
 }
 
 TEST_F(BatchQueueTest, APipelinedBatchThatFailsOnTheDeviceFailsOnlyItsOwnRequests) {
-  auto o = manual(2, 0us);
-  o.workers = 1;
-  o.pipeline_depth = 3;
+  auto o = one_worker(3);
   GatedFirstBatch g;  // holds the stream while the next batches are launched behind it
   std::atomic<int> failing_calls{0};
   BatchQueue::Model failing = failing_model(*model_, true);

@@ -257,6 +257,12 @@ class PoolClient final : public Client {
   Stream stream_;
 };
 
+// A BatchQueue's output for one request, into the client's buffer.
+void copy_output(const std::vector<float>& y, std::span<float> out) {
+  FL_INTERNAL_CHECK(y.size() == out.size(), "the queue returned ", y.size(), " values");
+  std::copy(y.begin(), y.end(), out.begin());
+}
+
 // --batching: a batch-1 request through the shared BatchQueue; its workers'
 // streams serve it, so the client has none of its own.
 class BatchingClient final : public Client {
@@ -264,9 +270,7 @@ class BatchingClient final : public Client {
   explicit BatchingClient(RunContext& ctx) : queue_(*ctx.queue) {}
   int stream_index() const override { return -1; }
   void request(const std::vector<float>& in, std::span<float> out) override {
-    const std::vector<float> y = queue_.submit(in).get();  // throws the request's error
-    FL_INTERNAL_CHECK(y.size() == out.size(), "the queue returned ", y.size(), " values");
-    std::copy(y.begin(), y.end(), out.begin());
+    copy_output(queue_.submit(in).get(), out);  // get() throws the request's error
   }
 
  private:
@@ -510,8 +514,7 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
           counting_errors(st, [&] {
             const std::vector<float> y = p.handle.get();  // throws the request's error
             t_got = Clock::now();
-            FL_INTERNAL_CHECK(y.size() == out.size(), "the queue returned ", y.size(), " values");
-            std::copy(y.begin(), y.end(), out.begin());
+            copy_output(y, out);
             check_output(ctx, p.k, out, st, p.corrupt);
           });
           const auto t_done = Clock::now();
