@@ -4,6 +4,7 @@
 #include <bit>
 #include <map>
 #include <optional>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -42,6 +43,8 @@ struct Block {
   // bits are set before the last owner drops the Allocation, and that drop
   // (a shared_ptr release or a move) orders them before the free reads them.
   std::atomic<uint64_t> used_on{0};
+  // Set at allocation under a hold (see allocator.h); read by the free.
+  std::shared_ptr<AllocationHold> hold;
 };
 
 }  // namespace detail
@@ -71,6 +74,12 @@ struct alignas(64) Allocator::Shard {
   uint64_t next_seq FL_GUARDED_BY(mu) = 1;
 };
 
+struct Allocator::HoldSlot {
+  Mutex mu;  // guards the fields below
+  std::shared_ptr<AllocationHold> hold FL_GUARDED_BY(mu);
+  std::thread::id thread FL_GUARDED_BY(mu);
+};
+
 struct Allocator::Counters {
   // All relaxed: statistics, exact once the threads using the allocator are
   // joined (their joins order every update before the read).
@@ -87,6 +96,7 @@ struct Allocator::Counters {
   std::atomic<uint64_t> cache_flushes{0};
   std::atomic<uint64_t> oom_retries{0};
   std::atomic<uint64_t> deferred_frees{0};
+  std::atomic<size_t> held{0};
 
   void add_in_use(size_t n) {
     const size_t now = in_use.fetch_add(n, std::memory_order_relaxed) + n;
@@ -166,7 +176,8 @@ Allocator::Allocator(Device& device)
       caching_(device.config().allocator_caching),
       num_streams_(device.config().pool_size),
       shards_(new Shard[static_cast<size_t>(2 * num_streams_)]),
-      counters_(std::make_unique<Counters>()) {}
+      counters_(std::make_unique<Counters>()),
+      holds_(new HoldSlot[static_cast<size_t>(num_streams_)]) {}
 
 Allocator::~Allocator() {
   // The device has drained (Device::~Device shuts it down first), so nothing
@@ -211,7 +222,65 @@ AllocatorStats Allocator::stats() const {
   s.cache_flushes = c.cache_flushes.load(std::memory_order_relaxed);
   s.oom_retries = c.oom_retries.load(std::memory_order_relaxed);
   s.deferred_frees = c.deferred_frees.load(std::memory_order_relaxed);
+  s.held_bytes = c.held.load(std::memory_order_relaxed);
   return s;
+}
+
+// ---- Holds ---------------------------------------------------------------------------
+
+AllocationHold::AllocationHold(Allocator& allocator) : allocator_(allocator) {}
+AllocationHold::~AllocationHold() { release(); }
+
+bool AllocationHold::keep(std::unique_ptr<detail::Block>& block) {
+  MutexLock lock(mu_);
+  if (released_) return false;
+  bytes_ += block->cls;
+  allocator_.counters_->held.fetch_add(block->cls, std::memory_order_relaxed);
+  blocks_.push_back(std::move(block));  // on a throw the block stays with the caller
+  return true;
+}
+
+void AllocationHold::release() noexcept {
+  std::vector<std::unique_ptr<detail::Block>> blocks;
+  {
+    MutexLock lock(mu_);
+    released_ = true;
+    blocks.swap(blocks_);
+    allocator_.counters_->held.fetch_sub(bytes_, std::memory_order_relaxed);
+    bytes_ = 0;
+  }
+  for (auto& b : blocks) allocator_.free_block(b.release(), /*idle=*/false);
+}
+
+size_t AllocationHold::blocks() const {
+  MutexLock lock(mu_);
+  return blocks_.size();
+}
+
+size_t AllocationHold::bytes() const {
+  MutexLock lock(mu_);
+  return bytes_;
+}
+
+std::shared_ptr<AllocationHold> Allocator::begin_hold(const Stream& stream) {
+  FL_CHECK_ARG(&stream.device() == &device_, "[Allocator::begin_hold] the stream is on ",
+               stream.device().name(), " but this allocator belongs to ", device_.name());
+  HoldSlot& slot = holds_[static_cast<size_t>(stream.index())];
+  auto hold = std::make_shared<AllocationHold>(*this);
+  MutexLock lock(slot.mu);
+  FL_CHECK_STATE(slot.hold == nullptr, "[Allocator::begin_hold] stream ", stream.index(),
+                 " already has a hold (one recording at a time per stream)");
+  slot.hold = hold;
+  slot.thread = std::this_thread::get_id();
+  holding_.fetch_or(uint64_t{1} << stream.index(), std::memory_order_acq_rel);
+  return hold;
+}
+
+void Allocator::end_hold(const Stream& stream) noexcept {
+  HoldSlot& slot = holds_[static_cast<size_t>(stream.index())];
+  MutexLock lock(slot.mu);
+  slot.hold.reset();
+  holding_.fetch_and(~(uint64_t{1} << stream.index()), std::memory_order_acq_rel);
 }
 
 void Allocator::reset_peak() {
@@ -258,7 +327,12 @@ void Allocator::reap(Shard& s) {
   std::vector<std::unique_ptr<detail::Block>> done;
   // One event per stream covers every block of this pass that waits for it.
   std::vector<std::optional<Event>> marks(static_cast<size_t>(num_streams_));
+  const uint64_t holding = holding_.load(std::memory_order_acquire);
   for (auto& p : work) {
+    if (!p.recorded && (p.streams & holding)) {  // a recording stream takes no events now
+      keep.push_back(std::move(p));
+      continue;
+    }
     if (!p.recorded) {
       try {
         for (uint64_t bits = p.streams; bits; bits &= bits - 1) {
@@ -335,6 +409,12 @@ Allocation Allocator::allocate_impl(size_t bytes, const Stream& stream, bool hos
   }
   block->stream = stream.index();
   block->used_on.store(0, std::memory_order_relaxed);
+  block->hold.reset();
+  if (holding_.load(std::memory_order_acquire) & (uint64_t{1} << stream.index())) [[unlikely]] {
+    HoldSlot& slot = holds_[static_cast<size_t>(stream.index())];
+    MutexLock lock(slot.mu);
+    if (slot.hold && slot.thread == std::this_thread::get_id()) block->hold = slot.hold;
+  }
   counters_->add_in_use(cls);
   counters_->allocations.fetch_add(1, std::memory_order_relaxed);
   return Allocation(this, block.release(), bytes);
@@ -405,6 +485,18 @@ std::unique_ptr<detail::Block> Allocator::take_from_other_streams(size_t cls,
 
 void Allocator::free_block(detail::Block* raw, bool idle) noexcept {
   std::unique_ptr<detail::Block> block(raw);
+  if (block->hold) [[unlikely]] {
+    // A recording still uses the block (see "Holds" in allocator.h).
+    std::shared_ptr<AllocationHold> hold = std::move(block->hold);
+    try {
+      if (hold->keep(block)) return;
+    } catch (...) {  // could not keep it: never cache memory a replay may use
+      counters_->in_use.fetch_sub(block->cls, std::memory_order_relaxed);
+      counters_->cached.fetch_add(block->cls, std::memory_order_relaxed);
+      leak(std::move(block));
+      return;
+    }
+  }
   counters_->in_use.fetch_sub(block->cls, std::memory_order_relaxed);
   counters_->cached.fetch_add(block->cls, std::memory_order_relaxed);
   Shard& s = shard(block->stream, block->host);

@@ -2,6 +2,8 @@
 
 #include <utility>
 
+#include "flotilla/common/error.h"
+#include "flotilla/runtime/allocator.h"
 #include "flotilla/runtime/device.h"
 #include "runtime/stream_state.h"
 #include "runtime/thread_streams.h"
@@ -53,6 +55,80 @@ void StreamFence::wait() const {
     // synchronize() or an earlier wait: the work is still lost, say so.
     if (std::exception_ptr e = cb_->error()) std::rethrow_exception(e);
   }
+}
+
+// Note [Recording]
+// Stream::record() turns what a body encodes on a stream into a replayable
+// list (driver.h, "Recording"; a CUDA graph on CUDA, where one replay is one
+// launch instead of one per kernel). Three things make that safe:
+// - The stream is the recording thread's alone meanwhile: begin_recording()
+//   commits and waits for the stream's work (a CUDA capture forbids the
+//   stream queries the completion thread makes on a stalled buffer), other
+//   threads' encodes, commits and events on the stream wait until the
+//   recording ends, and the recording thread may only dispatch.
+// - Addresses are fixed: the memory the body allocates on the stream stays
+//   with the Recording (an allocator hold) until it is destroyed, so no
+//   other tensor is ever given a block a replay writes.
+// - A list replays only on its stream: on CUDA the graph also names the
+//   queue's cuBLASLt workspace, which only stream order keeps private.
+
+namespace detail {
+struct RecordingState {
+  Device* device = nullptr;
+  int index = 0;
+  std::unique_ptr<backend::CommandList> list;
+  std::shared_ptr<AllocationHold> hold;  // released when the last copy goes
+  ~RecordingState() {
+    list.reset();  // CUDA frees a graph still running once it completes
+    if (hold) hold->release();
+  }
+};
+}  // namespace detail
+
+Recording Stream::record(const std::function<void()>& body) {
+  device_->check_usable("Stream::record");
+  FL_CHECK_ARG(body != nullptr, "[Stream::record] the body is empty; pass a function that "
+               "encodes the work to record");
+  auto rec = std::make_shared<detail::RecordingState>();
+  rec->device = device_;
+  rec->index = index_;
+  detail::StreamState& st = state();
+  st.begin_recording();
+  Allocator& allocator = device_->allocator();
+  try {
+    rec->hold = allocator.begin_hold(*this);
+  } catch (...) {
+    st.abort_recording();
+    throw;
+  }
+  try {
+    body();
+  } catch (...) {
+    allocator.end_hold(*this);
+    st.abort_recording();
+    throw;  // rec goes, releasing what the body allocated
+  }
+  allocator.end_hold(*this);
+  rec->list = st.end_recording();
+  return Recording(std::move(rec));
+}
+
+void Stream::replay(const Recording& recording) {
+  device_->check_usable("Stream::replay");
+  FL_CHECK_ARG(recording.valid(), "[Stream::replay] the recording is empty; replay one that "
+               "Stream::record() returned");
+  const detail::RecordingState& r = *recording.state_;
+  FL_CHECK_ARG(r.device == device_ && r.index == index_, "[Stream::replay] the recording was made "
+               "on stream ", r.index, " of ", r.device->name(), " but is replayed on stream ",
+               index_, " of ", device_->name(), "; replay a recording on the stream that made it");
+  state().replay(*r.list);
+}
+
+size_t Recording::kernels() const { return state_ ? state_->list->kernel_count() : 0; }
+
+Stream Recording::stream() const {
+  FL_CHECK_STATE(state_ != nullptr, "[Recording::stream] the recording is empty");
+  return Stream(*state_->device, state_->index);
 }
 
 bool Stream::query() const {
@@ -136,10 +212,40 @@ std::shared_ptr<backend::CommandBuffer> StreamState::commit_locked() {
   return cb;
 }
 
+void StreamState::wait_not_recording(const char* api) {
+  if (!recording_) [[likely]]
+    return;
+  FL_CHECK_STATE(recording_thread_ != std::this_thread::get_id(), "[", api, "] stream ", index_,
+                 " is recording on this thread (Stream::record); only kernels may be encoded "
+                 "inside a recording: commit, wait, replay and use events outside it");
+  not_recording_.wait(mu_, [&]() FL_REQUIRES(mu_) { return !recording_; });
+}
+
+std::shared_ptr<backend::CommandBuffer> StreamState::after_encode() {
+  const Config& c = device_.config();
+  switch (c.sync_mode) {
+    case SyncMode::kNone: break;
+    case SyncMode::kCommit: commit_locked(); break;
+    case SyncMode::kCommitAndWait: return commit_locked();
+    case SyncMode::kAdaptive:
+      if (kernels_in_cb_ >= c.adaptive_commit_kernels) commit_locked();
+      break;
+  }
+  return nullptr;
+}
+
 void StreamState::dispatch(const backend::Pipeline& pipeline, const backend::KernelArgs& args) {
   std::shared_ptr<backend::CommandBuffer> wait_for;
   {
     MutexLock lock(mu_);
+    if (recording_ && recording_thread_ == std::this_thread::get_id()) {
+      // Recorded, not run (Note [Recording]); the sync mode does not apply.
+      FL_INTERNAL_CHECK(recorder_ != nullptr, "stream ", index_, " records without a recorder");
+      EncodingLock::Guard guard(encoding_lock_);
+      recorder_->dispatch(pipeline, args);
+      return;
+    }
+    wait_not_recording("Stream::dispatch");
     ensure_encoder("Stream::dispatch");
     {
       EncodingLock::Guard guard(encoding_lock_);
@@ -147,15 +253,7 @@ void StreamState::dispatch(const backend::Pipeline& pipeline, const backend::Ker
     }
     ++kernels_in_cb_;
     kernels_total_.fetch_add(1, std::memory_order_relaxed);
-    const Config& c = device_.config();
-    switch (c.sync_mode) {
-      case SyncMode::kNone: break;
-      case SyncMode::kCommit: commit_locked(); break;
-      case SyncMode::kCommitAndWait: wait_for = commit_locked(); break;
-      case SyncMode::kAdaptive:
-        if (kernels_in_cb_ >= c.adaptive_commit_kernels) commit_locked();
-        break;
-    }
+    wait_for = after_encode();
   }
   if (wait_for) {
     wait_for->wait_until_completed();
@@ -163,13 +261,86 @@ void StreamState::dispatch(const backend::Pipeline& pipeline, const backend::Ker
   }
 }
 
+void StreamState::replay(const backend::CommandList& list) {
+  std::shared_ptr<backend::CommandBuffer> wait_for;
+  {
+    MutexLock lock(mu_);
+    wait_not_recording("Stream::replay");
+    ensure_encoder("Stream::replay");
+    {
+      EncodingLock::Guard guard(encoding_lock_);
+      encoder_->execute(list);
+    }
+    const auto n = static_cast<int>(list.kernel_count());
+    kernels_in_cb_ += n;
+    kernels_total_.fetch_add(list.kernel_count(), std::memory_order_relaxed);
+    wait_for = after_encode();
+  }
+  if (wait_for) {
+    wait_for->wait_until_completed();
+    rethrow_error();
+  }
+}
+
+void StreamState::begin_recording() {
+  std::shared_ptr<backend::CommandBuffer> last;
+  {
+    MutexLock lock(mu_);
+    wait_not_recording("Stream::record");
+    recording_ = true;  // from here other threads' encodes wait
+    recording_thread_ = std::this_thread::get_id();
+    try {
+      last = commit_locked();
+    } catch (...) {
+      recording_ = false;
+      not_recording_.notify_all();
+      throw;
+    }
+  }
+  // The stream must be idle before its capture begins: on CUDA a stalled
+  // buffer makes the completion thread query the stream, which a capture
+  // forbids (Note [Recording]).
+  if (last) last->wait_until_completed();
+  MutexLock lock(mu_);
+  try {
+    device_.check_usable("Stream::record");
+    EncodingLock::Guard guard(encoding_lock_);
+    recorder_ = queue_->new_recorder();
+  } catch (...) {
+    recording_ = false;
+    not_recording_.notify_all();
+    throw;
+  }
+}
+
+std::unique_ptr<backend::CommandList> StreamState::end_recording() {
+  MutexLock lock(mu_);
+  FL_INTERNAL_CHECK(recording_ && recording_thread_ == std::this_thread::get_id() && recorder_,
+                    "end_recording without a recording on this thread");
+  auto recorder = std::move(recorder_);
+  recording_ = false;
+  not_recording_.notify_all();
+  EncodingLock::Guard guard(encoding_lock_);
+  return recorder->finish();  // a throw destroys the recorder, which ends it
+}
+
+void StreamState::abort_recording() {
+  MutexLock lock(mu_);
+  if (!recording_ || recording_thread_ != std::this_thread::get_id()) return;
+  recorder_.reset();
+  recording_ = false;
+  not_recording_.notify_all();
+}
+
 void StreamState::commit() {
   MutexLock lock(mu_);
+  wait_not_recording("Stream::commit");
   commit_locked();
 }
 
 std::pair<std::shared_ptr<backend::CommandBuffer>, uint64_t> StreamState::commit_for_fence() {
   MutexLock lock(mu_);
+  wait_not_recording("Stream::fence");
   auto cb = commit_locked();
   return {std::move(cb), committed_seq_};
 }
@@ -178,6 +349,7 @@ void StreamState::synchronize() {
   std::shared_ptr<backend::CommandBuffer> last;
   {
     MutexLock lock(mu_);
+    wait_not_recording("Stream::synchronize");
     last = commit_locked();
   }
   // Waiting outside the lock lets threads sharing the stream keep encoding;
@@ -195,6 +367,7 @@ bool StreamState::query() const {
 
 void StreamState::add_callback(std::function<void()> fn) {
   MutexLock lock(mu_);
+  wait_not_recording("Stream::add_callback");
   ensure_buffer("Stream::add_callback");
   const uint64_t seq = committed_seq_ + 1;  // the number commit_locked() gives this buffer
   cb_->add_completed_handler([this, seq, fn = std::move(fn)](backend::CommandBuffer&) {
@@ -209,6 +382,7 @@ void StreamState::add_callback(std::function<void()> fn) {
 
 void StreamState::encode_signal(backend::SharedEvent& event, uint64_t value) {
   MutexLock lock(mu_);
+  wait_not_recording("Event::record");
   ensure_buffer("Event::record");
   end_encoder();
   {
@@ -220,6 +394,7 @@ void StreamState::encode_signal(backend::SharedEvent& event, uint64_t value) {
 
 void StreamState::encode_wait(backend::SharedEvent& event, uint64_t value) {
   MutexLock lock(mu_);
+  wait_not_recording("Event::wait");
   ensure_buffer("Event::wait");
   end_encoder();
   EncodingLock::Guard guard(encoding_lock_);

@@ -5,6 +5,7 @@
 #include <exception>
 #include <functional>
 #include <memory>
+#include <thread>
 #include <utility>
 
 #include "flotilla/backend/driver.h"
@@ -39,6 +40,16 @@ class StreamState {
   // Event commands: end the encoder, append a signal or wait; a signal commits.
   void encode_signal(backend::SharedEvent& event, uint64_t value) FL_EXCLUDES(mu_);
   void encode_wait(backend::SharedEvent& event, uint64_t value) FL_EXCLUDES(mu_);
+  // Recording (Note [Recording] in stream.cpp). begin: waits for any other
+  // thread's recording to end, commits and waits for the stream's work, then
+  // opens a recorder owned by the calling thread. end: finishes it (throws
+  // the recording's failure); abort: drops it. Both let waiters go on.
+  void begin_recording() FL_EXCLUDES(mu_);
+  std::unique_ptr<backend::CommandList> end_recording() FL_EXCLUDES(mu_);
+  void abort_recording() FL_EXCLUDES(mu_);
+  // Encodes one replay of `list` (recorded on this stream), then applies the
+  // sync mode as dispatch() does.
+  void replay(const backend::CommandList& list) FL_EXCLUDES(mu_);
   // Records an asynchronous error of the buffer with commit number `seq`
   // (first one wins).
   void record_error(std::exception_ptr e, uint64_t seq) FL_EXCLUDES(mu_);
@@ -48,6 +59,12 @@ class StreamState {
   uint64_t commits() const { return commits_total_.load(std::memory_order_relaxed); }
 
  private:
+  // While another thread records on this stream, waits until it is done;
+  // if the calling thread is the one recording, throws InvalidState naming
+  // `api` (its work would be recorded, or would commit the recording).
+  void wait_not_recording(const char* api) FL_REQUIRES(mu_);
+  // Applies the sync mode after an encode; returns a buffer to wait for.
+  std::shared_ptr<backend::CommandBuffer> after_encode() FL_REQUIRES(mu_);
   // `api` names the caller in the ShutDown error of a device shutting down.
   void ensure_buffer(const char* api) FL_REQUIRES(mu_);
   void ensure_encoder(const char* api) FL_REQUIRES(mu_);
@@ -69,6 +86,12 @@ class StreamState {
   std::exception_ptr error_ FL_GUARDED_BY(mu_);
   uint64_t error_seq_ FL_GUARDED_BY(mu_) = 0;      // commit number of error_'s buffer
   uint64_t committed_seq_ FL_GUARDED_BY(mu_) = 0;  // buffers committed so far
+  // Recording: the thread that records (set from begin_recording until
+  // end/abort), and its recorder (opened once the stream's work is done).
+  bool recording_ FL_GUARDED_BY(mu_) = false;
+  std::thread::id recording_thread_ FL_GUARDED_BY(mu_);
+  std::unique_ptr<backend::CommandRecorder> recorder_ FL_GUARDED_BY(mu_);
+  CondVar not_recording_;  // signalled (under mu_) when recording_ becomes false
 
   // Relaxed: statistics.
   std::atomic<uint64_t> kernels_total_{0};

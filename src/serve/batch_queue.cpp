@@ -54,6 +54,8 @@ void BatchQueueOptions::validate() const {
   FL_CHECK_ARG(pipeline_depth >= 1 && pipeline_depth <= 64,
                "[BatchQueueOptions] pipeline_depth is ", pipeline_depth,
                "; use 1 (one batch in flight per worker) to 64");
+  FL_CHECK_ARG(!record_batches || max_batch <= (1 << 20), "[BatchQueueOptions] max_batch is ",
+               max_batch, "; record_batches supports up to 1048576");
   FL_CHECK_ARG(spin_wait.count() >= 0 && spin_wait.count() <= 1000000,
                "[BatchQueueOptions] spin_wait is ", spin_wait.count(),
                " us; use 0 (sleep at once) to 1000000");
@@ -126,7 +128,22 @@ struct Slot {
   Batch batch;                              // the requests in flight here
   StreamFence fence;                        // reached when the output is in staging
   std::exception_ptr error;                 // the batch failed while launching
+  // record_batches: the recorded batch of each size (index: size_bucket()),
+  // made at first use; they name this slot's staging.
+  std::vector<Recording> recorded;
 };
+
+// record_batches: the recorded sizes are the powers of two below max_batch,
+// and max_batch. Returns the index of the smallest one >= n, and its size.
+std::pair<size_t, int64_t> size_bucket(int64_t n, int64_t max_batch) {
+  size_t i = 0;
+  int64_t rows = 1;
+  while (rows < n) {
+    rows *= 2;
+    ++i;
+  }
+  return {i, std::min(rows, max_batch)};
+}
 
 // What one worker owns: its stream and a ring of pipeline_depth slots; the
 // in-flight ones are [oldest, oldest + in_flight) modulo the ring.
@@ -171,6 +188,8 @@ BatchQueue::BatchQueue(Device& device, int64_t in_features, int64_t out_features
       slot.output = driver.allocate_host(rows * static_cast<size_t>(out_) * sizeof(float));
       FL_INTERNAL_CHECK(slot.input->host_ptr() && slot.output->host_ptr(),
                         "the driver's host staging memory is not host-visible");
+      if (options_.record_batches)
+        slot.recorded.resize(detail::size_bucket(options_.max_batch, options_.max_batch).first + 1);
     }
     lanes_.push_back(std::move(lane));
   }
@@ -281,13 +300,45 @@ void BatchQueue::run_batch(detail::Lane& lane) {
 // in turn; the fence is taken anyway, so what was encoded still runs before
 // the slot's staging is reused. A failure the device reports later reaches
 // the fence's wait().
+//
+// Note [Recorded batches]
+// With record_batches, the copy in, the forward and the copy out of a batch
+// of R rows are recorded once per slot and size (Stream::record) and then
+// replayed: on CUDA one graph launch instead of five or more launches, which
+// is most of a small batch's host time. A batch of B rows runs as the
+// smallest recorded size R >= B, with rows B..R of the staging zeroed (rows
+// are independent, so the padding changes no result; its outputs are not
+// read). The first batch of a size runs eagerly once before it is recorded,
+// so that lazily made resources (cuBLASLt plans, workspaces, cached blocks)
+// exist before the capture. A recording that fails (the model threw) fails
+// that batch only; the next batch of that size tries again.
+void BatchQueue::encode_batch(detail::Lane& lane, detail::Slot& slot, int64_t rows) {
+  Stream stream = lane.stream;
+  const size_t in_row = static_cast<size_t>(in_) * sizeof(float);
+  const size_t out_row = static_cast<size_t>(out_) * sizeof(float);
+  Tensor x = Tensor::empty({rows, in_}, DType::kF32, stream);
+  stream.dispatch(*lane.copy, backend::KernelArgs()
+                                  .ptr(x.data())
+                                  .ptr(slot.input->device_ptr())
+                                  .size(static_cast<uint64_t>(rows) * in_row));
+  Tensor y = model_(stream, x);
+  FL_CHECK_STATE(y.defined() && y.dtype() == DType::kF32 && y.rank() == 2 && y.dim(0) == rows &&
+                     y.dim(1) == out_ && &y.device() == &device_,
+                 "[BatchQueue] the model returned ", y.to_string(), " for x ", x.to_string(),
+                 "; it must return f32[", rows, ", ", out_, "] on ", device_.name());
+  y.record_stream(stream);
+  stream.dispatch(*lane.copy, backend::KernelArgs()
+                                  .ptr(slot.output->device_ptr())
+                                  .ptr(y.data())
+                                  .size(static_cast<uint64_t>(rows) * out_row));
+}
+
 void BatchQueue::launch_batch(detail::Lane& lane) {
   detail::Slot& slot = lane.free_slot();
   ++lane.in_flight;
   auto& reqs = slot.batch.requests;
   const auto b = static_cast<int64_t>(reqs.size());
   const size_t in_row = static_cast<size_t>(in_) * sizeof(float);
-  const size_t out_row = static_cast<size_t>(out_) * sizeof(float);
   Stream stream = lane.stream;
   slot.error = nullptr;
   try {
@@ -295,21 +346,19 @@ void BatchQueue::launch_batch(detail::Lane& lane) {
     for (int64_t i = 0; i < b; ++i)
       std::memcpy(packed + static_cast<size_t>(i) * in_row,
                   reqs[static_cast<size_t>(i)]->input.data(), in_row);
-    Tensor x = Tensor::empty({b, in_}, DType::kF32, stream);
-    stream.dispatch(*lane.copy, backend::KernelArgs()
-                                    .ptr(x.data())
-                                    .ptr(slot.input->device_ptr())
-                                    .size(static_cast<uint64_t>(b) * in_row));
-    Tensor y = model_(stream, x);
-    FL_CHECK_STATE(y.defined() && y.dtype() == DType::kF32 && y.rank() == 2 && y.dim(0) == b &&
-                       y.dim(1) == out_ && &y.device() == &device_,
-                   "[BatchQueue] the model returned ", y.to_string(), " for x ", x.to_string(),
-                   "; it must return f32[", b, ", ", out_, "] on ", device_.name());
-    y.record_stream(stream);
-    stream.dispatch(*lane.copy, backend::KernelArgs()
-                                    .ptr(slot.output->device_ptr())
-                                    .ptr(y.data())
-                                    .size(static_cast<uint64_t>(b) * out_row));
+    if (options_.record_batches) {
+      const auto [bucket, rows] = detail::size_bucket(b, options_.max_batch);
+      std::memset(packed + static_cast<size_t>(b) * in_row, 0,
+                  static_cast<size_t>(rows - b) * in_row);
+      Recording& rec = slot.recorded[bucket];
+      if (!rec.valid()) {
+        encode_batch(lane, slot, rows);  // warm-up: this batch's result, computed eagerly
+        rec = stream.record([&, rows = rows] { encode_batch(lane, slot, rows); });
+      }
+      stream.replay(rec);
+    } else {
+      encode_batch(lane, slot, b);
+    }
   } catch (...) {
     slot.error = std::current_exception();
   }

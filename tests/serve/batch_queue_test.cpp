@@ -285,6 +285,142 @@ TEST_F(BatchQueueTest, ABatchIsOneCopyInOneForwardOneCopyOut) {
   for (int i = 0; i < 8; ++i) expect_output(hs[static_cast<size_t>(i)], i);
 }
 
+// ---- Recorded batches (Note [Recorded batches]) --------------------------------------
+
+// Would catch: a replay computing on stale staging, padding rows leaking
+// into results, a wrong size bucket, or the model being called per batch
+// (it must run only to warm up and record each size once).
+TEST_F(BatchQueueTest, RecordedBatchesEqualUnbatchedOnesAtEverySize) {
+  auto o = manual(8, 0us);
+  o.record_batches = true;
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  Stream s = q.streams().at(0);
+  int next = 0;
+  // Sizes 1, 2, 3 (as 4), 5 (as 8), 8, then 3 and 1 again: replays only.
+  for (int size : {1, 2, 3, 5, 8, 3, 1, 7}) {
+    std::vector<RequestHandle> hs;
+    const int first = next;
+    for (int i = 0; i < size; ++i) hs.push_back(q.submit(input(next++)));
+    const int calls_before = calls_.load();
+    const uint64_t k0 = s.kernels_encoded();
+    EXPECT_EQ(q.step(), static_cast<size_t>(size));
+    if (size == 3 || size == 1 || size == 7) {
+      if (calls_before >= 8) {  // every size bucket was recorded already
+        EXPECT_EQ(calls_.load(), calls_before) << "the model ran for a recorded size " << size;
+        EXPECT_GE(s.kernels_encoded() - k0, 3u);  // the replay counts its kernels
+      }
+    }
+    for (int i = 0; i < size; ++i) expect_output(hs[static_cast<size_t>(i)], first + i);
+  }
+  // Buckets 1, 2, 4, 8: each run once eagerly and once to record.
+  EXPECT_EQ(calls_.load(), 8);
+  EXPECT_EQ(q.metrics().completed, static_cast<uint64_t>(next));
+}
+
+// Would catch: a failed recording that poisons its slot or its size.
+TEST_F(BatchQueueTest, ARecordingThatFailsFailsOnlyItsBatchAndIsTriedAgain) {
+  auto o = manual(2, 0us);
+  o.record_batches = true;
+  std::atomic<int> calls{0};
+  BatchQueue q(
+      *device_, kIn, kOut,
+      [&](const Stream& st, const Tensor& x) {
+        if (calls.fetch_add(1) == 1) throw InvalidState("[test model] fails while recording");
+        return (*model_)(st, x);
+      },
+      o);
+  auto a = q.submit(input(0));
+  auto b = q.submit(input(1));
+  EXPECT_EQ(q.step(), 2u);  // warm-up (call 0), recording (call 1) throws
+  std::string msg;
+  EXPECT_EQ(outcome_of(a, nullptr, &msg), Outcome::kFailed);
+  EXPECT_NE(msg.find("fails while recording"), std::string::npos) << msg;
+  EXPECT_EQ(outcome_of(b), Outcome::kFailed);
+  auto c = q.submit(input(2));
+  auto d = q.submit(input(3));
+  EXPECT_EQ(q.step(), 2u);  // records again (calls 2, 3)
+  expect_output(c, 2);
+  expect_output(d, 3);
+  auto e = q.submit(input(4));
+  auto f = q.submit(input(5));
+  EXPECT_EQ(q.step(), 2u);  // replays
+  EXPECT_EQ(calls.load(), 4);
+  expect_output(e, 4);
+  expect_output(f, 5);
+  EXPECT_EQ(device_->allocator().stats().held_bytes > 0, true);
+}
+
+TEST_F(BatchQueueTest, SeedMlpRecordedBatchesEqualUnbatched) {
+  const nn::MlpWeights w = nn::MlpWeights::seed();
+  Stream up = device_->default_stream();
+  const nn::Mlp mlp(w, DType::kF32, up);
+  auto o = manual(16, 0us);
+  o.record_batches = true;
+  BatchQueue q(
+      *device_, mlp.in_features(), mlp.out_features(),
+      [&mlp](const Stream& s, const Tensor& x) { return mlp.forward(s, x); }, o);
+  const int n = 16 + 5 + 16;
+  std::vector<std::vector<float>> xs;
+  std::vector<RequestHandle> hs;
+  for (int i = 0; i < n; ++i) {
+    xs.push_back(nn::random_uniform(static_cast<size_t>(mlp.in_features()), 300 + i));
+    hs.push_back(q.submit(xs.back()));
+  }
+  EXPECT_EQ(q.step(), 16u);
+  EXPECT_EQ(q.step(), 16u);  // a replay
+  EXPECT_EQ(q.step(), 5u);   // padded to 8
+  Stream s = device_->streams().acquire_round_robin();
+  for (int i = 0; i < n; ++i) {
+    std::vector<float> y;
+    ASSERT_EQ(outcome_of(hs[static_cast<size_t>(i)], &y), Outcome::kCompleted);
+    Tensor x =
+        Tensor::from_host(xs[static_cast<size_t>(i)], {1, mlp.in_features()}, DType::kF32, s);
+    auto ref = mlp.forward(s, x).to_host(s);
+    ASSERT_EQ(y.size(), ref.size());
+    double worst = 0;
+    for (size_t k = 0; k < y.size(); ++k)
+      worst = std::max(
+          worst, static_cast<double>(std::abs(y[k] - ref[k])) / std::max(1e-3f, std::abs(ref[k])));
+    EXPECT_LT(worst, 1e-4) << "request " << i;
+  }
+}
+
+// Would catch: workers sharing recordings or staging, or a recording racing
+// another worker's batches (each worker records on its own stream).
+TEST_F(BatchQueueTest, RecordedBatchesWithWorkerThreadsAreCorrect) {
+  BatchQueueOptions o;
+  o.workers = 3;
+  o.max_batch = 8;
+  o.record_batches = true;
+  BatchQueue q(*device_, kIn, kOut, model_->model(), o);
+  const int clients = 4, per = scaled(150, 20);
+  std::atomic<int> wrong{0};
+  std::vector<std::thread> ts;
+  for (int c = 0; c < clients; ++c)
+    ts.emplace_back([&, c] {
+      std::vector<RequestHandle> hs;
+      std::vector<int> ids;
+      for (int i = 0; i < per; ++i) {
+        const int id = c * per + i;
+        hs.push_back(q.submit(input(id)));
+        ids.push_back(id);
+        if (hs.size() == 4 || i + 1 == per) {
+          for (size_t k = 0; k < hs.size(); ++k) {
+            std::vector<float> y;
+            if (outcome_of(hs[k], &y) != Outcome::kCompleted ||
+                max_rel_error(y, model_->host_reference(input(ids[k]))) > 1e-5)
+              wrong.fetch_add(1);
+          }
+          hs.clear();
+          ids.clear();
+        }
+      }
+    });
+  for (auto& t : ts) t.join();
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_EQ(q.metrics().completed, static_cast<uint64_t>(clients * per));
+}
+
 // ---- Bad input -----------------------------------------------------------------------
 
 TEST_F(BatchQueueTest, BadInputIsRefusedAtSubmitAndNeverPoisonsABatch) {

@@ -128,6 +128,7 @@ nlohmann::json WorkloadResult::to_json() const {
     j["window"] = o.batching.window;
     j["pipeline_depth"] = o.batching.pipeline_depth;
     j["spin_us"] = o.batching.spin_us;
+    j["record_batches"] = o.batching.record;
     j["mean_batch"] = mean_batch;
     j["rejected"] = rejected;
     j["expired"] = expired;
@@ -426,6 +427,7 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
     qo.workers = o.batching.workers;
     qo.pipeline_depth = o.batching.pipeline_depth;
     qo.spin_wait = std::chrono::microseconds(o.batching.spin_us);
+    qo.record_batches = o.batching.record;
     // Room for every client's window: no client waits for room.
     qo.capacity = std::max<size_t>(
         1024, static_cast<size_t>(o.threads) * static_cast<size_t>(o.batching.window));
@@ -761,6 +763,8 @@ void add_batching_options(CLI::App& cmd, WorkloadOptions::Batching& b) {
   cmd.add_option("--spin-us", b.spin_us,
                  "batching: how long waiting threads spin before they sleep (us)")
       ->capture_default_str();
+  cmd.add_flag("--record-batches", b.record,
+               "batching: record each batch size once and replay it (a CUDA graph on cuda)");
 }
 
 void add_model_options(CLI::App& cmd, WorkloadOptions& o, ModelOptionStrings& s) {

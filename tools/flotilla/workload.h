@@ -85,6 +85,7 @@ struct WorkloadOptions {
     int window = 1;
     int pipeline_depth = 1;  // BatchQueueOptions::pipeline_depth (see its default)
     int64_t spin_us = 0;     // BatchQueueOptions::spin_wait
+    bool record = false;     // BatchQueueOptions::record_batches
   } batching;
 
   // Throws InvalidArgument naming the option. Touches no device.

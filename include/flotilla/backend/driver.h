@@ -17,6 +17,16 @@
 // any two encoding calls at once anywhere on the device (Apple's AGX model);
 // the runtime's EncodingLock exists for such drivers.
 //
+// Recording (Vulkan's secondary command buffers, CUDA graphs): a Queue's
+// CommandRecorder records kernels into a CommandList instead of running
+// them; a ComputeEncoder of the same queue replays the list, any number of
+// times, as one command. While a recorder of a queue is open, nothing else
+// may be encoded on that queue (a driver with validation reports
+// "encode-while-recording"); on CUDA the recording is a stream capture of the
+// queue's stream. Kernel arguments are fixed at recording: a replay reads
+// and writes the same addresses, so the memory they name must outlive the
+// list, and its contents at replay time are what the replay computes on.
+//
 // Lifetime: objects made by a Driver must not outlive it. Completion handlers
 // and event listeners run on driver-owned threads; they must not block on
 // work of the same driver, and exceptions they throw are caught and counted.
@@ -118,11 +128,24 @@ class SharedEvent {
   virtual int64_t signal_time_ns(uint64_t value) const = 0;
 };
 
+// A recorded sequence of kernels (see Recording above). Immutable once made;
+// replayed only on the queue that recorded it.
+class CommandList {
+ public:
+  virtual ~CommandList() = default;
+  virtual size_t kernel_count() const = 0;
+  // The id() of the queue that recorded it.
+  virtual int queue_id() const = 0;
+};
+
 class ComputeEncoder {
  public:
   virtual ~ComputeEncoder() = default;
   // Encodes one kernel. Encoding calls: subject to the AGX rule.
   virtual void dispatch(const Pipeline& pipeline, const KernelArgs& args) = 0;
+  // Encodes one replay of `list`, which this encoder's queue recorded
+  // (else InvalidArgument). Counts as list.kernel_count() kernels.
+  virtual void execute(const CommandList& list) = 0;
   virtual void end_encoding() = 0;
   virtual bool is_encoding() const = 0;
 };
@@ -151,10 +174,26 @@ class CommandBuffer {
   virtual size_t kernel_count() const = 0;
 };
 
+// Records kernels for later replay (see Recording above). A single-threaded
+// object. Destroying it without finish() discards the recording (and, on
+// CUDA, ends the capture), so the queue can be used again either way.
+class CommandRecorder {
+ public:
+  virtual ~CommandRecorder() = default;
+  // Records one kernel. A bad argument (InvalidArgument from the kernel)
+  // fails the recording: finish() throws it.
+  virtual void dispatch(const Pipeline& pipeline, const KernelArgs& args) = 0;
+  // Ends the recording and returns it. Once; throws the recording's failure.
+  virtual std::unique_ptr<CommandList> finish() = 0;
+};
+
 class Queue {
  public:
   virtual ~Queue() = default;
   virtual std::shared_ptr<CommandBuffer> new_command_buffer() = 0;
+  // Starts recording on this queue. One recorder per queue at a time (else
+  // InvalidState); the caller keeps everything else off the queue meanwhile.
+  virtual std::unique_ptr<CommandRecorder> new_recorder() = 0;
   // A small number naming the queue in messages.
   virtual int id() const = 0;
 };

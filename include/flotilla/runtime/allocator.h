@@ -43,6 +43,14 @@
 // empty_cache(). Nothing is reused, so ASan sees a use after free of a
 // tensor's memory.
 //
+// Holds (for Stream::record): between begin_hold(stream) and end_hold(stream),
+// every block the calling thread allocates on that stream is tagged with the
+// returned AllocationHold; when its Allocation is freed, the hold keeps the
+// block instead of caching it, until the hold is released (a recording's
+// replays keep using the addresses its kernels were recorded with). Released
+// blocks are freed to their stream as usual, stream-ordered. Held blocks
+// count as in use, and as held_bytes.
+//
 // Thread safety: all members may be called from any thread. The state is
 // sharded per stream (one short Mutex per stream and kind), so threads on
 // different streams never contend; driver calls, event records and waits
@@ -65,7 +73,10 @@
 #include <memory>
 #include <string>
 
+#include <vector>
+
 #include "flotilla/backend/driver.h"
+#include "flotilla/common/sync.h"
 #include "flotilla/runtime/stream.h"
 
 namespace flotilla {
@@ -76,6 +87,31 @@ class Allocator;
 namespace detail {
 struct Block;
 }
+
+// See "Holds" above. Destroying it releases it.
+class AllocationHold {
+ public:
+  explicit AllocationHold(Allocator& allocator);
+  ~AllocationHold();
+  AllocationHold(const AllocationHold&) = delete;
+  AllocationHold& operator=(const AllocationHold&) = delete;
+  // Frees every held block (stream-ordered); later frees of tagged blocks
+  // are ordinary. Idempotent.
+  void release() noexcept;
+  // Blocks held now, and their bytes.
+  size_t blocks() const;
+  size_t bytes() const;
+
+ private:
+  friend class Allocator;
+  // Takes `block` if not released yet; true if it did.
+  bool keep(std::unique_ptr<detail::Block>& block);
+  Allocator& allocator_;
+  mutable Mutex mu_;  // guards the fields below
+  bool released_ FL_GUARDED_BY(mu_) = false;
+  std::vector<std::unique_ptr<detail::Block>> blocks_ FL_GUARDED_BY(mu_);
+  size_t bytes_ FL_GUARDED_BY(mu_) = 0;
+};
 
 // Figures of one allocator; all bytes are block (rounded) sizes.
 struct AllocatorStats {
@@ -91,6 +127,7 @@ struct AllocatorStats {
   uint64_t cache_flushes = 0;        // empty_cache() calls, including the out-of-memory retry
   uint64_t oom_retries = 0;          // driver refusals that led to a flush and retry
   uint64_t deferred_frees = 0;  // frees that had to record events (other streams, host, no caching)
+  size_t held_bytes = 0;        // freed blocks kept by holds (recordings); counted in use too
 
   std::string to_string() const;
 };
@@ -170,6 +207,10 @@ class Allocator {
   // frees to finish. Blocks in use are untouched.
   void empty_cache();
 
+  // Holds (see above). begin_hold: InvalidState if `stream` already has one.
+  std::shared_ptr<AllocationHold> begin_hold(const Stream& stream);
+  void end_hold(const Stream& stream) noexcept;
+
   AllocatorStats stats() const;
   void reset_peak();
   bool caching() const { return caching_; }
@@ -179,8 +220,10 @@ class Allocator {
 
  private:
   friend class Allocation;
+  friend class AllocationHold;
   struct Shard;
   struct Counters;
+  struct HoldSlot;
   Allocation allocate_impl(size_t bytes, const Stream& stream, bool host);
   std::unique_ptr<detail::Block> take_ready(Shard& shard, size_t cls);
   void reap(Shard& shard);
@@ -198,6 +241,10 @@ class Allocator {
   const int num_streams_;
   std::unique_ptr<Shard[]> shards_;  // [num_streams_ device shards][num_streams_ host shards]
   std::unique_ptr<Counters> counters_;
+  std::unique_ptr<HoldSlot[]> holds_;  // one per stream
+  // Bit i: stream i has a hold (its thread is recording there): reap() then
+  // records no event on it, which a recording stream refuses.
+  std::atomic<uint64_t> holding_{0};
 };
 
 }  // namespace flotilla

@@ -32,9 +32,11 @@ namespace flotilla {
 
 class Device;
 class StreamFence;
+class Recording;
 namespace detail {
 class StreamState;
-}
+struct RecordingState;
+}  // namespace detail
 
 class Stream {
  public:
@@ -66,6 +68,24 @@ class Stream {
   // Runs `fn` on a driver thread once the work encoded so far has run
   // (commits the stream). If `fn` throws, the error reaches synchronize().
   void add_callback(std::function<void()> fn);
+
+  // Records the kernels `body` encodes on this stream from the calling
+  // thread, without running them, for replay() (Note [Recording] in
+  // stream.cpp; a CUDA graph on CUDA). First commits the stream and waits
+  // for its work. While `body` runs, other threads' work on this stream
+  // waits, and the calling thread may only dispatch on it (commit,
+  // synchronize, fence, callbacks, events, replays and a nested record
+  // throw InvalidState).
+  // Device memory the calling thread allocates on this stream meanwhile is
+  // kept by the Recording until it is destroyed, since replays use the same
+  // addresses. If `body` throws, nothing is recorded and the error
+  // propagates; a kernel refusing its arguments throws from record() (CUDA)
+  // or fails the command buffers that replay it (CPU).
+  Recording record(const std::function<void()>& body);
+  // Encodes one replay of `recording` (made by record() on this stream, else
+  // InvalidArgument): its kernels run again, in order, on the same memory,
+  // ordered with the stream's other work. Applies the sync mode.
+  void replay(const Recording& recording);
 
   // Statistics.
   uint64_t kernels_encoded() const;
@@ -104,6 +124,26 @@ class StreamFence {
   detail::StreamState* state_ = nullptr;
   std::shared_ptr<backend::CommandBuffer> cb_;  // null: nothing was committed yet
   uint64_t seq_ = 0;                            // cb_'s commit number on its stream
+};
+
+// What Stream::record() made: a value; copies share one recording. Replays
+// read and write the memory its kernels named when recorded, so fill the
+// inputs in place before each replay. Thread safety: const members from any
+// thread. Lifetime: not past its Device; destroying it while replays are in
+// flight is allowed (its memory then returns to the stream, stream-ordered).
+class Recording {
+ public:
+  Recording() = default;  // empty: replay() refuses it
+  bool valid() const { return state_ != nullptr; }
+  // Kernels a replay runs.
+  size_t kernels() const;
+  // The stream it replays on.
+  Stream stream() const;
+
+ private:
+  friend class Stream;
+  explicit Recording(std::shared_ptr<const detail::RecordingState> s) : state_(std::move(s)) {}
+  std::shared_ptr<const detail::RecordingState> state_;
 };
 
 // Makes `stream` the calling thread's current stream on its device for the

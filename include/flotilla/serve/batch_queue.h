@@ -20,7 +20,8 @@
 // per worker), copies them with one asynchronous copy into one [B, in]
 // tensor on its stream, runs one forward, copies [B, out] back with one
 // asynchronous copy into pinned staging, and takes a fence; when the fence
-// is reached it scatters the rows. Up to pipeline_depth batches per worker
+// is reached it scatters the rows. With record_batches, the copies and the
+// forward are one recorded replay. Up to pipeline_depth batches per worker
 // are in flight at once.
 //
 // Outcomes. Every submit() that returns a handle completes it exactly once
@@ -142,6 +143,14 @@ struct BatchQueueOptions {
   // wake-up costs several microseconds on each side of a request; spinning
   // trades CPU for that latency. 0: sleep at once.
   std::chrono::microseconds spin_wait{0};
+  // Record each batch size's work once and replay it (Stream::record; on
+  // CUDA a graph: one launch per batch instead of one per kernel and copy;
+  // Note [Recorded batches] in batch_queue.cpp). Batches are padded with
+  // zero rows to a recorded size (powers of two up to max_batch, and
+  // max_batch). The model must then encode and allocate only on the stream
+  // it is given, treat rows independently, and depend on nothing but x (a
+  // replay repeats exactly what was recorded).
+  bool record_batches = false;
   std::chrono::microseconds default_deadline{0};  // from submit, for requests without one; 0: none
   bool reject_nan = false;                        // refuse inputs holding NaN at submit
   std::shared_ptr<Clock> clock;                   // null: SteadyClock::instance()
@@ -240,6 +249,9 @@ class BatchQueue {
   void complete_oldest(detail::Lane& lane);
   // Launches and completes the batch in the free slot (manual mode).
   void run_batch(detail::Lane& lane);
+  // Encodes the copy in, the forward of `rows` rows and the copy out for
+  // `slot`'s staging on the lane's stream (eagerly, or inside a recording).
+  void encode_batch(detail::Lane& lane, detail::Slot& slot, int64_t rows);
 
   Device& device_;
   const int64_t in_, out_;

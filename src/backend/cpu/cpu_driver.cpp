@@ -266,6 +266,11 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   void run() FL_EXCLUDES(mu_);
   // Fails the event waits this queue is blocked on (shutdown with no signaler).
   void abandon_waits() FL_EXCLUDES(mu_);
+  // A recorder is open on this queue (one at a time; see driver.h). Read by
+  // encoding calls, which report encode-while-recording.
+  bool try_start_recording() { return !recording_.exchange(true, std::memory_order_acq_rel); }
+  void end_recording() { recording_.store(false, std::memory_order_release); }
+  bool recording() const { return recording_.load(std::memory_order_acquire); }
   // Called by an event listener when the value a blocked wait needs arrived.
   void wake() FL_EXCLUDES(mu_);
 
@@ -283,16 +288,54 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   bool blocked_ FL_GUARDED_BY(mu_) = false;
   bool wake_pending_ FL_GUARDED_BY(mu_) = false;
   bool abandon_ FL_GUARDED_BY(mu_) = false;
+  std::atomic<bool> recording_{false};  // acquire/release: see recording()
 };
 
 class CpuQueue final : public Queue {
  public:
   explicit CpuQueue(std::shared_ptr<QueueCore> core) : core_(std::move(core)) {}
   std::shared_ptr<CommandBuffer> new_command_buffer() override;
+  std::unique_ptr<CommandRecorder> new_recorder() override;
   int id() const override { return core_->id(); }
 
  private:
   std::shared_ptr<QueueCore> core_;
+};
+
+// ---- Recordings --------------------------------------------------------------------
+
+// A recorded list: the kernels, replayed by copying them into the replaying
+// command buffer (so the list may be destroyed while replays are in flight).
+class CpuCommandList final : public CommandList {
+ public:
+  CpuCommandList(std::vector<KernelCmd> kernels, int queue_id)
+      : kernels_(std::move(kernels)), queue_id_(queue_id) {}
+  size_t kernel_count() const override { return kernels_.size(); }
+  int queue_id() const override { return queue_id_; }
+  const std::vector<KernelCmd>& kernels() const { return kernels_; }
+
+ private:
+  const std::vector<KernelCmd> kernels_;
+  const int queue_id_;
+};
+
+// Kernel arguments are checked when a replay runs them, as for any command
+// buffer: a bad one fails the replaying buffer, not the recording.
+class CpuRecorder final : public CommandRecorder {
+ public:
+  explicit CpuRecorder(std::shared_ptr<QueueCore> queue);
+  ~CpuRecorder() override {
+    if (!finished_) queue_->end_recording();
+  }
+  void dispatch(const Pipeline& pipeline, const KernelArgs& args) override;
+  std::unique_ptr<CommandList> finish() override;
+
+ private:
+  std::shared_ptr<QueueCore> queue_;
+  const uint64_t id_;
+  ObjectUseChecker checker_;
+  std::vector<KernelCmd> kernels_;  // single-threaded object: the checker reports misuse
+  bool finished_ = false;
 };
 
 // ---- Command buffers and encoders ----------------------------------------------
@@ -301,6 +344,7 @@ class CpuEncoder final : public ComputeEncoder {
  public:
   CpuEncoder(CpuCommandBuffer& cb, uint64_t id) : cb_(cb), id_(id) {}
   void dispatch(const Pipeline& pipeline, const KernelArgs& args) override;
+  void execute(const CommandList& list) override;
   void end_encoding() override;
   bool is_encoding() const override { return encoding_.load(std::memory_order_acquire); }
   void mark_ended() { encoding_.store(false, std::memory_order_release); }
@@ -342,7 +386,9 @@ class CpuCommandBuffer final : public CommandBuffer,
 
   // Encoder side.
   void add_kernel(CpuEncoder& enc, const CpuPipeline& p, const KernelArgs& args) FL_EXCLUDES(mu_);
+  void add_list(CpuEncoder& enc, const CpuCommandList& list) FL_EXCLUDES(mu_);
   void end_encoder(CpuEncoder& enc) FL_EXCLUDES(mu_);
+  int queue_id() const { return queue_->id(); }
 
   // Executor side: the strand rule makes these single-threaded.
   // Runs commands from pc_; returns false if blocked on a wait (a listener
@@ -555,8 +601,30 @@ void CpuCommandBuffer::add_kernel(CpuEncoder& enc, const CpuPipeline& p, const K
     violation("encoder-ended", "dispatch",
               detail::str_cat("the encoder used for kernel '", p.name(),
                               "' has ended; open a new one with compute_encoder()"));
+  if (queue_->recording())
+    violation("encode-while-recording", "dispatch",
+              detail::str_cat("kernel '", p.name(),
+                              "' was encoded while a recorder is open on the queue; finish the "
+                              "recording first (nothing else may use a recording queue)"));
   commands_.emplace_back(KernelCmd{&p, args});
   ++kernels_;
+}
+
+void CpuCommandBuffer::add_list(CpuEncoder& enc, const CpuCommandList& list) {
+  MutexLock lock(mu_);
+  if (status() != CommandBufferStatus::kNotEnqueued)
+    violation("encode-after-commit", "execute",
+              detail::str_cat("is ", to_string(status()),
+                              "; the replay would be lost: encode into a new command buffer"));
+  if (open_encoder_ != &enc)
+    violation("encoder-ended", "execute",
+              "the encoder used for the replay has ended; open a new one with compute_encoder()");
+  if (queue_->recording())
+    violation("encode-while-recording", "execute",
+              "a replay was encoded while a recorder is open on the queue; finish the recording "
+              "first (nothing else may use a recording queue)");
+  for (const KernelCmd& k : list.kernels()) commands_.emplace_back(k);
+  kernels_ += list.kernel_count();
 }
 
 void CpuCommandBuffer::end_encoder(CpuEncoder& enc) {
@@ -580,6 +648,10 @@ void CpuCommandBuffer::encode_event(const char* call, SharedEvent& event, uint64
   if (open_encoder_)
     violation("encoder-already-open", call,
               "a compute encoder is still encoding; end it before encoding an event");
+  if (queue_->recording())
+    violation("encode-while-recording", call,
+              "an event command was encoded while a recorder is open on the queue; finish the "
+              "recording first");
   if (signal)
     commands_.emplace_back(SignalCmd{cpu_event->core(), value});
   else
@@ -609,6 +681,9 @@ void CpuCommandBuffer::commit() {
     if (open_encoder_)
       violation("commit-with-open-encoder", "commit",
                 "a compute encoder is still encoding; call end_encoding() before commit()");
+    if (queue_->recording())
+      violation("encode-while-recording", "commit",
+                "committed while a recorder is open on the queue; finish the recording first");
     // Counted in flight before it is committed: a driver that finished
     // draining refuses it here (ShutDown), leaving the buffer not enqueued.
     driver_.on_committed();
@@ -710,6 +785,61 @@ void CpuEncoder::dispatch(const Pipeline& pipeline, const KernelArgs& args) {
   FL_CHECK_ARG(p != nullptr, "[ComputeEncoder::dispatch] pipeline '", pipeline.name(),
                "' was made by another driver; look it up on this device");
   cb_.add_kernel(*this, *p, args);
+}
+
+void CpuEncoder::execute(const CommandList& list) {
+  ObjectUseChecker::Scope use(checker_, cb_.driver().violations(), "ComputeEncoder", id_,
+                              "execute");
+  EncodingChecker::Scope enc(cb_.driver().encoding_checker(), cb_.driver().violations(),
+                             "execute");
+  simulate_cost(cb_.driver().encode_cost());
+  const auto* l = dynamic_cast<const CpuCommandList*>(&list);
+  FL_CHECK_ARG(l != nullptr,
+               "[ComputeEncoder::execute] the command list was made by another driver; record it "
+               "on this device");
+  FL_CHECK_ARG(l->queue_id() == cb_.queue_id(), "[ComputeEncoder::execute] the command list was "
+               "recorded on queue ", l->queue_id(), " but this encoder belongs to queue ",
+               cb_.queue_id(), "; replay a list on the queue that recorded it");
+  cb_.add_list(*this, *l);
+}
+
+// ---- CpuRecorder ----------------------------------------------------------------------
+
+CpuRecorder::CpuRecorder(std::shared_ptr<QueueCore> queue)
+    : queue_(std::move(queue)), id_(queue_->driver().next_buffer_id()) {}
+
+void CpuRecorder::dispatch(const Pipeline& pipeline, const KernelArgs& args) {
+  CpuDriver& driver = queue_->driver();
+  ObjectUseChecker::Scope use(checker_, driver.violations(), "CommandRecorder", id_, "dispatch");
+  EncodingChecker::Scope enc(driver.encoding_checker(), driver.violations(), "dispatch");
+  simulate_cost(driver.encode_cost());
+  FL_CHECK_STATE(!finished_, "[CommandRecorder::dispatch] the recording has finished; start a "
+                 "new one with Queue::new_recorder()");
+  const auto* p = dynamic_cast<const CpuPipeline*>(&pipeline);
+  FL_CHECK_ARG(p != nullptr, "[CommandRecorder::dispatch] pipeline '", pipeline.name(),
+               "' was made by another driver; look it up on this device");
+  kernels_.push_back(KernelCmd{p, args});
+}
+
+std::unique_ptr<CommandList> CpuRecorder::finish() {
+  ObjectUseChecker::Scope use(checker_, queue_->driver().violations(), "CommandRecorder", id_,
+                              "finish");
+  FL_CHECK_STATE(!finished_, "[CommandRecorder::finish] called twice; a recorder finishes once");
+  finished_ = true;
+  queue_->end_recording();
+  return std::make_unique<CpuCommandList>(std::move(kernels_), queue_->id());
+}
+
+std::unique_ptr<CommandRecorder> CpuQueue::new_recorder() {
+  core_->driver().check_alive("Queue::new_recorder");
+  FL_CHECK_STATE(core_->try_start_recording(), "[Queue::new_recorder] queue ", core_->id(),
+                 " is already recording; finish that recording first (one at a time per queue)");
+  try {
+    return std::make_unique<CpuRecorder>(core_);
+  } catch (...) {
+    core_->end_recording();
+    throw;
+  }
 }
 
 void CpuEncoder::end_encoding() {

@@ -109,7 +109,113 @@ void CudaEncoder::dispatch(const Pipeline& pipeline, const KernelArgs& args) {
   cb_.add_kernel(*this, *p, args);
 }
 
+void CudaEncoder::execute(const CommandList& list) {
+  const auto* l = dynamic_cast<const CudaCommandList*>(&list);
+  FL_CHECK_ARG(l != nullptr,
+               "[ComputeEncoder::execute] the command list was made by another driver; record it "
+               "on this device");
+  FL_CHECK_ARG(l->queue_id() == cb_.queue_id(), "[ComputeEncoder::execute] the command list was "
+               "recorded on queue ", l->queue_id(), " but this encoder belongs to queue ",
+               cb_.queue_id(), "; replay a list on the queue that recorded it");
+  cb_.add_list(*this, *l);
+}
+
 void CudaEncoder::end_encoding() { cb_.end_encoder(*this); }
+
+// ---- Recording (Note [Recording on CUDA]) ---------------------------------------------------
+
+CudaCommandList::~CudaCommandList() {
+  DeviceGuard guard(device_->index());
+  if (exec_) (void)cudaGraphExecDestroy(exec_);
+  if (graph_) (void)cudaGraphDestroy(graph_);
+}
+
+CudaRecorder::CudaRecorder(std::shared_ptr<QueueCore> queue) : queue_(std::move(queue)) {
+  DeviceCore& dev = queue_->device();
+  DeviceGuard guard(dev.index());
+  FL_CUDA_CHECK_DEV(dev, cudaStreamBeginCapture(queue_->stream(), cudaStreamCaptureModeRelaxed));
+}
+
+cudaGraph_t CudaRecorder::end_capture(cudaError_t* err) {
+  cudaGraph_t graph = nullptr;
+  *err = cudaSuccess;
+  if (!capturing_) return nullptr;
+  capturing_ = false;
+  DeviceGuard guard(queue_->device().index());
+  *err = cudaStreamEndCapture(queue_->stream(), &graph);
+  if (*err != cudaSuccess) {
+    if (graph) (void)cudaGraphDestroy(graph);
+    (void)cudaGetLastError();  // not sticky: do not let the next launch report it
+    return nullptr;
+  }
+  return graph;
+}
+
+CudaRecorder::~CudaRecorder() {
+  if (finished_) return;
+  cudaError_t err;
+  if (cudaGraph_t g = end_capture(&err)) {
+    DeviceGuard guard(queue_->device().index());
+    (void)cudaGraphDestroy(g);
+  }
+  queue_->end_recording();
+}
+
+void CudaRecorder::dispatch(const Pipeline& pipeline, const KernelArgs& args) {
+  FL_CHECK_STATE(!finished_, "[CommandRecorder::dispatch] the recording has finished; start a "
+                 "new one with Queue::new_recorder()");
+  const auto* p = dynamic_cast<const CudaPipeline*>(&pipeline);
+  FL_CHECK_ARG(p != nullptr, "[CommandRecorder::dispatch] pipeline '", pipeline.name(),
+               "' was made by another driver; look it up on this device");
+  DeviceCore& dev = queue_->device();
+  dev.check_usable("CommandRecorder::dispatch");
+  ++kernels_;
+  if (error_) return;  // the recording has failed: finish() throws
+  DeviceGuard guard(dev.index());
+  try {
+    p->fn()(args, queue_->launch_context());
+  } catch (const InvalidArgument&) {
+    error_ = std::current_exception();
+  }
+}
+
+std::unique_ptr<CommandList> CudaRecorder::finish() {
+  FL_CHECK_STATE(!finished_, "[CommandRecorder::finish] called twice; a recorder finishes once");
+  finished_ = true;
+  DeviceCore& dev = queue_->device();
+  cudaError_t err;
+  cudaGraph_t graph = end_capture(&err);
+  queue_->end_recording();
+  if (error_) {
+    if (graph) {
+      DeviceGuard guard(dev.index());
+      (void)cudaGraphDestroy(graph);
+    }
+    std::rethrow_exception(error_);
+  }
+  if (!graph) dev.fail(err, "cudaStreamEndCapture(stream, &graph)", __FILE__, __LINE__);
+  DeviceGuard guard(dev.index());
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t ie = cudaGraphInstantiate(&exec, graph, 0);
+  if (ie != cudaSuccess) {
+    (void)cudaGraphDestroy(graph);
+    dev.fail(ie, "cudaGraphInstantiate(&exec, graph, 0)", __FILE__, __LINE__);
+  }
+  return std::make_unique<CudaCommandList>(queue_->device_shared(), graph, exec, queue_->id(),
+                                           kernels_);
+}
+
+std::unique_ptr<CommandRecorder> CudaQueue::new_recorder() {
+  core_->device().check_usable("Queue::new_recorder");
+  FL_CHECK_STATE(core_->try_start_recording(), "[Queue::new_recorder] queue ", core_->id(),
+                 " is already recording; finish that recording first (one at a time per queue)");
+  try {
+    return std::make_unique<CudaRecorder>(core_);
+  } catch (...) {
+    core_->end_recording();
+    throw;
+  }
+}
 
 // ---- CudaCommandBuffer ------------------------------------------------------------------
 
@@ -163,6 +269,11 @@ void CudaCommandBuffer::add_kernel(CudaEncoder& enc, const CudaPipeline& p,
     violation("encoder-ended", "dispatch",
               detail::str_cat("the encoder used for kernel '", p.name(),
                               "' has ended; open a new one with compute_encoder()"));
+  if (queue_->recording())
+    violation("encode-while-recording", "dispatch",
+              detail::str_cat("kernel '", p.name(),
+                              "' was encoded while a recorder is open on the queue; finish the "
+                              "recording first (nothing else may use a recording queue)"));
   device_.check_usable("ComputeEncoder::dispatch");
   ++kernels_;
   tail_signal_ = nullptr;
@@ -175,6 +286,27 @@ void CudaCommandBuffer::add_kernel(CudaEncoder& enc, const CudaPipeline& p,
     // A bad argument fails the buffer (reported at completion), as on the CPU.
     error_ = std::current_exception();
   }
+}
+
+void CudaCommandBuffer::add_list(CudaEncoder& enc, const CudaCommandList& list) {
+  MutexLock lock(mu_);
+  if (status() != CommandBufferStatus::kNotEnqueued)
+    violation("encode-after-commit", "execute",
+              detail::str_cat("is ", to_string(status()),
+                              "; the replay would be lost: encode into a new command buffer"));
+  if (open_encoder_ != &enc)
+    violation("encoder-ended", "execute",
+              "the encoder used for the replay has ended; open a new one with compute_encoder()");
+  if (queue_->recording())
+    violation("encode-while-recording", "execute",
+              "a replay was encoded while a recorder is open on the queue; finish the recording "
+              "first (nothing else may use a recording queue)");
+  device_.check_usable("ComputeEncoder::execute");
+  kernels_ += list.kernel_count();
+  tail_signal_ = nullptr;
+  if (error_) return;
+  DeviceGuard guard(device_.index());
+  FL_CUDA_CHECK_DEV(device_, cudaGraphLaunch(list.exec(), queue_->stream()));
 }
 
 void CudaCommandBuffer::end_encoder(CudaEncoder& enc) {
@@ -193,6 +325,10 @@ void CudaCommandBuffer::encode_signal(SharedEvent& event, uint64_t value) {
   if (open_encoder_)
     violation("encoder-already-open", "encode_signal",
               "a compute encoder is still encoding; end it before encoding an event");
+  if (queue_->recording())
+    violation("encode-while-recording", "encode_signal",
+              "an event command was encoded while a recorder is open on the queue; finish the "
+              "recording first");
   device_.check_usable("CommandBuffer::encode_signal");
   DeviceGuard guard(device_.index());
   cudaEvent_t e = device_.timing_events().take(device_);
@@ -214,6 +350,10 @@ void CudaCommandBuffer::encode_wait(SharedEvent& event, uint64_t value) {
   if (open_encoder_)
     violation("encoder-already-open", "encode_wait",
               "a compute encoder is still encoding; end it before encoding an event");
+  if (queue_->recording())
+    violation("encode-while-recording", "encode_wait",
+              "an event command was encoded while a recorder is open on the queue; finish the "
+              "recording first");
   device_.check_usable("CommandBuffer::encode_wait");
   DeviceGuard guard(device_.index());
   ev.core()->encode_wait(queue_->stream(), value, id_);
@@ -239,6 +379,10 @@ void CudaCommandBuffer::commit() {
   if (open_encoder_)
     violation("commit-with-open-encoder", "commit",
               "a compute encoder is still encoding; call end_encoding() before commit()");
+  if (queue_->recording())
+    violation("encode-while-recording", "commit",
+              "committed while a recorder is open on the queue (its completion would be "
+              "recorded instead of run); finish the recording first");
   device_.check_usable("CommandBuffer::commit");
   device_.begin_commit("CommandBuffer::commit");
   // Committed before it is published: the completion thread may finish it

@@ -18,7 +18,18 @@
 //
 // Validation (the CPU driver's rule names, DESIGN.md §3): encode-after-commit,
 // encoder-already-open, encoder-ended, handler-after-commit, commit-twice,
-// commit-with-open-encoder, wait-not-committed. Each command buffer guards its
+// commit-with-open-encoder, wait-not-committed, encode-while-recording.
+//
+// Note [Recording on CUDA]
+// A CommandRecorder is a stream capture of the queue's own stream, in
+// relaxed mode (other threads' CUDA calls, and this thread's allocations, are
+// not restricted); kernels launch onto it as usual, with the queue's
+// resources (its cuBLASLt workspace is baked into the graph, which is why a
+// list replays only on its queue: replays and the queue's other work stay in
+// stream order). finish() ends the capture and instantiates the graph; a
+// replay is one cudaGraphLaunch. While the capture is open, command buffers
+// of the queue refuse to encode (encode-while-recording): their work would
+// land in the graph instead of running. Each command buffer guards its
 // state with its own (uncontended) mutex, so racing misuse is reported and
 // never corrupts memory; the CUDA driver is thread-safe and has no
 // device-wide encoding rule.
@@ -65,6 +76,7 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
 
   int id() const { return id_; }
   DeviceCore& device() { return *device_; }
+  const std::shared_ptr<DeviceCore>& device_shared() const { return device_; }
   cudaStream_t stream() const { return stream_.get(); }
   LaunchContext& launch_context() { return ctx_; }
 
@@ -72,6 +84,11 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   // last on this stream) and appends `cb` to the in-flight list, as one step
   // so the list stays in stream order. The device must be current.
   void submit(const std::shared_ptr<CudaCommandBuffer>& cb, cudaEvent_t reuse) FL_EXCLUDES(mu_);
+
+  // A recorder is open on this queue (Note [Recording on CUDA]).
+  bool try_start_recording() { return !recording_.exchange(true, std::memory_order_acq_rel); }
+  void end_recording() { recording_.store(false, std::memory_order_release); }
+  bool recording() const { return recording_.load(std::memory_order_acquire); }
 
   // Completion-thread side (one thread per queue).
   // The oldest in-flight buffer, or nullptr; then the queue is idle until
@@ -99,12 +116,61 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   std::deque<std::shared_ptr<CudaCommandBuffer>> in_flight_ FL_GUARDED_BY(mu_);
   bool active_ FL_GUARDED_BY(mu_) = false;  // handed to the completion thread
   uint64_t next_seq_ FL_GUARDED_BY(mu_) = 0;
+  std::atomic<bool> recording_{false};  // acquire/release: see recording()
+};
+
+// A recorded list: an instantiated CUDA graph.
+class CudaCommandList final : public CommandList {
+ public:
+  CudaCommandList(std::shared_ptr<DeviceCore> device, cudaGraph_t graph, cudaGraphExec_t exec,
+                  int queue_id, size_t kernels)
+      : device_(std::move(device)),
+        graph_(graph),
+        exec_(exec),
+        queue_id_(queue_id),
+        kernels_(kernels) {}
+  // CUDA frees an executable graph that is still running once it completes.
+  ~CudaCommandList() override;
+  CudaCommandList(const CudaCommandList&) = delete;
+  CudaCommandList& operator=(const CudaCommandList&) = delete;
+  size_t kernel_count() const override { return kernels_; }
+  int queue_id() const override { return queue_id_; }
+  cudaGraphExec_t exec() const { return exec_; }
+
+ private:
+  std::shared_ptr<DeviceCore> device_;
+  cudaGraph_t graph_;
+  cudaGraphExec_t exec_;
+  const int queue_id_;
+  const size_t kernels_;
+};
+
+// A stream capture of its queue (Note [Recording on CUDA]).
+class CudaRecorder final : public CommandRecorder {
+ public:
+  // Begins the capture; the queue must have been marked recording.
+  explicit CudaRecorder(std::shared_ptr<QueueCore> queue);
+  ~CudaRecorder() override;  // without finish(): ends the capture, drops the graph
+  void dispatch(const Pipeline& pipeline, const KernelArgs& args) override;
+  std::unique_ptr<CommandList> finish() override;
+
+ private:
+  // Ends the capture (once); returns the graph or nullptr, and the error.
+  cudaGraph_t end_capture(cudaError_t* err);
+
+  std::shared_ptr<QueueCore> queue_;
+  // Single-threaded object (driver.h): no lock.
+  size_t kernels_ = 0;
+  std::exception_ptr error_;  // a kernel refused its arguments
+  bool capturing_ = true;
+  bool finished_ = false;
 };
 
 class CudaQueue final : public Queue {
  public:
   explicit CudaQueue(std::shared_ptr<QueueCore> core) : core_(std::move(core)) {}
   std::shared_ptr<CommandBuffer> new_command_buffer() override;
+  std::unique_ptr<CommandRecorder> new_recorder() override;
   int id() const override { return core_->id(); }
 
  private:
@@ -115,6 +181,7 @@ class CudaEncoder final : public ComputeEncoder {
  public:
   explicit CudaEncoder(CudaCommandBuffer& cb) : cb_(cb) {}
   void dispatch(const Pipeline& pipeline, const KernelArgs& args) override;
+  void execute(const CommandList& list) override;
   void end_encoding() override;
   bool is_encoding() const override { return encoding_.load(std::memory_order_acquire); }
   void mark_ended() { encoding_.store(false, std::memory_order_release); }
@@ -145,7 +212,9 @@ class CudaCommandBuffer final : public CommandBuffer,
 
   // Encoder side.
   void add_kernel(CudaEncoder& enc, const CudaPipeline& p, const KernelArgs& args) FL_EXCLUDES(mu_);
+  void add_list(CudaEncoder& enc, const CudaCommandList& list) FL_EXCLUDES(mu_);
   void end_encoder(CudaEncoder& enc) FL_EXCLUDES(mu_);
+  int queue_id() const { return queue_->id(); }
 
   // Completion side: called once, by the queue's completion thread, after
   // the completion event finished (`failure` null) or the device was lost.
