@@ -87,6 +87,33 @@ TEST(CudaKernels, CopyBytesWorksInEveryDirection) {
   EXPECT_EQ(std::memcmp(host_dst->host_ptr(), want.data(), n), 0);
 }
 
+// Would catch: a kernel copy that drops a tail, mishandles unaligned sizes or
+// addresses, or cannot reach pinned host memory (it must be mapped).
+TEST(CudaKernels, CopyPinnedCopiesEveryDirectionAndAlignment) {
+  FL_SKIP_WITHOUT_GPU();
+  auto dev = make_cuda();
+  Stream s = dev->current_stream();
+  std::mt19937 rng(11);
+  for (size_t n : {size_t{1}, size_t{15}, size_t{16}, size_t{2048}, size_t{4099}, size_t{70000}}) {
+    for (size_t off : {size_t{0}, size_t{3}}) {
+      auto src = dev->driver().allocate_host(n + 16);
+      auto mid = dev->driver().allocate(n + 16);
+      auto dst = dev->driver().allocate_host(n + 16);
+      auto* in = static_cast<uint8_t*>(src->host_ptr()) + off;
+      for (size_t i = 0; i < n; ++i) in[i] = static_cast<uint8_t>(rng());
+      std::memset(dst->host_ptr(), 0xAB, n + 16);
+      auto* d = static_cast<uint8_t*>(mid->device_ptr());
+      s.dispatch("copy_pinned", KernelArgs().ptr(d).ptr(in).size(n));           // host -> device
+      s.dispatch("copy_pinned", KernelArgs().ptr(d + 16).ptr(d).size(n));       // device -> device
+      auto* out = static_cast<uint8_t*>(dst->host_ptr()) + off;
+      s.dispatch("copy_pinned", KernelArgs().ptr(out).ptr(d + 16).size(n));     // device -> host
+      s.synchronize();
+      EXPECT_EQ(std::memcmp(out, in, n), 0) << n << " bytes at offset " << off;
+      EXPECT_EQ(out[n], 0xAB) << "wrote past the end";
+    }
+  }
+}
+
 TEST(CudaKernels, ZeroLengthKernelsDoNothing) {
   FL_SKIP_WITHOUT_GPU();
   auto dev = make_cuda();
@@ -140,7 +167,7 @@ TEST(CudaKernels, HasEveryBasicKernelOfTheCpuDriver) {
   auto names = cuda->driver().pipeline_names();
   std::set<std::string> have(names.begin(), names.end());
   for (const char* k :
-       {"fill_f32", "copy_bytes", "add_f32", "scale_f32", "checksum_u32", "sleep_us", "trap"})
+       {"fill_f32", "copy_bytes", "copy_pinned", "add_f32", "scale_f32", "checksum_u32", "sleep_us", "trap"})
     EXPECT_TRUE(have.count(k)) << k;
   EXPECT_THROW(cuda->pipeline("no_such_kernel"), InvalidArgument);
 }

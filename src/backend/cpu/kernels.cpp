@@ -3,6 +3,7 @@
 //   name          ptrs                 scalars     n
 //   fill_f32      out                  value (f)   elements
 //   copy_bytes    dst, src             -           bytes
+//   copy_pinned   dst, src             -           bytes (the same here; on CUDA a kernel)
 //   add_f32       a, b, out            -           elements
 //   scale_f32     a, out               factor (f)  elements
 //   checksum_u32  a, out (uint64)      -           32-bit words; out = wrapping sum
@@ -79,6 +80,7 @@ void trap(const KernelArgs&) {
 void add_basic_kernels(KernelTable& table) {
   table.emplace("fill_f32", &fill_f32);
   table.emplace("copy_bytes", &copy_bytes);
+  table.emplace("copy_pinned", &copy_bytes);
   table.emplace("add_f32", &add_f32);
   table.emplace("scale_f32", &scale_f32);
   table.emplace("checksum_u32", &checksum_u32);

@@ -5,6 +5,9 @@
 //   fill_f32      out                  value (f)   elements
 //   copy_bytes    dst, src             -           bytes (cudaMemcpyAsync, any direction;
 //                                                  the ranges must not overlap)
+//   copy_pinned   dst, src             -           bytes (a kernel: each side device memory
+//                                                  or allocate_host memory, which is mapped;
+//                                                  no overlap). Note [Pinned copies]
 //   add_f32       a, b, out            -           elements
 //   scale_f32     a, out               factor (f)  elements
 //   checksum_u32  a, out (uint64)      -           32-bit words; out = wrapping sum
@@ -105,6 +108,24 @@ __global__ void sleep_kernel(uint64_t ns) {
 
 __global__ void trap_kernel() { __trap(); }
 
+// Note [Pinned copies]
+// A memcpy to or from host memory costs the host about 4 us to issue on an
+// H100 host, as a call or as a node of a replayed graph, which is most of a
+// small batch's launch. A kernel reading or writing mapped pinned memory
+// directly over PCIe costs a kernel launch (well under a microsecond as a
+// graph node) and moves small copies as fast; large ones are better left to
+// the copy engines (copy_bytes). BatchQueue picks by size.
+__global__ void copy16_kernel(uint4* dst, const uint4* src, uint64_t n) {
+  for (uint64_t i = blockIdx.x * uint64_t{blockDim.x} + threadIdx.x; i < n;
+       i += uint64_t{gridDim.x} * blockDim.x)
+    dst[i] = src[i];
+}
+__global__ void copy1_kernel(unsigned char* dst, const unsigned char* src, uint64_t n) {
+  for (uint64_t i = blockIdx.x * uint64_t{blockDim.x} + threadIdx.x; i < n;
+       i += uint64_t{gridDim.x} * blockDim.x)
+    dst[i] = src[i];
+}
+
 // ---- Host side: validate, then launch onto the queue's stream ------------------------------
 
 void fill_f32(const KernelArgs& a, LaunchContext& ctx) {
@@ -120,6 +141,21 @@ void copy_bytes(const KernelArgs& a, LaunchContext& ctx) {
   if (a.n == 0) return;
   FL_CUDA_CHECK_CTX(ctx,
                     cudaMemcpyAsync(a.ptrs[0], a.ptrs[1], a.n, cudaMemcpyDefault, ctx.stream()));
+}
+
+void copy_pinned(const KernelArgs& a, LaunchContext& ctx) {
+  need(a, "copy_pinned", 2, 0);
+  if (a.n == 0) return;
+  const auto d = reinterpret_cast<uintptr_t>(a.ptrs[0]), s = reinterpret_cast<uintptr_t>(a.ptrs[1]);
+  if (d % 16 == 0 && s % 16 == 0 && a.n % 16 == 0) {
+    copy16_kernel<<<blocks_for(a.n / 16, ctx), kThreads, 0, ctx.stream()>>>(
+        static_cast<uint4*>(a.ptrs[0]), static_cast<const uint4*>(a.ptrs[1]), a.n / 16);
+  } else {
+    copy1_kernel<<<blocks_for(a.n, ctx), kThreads, 0, ctx.stream()>>>(
+        static_cast<unsigned char*>(a.ptrs[0]), static_cast<const unsigned char*>(a.ptrs[1]),
+        a.n);
+  }
+  FL_CUDA_CHECK_LAUNCH(ctx);
 }
 
 void add_f32(const KernelArgs& a, LaunchContext& ctx) {
@@ -175,6 +211,7 @@ void trap(const KernelArgs&, LaunchContext& ctx) {
 void add_basic_kernels(KernelTable& table) {
   table.emplace("fill_f32", &fill_f32);
   table.emplace("copy_bytes", &copy_bytes);
+  table.emplace("copy_pinned", &copy_pinned);
   table.emplace("add_f32", &add_f32);
   table.emplace("scale_f32", &scale_f32);
   table.emplace("checksum_u32", &checksum_u32);

@@ -176,7 +176,10 @@ std::unique_ptr<Buffer> CudaDriver::alloc(size_t bytes, bool host) {
   FL_CHECK_ARG(bytes > 0, "[", api, "] asked for 0 bytes; ask for at least 1");
   DeviceGuard guard(dev_->index());
   void* p = nullptr;
-  const cudaError_t r = host ? cudaMallocHost(&p, bytes) : cudaMalloc(&p, bytes);
+  // Host memory is mapped: kernels may read and write it (copy_pinned); under
+  // unified addressing its device address is its host address.
+  const cudaError_t r = host ? cudaHostAlloc(&p, bytes, cudaHostAllocMapped | cudaHostAllocPortable)
+                             : cudaMalloc(&p, bytes);
   if (r == cudaErrorMemoryAllocation) {
     (void)cudaGetLastError();  // not sticky: clear it
     size_t free = 0, total = 0;
@@ -195,8 +198,17 @@ std::unique_ptr<Buffer> CudaDriver::alloc(size_t bytes, bool host) {
         "; free tensors, use smaller batches, or let the caching allocator release its cache"));
   }
   if (r != cudaSuccess)
-    dev_->fail(r, host ? "cudaMallocHost(&p, bytes)" : "cudaMalloc(&p, bytes)", __FILE__, __LINE__);
-  return std::make_unique<CudaBuffer>(dev_, p, bytes, host);
+    dev_->fail(r, host ? "cudaHostAlloc(&p, bytes, mapped)" : "cudaMalloc(&p, bytes)", __FILE__,
+               __LINE__);
+  auto buffer = std::make_unique<CudaBuffer>(dev_, p, bytes, host);
+  if (host) {
+    void* dp = nullptr;
+    FL_CUDA_CHECK_DEV(*dev_, cudaHostGetDevicePointer(&dp, p, 0));
+    FL_CHECK_STATE(dp == p, "[", api, "] ", dev_->label(),
+                   " maps pinned host memory at a different device address; flotilla needs "
+                   "unified addressing (a 64-bit process on a current GPU)");
+  }
+  return buffer;
 }
 
 const Pipeline& CudaDriver::pipeline(std::string_view name) {
