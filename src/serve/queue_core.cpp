@@ -121,8 +121,11 @@ void QueueCore::submit(const std::shared_ptr<Request>& r) {
       inbox_.push_back(r);
       queued = true;
       // seq_cst: pairs with the leader's store before its last look at the
-      // inbox (Note [Inbox]), so one of the two sees the other.
-      if (leader_waiting_.load(std::memory_order_seq_cst))
+      // inbox (Note [Inbox]), so one of the two sees the other. A spinning
+      // leader needs no wake-up: it watches queued_, and looks at the inbox
+      // again after its spin (Note [Spinning workers]).
+      if (leader_waiting_.load(std::memory_order_seq_cst) &&
+          !leader_spinning_.load(std::memory_order_seq_cst))
         wake = before == 0 || before + 1 >= static_cast<size_t>(options_.max_batch) ||
                r->deadline < leader_wake_.load(std::memory_order_relaxed);
     }
@@ -282,13 +285,21 @@ void QueueCore::pick(Batch& batch, Clock::time_point now) {
 bool QueueCore::next_batch(Batch& batch) {
   batch.requests.clear();
   MutexLock lock(mu_, kSpinFirst);
+  if (leader_ && options_.spin_wait.count() > 0) {
+    // Spin for the leadership before sleeping for it (Note [Spinning workers]).
+    lock.unlock();
+    ::flotilla::detail::spin_until(
+        [&] { return !leader_hint_.load(std::memory_order_acquire); },
+        std::chrono::duration_cast<std::chrono::nanoseconds>(options_.spin_wait));
+    lock.lock();
+  }
   // Wait to be the leader (Note [Batch leader]), or to exit.
   idle_cv_.wait(mu_, [&]() FL_REQUIRES(mu_) { return !leader_ || (stopping_ && fifo_.empty()); });
   if (stopping_ && fifo_.empty()) {
     idle_cv_.notify_all();  // every idle worker exits too
     return false;
   }
-  leader_ = true;
+  set_leader(true);
   bool spun = false;  // spun once since the last sleep: sleep now
   for (;;) {
     take_inbox();
@@ -300,7 +311,7 @@ bool QueueCore::next_batch(Batch& batch) {
       continue;  // all were due: look again
     }
     if (fifo_.empty() && stopping_) {
-      leader_ = false;
+      set_leader(false);
       idle_cv_.notify_all();
       return false;
     }
@@ -324,6 +335,7 @@ bool QueueCore::next_batch(Batch& batch) {
       spun = true;
       const Clock::duration limit =
           std::min<Clock::duration>(options_.spin_wait, wake - clock_->now());
+      leader_spinning_.store(true, std::memory_order_seq_cst);
       lock.unlock();
       ::flotilla::detail::spin_until(
           [&] {
@@ -332,6 +344,9 @@ bool QueueCore::next_batch(Batch& batch) {
           },
           limit);
       lock.lock();
+      // seq_cst: a submit that saw the flag set appended before it looked;
+      // the take_inbox() this `continue` leads to finds its request.
+      leader_spinning_.store(false, std::memory_order_seq_cst);
       leader_waiting_.store(false, std::memory_order_relaxed);
       continue;  // look again, under the lock
     }
@@ -340,8 +355,10 @@ bool QueueCore::next_batch(Batch& batch) {
     leader_waiting_.store(false, std::memory_order_relaxed);
     leader_wake_.store(Clock::kNever, std::memory_order_relaxed);
   }
-  leader_ = false;
-  idle_cv_.notify_one();  // the next leader collects while this batch runs
+  set_leader(false);
+  // The next leader collects while this batch runs. A spinning one is not
+  // asleep, so this costs no system call on the way to the launch.
+  idle_cv_.notify_one();
   return true;
 }
 

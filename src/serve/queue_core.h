@@ -24,8 +24,16 @@
 // batches form in FIFO order and workers never split a batch between them.
 // A worker that still has batches in flight does not queue for leadership:
 // it takes a ready batch if there is one (take_ready), else completes its
-// oldest batch. With spin_wait, a leader facing an empty queue first spins
-// (without the lock) for a submit, then sleeps.
+// oldest batch.
+//
+// Note [Spinning workers]
+// With spin_wait, the two waits on a small batch's path spin (without the
+// lock) before they sleep: a leader facing an empty queue spins for a
+// submit, and an idle worker spins for the leadership. A futex wake-up costs
+// the waker a system call and the sleeper several microseconds, both on the
+// way to the launch. While the leader spins, a submit does not wake it (it
+// sees leader_spinning_): the spin watches queued_, and the leader looks at
+// the inbox again under the lock when the spin ends, so none is missed.
 #pragma once
 
 #include <atomic>
@@ -171,6 +179,10 @@ class QueueCore {
   // Removes the queued request `id` from the FIFO and the deadline set.
   std::shared_ptr<Request> remove(uint64_t id) FL_REQUIRES(mu_);
   void room_made() FL_REQUIRES(mu_);
+  void set_leader(bool on) FL_REQUIRES(mu_) {
+    leader_ = on;
+    leader_hint_.store(on, std::memory_order_release);
+  }
   void bump_events() FL_REQUIRES(mu_) {
     ++events_;
     events_hint_.store(events_, std::memory_order_release);
@@ -204,6 +216,11 @@ class QueueCore {
   // Requests queued (FIFO + inbox); reserve_room() keeps it <= capacity.
   std::atomic<size_t> queued_{0};
   std::atomic<bool> leader_waiting_{false};
+  // The leader is spinning for a submit (Note [Spinning workers]).
+  std::atomic<bool> leader_spinning_{false};
+  // A copy of leader_ for workers spinning for the leadership; written under
+  // mu_ (release), read without it.
+  std::atomic<bool> leader_hint_{false};
   size_t max_depth_ FL_GUARDED_BY(mu_) = 0;
   bool stopping_ FL_GUARDED_BY(mu_) = false;
   bool leader_ FL_GUARDED_BY(mu_) = false;  // a worker is collecting (Note [Batch leader])

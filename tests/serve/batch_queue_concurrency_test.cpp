@@ -74,6 +74,10 @@ TEST(BatchQueueConcurrency, EveryRequestCompletesExactlyOnceUnderRaces) {
     o.max_batch = 1 + static_cast<int>(rng() % 6);
     o.max_delay = std::chrono::microseconds(std::array{0, 50, 200}[rng() % 3]);
     o.capacity = 3 + rng() % 10;
+    // Spinning waits (Note [Spinning workers]) and recorded batches change
+    // the hand-offs; they must lose nothing either.
+    o.spin_wait = std::chrono::microseconds((round / 4) % 2 ? 30 : 0);
+    o.record_batches = (round / 8) % 2 == 1;
     o.clock = clock;
     o.on_complete = [&](uint64_t id, RequestStatus) {
       // relaxed: the counts are read after every thread has joined
@@ -85,7 +89,10 @@ TEST(BatchQueueConcurrency, EveryRequestCompletesExactlyOnceUnderRaces) {
     const size_t shutdown_after = rng() % static_cast<size_t>(n);
     const uint64_t client_seed = rng();
 
-    BatchQueue q(*device, tiny.in(), tiny.out(), marked_failing(tiny), o);
+    // A recorded model must not read its input on the host (marked_failing
+    // does): recorded rounds run the plain model, and mark nothing.
+    BatchQueue q(*device, tiny.in(), tiny.out(),
+                 o.record_batches ? tiny.model() : marked_failing(tiny), o);
     std::vector<std::vector<Sent>> sent(clients);
     std::atomic<size_t> submitted{0};  // acq_rel: the shutdown thread waits on it
     std::atomic<bool> stop{false};     // release/acquire: ends the clock and step threads
@@ -100,7 +107,7 @@ TEST(BatchQueueConcurrency, EveryRequestCompletesExactlyOnceUnderRaces) {
         for (int i = 0; i < per_client; ++i) {
           Sent s;
           s.input = random_vector(r, static_cast<size_t>(tiny.in()));
-          s.marked = r() % 20 == 0;
+          s.marked = r() % 20 == 0 && !o.record_batches;
           if (s.marked) s.input[0] = kFailMark;
           std::optional<Clock::time_point> deadline;
           switch (r() % 4) {
@@ -275,7 +282,7 @@ TEST(BatchQueueConcurrency, OverloadIsBoundedByCapacity) {
 
 // Real time, real threads: many clients, outputs against unbatched runs.
 void many_clients_match(Device& device, int64_t in, int64_t out, const BatchQueue::Model& model,
-                        int clients, int each, double tolerance) {
+                        int clients, int each, double tolerance, bool spin_and_record = false) {
   // References: a few distinct inputs, each run alone ([1, in]).
   const int distinct = 8;
   std::vector<std::vector<float>> xs, refs;
@@ -289,6 +296,12 @@ void many_clients_match(Device& device, int64_t in, int64_t out, const BatchQueu
   o.workers = 2;
   o.max_batch = 16;
   o.max_delay = 2000us;
+  if (spin_and_record) {
+    o.workers = 3;
+    o.max_delay = 0us;
+    o.spin_wait = 100us;
+    o.record_batches = true;
+  }
   BatchQueue q(device, in, out, model, o);
   std::latch start(clients);
   std::atomic<int> wrong{0}, errors{0};  // relaxed: read after join
@@ -319,13 +332,23 @@ void many_clients_match(Device& device, int64_t in, int64_t out, const BatchQueu
   EXPECT_EQ(wrong.load(), 0);
   EXPECT_EQ(errors.load(), 0);
   EXPECT_EQ(m.completed, static_cast<uint64_t>(clients * each));
-  EXPECT_LT(m.batches, m.completed) << "no batch ever held two requests";
+  if (!spin_and_record)
+    EXPECT_LT(m.batches, m.completed) << "no batch ever held two requests";
 }
 
 TEST(BatchQueueConcurrency, ManyClientsGetTheirOwnRowsTinyModel) {
   auto device = make_device();
   const TinyModel tiny(*device, 32, 16);
   many_clients_match(*device, 32, 16, tiny.model(), 16, scaled(60, 10), 1e-5);
+}
+
+// Would catch: a request missed while the leader spins (it would wait until
+// shutdown: the test's requests would never complete), or rows mixed up
+// between recorded batches of different sizes.
+TEST(BatchQueueConcurrency, ManyClientsGetTheirOwnRowsSpinningAndRecorded) {
+  auto device = make_device();
+  const TinyModel tiny(*device, 32, 16);
+  many_clients_match(*device, 32, 16, tiny.model(), 12, scaled(80, 10), 1e-5, true);
 }
 
 TEST(BatchQueueConcurrency, ManyClientsGetTheirOwnRowsSeedMlp) {
