@@ -87,7 +87,8 @@ struct RecordingState {
 
 Recording Stream::record(const std::function<void()>& body) {
   device_->check_usable("Stream::record");
-  FL_CHECK_ARG(body != nullptr, "[Stream::record] the body is empty; pass a function that "
+  FL_CHECK_ARG(body != nullptr,
+               "[Stream::record] the body is empty; pass a function that "
                "encodes the work to record");
   auto rec = std::make_shared<detail::RecordingState>();
   rec->device = device_;
@@ -115,12 +116,15 @@ Recording Stream::record(const std::function<void()>& body) {
 
 void Stream::replay(const Recording& recording) {
   device_->check_usable("Stream::replay");
-  FL_CHECK_ARG(recording.valid(), "[Stream::replay] the recording is empty; replay one that "
+  FL_CHECK_ARG(recording.valid(),
+               "[Stream::replay] the recording is empty; replay one that "
                "Stream::record() returned");
   const detail::RecordingState& r = *recording.state_;
-  FL_CHECK_ARG(r.device == device_ && r.index == index_, "[Stream::replay] the recording was made "
-               "on stream ", r.index, " of ", r.device->name(), " but is replayed on stream ",
-               index_, " of ", device_->name(), "; replay a recording on the stream that made it");
+  FL_CHECK_ARG(r.device == device_ && r.index == index_,
+               "[Stream::replay] the recording was made "
+               "on stream ",
+               r.index, " of ", r.device->name(), " but is replayed on stream ", index_, " of ",
+               device_->name(), "; replay a recording on the stream that made it");
   state().replay(*r.list);
 }
 

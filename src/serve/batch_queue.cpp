@@ -335,8 +335,9 @@ void BatchQueue::encode_batch(detail::Lane& lane, detail::Slot& slot, int64_t ro
                  "[BatchQueue] the model returned ", y.to_string(), " for x ", x.to_string(),
                  "; it must return f32[", rows, ", ", out_, "] on ", device_.name());
   y.record_stream(stream);
-  stream.dispatch(lane.copy_for(out_bytes),
-                  backend::KernelArgs().ptr(slot.output->device_ptr()).ptr(y.data()).size(out_bytes));
+  stream.dispatch(
+      lane.copy_for(out_bytes),
+      backend::KernelArgs().ptr(slot.output->device_ptr()).ptr(y.data()).size(out_bytes));
 }
 
 void BatchQueue::launch_batch(detail::Lane& lane) {

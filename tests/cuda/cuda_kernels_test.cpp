@@ -103,10 +103,10 @@ TEST(CudaKernels, CopyPinnedCopiesEveryDirectionAndAlignment) {
       for (size_t i = 0; i < n; ++i) in[i] = static_cast<uint8_t>(rng());
       std::memset(dst->host_ptr(), 0xAB, n + 16);
       auto* d = static_cast<uint8_t*>(mid->device_ptr());
-      s.dispatch("copy_pinned", KernelArgs().ptr(d).ptr(in).size(n));           // host -> device
-      s.dispatch("copy_pinned", KernelArgs().ptr(d + 16).ptr(d).size(n));       // device -> device
+      s.dispatch("copy_pinned", KernelArgs().ptr(d).ptr(in).size(n));      // host -> device
+      s.dispatch("copy_pinned", KernelArgs().ptr(d + 16).ptr(d).size(n));  // device -> device
       auto* out = static_cast<uint8_t*>(dst->host_ptr()) + off;
-      s.dispatch("copy_pinned", KernelArgs().ptr(out).ptr(d + 16).size(n));     // device -> host
+      s.dispatch("copy_pinned", KernelArgs().ptr(out).ptr(d + 16).size(n));  // device -> host
       s.synchronize();
       EXPECT_EQ(std::memcmp(out, in, n), 0) << n << " bytes at offset " << off;
       EXPECT_EQ(out[n], 0xAB) << "wrote past the end";
@@ -166,8 +166,8 @@ TEST(CudaKernels, HasEveryBasicKernelOfTheCpuDriver) {
   auto cuda = make_cuda();
   auto names = cuda->driver().pipeline_names();
   std::set<std::string> have(names.begin(), names.end());
-  for (const char* k :
-       {"fill_f32", "copy_bytes", "copy_pinned", "add_f32", "scale_f32", "checksum_u32", "sleep_us", "trap"})
+  for (const char* k : {"fill_f32", "copy_bytes", "copy_pinned", "add_f32", "scale_f32",
+                        "checksum_u32", "sleep_us", "trap"})
     EXPECT_TRUE(have.count(k)) << k;
   EXPECT_THROW(cuda->pipeline("no_such_kernel"), InvalidArgument);
 }

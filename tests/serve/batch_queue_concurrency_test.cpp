@@ -332,8 +332,7 @@ void many_clients_match(Device& device, int64_t in, int64_t out, const BatchQueu
   EXPECT_EQ(wrong.load(), 0);
   EXPECT_EQ(errors.load(), 0);
   EXPECT_EQ(m.completed, static_cast<uint64_t>(clients * each));
-  if (!spin_and_record)
-    EXPECT_LT(m.batches, m.completed) << "no batch ever held two requests";
+  if (!spin_and_record) EXPECT_LT(m.batches, m.completed) << "no batch ever held two requests";
 }
 
 TEST(BatchQueueConcurrency, ManyClientsGetTheirOwnRowsTinyModel) {

@@ -38,9 +38,9 @@ void print_human(const WorkloadResult& r) {
         "%d, spin %lld us%s: mean batch %.2f, rejected %llu, expired %llu, cancelled %llu\n",
         o.batching.max_batch, static_cast<long long>(o.batching.max_delay_us), o.batching.workers,
         o.batching.pipeline_depth, o.batching.window, static_cast<long long>(o.batching.spin_us),
-        o.batching.record ? ", recorded" : "",
-        r.mean_batch, static_cast<unsigned long long>(r.rejected),
-        static_cast<unsigned long long>(r.expired), static_cast<unsigned long long>(r.cancelled));
+        o.batching.record ? ", recorded" : "", r.mean_batch,
+        static_cast<unsigned long long>(r.rejected), static_cast<unsigned long long>(r.expired),
+        static_cast<unsigned long long>(r.cancelled));
   if (!r.first_error.empty()) std::printf("  first error     %s\n", r.first_error.c_str());
 }
 

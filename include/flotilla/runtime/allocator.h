@@ -72,7 +72,6 @@
 #include <cstdint>
 #include <memory>
 #include <string>
-
 #include <vector>
 
 #include "flotilla/backend/driver.h"

@@ -790,16 +790,17 @@ void CpuEncoder::dispatch(const Pipeline& pipeline, const KernelArgs& args) {
 void CpuEncoder::execute(const CommandList& list) {
   ObjectUseChecker::Scope use(checker_, cb_.driver().violations(), "ComputeEncoder", id_,
                               "execute");
-  EncodingChecker::Scope enc(cb_.driver().encoding_checker(), cb_.driver().violations(),
-                             "execute");
+  EncodingChecker::Scope enc(cb_.driver().encoding_checker(), cb_.driver().violations(), "execute");
   simulate_cost(cb_.driver().encode_cost());
   const auto* l = dynamic_cast<const CpuCommandList*>(&list);
   FL_CHECK_ARG(l != nullptr,
                "[ComputeEncoder::execute] the command list was made by another driver; record it "
                "on this device");
-  FL_CHECK_ARG(l->queue_id() == cb_.queue_id(), "[ComputeEncoder::execute] the command list was "
-               "recorded on queue ", l->queue_id(), " but this encoder belongs to queue ",
-               cb_.queue_id(), "; replay a list on the queue that recorded it");
+  FL_CHECK_ARG(l->queue_id() == cb_.queue_id(),
+               "[ComputeEncoder::execute] the command list was "
+               "recorded on queue ",
+               l->queue_id(), " but this encoder belongs to queue ", cb_.queue_id(),
+               "; replay a list on the queue that recorded it");
   cb_.add_list(*this, *l);
 }
 
@@ -813,7 +814,8 @@ void CpuRecorder::dispatch(const Pipeline& pipeline, const KernelArgs& args) {
   ObjectUseChecker::Scope use(checker_, driver.violations(), "CommandRecorder", id_, "dispatch");
   EncodingChecker::Scope enc(driver.encoding_checker(), driver.violations(), "dispatch");
   simulate_cost(driver.encode_cost());
-  FL_CHECK_STATE(!finished_, "[CommandRecorder::dispatch] the recording has finished; start a "
+  FL_CHECK_STATE(!finished_,
+                 "[CommandRecorder::dispatch] the recording has finished; start a "
                  "new one with Queue::new_recorder()");
   const auto* p = dynamic_cast<const CpuPipeline*>(&pipeline);
   FL_CHECK_ARG(p != nullptr, "[CommandRecorder::dispatch] pipeline '", pipeline.name(),

@@ -152,8 +152,7 @@ void copy_pinned(const KernelArgs& a, LaunchContext& ctx) {
         static_cast<uint4*>(a.ptrs[0]), static_cast<const uint4*>(a.ptrs[1]), a.n / 16);
   } else {
     copy1_kernel<<<blocks_for(a.n, ctx), kThreads, 0, ctx.stream()>>>(
-        static_cast<unsigned char*>(a.ptrs[0]), static_cast<const unsigned char*>(a.ptrs[1]),
-        a.n);
+        static_cast<unsigned char*>(a.ptrs[0]), static_cast<const unsigned char*>(a.ptrs[1]), a.n);
   }
   FL_CUDA_CHECK_LAUNCH(ctx);
 }

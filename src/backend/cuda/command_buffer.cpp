@@ -114,9 +114,11 @@ void CudaEncoder::execute(const CommandList& list) {
   FL_CHECK_ARG(l != nullptr,
                "[ComputeEncoder::execute] the command list was made by another driver; record it "
                "on this device");
-  FL_CHECK_ARG(l->queue_id() == cb_.queue_id(), "[ComputeEncoder::execute] the command list was "
-               "recorded on queue ", l->queue_id(), " but this encoder belongs to queue ",
-               cb_.queue_id(), "; replay a list on the queue that recorded it");
+  FL_CHECK_ARG(l->queue_id() == cb_.queue_id(),
+               "[ComputeEncoder::execute] the command list was "
+               "recorded on queue ",
+               l->queue_id(), " but this encoder belongs to queue ", cb_.queue_id(),
+               "; replay a list on the queue that recorded it");
   cb_.add_list(*this, *l);
 }
 
@@ -162,7 +164,8 @@ CudaRecorder::~CudaRecorder() {
 }
 
 void CudaRecorder::dispatch(const Pipeline& pipeline, const KernelArgs& args) {
-  FL_CHECK_STATE(!finished_, "[CommandRecorder::dispatch] the recording has finished; start a "
+  FL_CHECK_STATE(!finished_,
+                 "[CommandRecorder::dispatch] the recording has finished; start a "
                  "new one with Queue::new_recorder()");
   const auto* p = dynamic_cast<const CudaPipeline*>(&pipeline);
   FL_CHECK_ARG(p != nullptr, "[CommandRecorder::dispatch] pipeline '", pipeline.name(),

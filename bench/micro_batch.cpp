@@ -1,0 +1,130 @@
+// Micro-benchmark of one BatchQueue batch's device path (Note [One batch],
+// Note [Recorded batches]), without the queue: the seed MLP on R rows, from
+// pinned staging to pinned staging, eagerly (copy in, three GEMMs, copy out:
+// five launches) or as one replay of a recording of the same (a CUDA graph on
+// CUDA). Google Benchmark.
+//
+//   batch/eager/R, batch/recorded/R
+//     launch_us     host time to encode the batch and take its fence
+//     roundtrip_us  launch plus the wait for the fence (one batch in flight)
+//
+// The copies are the queue's: copy_pinned up to 64 KiB, copy_bytes above.
+// Runs on cuda when a GPU is found, else on cpu (--backend=cpu forces it).
+// Every benchmark repeats 3 times; read the median.
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "flotilla/flotilla.h"
+#include "flotilla/nn/mlp.h"
+
+namespace {
+
+using flotilla::Device;
+using flotilla::DType;
+using flotilla::Recording;
+using flotilla::Stream;
+using flotilla::Tensor;
+using flotilla::backend::KernelArgs;
+using Clock = std::chrono::steady_clock;
+
+Device* g_dev = nullptr;
+const flotilla::nn::Mlp* g_mlp = nullptr;
+
+struct Staging {
+  std::unique_ptr<flotilla::backend::Buffer> in, out;
+};
+
+void encode(Stream s, const Staging& st, int64_t rows) {
+  const int64_t in = g_mlp->in_features(), out = g_mlp->out_features();
+  const size_t in_bytes = static_cast<size_t>(rows * in) * 4,
+               out_bytes = static_cast<size_t>(rows * out) * 4;
+  auto copy = [](size_t n) { return n <= 64 * 1024 ? "copy_pinned" : "copy_bytes"; };
+  Tensor x = Tensor::empty({rows, in}, DType::kF32, s);
+  s.dispatch(copy(in_bytes), KernelArgs().ptr(x.data()).ptr(st.in->device_ptr()).size(in_bytes));
+  Tensor y = g_mlp->forward(s, x);
+  s.dispatch(copy(out_bytes), KernelArgs().ptr(st.out->device_ptr()).ptr(y.data()).size(out_bytes));
+}
+
+void BM_Batch(benchmark::State& state, bool recorded) {
+  const int64_t rows = state.range(0);
+  Stream s = g_dev->streams().at(1);
+  Staging st;
+  st.in = g_dev->driver().allocate_host(static_cast<size_t>(rows * g_mlp->in_features()) * 4);
+  st.out = g_dev->driver().allocate_host(static_cast<size_t>(rows * g_mlp->out_features()) * 4);
+  std::memset(st.in->host_ptr(), 0, st.in->size());
+  Recording rec;
+  encode(s, st, rows);  // warm-up: plans, workspaces, cached blocks
+  s.synchronize();
+  if (recorded) rec = s.record([&] { encode(s, st, rows); });
+  double launch = 0, total = 0;
+  int64_t n = 0;
+  for (auto _ : state) {
+    const auto t0 = Clock::now();
+    if (recorded)
+      s.replay(rec);
+    else
+      encode(s, st, rows);
+    flotilla::StreamFence f = s.fence();
+    const auto t1 = Clock::now();
+    f.wait();
+    const auto t2 = Clock::now();
+    launch += std::chrono::duration<double, std::micro>(t1 - t0).count();
+    total += std::chrono::duration<double, std::micro>(t2 - t0).count();
+    ++n;
+  }
+  state.counters["launch_us"] = launch / static_cast<double>(std::max<int64_t>(1, n));
+  state.counters["roundtrip_us"] = total / static_cast<double>(std::max<int64_t>(1, n));
+  state.counters["rows_per_s"] = benchmark::Counter(
+      static_cast<double>(rows) * static_cast<double>(n), benchmark::Counter::kIsRate);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string backend;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strncmp(argv[i], "--backend=", 10) == 0) {
+      backend = argv[i] + 10;
+      std::copy(argv + i + 1, argv + argc, argv + i);
+      --argc;
+      --i;
+    }
+  }
+  if (backend.empty()) {
+    const auto b = Device::backends();
+    backend = std::find(b.begin(), b.end(), "cuda") != b.end() && Device::count("cuda") > 0 ? "cuda"
+                                                                                            : "cpu";
+  }
+  auto dev = Device::create(backend, 0, flotilla::Config::from_env());
+  const flotilla::nn::Mlp mlp(flotilla::nn::MlpWeights::seed(), DType::kF32, dev->default_stream());
+  g_dev = dev.get();
+  g_mlp = &mlp;
+  std::printf("micro_batch: %s (%s), seed MLP %lld-%lld\n", dev->name().c_str(), backend.c_str(),
+              static_cast<long long>(mlp.in_features()),
+              static_cast<long long>(mlp.out_features()));
+  for (const char* mode : {"eager", "recorded"}) {
+    const bool rec = std::string(mode) == "recorded";
+    benchmark::RegisterBenchmark((std::string("batch/") + mode).c_str(),
+                                 [rec](benchmark::State& s) { BM_Batch(s, rec); })
+        ->Arg(1)
+        ->Arg(8)
+        ->Arg(64)
+        ->Arg(512)
+        ->Repetitions(3)
+        ->ReportAggregatesOnly(true)
+        ->UseRealTime()
+        ->MinTime(0.3);
+  }
+  benchmark::Initialize(&argc, argv);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  g_mlp = nullptr;
+  dev->synchronize();
+  return 0;
+}
