@@ -60,6 +60,31 @@ class BatchQueueTest : public ::testing::Test {
     EXPECT_LT(max_rel_error(y, model_->host_reference(input(i))), 1e-5) << "request " << i;
   }
 
+  // Each handle's output against the MLP run on its input alone (batch 1),
+  // within 1e-4 relative; returns how many were bit-identical.
+  int expect_matches_unbatched(const nn::Mlp& mlp, const std::vector<std::vector<float>>& xs,
+                               std::vector<RequestHandle>& hs) {
+    Stream s = device_->streams().acquire_round_robin();
+    int exact = 0;
+    for (size_t i = 0; i < hs.size(); ++i) {
+      std::vector<float> y;
+      EXPECT_EQ(outcome_of(hs[i], &y), Outcome::kCompleted) << "request " << i;
+      Tensor x = Tensor::from_host(xs[i], {1, mlp.in_features()}, DType::kF32, s);
+      auto ref = mlp.forward(s, x).to_host(s);
+      if (y.size() != ref.size()) {
+        ADD_FAILURE() << "request " << i << " has " << y.size() << " values";
+        continue;
+      }
+      double worst = 0;
+      for (size_t k = 0; k < y.size(); ++k)
+        worst = std::max(worst, static_cast<double>(std::abs(y[k] - ref[k])) /
+                                    std::max(1e-3f, std::abs(ref[k])));
+      EXPECT_LT(worst, 1e-4) << "request " << i;
+      exact += y == ref;
+    }
+    return exact;
+  }
+
   static constexpr int64_t kIn = 16, kOut = 8;
   std::shared_ptr<Device> device_;
   std::unique_ptr<TinyModel> model_;
@@ -243,22 +268,7 @@ TEST_F(BatchQueueTest, SeedMlpBatchedEqualsUnbatched) {
   }
   EXPECT_EQ(q.step(), 16u);
   EXPECT_EQ(q.step(), 4u);
-  Stream s = device_->streams().acquire_round_robin();
-  int exact = 0;
-  for (int i = 0; i < n; ++i) {
-    std::vector<float> y;
-    ASSERT_EQ(outcome_of(hs[static_cast<size_t>(i)], &y), Outcome::kCompleted);
-    Tensor x =
-        Tensor::from_host(xs[static_cast<size_t>(i)], {1, mlp.in_features()}, DType::kF32, s);
-    auto ref = mlp.forward(s, x).to_host(s);
-    ASSERT_EQ(y.size(), ref.size());
-    double worst = 0;
-    for (size_t k = 0; k < y.size(); ++k)
-      worst = std::max(
-          worst, static_cast<double>(std::abs(y[k] - ref[k])) / std::max(1e-3f, std::abs(ref[k])));
-    EXPECT_LT(worst, 1e-4) << "request " << i;
-    exact += y == ref;
-  }
+  const int exact = expect_matches_unbatched(mlp, xs, hs);
   std::printf("seed MLP bit-exact vs unbatched: %d of %d\n", exact, n);
 }
 
@@ -369,20 +379,7 @@ TEST_F(BatchQueueTest, SeedMlpRecordedBatchesEqualUnbatched) {
   EXPECT_EQ(q.step(), 16u);
   EXPECT_EQ(q.step(), 16u);  // a replay
   EXPECT_EQ(q.step(), 5u);   // padded to 8
-  Stream s = device_->streams().acquire_round_robin();
-  for (int i = 0; i < n; ++i) {
-    std::vector<float> y;
-    ASSERT_EQ(outcome_of(hs[static_cast<size_t>(i)], &y), Outcome::kCompleted);
-    Tensor x =
-        Tensor::from_host(xs[static_cast<size_t>(i)], {1, mlp.in_features()}, DType::kF32, s);
-    auto ref = mlp.forward(s, x).to_host(s);
-    ASSERT_EQ(y.size(), ref.size());
-    double worst = 0;
-    for (size_t k = 0; k < y.size(); ++k)
-      worst = std::max(
-          worst, static_cast<double>(std::abs(y[k] - ref[k])) / std::max(1e-3f, std::abs(ref[k])));
-    EXPECT_LT(worst, 1e-4) << "request " << i;
-  }
+  expect_matches_unbatched(mlp, xs, hs);
 }
 
 // Would catch: workers sharing recordings or staging, or a recording racing

@@ -12,6 +12,7 @@
 
 #include "backend/cpu/kernels.h"
 #include "backend/cpu/validation.h"
+#include "backend/encode_rules.h"
 #include "flotilla/common/error.h"
 #include "flotilla/common/sync.h"
 
@@ -593,36 +594,18 @@ ComputeEncoder& CpuCommandBuffer::compute_encoder() {
 
 void CpuCommandBuffer::add_kernel(CpuEncoder& enc, const CpuPipeline& p, const KernelArgs& args) {
   MutexLock lock(mu_);
-  if (status() != CommandBufferStatus::kNotEnqueued)
-    violation("encode-after-commit", "dispatch",
-              detail::str_cat("is ", to_string(status()), "; kernel '", p.name(),
-                              "' would be lost: encode into a new command buffer"));
-  if (open_encoder_ != &enc)
-    violation("encoder-ended", "dispatch",
-              detail::str_cat("the encoder used for kernel '", p.name(),
-                              "' has ended; open a new one with compute_encoder()"));
-  if (queue_->recording())
-    violation("encode-while-recording", "dispatch",
-              detail::str_cat("kernel '", p.name(),
-                              "' was encoded while a recorder is open on the queue; finish the "
-                              "recording first (nothing else may use a recording queue)"));
+  if (auto broken = check_encode(status(), open_encoder_ == &enc, queue_->recording(),
+                                 [&] { return detail::str_cat("kernel '", p.name(), "'"); }))
+    violation(broken->rule, "dispatch", broken->message);
   commands_.emplace_back(KernelCmd{&p, args});
   ++kernels_;
 }
 
 void CpuCommandBuffer::add_list(CpuEncoder& enc, const CpuCommandList& list) {
   MutexLock lock(mu_);
-  if (status() != CommandBufferStatus::kNotEnqueued)
-    violation("encode-after-commit", "execute",
-              detail::str_cat("is ", to_string(status()),
-                              "; the replay would be lost: encode into a new command buffer"));
-  if (open_encoder_ != &enc)
-    violation("encoder-ended", "execute",
-              "the encoder used for the replay has ended; open a new one with compute_encoder()");
-  if (queue_->recording())
-    violation("encode-while-recording", "execute",
-              "a replay was encoded while a recorder is open on the queue; finish the recording "
-              "first (nothing else may use a recording queue)");
+  if (auto broken = check_encode(status(), open_encoder_ == &enc, queue_->recording(),
+                                 [] { return std::string("the replay"); }))
+    violation(broken->rule, "execute", broken->message);
   for (const KernelCmd& k : list.kernels()) commands_.emplace_back(k);
   kernels_ += list.kernel_count();
 }
@@ -792,16 +775,7 @@ void CpuEncoder::execute(const CommandList& list) {
                               "execute");
   EncodingChecker::Scope enc(cb_.driver().encoding_checker(), cb_.driver().violations(), "execute");
   simulate_cost(cb_.driver().encode_cost());
-  const auto* l = dynamic_cast<const CpuCommandList*>(&list);
-  FL_CHECK_ARG(l != nullptr,
-               "[ComputeEncoder::execute] the command list was made by another driver; record it "
-               "on this device");
-  FL_CHECK_ARG(l->queue_id() == cb_.queue_id(),
-               "[ComputeEncoder::execute] the command list was "
-               "recorded on queue ",
-               l->queue_id(), " but this encoder belongs to queue ", cb_.queue_id(),
-               "; replay a list on the queue that recorded it");
-  cb_.add_list(*this, *l);
+  cb_.add_list(*this, replayable_list<CpuCommandList>(list, cb_.queue_id()));
 }
 
 // ---- CpuRecorder ----------------------------------------------------------------------

@@ -4,6 +4,7 @@
 
 #include "backend/cuda/completion.h"
 #include "backend/cuda/spin.h"
+#include "backend/encode_rules.h"
 #include "flotilla/common/error.h"
 
 namespace flotilla::backend::cuda {
@@ -110,16 +111,7 @@ void CudaEncoder::dispatch(const Pipeline& pipeline, const KernelArgs& args) {
 }
 
 void CudaEncoder::execute(const CommandList& list) {
-  const auto* l = dynamic_cast<const CudaCommandList*>(&list);
-  FL_CHECK_ARG(l != nullptr,
-               "[ComputeEncoder::execute] the command list was made by another driver; record it "
-               "on this device");
-  FL_CHECK_ARG(l->queue_id() == cb_.queue_id(),
-               "[ComputeEncoder::execute] the command list was "
-               "recorded on queue ",
-               l->queue_id(), " but this encoder belongs to queue ", cb_.queue_id(),
-               "; replay a list on the queue that recorded it");
-  cb_.add_list(*this, *l);
+  cb_.add_list(*this, replayable_list<CudaCommandList>(list, cb_.queue_id()));
 }
 
 void CudaEncoder::end_encoding() { cb_.end_encoder(*this); }
@@ -264,19 +256,9 @@ ComputeEncoder& CudaCommandBuffer::compute_encoder() {
 void CudaCommandBuffer::add_kernel(CudaEncoder& enc, const CudaPipeline& p,
                                    const KernelArgs& args) {
   MutexLock lock(mu_);
-  if (status() != CommandBufferStatus::kNotEnqueued)
-    violation("encode-after-commit", "dispatch",
-              detail::str_cat("is ", to_string(status()), "; kernel '", p.name(),
-                              "' would be lost: encode into a new command buffer"));
-  if (open_encoder_ != &enc)
-    violation("encoder-ended", "dispatch",
-              detail::str_cat("the encoder used for kernel '", p.name(),
-                              "' has ended; open a new one with compute_encoder()"));
-  if (queue_->recording())
-    violation("encode-while-recording", "dispatch",
-              detail::str_cat("kernel '", p.name(),
-                              "' was encoded while a recorder is open on the queue; finish the "
-                              "recording first (nothing else may use a recording queue)"));
+  if (auto broken = check_encode(status(), open_encoder_ == &enc, queue_->recording(),
+                                 [&] { return detail::str_cat("kernel '", p.name(), "'"); }))
+    violation(broken->rule, "dispatch", broken->message);
   device_.check_usable("ComputeEncoder::dispatch");
   ++kernels_;
   tail_signal_ = nullptr;
@@ -293,17 +275,9 @@ void CudaCommandBuffer::add_kernel(CudaEncoder& enc, const CudaPipeline& p,
 
 void CudaCommandBuffer::add_list(CudaEncoder& enc, const CudaCommandList& list) {
   MutexLock lock(mu_);
-  if (status() != CommandBufferStatus::kNotEnqueued)
-    violation("encode-after-commit", "execute",
-              detail::str_cat("is ", to_string(status()),
-                              "; the replay would be lost: encode into a new command buffer"));
-  if (open_encoder_ != &enc)
-    violation("encoder-ended", "execute",
-              "the encoder used for the replay has ended; open a new one with compute_encoder()");
-  if (queue_->recording())
-    violation("encode-while-recording", "execute",
-              "a replay was encoded while a recorder is open on the queue; finish the recording "
-              "first (nothing else may use a recording queue)");
+  if (auto broken = check_encode(status(), open_encoder_ == &enc, queue_->recording(),
+                                 [] { return std::string("the replay"); }))
+    violation(broken->rule, "execute", broken->message);
   device_.check_usable("ComputeEncoder::execute");
   kernels_ += list.kernel_count();
   tail_signal_ = nullptr;
