@@ -201,17 +201,15 @@ TEST_F(OPS_SUITE, LinearAtTheSeedModelsShapesAndWithLeadingDims) {
   }
 }
 
-// Every batch size from 1 to 12 rows (on CUDA, 1..8 take the small-batch
-// path, Note [Small-batch linear], and 9.. cuBLASLt), with and without bias.
-// Would catch: rows beyond the first dropped or mixed up, a tail of K missed,
-// or (on CUDA) a row whose result depends on the batch it rode in.
-TEST_F(OPS_SUITE, LinearAtEveryBatchSizeAroundTheSmallBatchPath) {
+// Every batch size from 1 to 12 rows, with and without bias, K not a
+// multiple of 8: the shapes of small serving batches. Would catch: rows
+// beyond the first dropped or mixed up, or a tail of K missed.
+TEST_F(OPS_SUITE, LinearAtEverySmallBatchSize) {
   const int64_t N = 300, K = 516;
   Vec ws, bs, all;
   Tensor w = rand_tensor({N, K}, DType::kF32, &ws, -0.05f, 0.05f);
   Tensor b = rand_tensor({N}, DType::kF32, &bs);
   Tensor x12 = rand_tensor({12, K}, DType::kF32, &all);
-  std::vector<float> row0_alone;
   for (int64_t m = 1; m <= 12; ++m) {
     for (bool with_bias : {true, false}) {
       Tensor x = x12.narrow(0, m);
@@ -222,13 +220,6 @@ TEST_F(OPS_SUITE, LinearAtEveryBatchSizeAroundTheSmallBatchPath) {
           rel_error(got, linear_ref(xs, ws, with_bias ? &bs : nullptr, m, N, K, Activation::kRelu)),
           tolerance(DType::kF32))
           << "M=" << m << " bias=" << with_bias;
-#ifdef OPS_CUDA_VARIANT
-      if (with_bias && m <= 8) {
-        const std::vector<float> row0(got.begin(), got.begin() + N);
-        if (m == 1) row0_alone = row0;
-        EXPECT_EQ(row0, row0_alone) << "row 0 changed with the batch size (M=" << m << ")";
-      }
-#endif
     }
   }
 }

@@ -19,16 +19,6 @@
 // queue (rare: one thread per stream is the norm) take turns for the few
 // microseconds of the enqueue.
 //
-// Note [Small-batch linear]
-// For a few rows (M <= 8, f32, no activation or ReLU) linear_f32 skips
-// cuBLASLt: one warp per output column reads its weight row once (float4
-// loads when aligned), dots it with every row of x and reduces by shuffles,
-// bias and ReLU fused. Such a GEMM is a matrix-vector product bound by
-// reading the weights; cuBLASLt's tiles leave most of the GPU idle there, and
-// its launch is dearer. Every row is summed in the same order whatever M is,
-// so a row's result does not depend on the batch it rode in (within the
-// small-M path). Accumulation is f32, as in cuBLASLt (CUBLAS_COMPUTE_32F).
-//
 // Elementwise kernels read and write T and compute in f32; layernorm and
 // softmax run one block per row with f32 block reductions.
 #include <cublasLt.h>
@@ -39,7 +29,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
-#include <type_traits>
 #include <unordered_map>
 #include <utility>
 
@@ -335,71 +324,6 @@ std::unique_ptr<Plan> make_plan(LtResource& r, const PlanKey& key) {
   return p;
 }
 
-constexpr int kSmallM = 8;          // rows at most for the small-batch path
-constexpr int kSmallWarps = 8;      // warps (output columns) per block
-
-// Note [Small-batch linear]. vec: K % 4 == 0 and x, w 16-byte aligned.
-template <bool kVec>
-__global__ void small_linear_f32_kernel(const float* __restrict__ x, const float* __restrict__ w,
-                                        const float* __restrict__ bias, float* __restrict__ y,
-                                        int m, int64_t n, int64_t k, bool relu) {
-  const int lane = threadIdx.x % 32;
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kSmallWarps + threadIdx.x / 32;
-  if (col >= n) return;
-  float acc[kSmallM];
-#pragma unroll
-  for (int r = 0; r < kSmallM; ++r) acc[r] = 0.f;
-  const float* wr = w + col * k;
-  if constexpr (kVec) {
-    const int64_t k4 = k / 4;
-    const auto* w4 = reinterpret_cast<const float4*>(wr);
-    for (int64_t i = lane; i < k4; i += 32) {
-      const float4 wv = __ldg(w4 + i);
-#pragma unroll
-      for (int r = 0; r < kSmallM; ++r) {
-        if (r < m) {
-          const float4 xv = __ldg(reinterpret_cast<const float4*>(x + r * k) + i);
-          acc[r] += wv.x * xv.x + wv.y * xv.y + wv.z * xv.z + wv.w * xv.w;
-        }
-      }
-    }
-  } else {
-    for (int64_t i = lane; i < k; i += 32) {
-      const float wv = __ldg(wr + i);
-#pragma unroll
-      for (int r = 0; r < kSmallM; ++r)
-        if (r < m) acc[r] += wv * __ldg(x + r * k + i);
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < kSmallM; ++r) {
-    float v = acc[r];
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-    if (lane == 0 && r < m) {
-      if (bias) v += __ldg(bias + col);
-      if (relu) v = fmaxf(v, 0.f);
-      y[r * n + col] = v;
-    }
-  }
-}
-
-// True if it ran the small-batch path (Note [Small-batch linear]).
-bool small_linear_f32(const float* x, const float* w, const float* bias, float* y, int64_t m,
-                      int64_t n, int64_t k, int64_t act, LaunchContext& ctx) {
-  if (m > kSmallM || (act != 0 && act != 1) || n > (int64_t{1} << 30)) return false;
-  const auto blocks = static_cast<unsigned>((n + kSmallWarps - 1) / kSmallWarps);
-  const bool vec = k % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(w) % 16 == 0;
-  if (vec)
-    small_linear_f32_kernel<true><<<blocks, kSmallWarps * 32, 0, ctx.stream()>>>(
-        x, w, bias, y, static_cast<int>(m), n, k, act == 1);
-  else
-    small_linear_f32_kernel<false><<<blocks, kSmallWarps * 32, 0, ctx.stream()>>>(
-        x, w, bias, y, static_cast<int>(m), n, k, act == 1);
-  FL_CUDA_CHECK_LAUNCH(ctx);
-  return true;
-}
-
 template <typename T>
 void launch_activation(const T* x, T* y, int act, uint64_t n, LaunchContext& ctx) {
   activation_kernel<T><<<blocks_for(n, ctx), kThreads, 0, ctx.stream()>>>(x, y, act, n);
@@ -417,12 +341,6 @@ void linear(const KernelArgs& a, LaunchContext& ctx) {
   const void* bias = a.ptrs[2];
   void* y = a.ptrs[3];
   FL_CHECK_ARG(x && w && y, "[kernel linear] a tensor pointer is null");
-  if constexpr (std::is_same_v<T, float>) {
-    if (small_linear_f32(static_cast<const float*>(x), static_cast<const float*>(w),
-                         static_cast<const float*>(bias), static_cast<float*>(y), M, N, K, act,
-                         ctx))
-      return;
-  }
   cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_DEFAULT;
   if (act == 1)
     epi = bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU;
