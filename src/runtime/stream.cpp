@@ -238,6 +238,17 @@ std::shared_ptr<backend::CommandBuffer> StreamState::after_encode() {
   return nullptr;
 }
 
+void StreamState::stop_recording() {
+  recording_ = false;
+  not_recording_.notify_all();
+}
+
+void StreamState::wait_after_encode(const std::shared_ptr<backend::CommandBuffer>& cb) {
+  if (!cb) return;
+  cb->wait_until_completed();
+  rethrow_error();
+}
+
 void StreamState::dispatch(const backend::Pipeline& pipeline, const backend::KernelArgs& args) {
   std::shared_ptr<backend::CommandBuffer> wait_for;
   {
@@ -259,10 +270,7 @@ void StreamState::dispatch(const backend::Pipeline& pipeline, const backend::Ker
     kernels_total_.fetch_add(1, std::memory_order_relaxed);
     wait_for = after_encode();
   }
-  if (wait_for) {
-    wait_for->wait_until_completed();
-    rethrow_error();
-  }
+  wait_after_encode(wait_for);
 }
 
 void StreamState::replay(const backend::CommandList& list) {
@@ -280,10 +288,7 @@ void StreamState::replay(const backend::CommandList& list) {
     kernels_total_.fetch_add(list.kernel_count(), std::memory_order_relaxed);
     wait_for = after_encode();
   }
-  if (wait_for) {
-    wait_for->wait_until_completed();
-    rethrow_error();
-  }
+  wait_after_encode(wait_for);
 }
 
 void StreamState::begin_recording() {
@@ -296,8 +301,7 @@ void StreamState::begin_recording() {
     try {
       last = commit_locked();
     } catch (...) {
-      recording_ = false;
-      not_recording_.notify_all();
+      stop_recording();
       throw;
     }
   }
@@ -311,8 +315,7 @@ void StreamState::begin_recording() {
     EncodingLock::Guard guard(encoding_lock_);
     recorder_ = queue_->new_recorder();
   } catch (...) {
-    recording_ = false;
-    not_recording_.notify_all();
+    stop_recording();
     throw;
   }
 }
@@ -322,8 +325,7 @@ std::unique_ptr<backend::CommandList> StreamState::end_recording() {
   FL_INTERNAL_CHECK(recording_ && recording_thread_ == std::this_thread::get_id() && recorder_,
                     "end_recording without a recording on this thread");
   auto recorder = std::move(recorder_);
-  recording_ = false;
-  not_recording_.notify_all();
+  stop_recording();
   EncodingLock::Guard guard(encoding_lock_);
   return recorder->finish();  // a throw destroys the recorder, which ends it
 }
@@ -332,8 +334,7 @@ void StreamState::abort_recording() {
   MutexLock lock(mu_);
   if (!recording_ || recording_thread_ != std::this_thread::get_id()) return;
   recorder_.reset();
-  recording_ = false;
-  not_recording_.notify_all();
+  stop_recording();
 }
 
 void StreamState::commit() {

@@ -65,6 +65,10 @@ class StreamState {
   void wait_not_recording(const char* api) FL_REQUIRES(mu_);
   // Applies the sync mode after an encode; returns a buffer to wait for.
   std::shared_ptr<backend::CommandBuffer> after_encode() FL_REQUIRES(mu_);
+  // kCommitAndWait, outside the lock: waits for `cb` (if any), rethrows.
+  void wait_after_encode(const std::shared_ptr<backend::CommandBuffer>& cb) FL_EXCLUDES(mu_);
+  // The recording is over (or never began): other threads' encodes go on.
+  void stop_recording() FL_REQUIRES(mu_);
   // `api` names the caller in the ShutDown error of a device shutting down.
   void ensure_buffer(const char* api) FL_REQUIRES(mu_);
   void ensure_encoder(const char* api) FL_REQUIRES(mu_);

@@ -71,18 +71,15 @@ void WorkloadOptions::validate() const {
                  batch, " or use --max-batch");
     FL_CHECK_ARG(dtype == DType::kF32, "[run] --batching runs f32 models only, not --dtype ",
                  flotilla::to_string(dtype));
-    FL_CHECK_ARG(batching.max_batch >= 1 && batching.max_batch <= 65536,
-                 "[run] --max-batch must be in 1..65536, not ", batching.max_batch);
-    FL_CHECK_ARG(batching.max_delay_us >= 0 && batching.max_delay_us <= 10000000,
-                 "[run] --max-delay-us must be in 0..10000000, not ", batching.max_delay_us);
-    FL_CHECK_ARG(batching.workers >= 1 && batching.workers <= 256,
-                 "[run] --queue-workers must be in 1..256, not ", batching.workers);
-    FL_CHECK_ARG(batching.window >= 1 && batching.window <= 4096,
-                 "[run] --window must be in 1..4096, not ", batching.window);
-    FL_CHECK_ARG(batching.pipeline_depth >= 1 && batching.pipeline_depth <= 64,
-                 "[run] --pipeline-depth must be in 1..64, not ", batching.pipeline_depth);
-    FL_CHECK_ARG(batching.spin_us >= 0 && batching.spin_us <= 1000000,
-                 "[run] --spin-us must be in 0..1000000, not ", batching.spin_us);
+    const auto in_range = [](const char* flag, int64_t v, int64_t lo, int64_t hi) {
+      FL_CHECK_ARG(v >= lo && v <= hi, "[run] ", flag, " must be in ", lo, "..", hi, ", not ", v);
+    };
+    in_range("--max-batch", batching.max_batch, 1, 65536);
+    in_range("--max-delay-us", batching.max_delay_us, 0, 10000000);
+    in_range("--queue-workers", batching.workers, 1, 256);
+    in_range("--window", batching.window, 1, 4096);
+    in_range("--pipeline-depth", batching.pipeline_depth, 1, 64);
+    in_range("--spin-us", batching.spin_us, 0, 1000000);
   } else {
     FL_CHECK_ARG(batching.window == 1,
                  "[run] --window keeps several requests in flight through the BatchQueue; "
