@@ -316,17 +316,15 @@ void BatchQueue::run_batch(detail::Lane& lane) {
 // is most of a small batch's host time. A batch of B rows runs as the
 // smallest recorded size R >= B, with rows B..R of the staging zeroed (rows
 // are independent, so the padding changes no result; its outputs are not
-// read). The first batch of a size runs eagerly once before it is recorded,
-// so that lazily made resources (cuBLASLt plans, workspaces, cached blocks)
-// exist before the capture. A recording that fails (the model threw) fails
-// that batch only; the next batch of that size tries again.
+// read). The first batch of a size runs eagerly (that run is its result,
+// not replayed) and is then recorded, so that lazily made resources
+// (cuBLASLt plans, workspaces, cached blocks) exist before the capture. A recording that fails (the
+// model threw) fails that batch only; the next batch of that size tries again.
 void BatchQueue::encode_batch(detail::Lane& lane, detail::Slot& slot, int64_t rows) {
   Stream stream = lane.stream;
-  const size_t in_row = static_cast<size_t>(in_) * sizeof(float);
-  const size_t out_row = static_cast<size_t>(out_) * sizeof(float);
+  const size_t in_bytes = static_cast<size_t>(rows * in_) * sizeof(float);
+  const size_t out_bytes = static_cast<size_t>(rows * out_) * sizeof(float);
   Tensor x = Tensor::empty({rows, in_}, DType::kF32, stream);
-  const size_t in_bytes = static_cast<size_t>(rows) * in_row;
-  const size_t out_bytes = static_cast<size_t>(rows) * out_row;
   stream.dispatch(lane.copy_for(in_bytes),
                   backend::KernelArgs().ptr(x.data()).ptr(slot.input->device_ptr()).size(in_bytes));
   Tensor y = model_(stream, x);
@@ -358,11 +356,14 @@ void BatchQueue::launch_batch(detail::Lane& lane) {
       std::memset(packed + static_cast<size_t>(b) * in_row, 0,
                   static_cast<size_t>(rows - b) * in_row);
       Recording& rec = slot.recorded[bucket];
-      if (!rec.valid()) {
-        encode_batch(lane, slot, rows);  // warm-up: this batch's result, computed eagerly
+      if (rec.valid()) {
+        stream.replay(rec);
+      } else {
+        // The warm-up computes this batch: record() drains the stream before
+        // it records, so the output is in staging and nothing is replayed.
+        encode_batch(lane, slot, rows);
         rec = stream.record([&, rows = rows] { encode_batch(lane, slot, rows); });
       }
-      stream.replay(rec);
     } else {
       encode_batch(lane, slot, b);
     }
