@@ -48,10 +48,7 @@ void QueueCore::finish(Request& r, RequestStatus status, const float* row, std::
 }
 
 void QueueCore::refuse(Request& r, RequestStatus status, std::exception_ptr err) {
-  {
-    MutexLock in(inbox_mu_);
-    r.id = next_id_++;
-  }
+  if (r.id == 0) r.id = next_id_.fetch_add(1, std::memory_order_relaxed);
   const bool won = r.move(RequestStatus::kQueued, status);
   FL_INTERNAL_CHECK(won, "new request ", r.id, " was not queued");
   finish(r, status, nullptr, std::move(err));
@@ -70,21 +67,56 @@ bool QueueCore::reserve_room(size_t* before) {
 
 void QueueCore::left_fifo(size_t n) { queued_.fetch_sub(n, std::memory_order_relaxed); }
 
-void QueueCore::take_inbox(Request* next) {
-  std::vector<std::shared_ptr<Request>> in;
-  {
-    MutexLock lock(inbox_mu_, kSpinFirst);
-    // `next` gets its id in the same step: every id in the inbox is smaller,
-    // every later one larger, so the FIFO stays in id order.
-    if (next) next->id = next_id_++;
-    if (inbox_.empty()) return;
-    in.swap(inbox_);
-    inbox_.reserve(in.capacity());
-  }
-  for (auto& r : in) {
-    if (r->deadline != Clock::kNever) deadlines_.emplace(r->deadline, r->id);
+bool QueueCore::push_inbox(const std::shared_ptr<Request>& r) {
+  r->inbox_ref = r;
+  uintptr_t head = inbox_head_.load(std::memory_order_relaxed);
+  do {
+    if (head == kInboxClosed) {
+      r->inbox_ref.reset();
+      return false;
+    }
+    r->inbox_next = reinterpret_cast<Request*>(head);
+    // seq_cst: publishes the request (release) and orders the push before
+    // the read of leader_waiting_ that follows it (Note [Inbox]).
+  } while (!inbox_head_.compare_exchange_weak(head, reinterpret_cast<uintptr_t>(r.get()),
+                                              std::memory_order_seq_cst,
+                                              std::memory_order_relaxed));
+  return true;
+}
+
+void QueueCore::insert_fifo(std::shared_ptr<Request> r) {
+  if (r->deadline != Clock::kNever) deadlines_.emplace(r->deadline, r->id);
+  if (fifo_.empty() || fifo_.back()->id < r->id) {
     fifo_.push_back(std::move(r));
+    return;
   }
+  // Overtaken between its id and its push (Note [Inbox]): rare, and near the back.
+  auto it = fifo_.end();
+  while (it != fifo_.begin() && (*(it - 1))->id > r->id) --it;
+  fifo_.insert(it, std::move(r));
+}
+
+void QueueCore::take_inbox() {
+  uintptr_t head = inbox_head_.load(std::memory_order_seq_cst);
+  do {
+    if (head == 0 || head == kInboxClosed) return;
+  } while (!inbox_head_.compare_exchange_weak(head, 0, std::memory_order_seq_cst,
+                                              std::memory_order_seq_cst));
+  move_to_fifo(head);
+}
+
+void QueueCore::move_to_fifo(uintptr_t head) {
+  if (head == 0 || head == kInboxClosed) return;
+  // The stack holds the newest first: collect, then insert oldest first.
+  taken_.clear();
+  for (auto* r = reinterpret_cast<Request*>(head); r != nullptr; r = r->inbox_next)
+    taken_.push_back(r);
+  for (auto it = taken_.rbegin(); it != taken_.rend(); ++it) {
+    Request& r = **it;
+    r.inbox_next = nullptr;
+    insert_fifo(std::move(r.inbox_ref));
+  }
+  taken_.clear();
   max_depth_ = std::max(max_depth_, fifo_.size());
 }
 
@@ -111,32 +143,23 @@ void QueueCore::submit(const std::shared_ptr<Request>& r) {
   const Clock::time_point now = clock_->now();
   r->enqueued = now;
   // The fast path (Note [Inbox]): room, a live queue and a future deadline.
-  bool queued = false, wake = false;
-  {
-    MutexLock in(inbox_mu_, kSpinFirst);
-    ++submitted_;
-    size_t before = 0;  // requests queued before this one
-    if (!inbox_closed_ && r->deadline > now && reserve_room(&before)) {
-      r->id = next_id_++;
-      inbox_.push_back(r);
-      queued = true;
-      // seq_cst: pairs with the leader's store before its last look at the
-      // inbox (Note [Inbox]), so one of the two sees the other. A spinning
-      // leader needs no wake-up: it watches queued_, and looks at the inbox
-      // again after its spin (Note [Spinning workers]).
+  size_t before = 0;  // requests queued before this one
+  if (r->deadline > now && reserve_room(&before)) {
+    r->id = next_id_.fetch_add(1, std::memory_order_relaxed);
+    if (push_inbox(r)) {
+      // A spinning leader needs no wake-up: it watches queued_, and looks at
+      // the inbox again after its spin (Note [Spinning workers]).
       if (leader_waiting_.load(std::memory_order_seq_cst) &&
-          !leader_spinning_.load(std::memory_order_seq_cst))
-        wake = before == 0 || before + 1 >= static_cast<size_t>(options_.max_batch) ||
-               r->deadline < leader_wake_.load(std::memory_order_relaxed);
+          !leader_spinning_.load(std::memory_order_seq_cst) &&
+          (before == 0 || before + 1 >= static_cast<size_t>(options_.max_batch) ||
+           r->deadline < leader_wake_.load(std::memory_order_relaxed))) {
+        MutexLock lock(mu_);
+        bump_events();
+        work_cv_.notify_one();  // only the leader waits there
+      }
+      return;
     }
-  }
-  if (queued) {
-    if (wake) {
-      MutexLock lock(mu_);
-      bump_events();
-      work_cv_.notify_one();  // only the leader waits there
-    }
-    return;
+    left_fifo(1);  // the inbox is closed: give the room back; the slow path refuses it
   }
   submit_slow(r, now);
 }
@@ -188,11 +211,11 @@ void QueueCore::submit_slow(const std::shared_ptr<Request>& r, Clock::time_point
                         " requests) until the request's deadline; give it a later deadline, "
                         "raise capacity or add workers"))));
   }
-  // Its id, and the inbox moved into the FIFO ahead of it, in one step; under
-  // mu_, so no later id reaches the FIFO before it.
-  take_inbox(r.get());
-  fifo_.push_back(r);
-  if (deadline != Clock::kNever) deadlines_.emplace(deadline, r->id);
+  // Its id now that it enters (a blocked request waited without one); the
+  // inbox was moved into the FIFO ahead of it just above.
+  FL_INTERNAL_CHECK(r->id == 0, "request ", r->id, " entered the slow path with an id");
+  r->id = next_id_.fetch_add(1, std::memory_order_relaxed);
+  insert_fifo(r);
   max_depth_ = std::max(max_depth_, fifo_.size());
   bump_events();
   // Wake the leader only when its decision may change: a first request, a
@@ -390,11 +413,9 @@ void QueueCore::complete_batch(Batch& batch, std::exception_ptr error, const flo
 void QueueCore::stop(ShutdownMode mode) {
   MutexLock lock(mu_);
   stopping_ = true;
-  {
-    MutexLock in(inbox_mu_);
-    inbox_closed_ = true;  // later submits take the slow path, which sees stopping_
-  }
-  take_inbox();
+  // Close the inbox and take what it holds: later pushes fail and take the
+  // slow path, which sees stopping_ (Note [Inbox]).
+  move_to_fifo(inbox_head_.exchange(kInboxClosed, std::memory_order_seq_cst));
   if (mode == ShutdownMode::kCancel) {
     while (!fifo_.empty()) {
       std::shared_ptr<Request> r = std::move(fifo_.front());
@@ -435,10 +456,7 @@ void QueueCore::fill(BatchQueueMetrics& m) const {
   m.workers = options_.workers;
   m.depth = queued_.load(std::memory_order_relaxed);  // the FIFO and the inbox
   m.max_depth = max_depth_;
-  {
-    MutexLock in(inbox_mu_);
-    m.submitted = submitted_;
-  }
+  m.submitted = next_id_.load(std::memory_order_relaxed) - 1;
   recorder_.fill(m);  // lock order: mu_, then the recorder's leaf mutex
 }
 
