@@ -80,30 +80,17 @@ RequestStatus RequestHandle::status() const {
   return need(req_, "RequestHandle::status").status.load(std::memory_order_acquire);
 }
 
-bool RequestHandle::done() const {
-  detail::Request& r = need(req_, "RequestHandle::done");
-  MutexLock lock(r.mu);
-  return r.done;
-}
+bool RequestHandle::done() const { return need(req_, "RequestHandle::done").done.is_set(); }
 
-void RequestHandle::wait() const {
-  detail::Request& r = need(req_, "RequestHandle::wait");
-  r.spin_for_done();
-  MutexLock lock(r.mu);
-  r.done_cv.wait(r.mu, [&]() FL_REQUIRES(r.mu) { return r.done; });
-}
+void RequestHandle::wait() const { need(req_, "RequestHandle::wait").wait_done(); }
 
 bool RequestHandle::wait_for(std::chrono::steady_clock::duration timeout) const {
-  detail::Request& r = need(req_, "RequestHandle::wait_for");
-  MutexLock lock(r.mu);
-  return r.done_cv.wait_for(r.mu, timeout, [&]() FL_REQUIRES(r.mu) { return r.done; });
+  return need(req_, "RequestHandle::wait_for").done.wait_for(timeout);
 }
 
 std::vector<float> RequestHandle::get() {
   detail::Request& r = need(req_, "RequestHandle::get");
-  r.spin_for_done();
-  MutexLock lock(r.mu);
-  r.done_cv.wait(r.mu, [&]() FL_REQUIRES(r.mu) { return r.done; });
+  r.wait_done();  // then the result is the handle's to read (Note [Request result])
   FL_CHECK_STATE(!r.taken, "[RequestHandle::get] called twice on request ", r.id,
                  "; get() hands the result over once, as std::future does");
   r.taken = true;

@@ -16,18 +16,14 @@ int64_t micros(Clock::duration d) {
 }  // namespace
 
 void Request::finish(const float* row, std::exception_ptr err) {
-  MutexLock lock(mu);
-  FL_INTERNAL_CHECK(!done, "request ", id, " completed twice (Note [Exactly once])");
+  FL_INTERNAL_CHECK(!done.is_set(), "request ", id, " completed twice (Note [Exactly once])");
   if (!err) std::copy(row, row + output.size(), output.begin());
   error = std::move(err);
-  done = true;
-  done_hint.store(true, std::memory_order_release);
-  done_cv.notify_all();
+  done.set();  // Note [Request result]
 }
 
-bool Request::spin_for_done() const {
-  return ::flotilla::detail::spin_until([&] { return done_hint.load(std::memory_order_acquire); },
-                                        spin);
+void Request::wait_done() const {
+  if (!::flotilla::detail::spin_until([&] { return done.is_set(); }, spin)) done.wait();
 }
 
 QueueCore::QueueCore(const BatchQueueOptions& options, std::shared_ptr<Clock> clock)
@@ -228,7 +224,7 @@ void QueueCore::submit_slow(const std::shared_ptr<Request>& r, Clock::time_point
 }
 
 std::shared_ptr<Request> QueueCore::remove(uint64_t id) {
-  // The FIFO is in id order (ids are given under mu_ as requests are pushed).
+  // The FIFO is in id order (take_inbox and insert_fifo keep it so, Note [Inbox]).
   auto it =
       std::lower_bound(fifo_.begin(), fifo_.end(), id,
                        [](const std::shared_ptr<Request>& r, uint64_t v) { return r->id < v; });

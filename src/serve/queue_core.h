@@ -46,6 +46,7 @@
 #include <utility>
 #include <vector>
 
+#include "flotilla/common/done_flag.h"
 #include "flotilla/common/sync.h"
 #include "flotilla/serve/batch_queue.h"
 #include "serve/metrics_recorder.h"
@@ -90,18 +91,21 @@ struct Request {
 
   // Sets the result (`row`, out_features values, or the error `err`) and
   // wakes the handle. Exactly once.
-  void finish(const float* row, std::exception_ptr err) FL_EXCLUDES(mu);
-  // Spins up to `spin` for the result (without the lock); true if it is in.
-  bool spin_for_done() const;
+  void finish(const float* row, std::exception_ptr err);
+  // Spins up to `spin`, then sleeps, until the result is in.
+  void wait_done() const;
 
-  mutable Mutex mu;  // guards the result below
-  CondVar done_cv;   // signalled (under mu) when done becomes true
-  bool done FL_GUARDED_BY(mu) = false;
-  // A copy of `done` for spinning waiters; set (release) under mu with it.
-  std::atomic<bool> done_hint{false};
-  bool taken FL_GUARDED_BY(mu) = false;         // get() has handed the result over
-  std::vector<float> output FL_GUARDED_BY(mu);  // sized at construction
-  std::exception_ptr error FL_GUARDED_BY(mu);
+  // Note [Request result]: `output` and `error` are written only by finish(),
+  // before it sets `done` (release); the handle reads them only after it saw
+  // `done` set (acquire), so they need no lock. No mutex per request: a
+  // batch completes its rows with one atomic exchange each, and a futex
+  // wake-up only for a client asleep in get().
+  DoneFlag done;
+  std::vector<float> output;  // sized at construction
+  std::exception_ptr error;
+  // get() has handed the result over; the handle's owner's alone (a handle
+  // has one owner at a time).
+  bool taken = false;
 };
 
 // Requests picked for one batch, in FIFO order, all kRunning.

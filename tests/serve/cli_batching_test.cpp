@@ -55,11 +55,18 @@ TEST(CliBatching, RunMergesRequestsAndEveryOutputIsRight) {
 }
 
 TEST(CliBatching, CatchesACorruptedOutput) {
-  const auto r =
-      run_cli("run --batching --threads 4 --requests 100 --corrupt-every 10 --json", "2>/dev/null");
-  EXPECT_EQ(r.exit_code, 1) << "a wrong result must fail the run: " << r.out;
-  const auto j = nlohmann::json::parse(r.out);
-  EXPECT_EQ(j["wrong_results"], 10);
+  // Closed loop, and with windows (whose client checks the queue's output in
+  // place): each path has its own check call.
+  for (const char* window : {"", " --window 8"}) {
+    const auto r =
+        run_cli(std::string("run --batching --threads 4 --requests 100 --corrupt-every 10 "
+                            "--json") +
+                    window,
+                "2>/dev/null");
+    EXPECT_EQ(r.exit_code, 1) << "a wrong result must fail the run" << window << ": " << r.out;
+    const auto j = nlohmann::json::parse(r.out);
+    EXPECT_EQ(j["wrong_results"], 10) << window;
+  }
 }
 
 TEST(CliBatching, BadOptionsEndWithOneLine) {

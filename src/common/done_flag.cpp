@@ -1,0 +1,69 @@
+#include "flotilla/common/done_flag.h"
+
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <climits>
+#include <ctime>
+
+namespace flotilla {
+
+static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t) &&
+                  std::atomic<uint32_t>::is_always_lock_free,
+              "a futex needs the atomic word to be a plain 32-bit word");
+
+namespace {
+
+uint32_t* futex_word(std::atomic<uint32_t>& w) { return reinterpret_cast<uint32_t*>(&w); }
+
+}  // namespace
+
+void DoneFlag::set() noexcept {
+  if (word_.exchange(kSet, std::memory_order_acq_rel) == kSleeping)
+    (void)syscall(SYS_futex, futex_word(word_), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+}
+
+void DoneFlag::sleep(const std::chrono::steady_clock::time_point* deadline) const noexcept {
+  timespec ts{};
+  timespec* timeout = nullptr;
+  if (deadline) {
+    const auto left = *deadline - std::chrono::steady_clock::now();
+    if (left <= std::chrono::steady_clock::duration::zero()) return;
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
+    ts.tv_sec = static_cast<time_t>(ns / 1000000000);
+    ts.tv_nsec = static_cast<long>(ns % 1000000000);
+    timeout = &ts;
+  }
+  // Relative timeout; EAGAIN (the word changed), EINTR and ETIMEDOUT all
+  // just return: the caller looks at the word again.
+  (void)syscall(SYS_futex, futex_word(word_), FUTEX_WAIT_PRIVATE, kSleeping, timeout, nullptr, 0);
+}
+
+void DoneFlag::wait() const noexcept {
+  uint32_t w = word_.load(std::memory_order_acquire);
+  while (w != kSet) {
+    // Note [DoneFlag states]: announce the sleep, then sleep on kSleeping.
+    if (w == kClear && !word_.compare_exchange_weak(w, kSleeping, std::memory_order_acquire,
+                                                    std::memory_order_acquire))
+      continue;
+    sleep(nullptr);
+    w = word_.load(std::memory_order_acquire);
+  }
+}
+
+bool DoneFlag::wait_for(std::chrono::steady_clock::duration timeout) const noexcept {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  uint32_t w = word_.load(std::memory_order_acquire);
+  while (w != kSet) {
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    if (w == kClear && !word_.compare_exchange_weak(w, kSleeping, std::memory_order_acquire,
+                                                    std::memory_order_acquire))
+      continue;
+    sleep(&deadline);
+    w = word_.load(std::memory_order_acquire);
+  }
+  return true;
+}
+
+}  // namespace flotilla
