@@ -26,6 +26,12 @@ void Request::wait_done() const {
   if (!::flotilla::detail::spin_until([&] { return done.is_set(); }, spin)) done.wait();
 }
 
+namespace {
+std::atomic<void (*)()> g_before_push{nullptr};  // set_before_push_hook_for_testing
+}  // namespace
+
+void set_before_push_hook_for_testing(void (*hook)()) { g_before_push.store(hook); }
+
 QueueCore::QueueCore(const BatchQueueOptions& options, std::shared_ptr<Clock> clock)
     : options_(options),
       clock_(std::move(clock)),
@@ -50,13 +56,10 @@ void QueueCore::refuse(Request& r, RequestStatus status, std::exception_ptr err)
   finish(r, status, nullptr, std::move(err));
 }
 
-bool QueueCore::reserve_room(size_t* before) {
+bool QueueCore::reserve_room() {
   size_t q = queued_.load(std::memory_order_relaxed);
   while (q < options_.capacity) {
-    if (queued_.compare_exchange_weak(q, q + 1, std::memory_order_relaxed)) {
-      if (before) *before = q;
-      return true;
-    }
+    if (queued_.compare_exchange_weak(q, q + 1, std::memory_order_relaxed)) return true;
   }
   return false;
 }
@@ -139,16 +142,25 @@ void QueueCore::submit(const std::shared_ptr<Request>& r) {
   const Clock::time_point now = clock_->now();
   r->enqueued = now;
   // The fast path (Note [Inbox]): room, a live queue and a future deadline.
-  size_t before = 0;  // requests queued before this one
-  if (r->deadline > now && reserve_room(&before)) {
+  if (r->deadline > now && reserve_room()) {
     r->id = next_id_.fetch_add(1, std::memory_order_relaxed);
+    if (auto* hook = g_before_push.load(std::memory_order_relaxed)) hook();
     if (push_inbox(r)) {
-      // A spinning leader needs no wake-up: it watches queued_, and looks at
-      // the inbox again after its spin (Note [Spinning workers]).
+      // Wake the waiting leader only when its decision may change: it waits
+      // for a first request, the batch is full, or this deadline comes before
+      // the time it sleeps until; otherwise its timed wait (max_delay) ends by
+      // itself. What decides is the leader's own view (leader_waits_first_,
+      // set as it looked at the FIFO), not the count this submit saw when it
+      // took its room: another request may have been picked since. The
+      // exchange lets one submitter wake it, not every one that saw it
+      // waiting. A spinning leader needs no wake-up: it watches the inbox
+      // (Note [Spinning workers]).
       if (leader_waiting_.load(std::memory_order_seq_cst) &&
           !leader_spinning_.load(std::memory_order_seq_cst) &&
-          (before == 0 || before + 1 >= static_cast<size_t>(options_.max_batch) ||
-           r->deadline < leader_wake_.load(std::memory_order_relaxed))) {
+          (leader_waits_first_.load(std::memory_order_seq_cst) ||
+           queued_.load(std::memory_order_relaxed) >= static_cast<size_t>(options_.max_batch) ||
+           r->deadline < leader_wake_.load(std::memory_order_relaxed)) &&
+          leader_waiting_.exchange(false, std::memory_order_seq_cst)) {
         MutexLock lock(mu_);
         bump_events();
         work_cv_.notify_one();  // only the leader waits there
@@ -340,6 +352,7 @@ bool QueueCore::next_batch(Batch& batch) {
     const uint64_t seen = events_;
     // About to wait: say so, then look at the inbox once more (Note [Inbox]).
     leader_wake_.store(wake, std::memory_order_relaxed);
+    leader_waits_first_.store(fifo_.empty(), std::memory_order_seq_cst);
     leader_waiting_.store(true, std::memory_order_seq_cst);
     const size_t before = fifo_.size();
     take_inbox();
@@ -356,9 +369,11 @@ bool QueueCore::next_batch(Batch& batch) {
           std::min<Clock::duration>(options_.spin_wait, wake - clock_->now());
       leader_spinning_.store(true, std::memory_order_seq_cst);
       lock.unlock();
+      // The inbox's head, not queued_: a submit counts itself in queued_
+      // before it pushes, and the look after the spin must find it.
       ::flotilla::detail::spin_until(
           [&] {
-            return queued_.load(std::memory_order_relaxed) != 0 ||
+            return inbox_head_.load(std::memory_order_relaxed) != 0 ||
                    events_hint_.load(std::memory_order_acquire) != seen;
           },
           limit);

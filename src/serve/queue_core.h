@@ -32,7 +32,7 @@
 // submit, and an idle worker spins for the leadership. A futex wake-up costs
 // the waker a system call and the sleeper several microseconds, both on the
 // way to the launch. While the leader spins, a submit does not wake it (it
-// sees leader_spinning_): the spin watches queued_, and the leader looks at
+// sees leader_spinning_): the spin watches the inbox, and the leader looks at
 // the inbox again under the lock when the spin ends, so none is missed.
 #pragma once
 
@@ -54,6 +54,11 @@
 namespace flotilla::serve::detail {
 
 class QueueCore;
+
+// Tests only: called by a fast-path submit between taking its room and id
+// and pushing onto the inbox (null: nothing), to hold a submitter in that
+// window on purpose. Set it while no queue is in use.
+void set_before_push_hook_for_testing(void (*hook)());
 
 struct Request {
   // Made by the submitting thread, outside the core's lock; `output` is
@@ -173,9 +178,8 @@ class QueueCore {
   void refuse(Request& r, RequestStatus status, std::exception_ptr err);
   // The part of submit() that takes mu_: refusals and waiting for room.
   void submit_slow(const std::shared_ptr<Request>& r, Clock::time_point now) FL_EXCLUDES(mu_);
-  // Counts one more queued request if that stays within capacity; `before`:
-  // how many were queued before it.
-  bool reserve_room(size_t* before = nullptr);
+  // Counts one more queued request if that stays within capacity.
+  bool reserve_room();
   // `n` requests left the FIFO.
   void left_fifo(size_t n);
   // Pushes `r` (with its id) onto the inbox; false once the inbox is closed
@@ -237,6 +241,9 @@ class QueueCore {
   // Requests queued (FIFO + inbox); reserve_room() keeps it <= capacity.
   std::atomic<size_t> queued_{0};
   std::atomic<bool> leader_waiting_{false};
+  // The waiting leader saw an empty FIFO: it waits for a first request, and
+  // any submit must wake it (else its wait ends only by a deadline).
+  std::atomic<bool> leader_waits_first_{false};
   // The leader is spinning for a submit (Note [Spinning workers]).
   std::atomic<bool> leader_spinning_{false};
   // A copy of leader_ for workers spinning for the leadership; written under

@@ -9,9 +9,11 @@
 #include <chrono>
 #include <latch>
 #include <map>
+#include <semaphore>
 #include <thread>
 
 #include "flotilla/nn/mlp.h"
+#include "serve/queue_core.h"
 #include "serve/serve_test_util.h"
 
 namespace flotilla::serve::test {
@@ -278,6 +280,60 @@ TEST(BatchQueueConcurrency, OverloadIsBoundedByCapacity) {
       EXPECT_EQ(m.max_depth, o.capacity) << "the producers never had to wait";
     }
   }
+}
+
+// A submitter held between taking its room and pushing (the hook) while the
+// request it counted ahead of it is picked and run: when it pushes, the one
+// worker is asleep waiting for a first request. Would catch a wake-up
+// decided by how many requests were queued when the submitter took its room
+// (that count is stale by then, and the request would sit in the inbox
+// until shutdown: the get() below would time out).
+std::atomic<bool> g_hold_armed{false};
+thread_local bool t_hold_me = false;
+std::binary_semaphore g_held{0}, g_release{0};
+void hold_at_push() {
+  if (t_hold_me && g_hold_armed.exchange(false)) {
+    g_held.release();
+    g_release.acquire();
+  }
+}
+
+TEST(BatchQueueConcurrency, ASubmitterOvertakenBeforeItsPushStillWakesTheWorker) {
+  auto device = make_device();
+  const TinyModel tiny(*device, 8, 4);
+  std::binary_semaphore model_may_run{0};
+  std::atomic<bool> block_next{true};
+  BatchQueueOptions o;
+  o.workers = 1;
+  o.max_batch = 8;
+  BatchQueue q(
+      *device, 8, 4,
+      [&](const Stream& s, const Tensor& x) {
+        if (block_next.exchange(false)) model_may_run.acquire();  // the first batch waits
+        return tiny(s, x);
+      },
+      o);
+  detail::set_before_push_hook_for_testing(&hold_at_push);
+  const std::vector<float> in(8, 0.5f);
+  RequestHandle w = q.submit(in);  // runs first, and blocks the worker in the model
+  while (q.metrics().depth != 0) std::this_thread::yield();
+  RequestHandle x = q.submit(in);  // queued behind w
+  g_hold_armed = true;
+  RequestHandle a;
+  std::thread late([&] {
+    t_hold_me = true;
+    a = q.submit(in);  // takes its room (x counted ahead of it), then is held
+  });
+  g_held.acquire();
+  model_may_run.release();  // w, then x, run; the worker then waits for a first request
+  EXPECT_NO_THROW(w.get());
+  EXPECT_NO_THROW(x.get());
+  std::this_thread::sleep_for(50ms);  // let the worker fall asleep
+  g_release.release();
+  late.join();
+  detail::set_before_push_hook_for_testing(nullptr);
+  ASSERT_TRUE(a.wait_for(10s)) << "the held submitter's request was left in the inbox";
+  EXPECT_NO_THROW(a.get());
 }
 
 // Real time, real threads: many clients, outputs against unbatched runs.
