@@ -8,9 +8,11 @@
 #include <functional>
 #include <latch>
 #include <nlohmann/json.hpp>
+#include <semaphore>
 #include <thread>
 
 #include "flotilla/nn/mlp.h"
+#include "serve/queue_core.h"
 #include "serve/serve_test_util.h"
 
 namespace flotilla::serve::test {
@@ -217,6 +219,75 @@ TEST_F(BatchQueueTest, CancellingTheOldestRestartsMaxDelayFromTheNext) {
   EXPECT_EQ(q.step(), 0u);
   clock_->advance(60us);
   EXPECT_EQ(q.step(), 1u);
+  expect_output(b, 1);
+}
+
+// A submitter overtaken between its id and its push (held there by the
+// test hook): its request goes to its id's place in the FIFO, ahead of the
+// later ones, where cancel() finds it. Would catch a FIFO that appends in
+// push order: cancel() looks a request up by id in a FIFO it assumes sorted,
+// and would fail an internal check (or cancel the wrong request); and the
+// batch would run b before a.
+std::binary_semaphore g_overtaken_held{0}, g_overtaken_go{0};
+thread_local bool t_overtaken_hold = false;
+void overtaken_hook() {
+  if (!t_overtaken_hold) return;
+  t_overtaken_hold = false;
+  g_overtaken_held.release();
+  g_overtaken_go.acquire();
+}
+
+TEST_F(BatchQueueTest, ARequestOvertakenBeforeItsPushKeepsItsPlaceInTheQueue) {
+  std::vector<uint64_t> order;  // ids completed, in order (manual mode: one thread)
+  BatchQueueOptions o = manual(4, 0us);
+  o.on_complete = [&](uint64_t id, RequestStatus) { order.push_back(id); };
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  detail::set_before_push_hook_for_testing(&overtaken_hook);
+  RequestHandle a, a2;
+  std::thread held([&] {
+    t_overtaken_hold = true;
+    a = q.submit(input(0));  // takes id 1, then waits at the push
+  });
+  g_overtaken_held.acquire();
+  auto b = q.submit(input(1));  // id 2, pushed
+  auto c = q.submit(input(2));  // id 3, pushed
+  EXPECT_TRUE(c.cancel());      // moves b into the FIFO, then cancels c
+  g_overtaken_go.release();
+  held.join();
+  detail::set_before_push_hook_for_testing(nullptr);
+  ASSERT_LT(a.id(), b.id());
+  std::thread held2([&] { a2 = q.submit(input(3)); });  // id 4, ordinary
+  held2.join();
+  EXPECT_EQ(q.step(), 3u) << "a, b and a2 in one batch";
+  ASSERT_EQ(order.size(), 4u);
+  EXPECT_EQ(order[0], c.id()) << "c was cancelled first";
+  EXPECT_EQ(order[1], a.id()) << "a keeps its place ahead of b";
+  EXPECT_EQ(order[2], b.id());
+  EXPECT_EQ(order[3], a2.id());
+  expect_output(a, 0);
+  expect_output(b, 1);
+  expect_output(a2, 3);
+}
+
+TEST_F(BatchQueueTest, CancellingARequestOvertakenBeforeItsPushFindsIt) {
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(4, 0us));
+  detail::set_before_push_hook_for_testing(&overtaken_hook);
+  RequestHandle a;
+  std::thread held([&] {
+    t_overtaken_hold = true;
+    a = q.submit(input(0));
+  });
+  g_overtaken_held.acquire();
+  auto b = q.submit(input(1));
+  auto c = q.submit(input(2));
+  EXPECT_TRUE(c.cancel());  // b is in the FIFO now
+  g_overtaken_go.release();
+  held.join();
+  detail::set_before_push_hook_for_testing(nullptr);
+  EXPECT_TRUE(a.cancel()) << "a is queued, behind nothing but in front of b";
+  EXPECT_EQ(q.step(), 1u);
+  EXPECT_EQ(rows_.load(), 1) << "only b runs";
+  EXPECT_EQ(outcome_of(a), Outcome::kCancelled);
   expect_output(b, 1);
 }
 
