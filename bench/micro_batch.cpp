@@ -9,6 +9,9 @@
 //     roundtrip_us  launch plus the wait for the fence (one batch in flight)
 //
 // The copies are the queue's: copy_pinned up to 64 KiB, copy_bytes above.
+//   batch/recorded_copy/R/C  the same, recorded, with one copy kernel for
+//     every size: C = 1 copy_pinned (a kernel on the mapped staging), 2
+//     copy_bytes (the copy engines): which copy a batch of R rows wants.
 // Runs on cuda when a GPU is found, else on cpu (--backend=cpu forces it).
 // Every benchmark repeats 3 times; read the median.
 #include <benchmark/benchmark.h>
@@ -40,11 +43,15 @@ struct Staging {
   std::unique_ptr<flotilla::backend::Buffer> in, out;
 };
 
-void encode(Stream s, const Staging& st, int64_t rows) {
+// copy_mode: 0 the queue's rule, 1 copy_pinned always, 2 copy_bytes always.
+void encode(Stream s, const Staging& st, int64_t rows, int64_t copy_mode) {
   const int64_t in = g_mlp->in_features(), out = g_mlp->out_features();
   const size_t in_bytes = static_cast<size_t>(rows * in) * 4,
                out_bytes = static_cast<size_t>(rows * out) * 4;
-  auto copy = [](size_t n) { return n <= 64 * 1024 ? "copy_pinned" : "copy_bytes"; };
+  auto copy = [copy_mode](size_t n) {
+    if (copy_mode != 0) return copy_mode == 1 ? "copy_pinned" : "copy_bytes";
+    return n <= 64 * 1024 ? "copy_pinned" : "copy_bytes";
+  };
   Tensor x = Tensor::empty({rows, in}, DType::kF32, s);
   s.dispatch(copy(in_bytes), KernelArgs().ptr(x.data()).ptr(st.in->device_ptr()).size(in_bytes));
   Tensor y = g_mlp->forward(s, x);
@@ -53,15 +60,16 @@ void encode(Stream s, const Staging& st, int64_t rows) {
 
 void BM_Batch(benchmark::State& state, bool recorded) {
   const int64_t rows = state.range(0);
+  const int64_t copy_mode = state.range(1);
   Stream s = g_dev->streams().at(1);
   Staging st;
   st.in = g_dev->driver().allocate_host(static_cast<size_t>(rows * g_mlp->in_features()) * 4);
   st.out = g_dev->driver().allocate_host(static_cast<size_t>(rows * g_mlp->out_features()) * 4);
   std::memset(st.in->host_ptr(), 0, st.in->size());
   Recording rec;
-  encode(s, st, rows);  // warm-up: plans, workspaces, cached blocks
+  encode(s, st, rows, copy_mode);  // warm-up: plans, workspaces, cached blocks
   s.synchronize();
-  if (recorded) rec = s.record([&] { encode(s, st, rows); });
+  if (recorded) rec = s.record([&] { encode(s, st, rows, copy_mode); });
   double launch = 0, total = 0;
   int64_t n = 0;
   for (auto _ : state) {
@@ -69,7 +77,7 @@ void BM_Batch(benchmark::State& state, bool recorded) {
     if (recorded)
       s.replay(rec);
     else
-      encode(s, st, rows);
+      encode(s, st, rows, copy_mode);
     flotilla::StreamFence f = s.fence();
     const auto t1 = Clock::now();
     f.wait();
@@ -112,15 +120,20 @@ int main(int argc, char** argv) {
     const bool rec = std::string(mode) == "recorded";
     benchmark::RegisterBenchmark((std::string("batch/") + mode).c_str(),
                                  [rec](benchmark::State& s) { BM_Batch(s, rec); })
-        ->Arg(1)
-        ->Arg(8)
-        ->Arg(64)
-        ->Arg(512)
+        ->Args({1, 0})
+        ->Args({8, 0})
+        ->Args({64, 0})
+        ->Args({512, 0})
         ->Repetitions(3)
         ->ReportAggregatesOnly(true)
         ->UseRealTime()
         ->MinTime(0.3);
   }
+  auto* copies = benchmark::RegisterBenchmark(
+      "batch/recorded_copy", [](benchmark::State& s) { BM_Batch(s, true); });
+  for (int64_t rows : {16, 32, 64, 128, 256, 512})
+    for (int64_t mode : {1, 2}) copies->Args({rows, mode});
+  copies->Repetitions(3)->ReportAggregatesOnly(true)->UseRealTime()->MinTime(0.3);
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
