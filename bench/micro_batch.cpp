@@ -129,8 +129,8 @@ int main(int argc, char** argv) {
         ->UseRealTime()
         ->MinTime(0.3);
   }
-  auto* copies = benchmark::RegisterBenchmark(
-      "batch/recorded_copy", [](benchmark::State& s) { BM_Batch(s, true); });
+  auto* copies = benchmark::RegisterBenchmark("batch/recorded_copy",
+                                              [](benchmark::State& s) { BM_Batch(s, true); });
   for (int64_t rows : {16, 32, 64, 128, 256, 512})
     for (int64_t mode : {1, 2}) copies->Args({rows, mode});
   copies->Repetitions(3)->ReportAggregatesOnly(true)->UseRealTime()->MinTime(0.3);
