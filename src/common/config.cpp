@@ -108,8 +108,6 @@ Config Config::from_env() {
     c.cuda_max_connections = parse_int("FLOTILLA_CUDA_MAX_CONNECTIONS", v, 0, 32);
   if (const char* v = get("FLOTILLA_CUDA_COMPLETION_THREADS"))
     c.cuda_completion_threads = parse_int("FLOTILLA_CUDA_COMPLETION_THREADS", v, 0, 64);
-  if (const char* v = get("FLOTILLA_CUDA_TUNE_GEMM"))
-    c.cuda_tune_gemm = parse_bool("FLOTILLA_CUDA_TUNE_GEMM", v);
   if (const char* v = get("FLOTILLA_ALLOCATOR_CACHING"))
     c.allocator_caching = parse_bool("FLOTILLA_ALLOCATOR_CACHING", v);
   c.validate();

@@ -32,10 +32,9 @@ class ScopedEnv {
   std::optional<std::string> old_;
 };
 
-const char* const kVars[] = {"FLOTILLA_POOL_SIZE",     "FLOTILLA_POLICY",
-                             "FLOTILLA_SYNC_MODE",     "FLOTILLA_ENCODING_LOCK",
-                             "FLOTILLA_CPU_THREADS",   "FLOTILLA_ALLOCATOR_CACHING",
-                             "FLOTILLA_CUDA_TUNE_GEMM"};
+const char* const kVars[] = {"FLOTILLA_POOL_SIZE",   "FLOTILLA_POLICY",
+                             "FLOTILLA_SYNC_MODE",   "FLOTILLA_ENCODING_LOCK",
+                             "FLOTILLA_CPU_THREADS", "FLOTILLA_ALLOCATOR_CACHING"};
 
 // Clears the FLOTILLA_* variables for each test (CI sets some, such as
 // FLOTILLA_ALLOCATOR_CACHING) and restores them afterwards.
@@ -66,7 +65,6 @@ TEST_F(ConfigTest, DefaultsWithoutVariables) {
   EXPECT_EQ(c.encoding_lock, d.encoding_lock);
   EXPECT_EQ(c.cpu_exec_threads, d.cpu_exec_threads);
   EXPECT_EQ(c.allocator_caching, d.allocator_caching);
-  EXPECT_EQ(c.cuda_tune_gemm, d.cuda_tune_gemm);
 }
 
 TEST_F(ConfigTest, ReadsEveryVariable) {
@@ -76,7 +74,6 @@ TEST_F(ConfigTest, ReadsEveryVariable) {
   ScopedEnv d("FLOTILLA_ENCODING_LOCK", "on");
   ScopedEnv e("FLOTILLA_CPU_THREADS", "3");
   ScopedEnv f("FLOTILLA_ALLOCATOR_CACHING", "off");
-  ScopedEnv g("FLOTILLA_CUDA_TUNE_GEMM", "1");
   const Config cfg = Config::from_env();
   EXPECT_EQ(cfg.pool_size, 8);
   EXPECT_EQ(cfg.policy, StreamPolicy::kExclusive);
@@ -84,7 +81,6 @@ TEST_F(ConfigTest, ReadsEveryVariable) {
   EXPECT_EQ(cfg.encoding_lock, EncodingLockMode::kOn);
   EXPECT_EQ(cfg.cpu_exec_threads, 3);
   EXPECT_FALSE(cfg.allocator_caching);
-  EXPECT_TRUE(cfg.cuda_tune_gemm);
 }
 
 // Each bad value throws InvalidArgument whose message names the variable and
@@ -118,8 +114,7 @@ INSTANTIATE_TEST_SUITE_P(
                       BadValue{"FLOTILLA_ENCODING_LOCK", "maybe"},
                       BadValue{"FLOTILLA_CPU_THREADS", "-1"},
                       BadValue{"FLOTILLA_CPU_THREADS", "many"},
-                      BadValue{"FLOTILLA_ALLOCATOR_CACHING", "yes please"},
-                      BadValue{"FLOTILLA_CUDA_TUNE_GEMM", "fast"}),
+                      BadValue{"FLOTILLA_ALLOCATOR_CACHING", "yes please"}),
     [](const ::testing::TestParamInfo<BadValue>& info) {
       std::string name = std::string(info.param.var + 9) + "_" + std::to_string(info.index);
       return name;

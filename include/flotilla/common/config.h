@@ -69,13 +69,6 @@ struct Config {
   // Completion threads per CUDA device (they observe finished command
   // buffers and run handlers). 0: auto (2 with 8+ cores, else 1).
   int cuda_completion_threads = 0;
-  // Choose each cuBLASLt matmul's algorithm by timing (Note [Tuned GEMMs] in
-  // src/backend/cuda/nn_kernels.cu): the first linear of a shape on a device
-  // times the heuristic's candidates on its stream (a few milliseconds, with
-  // a wait for that stream) and every stream of the device then uses the
-  // fastest. Off by default: the choice depends on timing, so two processes
-  // may pick different algorithms and differ in the last bits.
-  bool cuda_tune_gemm = false;
 
   // Events.
   int event_pool_size = 64;  // events kept for reuse per device
@@ -85,9 +78,8 @@ struct Config {
 
   // Reads FLOTILLA_POOL_SIZE, FLOTILLA_POLICY, FLOTILLA_SYNC_MODE,
   // FLOTILLA_ENCODING_LOCK, FLOTILLA_CPU_THREADS, FLOTILLA_ALLOCATOR_CACHING,
-  // FLOTILLA_CUDA_MAX_CONNECTIONS, FLOTILLA_CUDA_COMPLETION_THREADS,
-  // FLOTILLA_CUDA_TUNE_GEMM over the defaults. Bad values throw InvalidArgument naming the
-  // variable.
+  // FLOTILLA_CUDA_MAX_CONNECTIONS, FLOTILLA_CUDA_COMPLETION_THREADS
+  // over the defaults. Bad values throw InvalidArgument naming the variable.
   static Config from_env();
 
   // Throws InvalidArgument if a field is out of range.

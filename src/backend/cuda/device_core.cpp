@@ -171,8 +171,8 @@ void CompletionWords::give(Word w) noexcept {
 
 // ---- DeviceCore -----------------------------------------------------------------------
 
-DeviceCore::DeviceCore(int index, const Config& config)
-    : index_(index), label_(detail::str_cat("cuda:", index)), tune_gemm_(config.cuda_tune_gemm) {
+DeviceCore::DeviceCore(int index, const Config&)
+    : index_(index), label_(detail::str_cat("cuda:", index)) {
   DeviceGuard guard(index_);
   // Creates the primary context now rather than at the first launch.
   FL_CUDA_CHECK_DEV(*this, cudaFree(nullptr));

@@ -129,7 +129,6 @@ class DeviceCore {
   int index() const { return index_; }
   const std::string& label() const { return label_; }  // "cuda:0"
   int sm_count() const { return sm_count_; }
-  bool tune_gemm() const { return tune_gemm_; }  // Config::cuda_tune_gemm
 
   // ---- Failure ----------------------------------------------------------------
   bool lost() const { return lost_.load(std::memory_order_acquire); }
@@ -191,7 +190,6 @@ class DeviceCore {
   const int index_;
   const std::string label_;
   int sm_count_ = 0;
-  const bool tune_gemm_;
 
   mutable Mutex mu_;
   std::exception_ptr error_ FL_GUARDED_BY(mu_);

@@ -19,19 +19,6 @@
 // queue (rare: one thread per stream is the norm) take turns for the few
 // microseconds of the enqueue.
 //
-// Note [Tuned GEMMs]
-// cuBLASLt's heuristic does not always put the fastest algorithm first: for
-// the seed MLP's layers at 8 to 128 rows on the H100 its first choice took
-// 1.2-1.7x the time of the fastest of its first eight (docs/PERF.md). With
-// Config::cuda_tune_gemm, making a plan asks for up to kTuneCandidates
-// algorithms and, the first time a shape is seen on a device, times each on
-// the calling stream (with the call's own pointers: the real matmul follows
-// on the same stream and overwrites y) and keeps the fastest in a
-// device-wide table, under one lock, so every stream of the device uses the
-// same algorithm and their results agree bit for bit. A stream that is
-// capturing (a recording) cannot be timed: it takes the heuristic's first
-// choice without entering it in the table, and a later eager call tunes.
-//
 // Elementwise kernels read and write T and compute in f32; layernorm and
 // softmax run one block per row with f32 block reductions.
 #include <cublasLt.h>
@@ -45,7 +32,6 @@
 #include <unordered_map>
 #include <utility>
 
-#include "backend/cuda/device_core.h"
 #include "backend/cuda/kernels.h"
 #include "flotilla/common/error.h"
 #include "flotilla/common/sync.h"
@@ -291,78 +277,9 @@ cudaDataType_t cuda_type(int dtype) {
   return dtype == 0 ? CUDA_R_32F : dtype == 1 ? CUDA_R_16F : CUDA_R_16BF;
 }
 
-// The tuned algorithm of each (device, plan key) (Note [Tuned GEMMs]).
-struct TunedKey {
-  int device;
-  PlanKey key;
-  bool operator==(const TunedKey& o) const { return device == o.device && key == o.key; }
-};
-struct TunedKeyHash {
-  size_t operator()(const TunedKey& k) const noexcept {
-    return PlanKeyHash{}(k.key) ^ static_cast<size_t>(k.device) * 0x9e3779b97f4a7c15ull;
-  }
-};
-Mutex g_tuned_mu;  // guards g_tuned, and serialises tuning (one shape at a time)
-std::unordered_map<TunedKey, cublasLtMatmulAlgo_t, TunedKeyHash> g_tuned FL_GUARDED_BY(g_tuned_mu);
-constexpr int kTuneCandidates = 8;
-
-// Two events for timing, destroyed however the tuning ends.
-struct TimingEvents {
-  cudaEvent_t start = nullptr, stop = nullptr;
-  ~TimingEvents() {
-    if (start) (void)cudaEventDestroy(start);
-    if (stop) (void)cudaEventDestroy(stop);
-  }
-};
-
-// The operands of the call that makes the plan, for tuning on them.
-struct Operands {
-  const void* w;
-  const void* x;
-  const void* bias;
-  void* y;
-};
-
-// Times each of `found` candidates on the caller's stream (Note [Tuned
-// GEMMs]); returns the index of the fastest, or 0 if none could be timed.
-int fastest(LtResource& r, Plan& p, const cublasLtMatmulHeuristicResult_t* cand, int found,
-            const Operands& op, LaunchContext& ctx) {
-  if (op.bias)
-    FL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                                                   &op.bias, sizeof(op.bias)));
-  TimingEvents ev;
-  FL_CUDA_CHECK_CTX(ctx, cudaEventCreate(&ev.start));
-  FL_CUDA_CHECK_CTX(ctx, cudaEventCreate(&ev.stop));
-  const float alpha = 1.f, beta = 0.f;
-  auto run = [&](int i) {
-    return cublasLtMatmul(r.handle, p.desc, &alpha, op.w, p.a, op.x, p.b, &beta, op.y, p.c, op.y,
-                          p.c, &cand[i].algo, r.workspace, kWorkspaceBytes,
-                          ctx.stream()) == CUBLAS_STATUS_SUCCESS;
-  };
-  int best = 0;
-  float best_ms = 0;
-  for (int i = 0; i < found; ++i) {
-    if (!run(i) || !run(i)) continue;  // warm up; an algorithm that refuses is skipped
-    constexpr int kReps = 10;
-    FL_CUDA_CHECK_CTX(ctx, cudaEventRecord(ev.start, ctx.stream()));
-    bool ok = true;
-    for (int k = 0; k < kReps && ok; ++k) ok = run(i);
-    FL_CUDA_CHECK_CTX(ctx, cudaEventRecord(ev.stop, ctx.stream()));
-    FL_CUDA_CHECK_CTX(ctx, cudaEventSynchronize(ev.stop));
-    float ms = 0;
-    FL_CUDA_CHECK_CTX(ctx, cudaEventElapsedTime(&ms, ev.start, ev.stop));
-    if (ok && (best_ms == 0 || ms < best_ms)) {
-      best = i;
-      best_ms = ms;
-    }
-  }
-  return best;
-}
-
 // Row-major y[M,N] = x[M,K] w[N,K]^T is column-major y^T[N,M] = w^T x^T:
 // A = w seen as column-major [K,N] (transposed), B = x as column-major [K,M].
-std::unique_ptr<Plan> make_plan(LtResource& r, const PlanKey& key, const Operands& op,
-                                LaunchContext& ctx) {
+std::unique_ptr<Plan> make_plan(LtResource& r, const PlanKey& key) {
   auto p = std::make_unique<Plan>();
   const cudaDataType_t t = cuda_type(key.dtype);
   FL_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
@@ -383,8 +300,7 @@ std::unique_ptr<Plan> make_plan(LtResource& r, const PlanKey& key, const Operand
   cublasLtMatmulPreference_t pref = nullptr;
   FL_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   const uint64_t ws = kWorkspaceBytes;
-  const bool tune = ctx.device_core().tune_gemm();
-  cublasLtMatmulHeuristicResult_t results[kTuneCandidates]{};
+  cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
   cublasStatus_t s1 = cublasLtMatmulPreferenceSetAttribute(
       pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
@@ -396,28 +312,15 @@ std::unique_ptr<Plan> make_plan(LtResource& r, const PlanKey& key, const Operand
   for (const auto& [attr, value] : aligns)
     if (s1 == CUBLAS_STATUS_SUCCESS)
       s1 = cublasLtMatmulPreferenceSetAttribute(pref, attr, &value, sizeof(value));
-  const cublasStatus_t s2 =
-      s1 == CUBLAS_STATUS_SUCCESS
-          ? cublasLtMatmulAlgoGetHeuristic(r.handle, p->desc, p->a, p->b, p->c, p->c, pref,
-                                           tune ? kTuneCandidates : 1, results, &found)
-          : s1;
+  const cublasStatus_t s2 = s1 == CUBLAS_STATUS_SUCCESS ? cublasLtMatmulAlgoGetHeuristic(
+                                                              r.handle, p->desc, p->a, p->b, p->c,
+                                                              p->c, pref, 1, &result, &found)
+                                                        : s1;
   (void)cublasLtMatmulPreferenceDestroy(pref);
   FL_CUBLAS_CHECK(s2);
   FL_CHECK_ARG(found > 0, "[kernel linear] cuBLASLt has no algorithm for M=", key.m, " N=", key.n,
                " K=", key.k, " dtype=", key.dtype, " epilogue=", key.epilogue);
-  p->algo = results[0].algo;
-  if (!tune || found == 1) return p;
-  MutexLock lock(g_tuned_mu);
-  const TunedKey tk{ctx.device(), key};
-  if (auto it = g_tuned.find(tk); it != g_tuned.end()) {
-    p->algo = it->second;
-    return p;
-  }
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  FL_CUDA_CHECK_CTX(ctx, cudaStreamIsCapturing(ctx.stream(), &capture));
-  if (capture != cudaStreamCaptureStatusNone) return p;  // a later eager call tunes
-  p->algo = results[fastest(r, *p, results, found, op, ctx)].algo;
-  g_tuned.emplace(tk, p->algo);
+  p->algo = result.algo;
   return p;
 }
 
@@ -452,8 +355,7 @@ void linear(const KernelArgs& a, LaunchContext& ctx) {
   {
     MutexLock lock(r.mu);
     auto it = r.plans.find(key);
-    if (it == r.plans.end())
-      it = r.plans.emplace(key, make_plan(r, key, Operands{w, x, bias, y}, ctx)).first;
+    if (it == r.plans.end()) it = r.plans.emplace(key, make_plan(r, key)).first;
     Plan& p = *it->second;
     if (bias)
       FL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
