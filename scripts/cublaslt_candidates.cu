@@ -6,23 +6,49 @@
 // Output of one run: docs/perf/h100-cublaslt-candidates.txt.
 #include <cublasLt.h>
 #include <cuda_runtime.h>
+
 #include <cstdio>
 #include <vector>
-#define CK(x) do { auto e_ = (x); if (e_ != 0) { std::printf("error %d at %s:%d\n", (int)e_, __FILE__, __LINE__); return 1; } } while (0)
+#define CK(x)                                                          \
+  do {                                                                 \
+    auto e_ = (x);                                                     \
+    if (e_ != 0) {                                                     \
+      std::printf("error %d at %s:%d\n", (int)e_, __FILE__, __LINE__); \
+      return 1;                                                        \
+    }                                                                  \
+  } while (0)
 int main() {
-  cublasLtHandle_t h; CK(cublasLtCreate(&h));
-  const size_t ws_bytes = 32 << 20; void* ws; CK(cudaMalloc(&ws, ws_bytes));
-  float *x, *w, *b, *y; CK(cudaMalloc(&x, 512 * 1024 * 4)); CK(cudaMalloc(&w, 1024 * 1024 * 4));
-  CK(cudaMalloc(&b, 1024 * 4)); CK(cudaMalloc(&y, 512 * 1024 * 4));
-  cudaMemset(x, 0, 512 * 1024 * 4); cudaMemset(w, 0, 1024 * 1024 * 4); cudaMemset(b, 0, 4096);
-  cudaStream_t s; cudaStreamCreate(&s);
-  cudaEvent_t e0, e1; cudaEventCreate(&e0); cudaEventCreate(&e1);
-  struct L { int n, k; cublasLtEpilogue_t epi; } layers[] = {{1024, 512, CUBLASLT_EPILOGUE_RELU_BIAS}, {1024, 1024, CUBLASLT_EPILOGUE_RELU_BIAS}, {512, 1024, CUBLASLT_EPILOGUE_BIAS}};
-  std::printf("%5s %5s %5s %4s %10s %10s %4s\n", "M", "N", "K", "algs", "first_us", "best_us", "best");
+  cublasLtHandle_t h;
+  CK(cublasLtCreate(&h));
+  const size_t ws_bytes = 32 << 20;
+  void* ws;
+  CK(cudaMalloc(&ws, ws_bytes));
+  float *x, *w, *b, *y;
+  CK(cudaMalloc(&x, 512 * 1024 * 4));
+  CK(cudaMalloc(&w, 1024 * 1024 * 4));
+  CK(cudaMalloc(&b, 1024 * 4));
+  CK(cudaMalloc(&y, 512 * 1024 * 4));
+  cudaMemset(x, 0, 512 * 1024 * 4);
+  cudaMemset(w, 0, 1024 * 1024 * 4);
+  cudaMemset(b, 0, 4096);
+  cudaStream_t s;
+  cudaStreamCreate(&s);
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  struct L {
+    int n, k;
+    cublasLtEpilogue_t epi;
+  } layers[] = {{1024, 512, CUBLASLT_EPILOGUE_RELU_BIAS},
+                {1024, 1024, CUBLASLT_EPILOGUE_RELU_BIAS},
+                {512, 1024, CUBLASLT_EPILOGUE_BIAS}};
+  std::printf("%5s %5s %5s %4s %10s %10s %4s\n", "M", "N", "K", "algs", "first_us", "best_us",
+              "best");
   for (int m : {1, 8, 16, 32, 64, 128, 256, 512}) {
     double sum_first = 0, sum_best = 0;
     for (auto& L : layers) {
-      cublasLtMatmulDesc_t d; CK(cublasLtMatmulDescCreate(&d, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+      cublasLtMatmulDesc_t d;
+      CK(cublasLtMatmulDescCreate(&d, CUBLAS_COMPUTE_32F, CUDA_R_32F));
       cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
       CK(cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
       CK(cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
@@ -32,28 +58,50 @@ int main() {
       CK(cublasLtMatrixLayoutCreate(&la, CUDA_R_32F, L.k, L.n, L.k));
       CK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_32F, L.k, m, L.k));
       CK(cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, L.n, m, L.n));
-      cublasLtMatmulPreference_t p; CK(cublasLtMatmulPreferenceCreate(&p));
-      uint64_t wsb = ws_bytes; CK(cublasLtMatmulPreferenceSetAttribute(p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb));
-      cublasLtMatmulHeuristicResult_t r[16]; int found = 0;
+      cublasLtMatmulPreference_t p;
+      CK(cublasLtMatmulPreferenceCreate(&p));
+      uint64_t wsb = ws_bytes;
+      CK(cublasLtMatmulPreferenceSetAttribute(p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb,
+                                              sizeof wsb));
+      cublasLtMatmulHeuristicResult_t r[16];
+      int found = 0;
       CK(cublasLtMatmulAlgoGetHeuristic(h, d, la, lb, lc, lc, p, 16, r, &found));
-      float alpha = 1, beta = 0; double first = 0, best = 1e30; int besti = -1;
+      float alpha = 1, beta = 0;
+      double first = 0, best = 1e30;
+      int besti = -1;
       for (int i = 0; i < found; ++i) {
         bool ok = true;
-        for (int j = 0; j < 3 && ok; ++j) ok = cublasLtMatmul(h, d, &alpha, w, la, x, lb, &beta, y, lc, y, lc, &r[i].algo, ws, ws_bytes, s) == 0;
+        for (int j = 0; j < 3 && ok; ++j)
+          ok = cublasLtMatmul(h, d, &alpha, w, la, x, lb, &beta, y, lc, y, lc, &r[i].algo, ws,
+                              ws_bytes, s) == 0;
         if (!ok) continue;
         const int iters = 200;
         cudaEventRecord(e0, s);
-        for (int j = 0; j < iters; ++j) cublasLtMatmul(h, d, &alpha, w, la, x, lb, &beta, y, lc, y, lc, &r[i].algo, ws, ws_bytes, s);
-        cudaEventRecord(e1, s); cudaEventSynchronize(e1);
-        float ms; cudaEventElapsedTime(&ms, e0, e1); double us = ms * 1000 / iters;
+        for (int j = 0; j < iters; ++j)
+          cublasLtMatmul(h, d, &alpha, w, la, x, lb, &beta, y, lc, y, lc, &r[i].algo, ws, ws_bytes,
+                         s);
+        cudaEventRecord(e1, s);
+        cudaEventSynchronize(e1);
+        float ms;
+        cudaEventElapsedTime(&ms, e0, e1);
+        double us = ms * 1000 / iters;
         if (i == 0) first = us;
-        if (us < best) { best = us; besti = i; }
+        if (us < best) {
+          best = us;
+          besti = i;
+        }
       }
       std::printf("%5d %5d %5d %4d %10.2f %10.2f %4d\n", m, L.n, L.k, found, first, best, besti);
-      sum_first += first; sum_best += best;
-      cublasLtMatmulPreferenceDestroy(p); cublasLtMatrixLayoutDestroy(la); cublasLtMatrixLayoutDestroy(lb); cublasLtMatrixLayoutDestroy(lc); cublasLtMatmulDescDestroy(d);
+      sum_first += first;
+      sum_best += best;
+      cublasLtMatmulPreferenceDestroy(p);
+      cublasLtMatrixLayoutDestroy(la);
+      cublasLtMatrixLayoutDestroy(lb);
+      cublasLtMatrixLayoutDestroy(lc);
+      cublasLtMatmulDescDestroy(d);
     }
-    std::printf("M=%d: three layers, heuristic's first %.2f us, best %.2f us (%.2fx)\n", m, sum_first, sum_best, sum_first / sum_best);
+    std::printf("M=%d: three layers, heuristic's first %.2f us, best %.2f us (%.2fx)\n", m,
+                sum_first, sum_best, sum_first / sum_best);
   }
   return 0;
 }
