@@ -106,16 +106,20 @@ void QueueCore::take_inbox() {
 
 void QueueCore::move_to_fifo(uintptr_t head) {
   if (head == 0 || head == kInboxClosed) return;
-  // The stack holds the newest first: collect, then insert oldest first.
-  taken_.clear();
-  for (auto* r = reinterpret_cast<Request*>(head); r != nullptr; r = r->inbox_next)
-    taken_.push_back(r);
-  for (auto it = taken_.rbegin(); it != taken_.rend(); ++it) {
-    Request& r = **it;
+  // The stack holds the newest first: reverse its links, then insert oldest first.
+  Request* oldest = nullptr;
+  for (auto* r = reinterpret_cast<Request*>(head); r != nullptr;) {
+    Request* next = r->inbox_next;
+    r->inbox_next = oldest;
+    oldest = r;
+    r = next;
+  }
+  while (oldest != nullptr) {
+    Request& r = *oldest;
+    oldest = r.inbox_next;
     r.inbox_next = nullptr;
     insert_fifo(std::move(r.inbox_ref));
   }
-  taken_.clear();
   max_depth_ = std::max(max_depth_, fifo_.size());
 }
 

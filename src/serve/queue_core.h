@@ -218,8 +218,6 @@ class QueueCore {
   mutable Mutex mu_;
   std::deque<std::shared_ptr<Request>> fifo_ FL_GUARDED_BY(mu_);  // kQueued only, ids ascending
   std::set<std::pair<Clock::time_point, uint64_t>> deadlines_ FL_GUARDED_BY(mu_);
-  // The inbox taken by take_inbox(), in push order (kept for its capacity).
-  std::vector<Request*> taken_ FL_GUARDED_BY(mu_);
   // Note [Inbox]: submits that need no decision (room, a live queue, a
   // future deadline) push onto the inbox, a lock-free stack of requests
   // linked through Request::inbox_next, with one compare-and-swap; no lock
