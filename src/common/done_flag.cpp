@@ -40,30 +40,25 @@ void DoneFlag::sleep(const std::chrono::steady_clock::time_point* deadline) cons
   (void)syscall(SYS_futex, futex_word(word_), FUTEX_WAIT_PRIVATE, kSleeping, timeout, nullptr, 0);
 }
 
-void DoneFlag::wait() const noexcept {
+bool DoneFlag::wait_until(const std::chrono::steady_clock::time_point* deadline) const noexcept {
   uint32_t w = word_.load(std::memory_order_acquire);
   while (w != kSet) {
+    if (deadline && std::chrono::steady_clock::now() >= *deadline) return false;
     // Note [DoneFlag states]: announce the sleep, then sleep on kSleeping.
     if (w == kClear && !word_.compare_exchange_weak(w, kSleeping, std::memory_order_acquire,
                                                     std::memory_order_acquire))
       continue;
-    sleep(nullptr);
-    w = word_.load(std::memory_order_acquire);
-  }
-}
-
-bool DoneFlag::wait_for(std::chrono::steady_clock::duration timeout) const noexcept {
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
-  uint32_t w = word_.load(std::memory_order_acquire);
-  while (w != kSet) {
-    if (std::chrono::steady_clock::now() >= deadline) return false;
-    if (w == kClear && !word_.compare_exchange_weak(w, kSleeping, std::memory_order_acquire,
-                                                    std::memory_order_acquire))
-      continue;
-    sleep(&deadline);
+    sleep(deadline);
     w = word_.load(std::memory_order_acquire);
   }
   return true;
+}
+
+void DoneFlag::wait() const noexcept { (void)wait_until(nullptr); }
+
+bool DoneFlag::wait_for(std::chrono::steady_clock::duration timeout) const noexcept {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  return wait_until(&deadline);
 }
 
 }  // namespace flotilla

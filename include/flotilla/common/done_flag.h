@@ -38,6 +38,8 @@ class DoneFlag {
 
  private:
   static constexpr uint32_t kClear = 0, kSleeping = 1, kSet = 2;
+  // wait() and wait_for(): until set, or until `deadline` (nullptr: none).
+  bool wait_until(const std::chrono::steady_clock::time_point* deadline) const noexcept;
   // Returns when woken, when the word is not kSleeping, or at `deadline`
   // (nullptr: none); may return spuriously.
   void sleep(const std::chrono::steady_clock::time_point* deadline) const noexcept;
