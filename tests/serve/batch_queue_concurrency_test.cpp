@@ -13,7 +13,6 @@
 #include <thread>
 
 #include "flotilla/nn/mlp.h"
-#include "serve/queue_core.h"
 #include "serve/serve_test_util.h"
 
 namespace flotilla::serve::test {
@@ -288,16 +287,6 @@ TEST(BatchQueueConcurrency, OverloadIsBoundedByCapacity) {
 // decided by how many requests were queued when the submitter took its room
 // (that count is stale by then, and the request would sit in the inbox
 // until shutdown: the get() below would time out).
-std::atomic<bool> g_hold_armed{false};
-thread_local bool t_hold_me = false;
-std::binary_semaphore g_held{0}, g_release{0};
-void hold_at_push() {
-  if (t_hold_me && g_hold_armed.exchange(false)) {
-    g_held.release();
-    g_release.acquire();
-  }
-}
-
 TEST(BatchQueueConcurrency, ASubmitterOvertakenBeforeItsPushStillWakesTheWorker) {
   auto device = make_device();
   const TinyModel tiny(*device, 8, 4);
@@ -313,25 +302,23 @@ TEST(BatchQueueConcurrency, ASubmitterOvertakenBeforeItsPushStillWakesTheWorker)
         return tiny(s, x);
       },
       o);
-  detail::set_before_push_hook_for_testing(&hold_at_push);
+  PushHold hold;
   const std::vector<float> in(8, 0.5f);
   RequestHandle w = q.submit(in);  // runs first, and blocks the worker in the model
   while (q.metrics().depth != 0) std::this_thread::yield();
   RequestHandle x = q.submit(in);  // queued behind w
-  g_hold_armed = true;
   RequestHandle a;
   std::thread late([&] {
-    t_hold_me = true;
+    PushHold::hold_my_next_submit();
     a = q.submit(in);  // takes its room (x counted ahead of it), then is held
   });
-  g_held.acquire();
+  hold.wait_held();
   model_may_run.release();  // w, then x, run; the worker then waits for a first request
   EXPECT_NO_THROW(w.get());
   EXPECT_NO_THROW(x.get());
   std::this_thread::sleep_for(50ms);  // let the worker fall asleep
-  g_release.release();
+  hold.release();
   late.join();
-  detail::set_before_push_hook_for_testing(nullptr);
   ASSERT_TRUE(a.wait_for(10s)) << "the held submitter's request was left in the inbox";
   EXPECT_NO_THROW(a.get());
 }

@@ -12,7 +12,6 @@
 #include <thread>
 
 #include "flotilla/nn/mlp.h"
-#include "serve/queue_core.h"
 #include "serve/serve_test_util.h"
 
 namespace flotilla::serve::test {
@@ -228,13 +227,27 @@ TEST_F(BatchQueueTest, CancellingTheOldestRestartsMaxDelayFromTheNext) {
 // push order: cancel() looks a request up by id in a FIFO it assumes sorted,
 // and would fail an internal check (or cancel the wrong request); and the
 // batch would run b before a.
-std::binary_semaphore g_overtaken_held{0}, g_overtaken_go{0};
-thread_local bool t_overtaken_hold = false;
-void overtaken_hook() {
-  if (!t_overtaken_hold) return;
-  t_overtaken_hold = false;
-  g_overtaken_held.release();
-  g_overtaken_go.acquire();
+struct Overtaken {
+  RequestHandle a, b, c;
+};
+
+// a (input 0) takes its id, then is held at its push while b (input 1) and
+// c (input 2) are pushed and c is cancelled, which moves b into the FIFO;
+// then a pushes.
+Overtaken overtake(BatchQueue& q, const std::function<std::vector<float>(int)>& input) {
+  Overtaken o;
+  PushHold hold;
+  std::thread held([&] {
+    PushHold::hold_my_next_submit();
+    o.a = q.submit(input(0));
+  });
+  hold.wait_held();
+  o.b = q.submit(input(1));
+  o.c = q.submit(input(2));
+  EXPECT_TRUE(o.c.cancel());
+  hold.release();
+  held.join();
+  return o;
 }
 
 TEST_F(BatchQueueTest, ARequestOvertakenBeforeItsPushKeepsItsPlaceInTheQueue) {
@@ -242,22 +255,11 @@ TEST_F(BatchQueueTest, ARequestOvertakenBeforeItsPushKeepsItsPlaceInTheQueue) {
   BatchQueueOptions o = manual(4, 0us);
   o.on_complete = [&](uint64_t id, RequestStatus) { order.push_back(id); };
   BatchQueue q(*device_, kIn, kOut, counted(), o);
-  detail::set_before_push_hook_for_testing(&overtaken_hook);
-  RequestHandle a, a2;
-  std::thread held([&] {
-    t_overtaken_hold = true;
-    a = q.submit(input(0));  // takes id 1, then waits at the push
-  });
-  g_overtaken_held.acquire();
-  auto b = q.submit(input(1));  // id 2, pushed
-  auto c = q.submit(input(2));  // id 3, pushed
-  EXPECT_TRUE(c.cancel());      // moves b into the FIFO, then cancels c
-  g_overtaken_go.release();
-  held.join();
-  detail::set_before_push_hook_for_testing(nullptr);
+  auto [a, b, c] = overtake(q, [this](int i) { return input(i); });
   ASSERT_LT(a.id(), b.id());
-  std::thread held2([&] { a2 = q.submit(input(3)); });  // id 4, ordinary
-  held2.join();
+  RequestHandle a2;
+  std::thread other([&] { a2 = q.submit(input(3)); });  // id 4, ordinary
+  other.join();
   EXPECT_EQ(q.step(), 3u) << "a, b and a2 in one batch";
   ASSERT_EQ(order.size(), 4u);
   EXPECT_EQ(order[0], c.id()) << "c was cancelled first";
@@ -271,19 +273,7 @@ TEST_F(BatchQueueTest, ARequestOvertakenBeforeItsPushKeepsItsPlaceInTheQueue) {
 
 TEST_F(BatchQueueTest, CancellingARequestOvertakenBeforeItsPushFindsIt) {
   BatchQueue q(*device_, kIn, kOut, counted(), manual(4, 0us));
-  detail::set_before_push_hook_for_testing(&overtaken_hook);
-  RequestHandle a;
-  std::thread held([&] {
-    t_overtaken_hold = true;
-    a = q.submit(input(0));
-  });
-  g_overtaken_held.acquire();
-  auto b = q.submit(input(1));
-  auto c = q.submit(input(2));
-  EXPECT_TRUE(c.cancel());  // b is in the FIFO now
-  g_overtaken_go.release();
-  held.join();
-  detail::set_before_push_hook_for_testing(nullptr);
+  auto [a, b, c] = overtake(q, [this](int i) { return input(i); });
   EXPECT_TRUE(a.cancel()) << "a is queued, behind nothing but in front of b";
   EXPECT_EQ(q.step(), 1u);
   EXPECT_EQ(rows_.load(), 1) << "only b runs";

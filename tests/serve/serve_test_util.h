@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <random>
+#include <semaphore>
 #include <span>
 #include <string>
 #include <vector>
@@ -22,6 +23,7 @@
 #include "flotilla/ops/tensor.h"
 #include "flotilla/runtime/device.h"
 #include "flotilla/serve/batch_queue.h"
+#include "serve/queue_core.h"
 
 namespace flotilla::serve::test {
 
@@ -45,6 +47,32 @@ inline uint64_t test_seed() {
 
 // A private cpu device with the environment's settings (so the sanitizer
 // lanes' FLOTILLA_ALLOCATOR_CACHING=0 applies).
+// Holds one submit between taking its id and pushing onto the inbox (the
+// queue's test hook), to make a submitter be overtaken on purpose. While a
+// PushHold lives, the next fast-path submit of a thread that called
+// hold_my_next_submit() waits at its push: wait_held() returns once it is
+// there, release() lets it go on.
+class PushHold {
+ public:
+  PushHold() { detail::set_before_push_hook_for_testing(&hook); }
+  ~PushHold() { detail::set_before_push_hook_for_testing(nullptr); }
+  PushHold(const PushHold&) = delete;
+  PushHold& operator=(const PushHold&) = delete;
+  static void hold_my_next_submit() { mine_ = true; }
+  void wait_held() { held_.acquire(); }
+  void release() { go_.release(); }
+
+ private:
+  static void hook() {
+    if (!mine_) return;
+    mine_ = false;
+    held_.release();
+    go_.acquire();
+  }
+  static inline thread_local bool mine_ = false;
+  static inline std::binary_semaphore held_{0}, go_{0};
+};
+
 inline std::shared_ptr<Device> make_device() {
   return Device::create("cpu", 0, Config::from_env());
 }
