@@ -23,17 +23,4 @@ for ((rep = 1; rep <= ${REPEATS:-3}; rep++)); do
       /tmp/ab-build-$v/flotilla "$CONFIGS" | sed "s/^{\"label\":\"/{\"label\":\"$v-/" >>"$OUT/ab.jsonl"
   done
 done
-python3 - "$OUT/ab.jsonl" <<'PY' | tee "$OUT/ab.txt"
-import json, statistics as st, sys
-rows = {}
-for line in open(sys.argv[1]):
-    j = json.loads(line); r = j['result']
-    if not r: print(j['label'], 'FAILED'); continue
-    rows.setdefault(j['label'], []).append(r)
-for k, v in sorted(rows.items(), key=lambda kv: (kv[0].split('-', 1)[1], kv[0])):
-    rps = [r['requests_per_s'] for r in v]
-    print(f"{k:26s} {[round(x / 1e3, 1) for x in rps]} med {st.median(rps) / 1e3:7.1f}k"
-          f" p50 {st.median([r['p50_us'] for r in v]):6.0f} p99 {st.median([r['p99_us'] for r in v]):6.0f}"
-          f" mb {st.median([r.get('mean_batch', 0) for r in v]):5.1f} checks {sum(r['checks'] for r in v)}"
-          f" wrong {sum(r['wrong_results'] for r in v)} err {sum(r['errors'] for r in v)}")
-PY
+"$here/sweep_summary.py" "$OUT/ab.jsonl" --sort-by-config | tee "$OUT/ab.txt"

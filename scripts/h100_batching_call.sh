@@ -15,15 +15,5 @@ echo "build ok at $(git -C /tmp/src log -1 --format=%h 2>/dev/null || echo tar)"
 /tmp/fb/bench/micro_batch 2>&1 | grep -E "micro_batch|median" > $OUT/micro_batch.txt; cat $OUT/micro_batch.txt | sed -E 's/min_time:0.300\/repeats:3\/real_time_median//'
 if [ -n "${CONFIGS:-}" ]; then printf "%b\n" "$CONFIGS" > /tmp/configs.txt; else cp scripts/h100-recorded-configs.txt /tmp/configs.txt; fi
 REPEATS=3 SECONDS_PER_RUN=2 scripts/batching_sweep.sh /tmp/fb/flotilla /tmp/configs.txt > $OUT/sweep.jsonl
-python3 - $OUT/sweep.jsonl <<'PY' | tee $OUT/sweep.txt
-import json,sys,statistics as st
-rows={}
-for l in open(sys.argv[1]):
-    j=json.loads(l); r=j['result']
-    if not r: print(j['label'],'FAILED'); continue
-    rows.setdefault(j['label'],[]).append(r)
-for k,v in rows.items():
-    rps=[r['requests_per_s'] for r in v]
-    print(f"{k:18s} {[round(x/1e3,1) for x in rps]} med {st.median(rps)/1e3:7.1f}k p50 {st.median([r['p50_us'] for r in v]):6.0f} p99 {st.median([r['p99_us'] for r in v]):6.0f} mb {st.median([r.get('mean_batch',0) for r in v]):5.1f} checks {sum(r['checks'] for r in v)} wrong {sum(r['wrong_results'] for r in v)} err {sum(r['errors'] for r in v)}")
-PY
+scripts/sweep_summary.py $OUT/sweep.jsonl | tee $OUT/sweep.txt
 bash $R/.peer/run_libtorch.sh 1 > $OUT/libtorch.log 2>&1; grep -E "graph" $OUT/libtorch.log | tail -8
