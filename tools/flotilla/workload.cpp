@@ -255,9 +255,14 @@ class PoolClient final : public Client {
   Stream stream_;
 };
 
+// A BatchQueue output holds one row of the model's output.
+void check_row_size(const std::vector<float>& y, size_t n) {
+  FL_INTERNAL_CHECK(y.size() == n, "the queue returned ", y.size(), " values, not ", n);
+}
+
 // A BatchQueue's output for one request, into the client's buffer.
 void copy_output(const std::vector<float>& y, std::span<float> out) {
-  FL_INTERNAL_CHECK(y.size() == out.size(), "the queue returned ", y.size(), " values");
+  check_row_size(y, out.size());
   std::copy(y.begin(), y.end(), out.begin());
 }
 
@@ -522,7 +527,7 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
           counting_errors(st, [&] {
             std::vector<float> y = p.handle.get();  // throws the request's error
             t_got = Clock::now();
-            FL_INTERNAL_CHECK(y.size() == out_n, "the queue returned ", y.size(), " values");
+            check_row_size(y, out_n);
             check_output(ctx, p.k, y, st, p.corrupt);  // in place: no copy per request
           });
           now = Clock::now();
