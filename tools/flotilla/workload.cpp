@@ -1,6 +1,7 @@
 #include "workload.h"
 
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -17,6 +18,7 @@
 #include <latch>
 #include <memory>
 #include <set>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -256,6 +258,12 @@ class PoolClient final : public Client {
 };
 
 // A BatchQueue output holds one row of the model's output.
+// "fl-client-12": a client thread's name in top and perf (15 characters at most).
+void name_this_thread(const char* prefix, size_t t) {
+  const std::string name = ::flotilla::detail::str_cat(prefix, t);
+  (void)pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
+}
+
 void check_row_size(const std::vector<float>& y, size_t n) {
   FL_INTERNAL_CHECK(y.size() == n, "the queue returned ", y.size(), " values, not ", n);
 }
@@ -455,6 +463,7 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
   Countdown running(o.threads);
 
   auto body = [&](size_t t) {
+    name_this_thread("fl-client-", t);
     ThreadStats& st = stats[t];
     std::unique_ptr<Client> client;
     std::vector<float> out(out_n);
