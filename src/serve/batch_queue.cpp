@@ -1,6 +1,7 @@
 #include "flotilla/serve/batch_queue.h"
 
 #include <pthread.h>
+#include <sys/prctl.h>
 
 #include <cmath>
 #include <cstring>
@@ -198,6 +199,10 @@ BatchQueue::BatchQueue(Device& device, int64_t in_features, int64_t out_features
             // "fl-queue-w3": visible in top, perf and debuggers (15 characters at most).
             const std::string name = ::flotilla::detail::str_cat("fl-queue-w", i);
             (void)pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
+            // The leader's timed waits (max_delay, deadlines) are often a few
+            // microseconds: without this the kernel may end them up to its
+            // default timer slack (50 us) late.
+            (void)prctl(PR_SET_TIMERSLACK, 1000UL, 0UL, 0UL, 0UL);
             worker_loop(*lane);
           });
   } catch (...) {  // a thread could not start: stop the ones that did

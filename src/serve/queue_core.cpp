@@ -335,7 +335,12 @@ bool QueueCore::next_batch(Batch& batch) {
     return false;
   }
   set_leader(true);
-  bool spun = false;  // spun once since the last sleep: sleep now
+  // Note [Spinning workers]: the spin budget of this leadership's waits. Spins
+  // that end because something arrived do not end the budget; once it is
+  // spent (or a spin ran to its limit) the leader sleeps.
+  const bool may_spin = options_.spin_wait.count() > 0;
+  std::chrono::steady_clock::time_point spin_until_t{};
+  bool spun = false;  // spun to the budget's end since the last sleep: sleep now
   for (;;) {
     take_inbox();
     const Clock::time_point now = clock_->now();
@@ -364,18 +369,26 @@ bool QueueCore::next_batch(Batch& batch) {
       leader_waiting_.store(false, std::memory_order_relaxed);
       continue;
     }
-    if (fifo_.empty() && !spun && options_.spin_wait.count() > 0) {
-      // Spin for a submit before sleeping (spin_wait): a sleeping leader
-      // costs each first request of a batch a futex wake-up. The lock is
-      // released meanwhile, so submitters can get in.
-      spun = true;
-      const Clock::duration limit =
-          std::min<Clock::duration>(options_.spin_wait, wake - clock_->now());
+    if (may_spin && !spun) {
+      // Spin before sleeping (spin_wait), for a first request or for the
+      // rest of max_delay: a sleeping leader costs each first request of a
+      // batch a futex wake-up, and a timed sleep of a few microseconds
+      // overshoots by the kernel's timer slack. The lock is released
+      // meanwhile, so submitters can get in.
+      const auto real_now = std::chrono::steady_clock::now();
+      if (spin_until_t == std::chrono::steady_clock::time_point{})
+        spin_until_t = real_now + options_.spin_wait;
+      const auto budget = spin_until_t - real_now;
+      const Clock::duration to_wake = wake - clock_->now();
+      const bool wake_first = to_wake < budget;
+      const auto limit = std::max<std::chrono::steady_clock::duration>(
+          std::chrono::steady_clock::duration::zero(),
+          std::min<std::chrono::steady_clock::duration>(budget, to_wake));
       leader_spinning_.store(true, std::memory_order_seq_cst);
       lock.unlock();
       // The inbox's head, not queued_: a submit counts itself in queued_
       // before it pushes, and the look after the spin must find it.
-      ::flotilla::detail::spin_until(
+      const bool arrived = ::flotilla::detail::spin_until(
           [&] {
             return inbox_head_.load(std::memory_order_relaxed) != 0 ||
                    events_hint_.load(std::memory_order_acquire) != seen;
@@ -386,9 +399,13 @@ bool QueueCore::next_batch(Batch& batch) {
       // the take_inbox() this `continue` leads to finds its request.
       leader_spinning_.store(false, std::memory_order_seq_cst);
       leader_waiting_.store(false, std::memory_order_relaxed);
+      // A spin that reached the wait's own end (max_delay, a deadline) or
+      // saw an arrival looks again; one that spent the budget sleeps next.
+      spun = !arrived && !wake_first;
       continue;  // look again, under the lock
     }
     spun = false;
+    spin_until_t = {};
     clock_->wait_until(mu_, work_cv_, wake, [&]() FL_REQUIRES(mu_) { return events_ != seen; });
     leader_waiting_.store(false, std::memory_order_relaxed);
     leader_wake_.store(Clock::kNever, std::memory_order_relaxed);
