@@ -325,7 +325,8 @@ TEST(BatchQueueConcurrency, ASubmitterOvertakenBeforeItsPushStillWakesTheWorker)
 
 // Real time, real threads: many clients, outputs against unbatched runs.
 void many_clients_match(Device& device, int64_t in, int64_t out, const BatchQueue::Model& model,
-                        int clients, int each, double tolerance, bool spin_and_record = false) {
+                        int clients, int each, double tolerance, bool spin_and_record = false,
+                        bool spin_for_company = false) {
   // References: a few distinct inputs, each run alone ([1, in]).
   const int distinct = 8;
   std::vector<std::vector<float>> xs, refs;
@@ -344,6 +345,11 @@ void many_clients_match(Device& device, int64_t in, int64_t out, const BatchQueu
     o.max_delay = 0us;
     o.spin_wait = 100us;
     o.record_batches = true;
+  }
+  if (spin_for_company) {  // the leader spins through max_delay (Note [Spinning workers])
+    o.workers = 3;
+    o.max_delay = 100us;
+    o.spin_wait = 300us;
   }
   BatchQueue q(device, in, out, model, o);
   std::latch start(clients);
@@ -375,7 +381,9 @@ void many_clients_match(Device& device, int64_t in, int64_t out, const BatchQueu
   EXPECT_EQ(wrong.load(), 0);
   EXPECT_EQ(errors.load(), 0);
   EXPECT_EQ(m.completed, static_cast<uint64_t>(clients * each));
-  if (!spin_and_record) EXPECT_LT(m.batches, m.completed) << "no batch ever held two requests";
+  if (!spin_and_record) {
+    EXPECT_LT(m.batches, m.completed) << "no batch ever held two requests";
+  }
 }
 
 TEST(BatchQueueConcurrency, ManyClientsGetTheirOwnRowsTinyModel) {
@@ -391,6 +399,15 @@ TEST(BatchQueueConcurrency, ManyClientsGetTheirOwnRowsSpinningAndRecorded) {
   auto device = make_device();
   const TinyModel tiny(*device, 32, 16);
   many_clients_match(*device, 32, 16, tiny.model(), 12, scaled(80, 10), 1e-5, true);
+}
+
+// Would catch: a request missed, or rows mixed up, while the leader spins
+// for the rest of max_delay with requests already queued; and a leader that
+// never waits for company (no batch of two).
+TEST(BatchQueueConcurrency, ManyClientsGetTheirOwnRowsSpinningForCompany) {
+  auto device = make_device();
+  const TinyModel tiny(*device, 32, 16);
+  many_clients_match(*device, 32, 16, tiny.model(), 12, scaled(80, 10), 1e-5, false, true);
 }
 
 TEST(BatchQueueConcurrency, ManyClientsGetTheirOwnRowsSeedMlp) {
