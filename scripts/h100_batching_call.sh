@@ -4,7 +4,9 @@
 # Usage (on the GPU machine, from a checkout whose .snap/flotilla.tar is `git
 # archive HEAD` and whose .peer/ holds ../shared/peer): OUT=dir
 # scripts/h100_batching_call.sh runs scripts/h100-recorded-configs.txt (or
-# CONFIGS="label: options\\n...", a list of its own).
+# CONFIGS="label: options\\n...", a list of its own, or CONFIGS_FILE=path, a
+# file of them). LIBTORCH_RUNS (default 1): runs of the libtorch peer, one
+# before the sweep and the rest after it, to show the peer's own spread.
 set -u
 R=$PWD
 mkdir -p /tmp/src && tar -xf $R/.snap/flotilla.tar -C /tmp/src
@@ -13,7 +15,10 @@ SRC=/tmp/src BUILD=/tmp/fb OUT=$OUT scripts/gpu_check.sh build > $OUT/build.log 
 echo "build ok at $(git -C /tmp/src log -1 --format=%h 2>/dev/null || echo tar)"
 (cd /tmp/fb && timeout 240 ctest -L gpu -j4 2>&1 | tail -15) > $OUT/ctest-gpu.log; tail -6 $OUT/ctest-gpu.log
 /tmp/fb/bench/micro_batch 2>&1 | grep -E "micro_batch|median" > $OUT/micro_batch.txt; cat $OUT/micro_batch.txt | sed -E 's/min_time:0.300\/repeats:3\/real_time_median//'
-if [ -n "${CONFIGS:-}" ]; then printf "%b\n" "$CONFIGS" > /tmp/configs.txt; else cp scripts/h100-recorded-configs.txt /tmp/configs.txt; fi
+if [ -n "${CONFIGS_FILE:-}" ]; then cp "$CONFIGS_FILE" /tmp/configs.txt; elif [ -n "${CONFIGS:-}" ]; then printf "%b\n" "$CONFIGS" > /tmp/configs.txt; else cp scripts/h100-recorded-configs.txt /tmp/configs.txt; fi
+if [ "${LIBTORCH_RUNS:-1}" -gt 1 ]; then
+  bash $R/.peer/run_libtorch.sh 1 > $OUT/libtorch-before.log 2>&1; grep -E "graph" $OUT/libtorch-before.log | tail -8
+fi
 REPEATS=3 SECONDS_PER_RUN=2 scripts/batching_sweep.sh /tmp/fb/flotilla /tmp/configs.txt > $OUT/sweep.jsonl
 scripts/sweep_summary.py $OUT/sweep.jsonl | tee $OUT/sweep.txt
 bash $R/.peer/run_libtorch.sh 1 > $OUT/libtorch.log 2>&1; grep -E "graph" $OUT/libtorch.log | tail -8
