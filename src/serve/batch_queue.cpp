@@ -194,17 +194,16 @@ BatchQueue::BatchQueue(Device& device, int64_t in_features, int64_t out_features
   listener_key_ = clock_->add_listener([core = core_.get()] { core->wake(); });
   try {
     for (int i = 0; i < options_.workers; ++i)
-      threads_.emplace_back(
-          [this, i, lane = lanes_[static_cast<size_t>(i)].get()] {
-            // "fl-queue-w3": visible in top, perf and debuggers (15 characters at most).
-            const std::string name = ::flotilla::detail::str_cat("fl-queue-w", i);
-            (void)pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
-            // The leader's timed waits (max_delay, deadlines) are often a few
-            // microseconds: without this the kernel may end them up to its
-            // default timer slack (50 us) late.
-            (void)prctl(PR_SET_TIMERSLACK, 1000UL, 0UL, 0UL, 0UL);
-            worker_loop(*lane);
-          });
+      threads_.emplace_back([this, i, lane = lanes_[static_cast<size_t>(i)].get()] {
+        // "fl-queue-w3": visible in top, perf and debuggers (15 characters at most).
+        const std::string name = ::flotilla::detail::str_cat("fl-queue-w", i);
+        (void)pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
+        // The leader's timed waits (max_delay, deadlines) are often a few
+        // microseconds: without this the kernel may end them up to its
+        // default timer slack (50 us) late.
+        (void)prctl(PR_SET_TIMERSLACK, 1000UL, 0UL, 0UL, 0UL);
+        worker_loop(*lane);
+      });
   } catch (...) {  // a thread could not start: stop the ones that did
     core_->stop(ShutdownMode::kCancel);
     for (auto& t : threads_) t.join();

@@ -27,11 +27,16 @@
 // oldest batch.
 //
 // Note [Spinning workers]
-// With spin_wait, the two waits on a small batch's path spin (without the
-// lock) before they sleep: a leader facing an empty queue spins for a
-// submit, and an idle worker spins for the leadership. A futex wake-up costs
-// the waker a system call and the sleeper several microseconds, both on the
-// way to the launch. While the leader spins, a submit does not wake it (it
+// With spin_wait, the waits on a small batch's path spin (without the lock)
+// before they sleep: a leader facing an empty queue spins for a submit, a
+// leader with requests queued spins for the rest of max_delay, and an idle
+// worker spins for the leadership. A futex wake-up costs the waker a system
+// call and the sleeper several microseconds, both on the way to the launch;
+// and a timed sleep of a few microseconds ends late (workers set a 1 us
+// timer slack, but a sleep and wake-up still costs several). A leader's
+// spins share one budget of spin_wait per sleep: a spin that ends because a
+// request arrived or the wait's own end came looks again and spins on; one
+// that spends the budget sleeps next. While the leader spins, a submit does not wake it (it
 // sees leader_spinning_): the spin watches the inbox, and the leader looks at
 // the inbox again under the lock when the spin ends, so none is missed.
 #pragma once

@@ -139,9 +139,11 @@ struct BatchQueueOptions {
   // raise it when a batch's device time is long against its host time.
   int pipeline_depth = 1;
   // How long a waiting thread spins before it sleeps: a handle's get() and
-  // wait(), and the idle worker waiting for requests. A futex sleep and
-  // wake-up costs several microseconds on each side of a request; spinning
-  // trades CPU for that latency. 0: sleep at once.
+  // wait(), the idle worker waiting for requests, and the leader waiting out
+  // max_delay for company. A futex sleep and wake-up costs several
+  // microseconds on each side of a request, and a timed sleep of a few
+  // microseconds ends late; spinning trades CPU for that latency. 0: sleep
+  // at once.
   std::chrono::microseconds spin_wait{0};
   // Record each batch size's work once and replay it (Stream::record; on
   // CUDA a graph: one launch per batch instead of one per kernel and copy;
