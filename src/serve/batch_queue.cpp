@@ -1,13 +1,12 @@
 #include "flotilla/serve/batch_queue.h"
 
-#include <pthread.h>
 #include <sys/prctl.h>
 
 #include <cmath>
 #include <cstring>
-#include <string>
 
 #include "flotilla/common/error.h"
+#include "flotilla/common/thread_name.h"
 #include "flotilla/runtime/device.h"
 #include "serve/queue_core.h"
 
@@ -195,9 +194,7 @@ BatchQueue::BatchQueue(Device& device, int64_t in_features, int64_t out_features
   try {
     for (int i = 0; i < options_.workers; ++i)
       threads_.emplace_back([this, i, lane = lanes_[static_cast<size_t>(i)].get()] {
-        // "fl-queue-w3": visible in top, perf and debuggers (15 characters at most).
-        const std::string name = ::flotilla::detail::str_cat("fl-queue-w", i);
-        (void)pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
+        ::flotilla::detail::name_this_thread(::flotilla::detail::str_cat("fl-queue-w", i));
         // The leader's timed waits (max_delay, deadlines) are often a few
         // microseconds: without this the kernel may end them up to its
         // default timer slack (50 us) late.

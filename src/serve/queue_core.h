@@ -36,9 +36,10 @@
 // timer slack, but a sleep and wake-up still costs several). A leader's
 // spins share one budget of spin_wait per sleep: a spin that ends because a
 // request arrived or the wait's own end came looks again and spins on; one
-// that spends the budget sleeps next. While the leader spins, a submit does not wake it (it
-// sees leader_spinning_): the spin watches the inbox, and the leader looks at
-// the inbox again under the lock when the spin ends, so none is missed.
+// that spends the budget sleeps next. While the leader spins, a submit does
+// not wake it (it sees leader_spinning_): the spin watches the inbox, and the
+// leader looks at the inbox again under the lock when the spin ends, so none
+// is missed.
 #pragma once
 
 #include <atomic>

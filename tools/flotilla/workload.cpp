@@ -1,7 +1,6 @@
 #include "workload.h"
 
 #include <poll.h>
-#include <pthread.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -18,12 +17,12 @@
 #include <latch>
 #include <memory>
 #include <set>
-#include <string>
 #include <thread>
 #include <vector>
 
 #include "flotilla/common/error.h"
 #include "flotilla/common/sync.h"
+#include "flotilla/common/thread_name.h"
 #include "flotilla/runtime/device.h"
 #include "flotilla/serve/batch_queue.h"
 
@@ -258,12 +257,6 @@ class PoolClient final : public Client {
 };
 
 // A BatchQueue output holds one row of the model's output.
-// "fl-client-12": a client thread's name in top and perf (15 characters at most).
-void name_this_thread(const char* prefix, size_t t) {
-  const std::string name = ::flotilla::detail::str_cat(prefix, t);
-  (void)pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
-}
-
 void check_row_size(const std::vector<float>& y, size_t n) {
   FL_INTERNAL_CHECK(y.size() == n, "the queue returned ", y.size(), " values, not ", n);
 }
@@ -463,7 +456,7 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
   Countdown running(o.threads);
 
   auto body = [&](size_t t) {
-    name_this_thread("fl-client-", t);
+    ::flotilla::detail::name_this_thread(::flotilla::detail::str_cat("fl-client-", t));
     ThreadStats& st = stats[t];
     std::unique_ptr<Client> client;
     std::vector<float> out(out_n);

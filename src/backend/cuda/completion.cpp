@@ -1,7 +1,6 @@
 #include "backend/cuda/completion.h"
 
 #include <cuda_runtime_api.h>
-#include <pthread.h>
 
 #include <string>
 
@@ -9,6 +8,7 @@
 #include "backend/cuda/device_core.h"
 #include "backend/cuda/spin.h"
 #include "flotilla/common/error.h"
+#include "flotilla/common/thread_name.h"
 
 namespace flotilla::backend::cuda {
 
@@ -154,9 +154,7 @@ bool CompletionThread::poll(std::vector<std::shared_ptr<QueueCore>>& working) {
 
 void CompletionThread::run() {
   tls_current = this;
-  // "fl-cuda0-done1": visible in debuggers and top (15 characters at most).
-  const std::string name = detail::str_cat("fl-cuda", device_.index(), "-done", number_);
-  (void)pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
+  detail::name_this_thread(detail::str_cat("fl-cuda", device_.index(), "-done", number_));
   // Events of this device are queried from here; the result is ignored
   // (a failure shows up as the queries' own errors).
   (void)cudaSetDevice(device_.index());
