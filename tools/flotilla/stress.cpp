@@ -8,9 +8,11 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <exception>
 #include <latch>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <thread>
 #include <vector>
@@ -146,18 +148,33 @@ StressTally run_stress_round(const StressOptions& o, uint64_t seed) {
 
   std::vector<ThreadResult> results(static_cast<size_t>(o.threads));
   std::latch start(o.threads + 1);
+  std::latch acquired(o.threads);  // every thread holds its stream
   std::vector<std::thread> threads;
   threads.reserve(results.size());
   for (int t = 0; t < o.threads; ++t) {
     threads.emplace_back([&, t] {
       auto& r = results[static_cast<size_t>(t)];
       start.arrive_and_wait();
+      // Every thread takes its stream (at once: acquisition races too), and
+      // none runs until all hold one: an exclusive stream goes back to the
+      // pool when its thread ends, and a fast thread could otherwise hand
+      // its stream to a slow one, so the streams used would not say whether
+      // each thread had its own.
+      std::optional<Stream> stream;
+      std::exception_ptr acquire_error;
       try {
+        if (!legacy) stream = dev->current_stream();
+      } catch (...) {
+        acquire_error = std::current_exception();
+      }
+      acquired.arrive_and_wait();
+      try {
+        if (acquire_error) std::rethrow_exception(acquire_error);
         if (legacy) {
           thread_body(*dev, *legacy, o, seed, t, r);
           r.stream = 0;
         } else {
-          PoolSink sink{dev->current_stream()};
+          PoolSink sink{*stream};
           r.stream = sink.stream.index();
           thread_body(*dev, sink, o, seed, t, r);
         }
