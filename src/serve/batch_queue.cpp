@@ -169,7 +169,7 @@ BatchQueue::BatchQueue(Device& device, int64_t in_features, int64_t out_features
                " must both be at least 1");
   FL_CHECK_ARG(model_ != nullptr, "[BatchQueue] the model function is empty");
   device_.check_usable("BatchQueue");
-  core_ = std::make_shared<detail::QueueCore>(options_, clock_);
+  core_ = std::make_shared<detail::QueueCore>(options_, clock_, static_cast<size_t>(out_));
 
   backend::Driver& driver = device_.driver("BatchQueue");
   const auto rows = static_cast<size_t>(options_.max_batch);
@@ -215,8 +215,9 @@ BatchQueue::~BatchQueue() {
   detail::QueueCore::retire_after_shutdown();  // before core_ goes
 }
 
-RequestHandle BatchQueue::submit(std::span<const float> input,
-                                 std::optional<Clock::time_point> deadline) {
+std::shared_ptr<detail::Request> BatchQueue::make_request(std::span<const float> input,
+                                                          std::optional<Clock::time_point> deadline,
+                                                          CompletionCallback done) {
   if (static_cast<int64_t>(input.size()) != in_) {
     core_->recorder().invalid();
     throw InvalidArgument(::flotilla::detail::str_cat(
@@ -238,12 +239,32 @@ RequestHandle BatchQueue::submit(std::span<const float> input,
     d = *deadline;
   else if (options_.default_deadline.count() > 0)
     d = clock_->now() + options_.default_deadline;
-  auto r = std::make_shared<detail::Request>(std::vector<float>(input.begin(), input.end()),
-                                             static_cast<size_t>(out_), d, core_.get(),
-                                             options_.spin_wait);
+  return std::make_shared<detail::Request>(std::vector<float>(input.begin(), input.end()),
+                                           static_cast<size_t>(out_), d, core_.get(),
+                                           options_.spin_wait, std::move(done));
+}
+
+RequestHandle BatchQueue::submit(std::span<const float> input,
+                                 std::optional<Clock::time_point> deadline) {
+  auto r = make_request(input, deadline, nullptr);
   core_->submit(r);
   return RequestHandle(std::move(r));
 }
+
+uint64_t BatchQueue::submit(std::span<const float> input, CompletionCallback done,
+                            std::optional<Clock::time_point> deadline) {
+  if (!done) {
+    core_->recorder().invalid();
+    throw InvalidArgument(
+        "[BatchQueue::submit] the completion callback is empty; pass a function, or use the "
+        "submit() that returns a handle");
+  }
+  auto r = make_request(input, deadline, std::move(done));
+  core_->submit(r);
+  return r->id;  // written by submit() on this thread
+}
+
+bool BatchQueue::cancel(uint64_t id) { return core_->cancel(id); }
 
 Clock::time_point BatchQueue::deadline_in(Clock::duration d) const { return clock_->now() + d; }
 
@@ -397,8 +418,7 @@ void BatchQueue::complete_oldest(detail::Lane& lane) {
   } catch (...) {
   }
 
-  core_->complete_batch(slot.batch, slot.error, static_cast<const float*>(slot.output->host_ptr()),
-                        static_cast<size_t>(out_));
+  core_->complete_batch(slot.batch, slot.error, static_cast<const float*>(slot.output->host_ptr()));
   slot.error = nullptr;
   lane.oldest = (lane.oldest + 1) % lane.slots.size();
   --lane.in_flight;

@@ -78,6 +78,7 @@ void MetricsRecorder::batch(std::chrono::nanoseconds compute,
 void MetricsRecorder::fill(BatchQueueMetrics& m) const {
   constexpr auto relaxed = std::memory_order_relaxed;
   m.invalid = invalid_.load(relaxed);
+  m.callback_exceptions = callback_exceptions_.load(relaxed);
   m.completed = completed_.load(relaxed);
   m.rejected = rejected_.load(relaxed);
   m.expired = expired_.load(relaxed);
@@ -144,6 +145,7 @@ nlohmann::json BatchQueueMetrics::to_json() const {
           {"failed", failed},
           {"shut_down", shut_down},
           {"invalid", invalid},
+          {"callback_exceptions", callback_exceptions},
           {"batches", batches},
           {"batched_requests", batched_requests},
           {"mean_batch", mean_batch()},
@@ -162,10 +164,13 @@ std::string BatchQueueMetrics::to_prometheus(std::string_view prefix_view) const
   header(o, p + "_capacity", "gauge", "Requests the queue holds at most.");
   o << p << "_capacity " << capacity << '\n';
 
-  header(o, p + "_submitted_total", "counter", "Requests submitted (given a handle).");
+  header(o, p + "_submitted_total", "counter", "Requests submitted (given a handle or a callback).");
   o << p << "_submitted_total " << submitted << '\n';
   header(o, p + "_invalid_total", "counter", "Inputs refused at submit (InvalidArgument).");
   o << p << "_invalid_total " << invalid << '\n';
+  header(o, p + "_callback_exceptions_total", "counter",
+         "Completion callbacks that threw (caught).");
+  o << p << "_callback_exceptions_total " << callback_exceptions << '\n';
   header(o, p + "_requests_total", "counter", "Requests completed, by outcome.");
   const std::pair<const char*, uint64_t> outcomes[] = {
       {"completed", completed}, {"rejected", rejected}, {"expired", expired},

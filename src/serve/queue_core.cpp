@@ -32,19 +32,55 @@ std::atomic<void (*)()> g_before_push{nullptr};  // set_before_push_hook_for_tes
 
 void set_before_push_hook_for_testing(void (*hook)()) { g_before_push.store(hook); }
 
-QueueCore::QueueCore(const BatchQueueOptions& options, std::shared_ptr<Clock> clock)
+QueueCore::QueueCore(const BatchQueueOptions& options, std::shared_ptr<Clock> clock,
+                     size_t out_features)
     : options_(options),
       clock_(std::move(clock)),
+      out_features_(out_features),
       recorder_(options.metrics_window, options.max_batch) {}
 
-void QueueCore::finish(Request& r, RequestStatus status, const float* row, std::exception_ptr err,
-                       bool count) {
-  if (count) recorder_.outcome(status);
+void QueueCore::finish(Request& r, RequestStatus status, std::exception_ptr err) {
+  recorder_.outcome(status);
+  if (!r.on_done) return complete_now(r, status, nullptr, std::move(err));
+  // Note [Completion callbacks]: not under mu_; the caller runs it soon.
+  deferred_.emplace_back(r.shared_from_this(), std::move(err));
+  has_deferred_.store(true, std::memory_order_relaxed);
+}
+
+void QueueCore::run_deferred() {
+  // Relaxed: whoever parked a callback set the flag on this thread, or
+  // another thread took the list (and runs it) since.
+  if (!has_deferred_.load(std::memory_order_relaxed)) return;
+  std::vector<std::pair<std::shared_ptr<Request>, std::exception_ptr>> parked;
+  {
+    MutexLock lock(mu_);
+    parked.swap(deferred_);
+    has_deferred_.store(false, std::memory_order_relaxed);
+  }
+  for (auto& [r, err] : parked)
+    complete_now(*r, r->status.load(std::memory_order_acquire), nullptr, std::move(err));
+}
+
+void QueueCore::complete_now(Request& r, RequestStatus status, const float* row,
+                             std::exception_ptr err) {
   if (options_.on_complete) {
     try {
       options_.on_complete(r.id, status);
     } catch (...) {  // a tracing hook must not take the queue down
     }
+  }
+  if (r.on_done) {
+    Completion c;
+    c.id = r.id;
+    c.status = status;
+    if (!err) c.output = std::span<const float>(row, out_features_);
+    c.error = err;
+    try {
+      r.on_done(c);
+    } catch (...) {  // the user's code: counted, and the queue goes on
+      recorder_.callback_exception();
+    }
+    r.on_done = nullptr;  // what it holds goes now, not with the request
   }
   r.finish(row, std::move(err));
 }
@@ -53,7 +89,7 @@ void QueueCore::refuse(Request& r, RequestStatus status, std::exception_ptr err)
   if (r.id == 0) r.id = next_id_.fetch_add(1, std::memory_order_relaxed);
   const bool won = r.move(RequestStatus::kQueued, status);
   FL_INTERNAL_CHECK(won, "new request ", r.id, " was not queued");
-  finish(r, status, nullptr, std::move(err));
+  finish(r, status, std::move(err));
 }
 
 bool QueueCore::reserve_room() {
@@ -174,6 +210,7 @@ void QueueCore::submit(const std::shared_ptr<Request>& r) {
     left_fifo(1);  // the inbox is closed: give the room back; the slow path refuses it
   }
   submit_slow(r, now);
+  run_deferred();  // a refusal's callback (Note [Completion callbacks])
 }
 
 void QueueCore::submit_slow(const std::shared_ptr<Request>& r, Clock::time_point now) {
@@ -257,25 +294,50 @@ void QueueCore::room_made() {
   if (blocked_ > 0) space_cv_.notify_all();
 }
 
-bool QueueCore::cancel(Request& r) {
-  MutexLock lock(mu_, kSpinFirst);
-  take_inbox();  // r may still be there: put it in the FIFO, where remove() finds it
-  if (!r.move(RequestStatus::kQueued, RequestStatus::kCancelled)) return false;
+void QueueCore::cancel_queued(Request& r) {
   std::shared_ptr<Request> keep = remove(r.id);
   room_made();
   // The leader is not woken: a cancel only makes its decision later, and its
   // timed wait ends, looks again and sleeps on.
-  finish(r, RequestStatus::kCancelled, nullptr,
+  finish(r, RequestStatus::kCancelled,
          std::make_exception_ptr(Cancelled(::flotilla::detail::str_cat(
-             "[RequestHandle::cancel] request ", r.id, " was cancelled before it ran"))));
+             "[BatchQueue] request ", r.id, " was cancelled before it ran"))));
+}
+
+bool QueueCore::cancel(Request& r) {
+  // A handle's request: its completion runs no callback, so nothing is parked.
+  MutexLock lock(mu_, kSpinFirst);
+  take_inbox();  // r may still be there: put it in the FIFO, where remove() finds it
+  if (!r.move(RequestStatus::kQueued, RequestStatus::kCancelled)) return false;
+  cancel_queued(r);
   return true;
+}
+
+bool QueueCore::cancel(uint64_t id) {
+  bool won = false;
+  {
+    MutexLock lock(mu_, kSpinFirst);
+    take_inbox();
+    // The FIFO is in id order and holds exactly the queued requests (Note [Exactly once]).
+    const auto it =
+        std::lower_bound(fifo_.begin(), fifo_.end(), id,
+                         [](const std::shared_ptr<Request>& r, uint64_t v) { return r->id < v; });
+    if (it != fifo_.end() && (*it)->id == id) {
+      Request& r = **it;
+      won = r.move(RequestStatus::kQueued, RequestStatus::kCancelled);
+      FL_INTERNAL_CHECK(won, "request ", id, " in the FIFO was not queued");
+      cancel_queued(r);
+    }
+  }
+  run_deferred();
+  return won;
 }
 
 void QueueCore::expire(Request& r, Clock::time_point now) {
   const bool won = r.move(RequestStatus::kQueued, RequestStatus::kExpired);
   FL_INTERNAL_CHECK(won, "request ", r.id, " in the FIFO was not queued");
   finish(
-      r, RequestStatus::kExpired, nullptr,
+      r, RequestStatus::kExpired,
       std::make_exception_ptr(Timeout(::flotilla::detail::str_cat(
           "[BatchQueue] request ", r.id, " reached its deadline after ", micros(now - r.enqueued),
           " us in the queue, before it ran; give it a later deadline, or add workers or "
@@ -318,6 +380,12 @@ void QueueCore::pick(Batch& batch, Clock::time_point now) {
 }
 
 bool QueueCore::next_batch(Batch& batch) {
+  const bool got = next_batch_body(batch);
+  run_deferred();
+  return got;
+}
+
+bool QueueCore::next_batch_body(Batch& batch) {
   batch.requests.clear();
   MutexLock lock(mu_, kSpinFirst);
   if (leader_ && options_.spin_wait.count() > 0) {
@@ -354,6 +422,13 @@ bool QueueCore::next_batch(Batch& batch) {
       set_leader(false);
       idle_cv_.notify_all();
       return false;
+    }
+    if (!deferred_.empty()) {
+      // Run the callbacks of what expired before waiting (Note [Completion callbacks]).
+      lock.unlock();
+      run_deferred();
+      lock.lock();
+      continue;
     }
     Clock::time_point wake = Clock::kNever;
     if (!fifo_.empty()) wake = fifo_.front()->enqueued + options_.max_delay;
@@ -418,6 +493,12 @@ bool QueueCore::next_batch(Batch& batch) {
 }
 
 bool QueueCore::take_ready(Batch& batch, bool force) {
+  const bool got = take_ready_body(batch, force);
+  run_deferred();
+  return got;
+}
+
+bool QueueCore::take_ready_body(Batch& batch, bool force) {
   batch.requests.clear();
   const Clock::time_point now = clock_->now();  // before the lock, as in submit()
   MutexLock lock(mu_, kSpinFirst);
@@ -427,8 +508,7 @@ bool QueueCore::take_ready(Batch& batch, bool force) {
   return !batch.requests.empty();
 }
 
-void QueueCore::complete_batch(Batch& batch, std::exception_ptr error, const float* rows,
-                               size_t out_features) {
+void QueueCore::complete_batch(Batch& batch, std::exception_ptr error, const float* rows) {
   const size_t n = batch.requests.size();
   const RequestStatus to = error ? RequestStatus::kFailed : RequestStatus::kCompleted;
   // Counted before any handle sees its result, as finish() does one by one.
@@ -437,12 +517,20 @@ void QueueCore::complete_batch(Batch& batch, std::exception_ptr error, const flo
     Request& r = *batch.requests[i];
     const bool won = r.move(RequestStatus::kRunning, to);
     FL_INTERNAL_CHECK(won, "request ", r.id, " finished by a worker was not running");
-    finish(r, to, rows + i * out_features, error, /*count=*/false);
+    complete_now(r, to, error ? nullptr : rows + i * out_features_, error);
+    // Note [Who frees a request]: let go of it now, while its client is
+    // still waking up, not after the whole batch.
+    batch.requests[i].reset();
   }
   batch.requests.clear();
 }
 
 void QueueCore::stop(ShutdownMode mode) {
+  stop_body(mode);
+  run_deferred();
+}
+
+void QueueCore::stop_body(ShutdownMode mode) {
   MutexLock lock(mu_);
   stopping_ = true;
   // Close the inbox and take what it holds: later pushes fail and take the
@@ -455,7 +543,7 @@ void QueueCore::stop(ShutdownMode mode) {
       left_fifo(1);
       const bool won = r->move(RequestStatus::kQueued, RequestStatus::kCancelled);
       FL_INTERNAL_CHECK(won, "request ", r->id, " in the FIFO was not queued");
-      finish(*r, RequestStatus::kCancelled, nullptr,
+      finish(*r, RequestStatus::kCancelled,
              std::make_exception_ptr(Cancelled(::flotilla::detail::str_cat(
                  "[BatchQueue::shutdown] request ", r->id,
                  " was cancelled by shutdown(kCancel) before it ran"))));

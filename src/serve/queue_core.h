@@ -66,12 +66,19 @@ class QueueCore;
 // window on purpose. Set it while no queue is in use.
 void set_before_push_hook_for_testing(void (*hook)());
 
-struct Request {
+struct Request : std::enable_shared_from_this<Request> {
   // Made by the submitting thread, outside the core's lock; `output` is
   // allocated here too, so the worker only copies into it.
+  // With `on_done`, the outcome goes to it (Note [Completion callbacks]) and
+  // `output` stays empty.
   Request(std::vector<float> input, size_t out_features, Clock::time_point deadline,
-          QueueCore* core, std::chrono::nanoseconds spin)
-      : input(std::move(input)), deadline(deadline), core(core), spin(spin), output(out_features) {}
+          QueueCore* core, std::chrono::nanoseconds spin, CompletionCallback on_done = nullptr)
+      : input(std::move(input)),
+        deadline(deadline),
+        core(core),
+        spin(spin),
+        on_done(std::move(on_done)),
+        output(this->on_done ? 0 : out_features) {}
 
   // Written once by submit(), before the request is published (in the
   // inbox, the FIFO, or to its handle); read-only after.
@@ -91,6 +98,9 @@ struct Request {
   // that every client shares.
   QueueCore* const core;
   const std::chrono::nanoseconds spin;  // BatchQueueOptions::spin_wait
+  // Called once by whoever completes the request, outside the core's lock
+  // (Note [Completion callbacks]); empty for a handle's request.
+  CompletionCallback on_done;
 
   // acq_rel swaps: the winner of a move (Note [Exactly once]) sees every
   // write made before the previous move; acquire loads for status().
@@ -120,11 +130,36 @@ struct Request {
 };
 
 // Requests picked for one batch, in FIFO order, all kRunning.
+//
+// Note [Who frees a request]
+// A request is shared by its handle and, while it runs, by its batch; the
+// last of them to let go frees it (and its input), and a free is cheapest on
+// the thread that allocated it: the client, in submit(). So complete_batch
+// drops the batch's reference to each request right after completing it,
+// while its client is still waking up, rather than after the last row: with
+// a hundred rows a batch, a client woken by an early row used to be done
+// with its handle before the worker let go, and the worker then freed most
+// of the requests, into other threads' arenas (17 % of the workers' time on
+// the H100 with 64 clients, docs/PERF.md).
 struct Batch {
   std::vector<std::shared_ptr<Request>> requests;
   Clock::time_point picked_at{};
 };
 
+// Note [Completion callbacks]
+// A request submitted with a callback has no handle: nobody waits on it, so
+// completing it wakes no thread, and its output is not copied (the callback
+// reads its row of the staging). The callback is user code, so it never
+// runs under mu_ (it may submit or cancel): a decision made under mu_
+// (refused, expired, cancelled) wins the request's status there, and parks
+// the request in deferred_; the call that made the decision runs the parked
+// callbacks once it has let go of mu_, before it returns (run_deferred), and
+// so does a leader before it waits. Any such call may run another's parked
+// callbacks: each runs once, as the one that takes it out of deferred_ under
+// mu_ runs it. A batch's completions run outside mu_ already. Handle
+// requests are completed at once, under mu_ or not: their completion (a
+// DoneFlag) runs no user code but the on_complete hook.
+//
 // Note [Cancel after the queue is gone]
 // A RequestHandle may outlive its queue; cancel() on it must then return
 // false without touching the freed QueueCore. Every request is final once
@@ -141,15 +176,19 @@ class QueueCore {
   // Call after shutdown, before freeing the core (see the Note).
   static void retire_after_shutdown();
 
-  QueueCore(const BatchQueueOptions& options, std::shared_ptr<Clock> clock);
+  // `out_features`: the values of one output row.
+  QueueCore(const BatchQueueOptions& options, std::shared_ptr<Clock> clock, size_t out_features);
 
   // Queues `r` (new, its input already checked) or refuses it (ShutDown,
   // QueueFull, Timeout): on return it is kQueued or already final, with its
   // id. Blocks under kBlock.
   void submit(const std::shared_ptr<Request>& r) FL_EXCLUDES(mu_);
-  // Moves `r` from kQueued to kCancelled and completes it; false if it was
-  // not queued.
+  // Moves `r` (a handle's request) from kQueued to kCancelled and completes
+  // it; false if it was not queued.
   bool cancel(Request& r) FL_EXCLUDES(mu_);
+  // The same for the request `id`, of either kind; false if no queued
+  // request has it.
+  bool cancel(uint64_t id) FL_EXCLUDES(mu_);
 
   // Worker mode: blocks until this worker has picked a batch (true) or the
   // queue is stopping and empty (false: the worker exits).
@@ -163,8 +202,7 @@ class QueueCore {
   // A worker's verdict on a batch it picked: each request kRunning ->
   // kCompleted with its row of `rows` ([n, out_features]), or kFailed with
   // `error`. Clears batch.requests.
-  void complete_batch(Batch& batch, std::exception_ptr error, const float* rows,
-                      size_t out_features);
+  void complete_batch(Batch& batch, std::exception_ptr error, const float* rows);
 
   // Stops submits; kCancel completes every queued request with Cancelled.
   void stop(ShutdownMode mode) FL_EXCLUDES(mu_);
@@ -176,10 +214,22 @@ class QueueCore {
   void fill(BatchQueueMetrics& m) const FL_EXCLUDES(mu_);
 
  private:
-  // Completes a request whose final status the caller has just won;
-  // `count`: add it to the metrics (complete_batch counts a batch at once).
-  void finish(Request& r, RequestStatus status, const float* row, std::exception_ptr err,
-              bool count = true);
+  // Completes a request whose final status (with error `err`) the caller
+  // has just won under mu_, and counts it; a callback request is parked
+  // instead (Note [Completion callbacks]).
+  void finish(Request& r, RequestStatus status, std::exception_ptr err) FL_REQUIRES(mu_);
+  // Runs the parked callbacks; call without mu_.
+  void run_deferred() FL_EXCLUDES(mu_);
+  // Calls r's hook and callback (if any), then sets its result (`row`, or
+  // `err`). Once per request; a callback request only without mu_.
+  void complete_now(Request& r, RequestStatus status, const float* row, std::exception_ptr err);
+  // Cancels the queued request `r` (found in the FIFO).
+  void cancel_queued(Request& r) FL_REQUIRES(mu_);
+  // The bodies of the entry points that may park callbacks; the public ones
+  // run the parked callbacks after them.
+  bool next_batch_body(Batch& batch) FL_EXCLUDES(mu_);
+  bool take_ready_body(Batch& batch, bool force) FL_EXCLUDES(mu_);
+  void stop_body(ShutdownMode mode) FL_EXCLUDES(mu_);
   // Completes the new request `r` with a refusal (giving it an id if it has none).
   void refuse(Request& r, RequestStatus status, std::exception_ptr err);
   // The part of submit() that takes mu_: refusals and waiting for room.
@@ -216,6 +266,7 @@ class QueueCore {
 
   const BatchQueueOptions options_;
   const std::shared_ptr<Clock> clock_;
+  const size_t out_features_;
   MetricsRecorder recorder_;
 
   // Guards the FIFO, the deadlines and the flags below. Taken by every batch
@@ -266,6 +317,13 @@ class QueueCore {
   // leader early, or leaves it to its timed wait).
   std::atomic<Clock::time_point> leader_wake_{Clock::kNever};
   int blocked_ FL_GUARDED_BY(mu_) = 0;  // submitters waiting for room (kBlock)
+  // Callback requests made final under mu_, waiting for their callbacks
+  // (Note [Completion callbacks]), each with its error.
+  std::vector<std::pair<std::shared_ptr<Request>, std::exception_ptr>> deferred_
+      FL_GUARDED_BY(mu_);
+  // !deferred_.empty(), for a look without mu_ (relaxed: a parker runs its
+  // own parked callbacks, so a stale false only leaves them to it).
+  std::atomic<bool> has_deferred_{false};
   CondVar work_cv_;                     // the leader waits for requests, max_delay or a deadline
   CondVar idle_cv_;                     // workers wait to become the leader
   CondVar space_cv_;                    // kBlock submitters wait for room

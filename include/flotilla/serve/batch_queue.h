@@ -37,6 +37,23 @@
 // batch. Every other outcome arrives through the handle, so a client has
 // one place to look.
 //
+// Completion callbacks (the second submit()): instead of a handle, the
+// request's outcome goes to a function, called exactly once with a
+// Completion: its output (a view of the batch's pinned staging, valid only
+// during the call: no copy is made) or its error. No thread blocks on the
+// request and none is woken for it, so a client can keep many requests in
+// flight at the cost of one submit() each (Note [Completion callbacks] in
+// queue_core.h). The callback runs
+//   on a worker thread (or step()'s caller) when its batch completes or fails;
+//   on the thread whose call decided it otherwise: submit() itself for a
+//   refusal (QueueFull, ShutDown, a deadline already passed), cancel() or
+//   shutdown(kCancel) for Cancelled, a worker for Timeout;
+// never while the queue holds a lock, so it may submit() (not under kBlock
+// from a worker: that could wait for itself) and cancel(). It must not
+// block for long (a worker's other requests wait meanwhile), wait on this
+// queue's handles, or call shutdown()/step(). A throw is caught and counted
+// (BatchQueueMetrics::callback_exceptions).
+//
 // Deadlines: a queued request whose deadline passes completes with Timeout
 // when a worker next looks at the queue: at once if one is waiting for
 // requests (its wait ends at the earliest deadline), else when one finishes
@@ -64,6 +81,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -203,6 +221,18 @@ class RequestHandle {
   std::shared_ptr<detail::Request> req_;
 };
 
+// What a completion callback is told about its request.
+struct Completion {
+  uint64_t id = 0;  // as RequestHandle::id(): ids grow in submission order
+  RequestStatus status = RequestStatus::kQueued;  // final: kCompleted or an error's
+  // kCompleted: out_features values, valid only during the callback (they
+  // live in the batch's staging, reused by the next batch). Empty otherwise.
+  std::span<const float> output;
+  // Every status but kCompleted: the error the handle's get() would throw.
+  std::exception_ptr error;
+};
+using CompletionCallback = std::function<void(const Completion&)>;
+
 class BatchQueue {
  public:
   using Model = std::function<Tensor(const Stream& stream, const Tensor& x)>;
@@ -220,6 +250,18 @@ class BatchQueue {
   // (unset: now + default_deadline, or none). See Outcomes above.
   RequestHandle submit(std::span<const float> input,
                        std::optional<Clock::time_point> deadline = std::nullopt);
+  // Queues a copy of `input` like submit() above, but reports the outcome
+  // to `done` (non-empty) instead of a handle (see Completion callbacks
+  // above). Returns the request's id, for cancel(). Throws InvalidArgument
+  // for a bad input or an empty callback, and then never calls it.
+  uint64_t submit(std::span<const float> input, CompletionCallback done,
+                  std::optional<Clock::time_point> deadline = std::nullopt);
+  // Cancels the request `id` if it is queued (not started): it completes
+  // with Cancelled and this returns true. False if it had started, had
+  // completed, or no request of this queue has that id. For requests of
+  // either submit().
+  bool cancel(uint64_t id);
+
   // clock().now() + d, for submit's deadline.
   Clock::time_point deadline_in(Clock::duration d) const;
 
@@ -244,6 +286,10 @@ class BatchQueue {
   std::vector<Stream> streams() const;
 
  private:
+  // Checks `input` (InvalidArgument) and makes its request.
+  std::shared_ptr<detail::Request> make_request(std::span<const float> input,
+                                                std::optional<Clock::time_point> deadline,
+                                                CompletionCallback done);
   void worker_loop(detail::Lane& lane);
   // Launches the batch in the lane's free slot; it is then in flight.
   void launch_batch(detail::Lane& lane);

@@ -1,11 +1,11 @@
 // BatchQueueMetrics: what a BatchQueue has done, as one snapshot value,
 // rendered as JSON or as Prometheus text exposition.
 //
-// Counts are since the queue was made. Every submit() that returned a handle
-// ends in exactly one of completed, rejected, expired, cancelled, failed or
+// Counts are since the queue was made. Every submit() that returned (a
+// handle, or an id for a callback) ends in exactly one of completed, rejected, expired, cancelled, failed or
 // shut_down, so once the queue is idle
 //   submitted == completed + rejected + expired + cancelled + failed + shut_down.
-// Inputs refused at submit (InvalidArgument) get no handle: they are
+// Inputs refused at submit (InvalidArgument) get no handle or callback: they are
 // counted in `invalid` only.
 //
 // Times are by the queue's clock (a ManualClock makes them deterministic).
@@ -54,6 +54,9 @@ struct BatchQueueMetrics {
   uint64_t failed = 0;     // the error of its batch
   uint64_t shut_down = 0;  // ShutDown: submitted after shutdown began
   uint64_t invalid = 0;    // refused at submit with InvalidArgument
+  // Completion callbacks that threw (caught; their requests still count
+  // once above, by their status).
+  uint64_t callback_exceptions = 0;
 
   // batch_sizes[b] = batches that ran with b requests (index 0 unused).
   std::vector<uint64_t> batch_sizes;
