@@ -85,6 +85,9 @@ void WorkloadOptions::validate() const {
     FL_CHECK_ARG(batching.window == 1,
                  "[run] --window keeps several requests in flight through the BatchQueue; "
                  "it needs --batching");
+    FL_CHECK_ARG(!batching.callbacks,
+                 "[run] --callbacks hands the BatchQueue's outputs to completion callbacks; it "
+                 "needs --batching");
   }
 }
 
@@ -127,6 +130,7 @@ nlohmann::json WorkloadResult::to_json() const {
     j["pipeline_depth"] = o.batching.pipeline_depth;
     j["spin_us"] = o.batching.spin_us;
     j["record_batches"] = o.batching.record;
+    j["callbacks"] = o.batching.callbacks;
     j["mean_batch"] = mean_batch;
     j["rejected"] = rejected;
     j["expired"] = expired;
@@ -328,6 +332,16 @@ void check_output(const RunContext& ctx, size_t k, std::span<float> out, ThreadS
     ++st.wrong;
 }
 
+// Whether `out` (a callback's view of the queue's staging) matches inputs[k]'s
+// reference; `corrupt`: check a copy with its first value changed instead.
+bool output_ok(const RunContext& ctx, size_t k, std::span<const float> out, bool corrupt) {
+  if (out.size() != ctx.references[k].size()) return false;
+  if (!corrupt) return close_to_reference(out, ctx.references[k], ctx.reference_scale[k]);
+  std::vector<float> copy(out.begin(), out.end());
+  copy[0] += 1.0f;
+  return close_to_reference(copy, ctx.references[k], ctx.reference_scale[k]);
+}
+
 // Runs `fn` (a request, or the wait for one); counts what it throws.
 template <typename Fn>
 void counting_errors(ThreadStats& st, Fn&& fn) {
@@ -360,6 +374,117 @@ double percentile(std::vector<float>& v, double p) {
   const size_t i = std::min(v.size() - 1, rank == 0 ? 0 : rank - 1);
   std::nth_element(v.begin(), v.begin() + static_cast<ptrdiff_t>(i), v.end());
   return v[i];
+}
+
+// --callbacks: one client's window of requests in flight, completed by
+// callbacks on the queue's threads. Slot i holds a request from submit()
+// until its callback has run (busy); the callback checks the output and
+// writes its verdict into the slot, which the client reads (harvests) before
+// it reuses the slot, or at the end. The client sleeps only when the window
+// is full, until half of it is free: one wake-up per window/2 requests, not
+// one per request. It outlives the queue: the last callback touches
+// `in_flight` after its client may have finished.
+struct CallbackWindow {
+  struct Slot {
+    // Written by the client before submit(), read by the callback.
+    size_t k = 0;
+    Clock::time_point t0{};
+    bool corrupt = false;
+    // Written by the callback before it clears `busy` (release); read by the
+    // client after it saw `busy` clear (acquire).
+    float latency_us = 0;
+    bool wrong = false;
+    std::exception_ptr error;
+    std::atomic<bool> busy{false};
+    bool unread = false;  // the client's own: a verdict to harvest
+  };
+  explicit CallbackWindow(size_t window)
+      : slots(window), low_water(static_cast<int>(window - std::max<size_t>(1, window / 2))) {}
+
+  void complete(const RunContext& ctx, Slot& slot, const serve::Completion& c) {
+    slot.latency_us =
+        static_cast<float>(std::chrono::duration<double, std::micro>(Clock::now() - slot.t0).count());
+    slot.error = c.error;
+    slot.wrong = !c.error && !output_ok(ctx, slot.k, c.output, slot.corrupt);
+    slot.busy.store(false, std::memory_order_release);
+    const int left = in_flight.fetch_sub(1, std::memory_order_acq_rel) - 1;
+    if (left == low_water || left == 0) in_flight.notify_one();
+  }
+  // Blocks until at most `n` requests are in flight.
+  void wait_for_at_most(int n) {
+    for (int v = in_flight.load(std::memory_order_acquire); v > n;
+         v = in_flight.load(std::memory_order_acquire))
+      in_flight.wait(v, std::memory_order_acquire);
+  }
+
+  std::vector<Slot> slots;
+  const int low_water;  // a full window wakes its client here
+  std::atomic<int> in_flight{0};
+};
+
+// Records `slot`'s verdict in `st` once.
+void harvest(CallbackWindow::Slot& slot, ThreadStats& st) {
+  if (!slot.unread) return;
+  slot.unread = false;
+  st.latency_us.push_back(slot.latency_us);
+  if (slot.error) {
+    counting_errors(st, [&] { std::rethrow_exception(slot.error); });
+    slot.error = nullptr;
+    return;
+  }
+  ++st.checks;
+  if (slot.wrong) ++st.wrong;
+}
+
+// A client's timed loop with --callbacks: submits while `next` gives
+// tickets, keeping up to the window in flight.
+template <typename Next>
+void run_callback_client(const RunContext& ctx, CallbackWindow& win, size_t t, ThreadStats& st,
+                         std::atomic<uint64_t>& completed, Next&& next) {
+  const size_t window = win.slots.size();
+  size_t cursor = 0, since_progress = 0;
+  bool corrupt = false;
+  auto now = Clock::now();
+  for (uint64_t r = t;;) {
+    if (win.in_flight.load(std::memory_order_acquire) >= static_cast<int>(window)) {
+      const auto t_wait = now;
+      win.wait_for_at_most(win.low_water);
+      now = Clock::now();
+      st.get_time += now - t_wait;
+    }
+    if (!next(corrupt)) break;
+    while (win.slots[cursor].busy.load(std::memory_order_acquire)) cursor = (cursor + 1) % window;
+    CallbackWindow::Slot& slot = win.slots[cursor];
+    cursor = (cursor + 1) % window;
+    harvest(slot, st);
+    slot.k = r % ctx.inputs.size();
+    r += 7;
+    slot.t0 = now;
+    slot.corrupt = corrupt;
+    slot.unread = true;
+    slot.busy.store(true, std::memory_order_relaxed);  // published by submit()
+    win.in_flight.fetch_add(1, std::memory_order_relaxed);
+    bool submitted = false;
+    counting_errors(st, [&] {
+      ctx.queue->submit(
+          ctx.inputs[slot.k],
+          [&ctx, &win, s = &slot](const serve::Completion& c) { win.complete(ctx, *s, c); });
+      submitted = true;
+    });
+    if (!submitted) {  // refused before it was queued: no callback comes
+      slot.unread = false;
+      slot.busy.store(false, std::memory_order_relaxed);
+      win.in_flight.fetch_sub(1, std::memory_order_relaxed);
+    }
+    now = Clock::now();
+    st.submit_time += now - slot.t0;
+    if (++since_progress == 64) {  // for the progress line only
+      completed.fetch_add(64, std::memory_order_relaxed);
+      since_progress = 0;
+    }
+  }
+  win.wait_for_at_most(0);
+  for (auto& slot : win.slots) harvest(slot, st);
 }
 
 // The progress line: a rewritten line on a terminal, a line per second otherwise.
@@ -426,6 +551,13 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
     for (float v : ctx.references.back()) scale = std::max(scale, static_cast<double>(std::abs(v)));
     ctx.reference_scale.push_back(scale);
   }
+  // --callbacks: each client's window; they outlive the queue (its last
+  // callbacks run as it drains).
+  std::vector<std::unique_ptr<CallbackWindow>> windows;
+  if (o.batching.callbacks)
+    for (int t = 0; t < o.threads; ++t)
+      windows.push_back(
+          std::make_unique<CallbackWindow>(static_cast<size_t>(o.batching.window)));
   std::optional<serve::BatchQueue> queue;  // destroyed (drained) before the model
   if (o.batching.enabled) {
     serve::BatchQueueOptions qo;
@@ -490,7 +622,9 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
       };
       const size_t window = static_cast<size_t>(o.batching.window);
       bool corrupt = false;
-      if (window == 1) {
+      if (o.batching.callbacks) {
+        run_callback_client(ctx, *windows[t], t, st, completed, next);
+      } else if (window == 1) {
         for (uint64_t r = t; next(corrupt); r += 7) {
           const double us = one_request(*client, ctx, r % ctx.inputs.size(), out, st, corrupt);
           st.latency_us.push_back(static_cast<float>(us));
@@ -604,7 +738,7 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
   result.p90_us = percentile(all, 0.90);
   result.p99_us = percentile(all, 0.99);
   result.streams_used = static_cast<int>(streams.size());
-  if (o.batching.window > 1 && result.requests > 0) {
+  if ((o.batching.window > 1 || o.batching.callbacks) && result.requests > 0) {
     const auto per_request_us = [&](std::chrono::nanoseconds t) {
       return static_cast<double>(t.count()) / 1e3 / static_cast<double>(result.requests);
     };
@@ -778,6 +912,9 @@ void add_batching_options(CLI::App& cmd, WorkloadOptions::Batching& b) {
       ->capture_default_str();
   cmd.add_flag("--record-batches", b.record,
                "batching: record each batch size once and replay it (a CUDA graph on cuda)");
+  cmd.add_flag("--callbacks", b.callbacks,
+               "batching: outputs go to completion callbacks (checked on the queue's workers) "
+               "instead of handles the clients wait on");
 }
 
 void add_model_options(CLI::App& cmd, WorkloadOptions& o, ModelOptionStrings& s) {

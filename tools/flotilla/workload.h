@@ -86,6 +86,10 @@ struct WorkloadOptions {
     int pipeline_depth = 1;  // BatchQueueOptions::pipeline_depth (see its default)
     int64_t spin_us = 0;     // BatchQueueOptions::spin_wait
     bool record = false;     // BatchQueueOptions::record_batches
+    // --callbacks: each request's output goes to a completion callback,
+    // which checks it on the queue's worker, instead of a handle the client
+    // waits on; a client with a full window sleeps until half of it is free.
+    bool callbacks = false;
   } batching;
 
   // Throws InvalidArgument naming the option. Touches no device.
@@ -119,8 +123,10 @@ struct WorkloadResult {
   // window of recent samples; max_depth: the most requests queued at once.
   double queue_wait_p50_us = 0, queue_wait_p99_us = 0, compute_p50_us = 0, compute_p99_us = 0;
   uint64_t max_depth = 0;
-  // --window > 1: a client thread's time per request, by phase (submit(),
-  // get() including the wait, copying and checking the output), in µs.
+  // --window > 1 or --callbacks: a client thread's time per request, by
+  // phase (submit(), get() including the wait, copying and checking the
+  // output), in µs; with --callbacks, get is the wait for room in the window
+  // and check is 0 (the callbacks check, on the workers).
   double client_submit_us = 0, client_get_us = 0, client_check_us = 0;
 
   bool failed() const { return crashes || violations || wrong_results || errors; }
