@@ -54,10 +54,27 @@ TEST(CliBatching, RunMergesRequestsAndEveryOutputIsRight) {
   EXPECT_LE(j["mean_batch"].get<double>(), 16.0);
 }
 
+TEST(CliBatching, CallbacksCheckEveryOutputAndKeepTheWindowFull) {
+  const auto r = run_cli(
+      "run --batching --callbacks --threads 4 --window 16 --requests 2000 --max-batch 32 "
+      "--queue-workers 2 --json",
+      "2>/dev/null");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["callbacks"], true);
+  EXPECT_EQ(j["requests"], 2000) << "every submitted request comes back once";
+  EXPECT_EQ(j["wrong_results"], 0);
+  EXPECT_EQ(j["errors"], 0);
+  EXPECT_GE(j["checks"].get<int>(), 2000);
+  EXPECT_EQ(j["client_check_us"], 0.0) << "the callbacks check, on the workers";
+  EXPECT_GT(j["mean_batch"].get<double>(), 1.0) << "4 clients x 16 in flight: real batches";
+}
+
 TEST(CliBatching, CatchesACorruptedOutput) {
-  // Closed loop, and with windows (whose client checks the queue's output in
-  // place): each path has its own check call.
-  for (const char* window : {"", " --window 8"}) {
+  // Closed loop, with windows (whose client checks the queue's output in
+  // place), and with callbacks (which check on the queue's workers, closed
+  // loop or windowed): each path has its own check call.
+  for (const char* window : {"", " --window 8", " --callbacks", " --window 8 --callbacks"}) {
     const auto r =
         run_cli(std::string("run --batching --threads 4 --requests 100 --corrupt-every 10 "
                             "--json") +
@@ -72,7 +89,8 @@ TEST(CliBatching, CatchesACorruptedOutput) {
 TEST(CliBatching, BadOptionsEndWithOneLine) {
   for (const char* args :
        {"run --batching --batch 4", "run --batching --max-batch 0",
-        "run --batching --max-delay-us -1", "run --batching --queue-workers 0"}) {
+        "run --batching --max-delay-us -1", "run --batching --queue-workers 0",
+        "run --callbacks"}) {
     const auto r = run_cli(args, "2>&1");
     EXPECT_NE(r.exit_code, 0) << args;
     int lines = 0;
