@@ -231,7 +231,7 @@ class QueueCore {
   bool take_ready_body(Batch& batch, bool force) FL_EXCLUDES(mu_);
   void stop_body(ShutdownMode mode) FL_EXCLUDES(mu_);
   // Completes the new request `r` with a refusal (giving it an id if it has none).
-  void refuse(Request& r, RequestStatus status, std::exception_ptr err);
+  void refuse(Request& r, RequestStatus status, std::exception_ptr err) FL_REQUIRES(mu_);
   // The part of submit() that takes mu_: refusals and waiting for room.
   void submit_slow(const std::shared_ptr<Request>& r, Clock::time_point now) FL_EXCLUDES(mu_);
   // Counts one more queued request if that stays within capacity.
