@@ -164,7 +164,8 @@ std::string BatchQueueMetrics::to_prometheus(std::string_view prefix_view) const
   header(o, p + "_capacity", "gauge", "Requests the queue holds at most.");
   o << p << "_capacity " << capacity << '\n';
 
-  header(o, p + "_submitted_total", "counter", "Requests submitted (given a handle or a callback).");
+  header(o, p + "_submitted_total", "counter",
+         "Requests submitted (given a handle or a callback).");
   o << p << "_submitted_total " << submitted << '\n';
   header(o, p + "_invalid_total", "counter", "Inputs refused at submit (InvalidArgument).");
   o << p << "_invalid_total " << invalid << '\n';

@@ -39,26 +39,35 @@ QueueCore::QueueCore(const BatchQueueOptions& options, std::shared_ptr<Clock> cl
       out_features_(out_features),
       recorder_(options.metrics_window, options.max_batch) {}
 
+namespace {
+// Callback requests this thread made final under a core's mu_, waiting for
+// their callbacks (Note [Completion callbacks]).
+struct Parked {
+  QueueCore* core;
+  std::shared_ptr<Request> request;
+  std::exception_ptr error;
+};
+thread_local std::vector<Parked> t_parked;
+}  // namespace
+
 void QueueCore::finish(Request& r, RequestStatus status, std::exception_ptr err) {
   recorder_.outcome(status);
   if (!r.on_done) return complete_now(r, status, nullptr, std::move(err));
-  // Note [Completion callbacks]: not under mu_; the caller runs it soon.
-  deferred_.emplace_back(r.shared_from_this(), std::move(err));
-  has_deferred_.store(true, std::memory_order_relaxed);
+  // Note [Completion callbacks]: not under mu_; this thread runs it before
+  // its call returns.
+  t_parked.push_back({this, r.shared_from_this(), std::move(err)});
 }
 
-void QueueCore::run_deferred() {
-  // Relaxed: whoever parked a callback set the flag on this thread, or
-  // another thread took the list (and runs it) since.
-  if (!has_deferred_.load(std::memory_order_relaxed)) return;
-  std::vector<std::pair<std::shared_ptr<Request>, std::exception_ptr>> parked;
-  {
-    MutexLock lock(mu_);
-    parked.swap(deferred_);
-    has_deferred_.store(false, std::memory_order_relaxed);
-  }
-  for (auto& [r, err] : parked)
-    complete_now(*r, r->status.load(std::memory_order_acquire), nullptr, std::move(err));
+bool QueueCore::has_parked() { return !t_parked.empty(); }
+
+void QueueCore::run_parked() {
+  if (t_parked.empty()) return;
+  // Taken out first: a callback that calls into a queue parks and runs its own.
+  std::vector<Parked> parked;
+  parked.swap(t_parked);
+  for (Parked& p : parked)
+    p.core->complete_now(*p.request, p.request->status.load(std::memory_order_acquire), nullptr,
+                         std::move(p.error));
 }
 
 void QueueCore::complete_now(Request& r, RequestStatus status, const float* row,
@@ -210,7 +219,7 @@ void QueueCore::submit(const std::shared_ptr<Request>& r) {
     left_fifo(1);  // the inbox is closed: give the room back; the slow path refuses it
   }
   submit_slow(r, now);
-  run_deferred();  // a refusal's callback (Note [Completion callbacks])
+  run_parked();  // a refusal's callback (Note [Completion callbacks])
 }
 
 void QueueCore::submit_slow(const std::shared_ptr<Request>& r, Clock::time_point now) {
@@ -329,7 +338,7 @@ bool QueueCore::cancel(uint64_t id) {
       cancel_queued(r);
     }
   }
-  run_deferred();
+  run_parked();
   return won;
 }
 
@@ -381,7 +390,7 @@ void QueueCore::pick(Batch& batch, Clock::time_point now) {
 
 bool QueueCore::next_batch(Batch& batch) {
   const bool got = next_batch_body(batch);
-  run_deferred();
+  run_parked();
   return got;
 }
 
@@ -423,10 +432,11 @@ bool QueueCore::next_batch_body(Batch& batch) {
       idle_cv_.notify_all();
       return false;
     }
-    if (!deferred_.empty()) {
-      // Run the callbacks of what expired before waiting (Note [Completion callbacks]).
+    if (has_parked()) {
+      // Run the callbacks of what this leader expired before it waits (Note
+      // [Completion callbacks]).
       lock.unlock();
-      run_deferred();
+      run_parked();
       lock.lock();
       continue;
     }
@@ -494,7 +504,7 @@ bool QueueCore::next_batch_body(Batch& batch) {
 
 bool QueueCore::take_ready(Batch& batch, bool force) {
   const bool got = take_ready_body(batch, force);
-  run_deferred();
+  run_parked();
   return got;
 }
 
@@ -527,7 +537,7 @@ void QueueCore::complete_batch(Batch& batch, std::exception_ptr error, const flo
 
 void QueueCore::stop(ShutdownMode mode) {
   stop_body(mode);
-  run_deferred();
+  run_parked();
 }
 
 void QueueCore::stop_body(ShutdownMode mode) {

@@ -152,13 +152,16 @@ struct Batch {
 // reads its row of the staging). The callback is user code, so it never
 // runs under mu_ (it may submit or cancel): a decision made under mu_
 // (refused, expired, cancelled) wins the request's status there, and parks
-// the request in deferred_; the call that made the decision runs the parked
-// callbacks once it has let go of mu_, before it returns (run_deferred), and
-// so does a leader before it waits. Any such call may run another's parked
-// callbacks: each runs once, as the one that takes it out of deferred_ under
-// mu_ runs it. A batch's completions run outside mu_ already. Handle
-// requests are completed at once, under mu_ or not: their completion (a
-// DoneFlag) runs no user code but the on_complete hook.
+// the request in a list of the deciding thread's own (thread_local); the
+// call that made the decision runs that thread's parked callbacks once it
+// has let go of mu_, before it returns (run_parked), and so does a leader
+// before it waits. So a refusal's callback has run when submit() returns,
+// a cancellation's when cancel() returns true, each on that caller's thread,
+// and no call runs callbacks another thread decided. A callback that calls
+// into the queue parks and runs its own the same way (a nested call). A
+// batch's completions run outside mu_ already. Handle requests are
+// completed at once, under mu_ or not: their completion (a DoneFlag) runs
+// no user code but the on_complete hook.
 //
 // Note [Cancel after the queue is gone]
 // A RequestHandle may outlive its queue; cancel() on it must then return
@@ -218,8 +221,10 @@ class QueueCore {
   // has just won under mu_, and counts it; a callback request is parked
   // instead (Note [Completion callbacks]).
   void finish(Request& r, RequestStatus status, std::exception_ptr err) FL_REQUIRES(mu_);
-  // Runs the parked callbacks; call without mu_.
-  void run_deferred() FL_EXCLUDES(mu_);
+  // Runs the callbacks this thread parked (Note [Completion callbacks]);
+  // call without mu_.
+  static void run_parked();
+  static bool has_parked();
   // Calls r's hook and callback (if any), then sets its result (`row`, or
   // `err`). Once per request; a callback request only without mu_.
   void complete_now(Request& r, RequestStatus status, const float* row, std::exception_ptr err);
@@ -317,13 +322,6 @@ class QueueCore {
   // leader early, or leaves it to its timed wait).
   std::atomic<Clock::time_point> leader_wake_{Clock::kNever};
   int blocked_ FL_GUARDED_BY(mu_) = 0;  // submitters waiting for room (kBlock)
-  // Callback requests made final under mu_, waiting for their callbacks
-  // (Note [Completion callbacks]), each with its error.
-  std::vector<std::pair<std::shared_ptr<Request>, std::exception_ptr>> deferred_
-      FL_GUARDED_BY(mu_);
-  // !deferred_.empty(), for a look without mu_ (relaxed: a parker runs its
-  // own parked callbacks, so a stale false only leaves them to it).
-  std::atomic<bool> has_deferred_{false};
   CondVar work_cv_;                     // the leader waits for requests, max_delay or a deadline
   CondVar idle_cv_;                     // workers wait to become the leader
   CondVar space_cv_;                    // kBlock submitters wait for room

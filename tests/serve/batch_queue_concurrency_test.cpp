@@ -20,19 +20,6 @@ namespace {
 
 using namespace std::chrono_literals;
 
-constexpr float kFailMark = 1000.f;
-
-// The tiny model, failing (on the host) any batch holding a marked row.
-BatchQueue::Model marked_failing(const TinyModel& m) {
-  return [&m](const Stream& s, const Tensor& x) {
-    auto v = x.to_host(s);
-    for (int64_t r = 0; r < x.dim(0); ++r)
-      if (v[static_cast<size_t>(r * x.dim(1))] == kFailMark)
-        throw InvalidState("[test model] batch holds a marked row");
-    return m(s, x);
-  };
-}
-
 Outcome expected_outcome(RequestStatus s) {
   switch (s) {
     case RequestStatus::kCompleted: return Outcome::kCompleted;
@@ -96,8 +83,7 @@ TEST(BatchQueueConcurrency, EveryRequestCompletesExactlyOnceUnderRaces) {
                  o.record_batches ? tiny.model() : marked_failing(tiny), o);
     std::vector<std::vector<Sent>> sent(clients);
     std::atomic<size_t> submitted{0};  // acq_rel: the shutdown thread waits on it
-    std::atomic<bool> stop{false};     // release/acquire: ends the clock and step threads
-    std::latch start(clients + 3);
+    std::latch start(clients + RaceBackground::kThreads);
 
     std::vector<std::thread> threads;
     for (int c = 0; c < clients; ++c) {
@@ -126,28 +112,11 @@ TEST(BatchQueueConcurrency, EveryRequestCompletesExactlyOnceUnderRaces) {
         for (size_t k : cancel_later) sent[static_cast<size_t>(c)][k].handle.cancel();
       });
     }
-    threads.emplace_back([&] {  // time passes in random steps
-      std::mt19937_64 r(client_seed ^ 0xc10c);
-      start.arrive_and_wait();
-      while (!stop.load(std::memory_order_acquire)) {
-        clock->advance(std::chrono::microseconds(r() % 40));
-        std::this_thread::sleep_for(20us);
-      }
-    });
-    threads.emplace_back([&] {  // manual mode: a thread steps the queue
-      start.arrive_and_wait();
-      while (o.workers == 0 && !stop.load(std::memory_order_acquire))
-        if (q.step() == 0) std::this_thread::yield();
-    });
-    std::thread closer([&] {
-      start.arrive_and_wait();
-      while (submitted.load(std::memory_order_acquire) < shutdown_after) std::this_thread::yield();
-      q.shutdown(mode);
-    });
-    for (int c = 0; c < clients; ++c) threads[static_cast<size_t>(c)].join();
-    closer.join();  // shutdown has returned: nothing is queued or running
-    stop.store(true, std::memory_order_release);
-    for (size_t t = static_cast<size_t>(clients); t < threads.size(); ++t) threads[t].join();
+    {
+      RaceBackground background(q, *clock, client_seed, start, submitted, shutdown_after, mode);
+      for (auto& t : threads) t.join();
+      background.join_shutdown();  // shutdown has returned: nothing is queued or running
+    }
 
     std::map<Outcome, uint64_t> counts;
     for (auto& per : sent) {

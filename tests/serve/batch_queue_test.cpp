@@ -19,22 +19,11 @@ namespace {
 
 using namespace std::chrono_literals;
 
-class BatchQueueTest : public ::testing::Test {
+class BatchQueueTest : public QueueTest {
  protected:
-  void SetUp() override {
-    device_ = make_device();
-    model_ = std::make_unique<TinyModel>(*device_, kIn, kOut);
-    clock_ = std::make_shared<ManualClock>();
-  }
-
   // Manual mode, ManualClock, the tiny model (counting its calls).
   BatchQueueOptions manual(int max_batch = 4, std::chrono::microseconds max_delay = 100us) {
-    BatchQueueOptions o;
-    o.workers = 0;
-    o.max_batch = max_batch;
-    o.max_delay = max_delay;
-    o.clock = clock_;
-    return o;
+    return QueueTest::manual(max_batch, max_delay);
   }
   // One worker thread, `depth` batches in flight, ManualClock, max_batch 2,
   // no max_delay: for the pipelined-lane tests.
@@ -43,22 +32,6 @@ class BatchQueueTest : public ::testing::Test {
     o.workers = 1;
     o.pipeline_depth = depth;
     return o;
-  }
-  BatchQueue::Model counted() {
-    return [this](const Stream& s, const Tensor& x) {
-      calls_.fetch_add(1);
-      rows_.fetch_add(x.dim(0));
-      return (*model_)(s, x);
-    };
-  }
-  std::vector<float> input(int i) {
-    std::mt19937_64 rng(1000 + static_cast<uint64_t>(i));
-    return random_vector(rng, kIn);
-  }
-  void expect_output(RequestHandle& h, int i) {
-    std::vector<float> y;
-    ASSERT_EQ(outcome_of(h, &y), Outcome::kCompleted);
-    EXPECT_LT(max_rel_error(y, model_->host_reference(input(i))), 1e-5) << "request " << i;
   }
 
   // Each handle's output against the MLP run on its input alone (batch 1),
@@ -85,13 +58,6 @@ class BatchQueueTest : public ::testing::Test {
     }
     return exact;
   }
-
-  static constexpr int64_t kIn = 16, kOut = 8;
-  std::shared_ptr<Device> device_;
-  std::unique_ptr<TinyModel> model_;
-  std::shared_ptr<ManualClock> clock_;
-  std::atomic<int> calls_{0};
-  std::atomic<int64_t> rows_{0};
 };
 
 // ---- max_batch and max_delay ---------------------------------------------------------

@@ -87,10 +87,9 @@ TEST(CliBatching, CatchesACorruptedOutput) {
 }
 
 TEST(CliBatching, BadOptionsEndWithOneLine) {
-  for (const char* args :
-       {"run --batching --batch 4", "run --batching --max-batch 0",
-        "run --batching --max-delay-us -1", "run --batching --queue-workers 0",
-        "run --callbacks"}) {
+  for (const char* args : {"run --batching --batch 4", "run --batching --max-batch 0",
+                           "run --batching --max-delay-us -1", "run --batching --queue-workers 0",
+                           "run --callbacks"}) {
     const auto r = run_cli(args, "2>&1");
     EXPECT_NE(r.exit_code, 0) << args;
     int lines = 0;

@@ -9,13 +9,17 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <latch>
+#include <memory>
 #include <random>
 #include <semaphore>
 #include <span>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "flotilla/common/error.h"
@@ -172,5 +176,113 @@ inline Outcome outcome_of(RequestHandle& h, std::vector<float>* out = nullptr,
     return Outcome::kOther;
   }
 }
+
+// A row whose first value is kFailMark fails its batch in marked_failing.
+constexpr float kFailMark = 1000.f;
+
+// The tiny model, failing (on the host) any batch holding a marked row.
+inline BatchQueue::Model marked_failing(const TinyModel& m) {
+  return [&m](const Stream& s, const Tensor& x) {
+    auto v = x.to_host(s);
+    for (int64_t r = 0; r < x.dim(0); ++r)
+      if (v[static_cast<size_t>(r * x.dim(1))] == kFailMark)
+        throw InvalidState("[test model] batch holds a marked row");
+    return m(s, x);
+  };
+}
+
+// The fixture of the deterministic queue tests: a private CPU device, the
+// tiny model (kIn -> kOut), a ManualClock, and the model wrapped to count
+// its calls and rows.
+class QueueTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    device_ = make_device();
+    model_ = std::make_unique<TinyModel>(*device_, kIn, kOut);
+    clock_ = std::make_shared<ManualClock>();
+  }
+
+  // Manual mode (workers = 0, step()) on the ManualClock.
+  BatchQueueOptions manual(int max_batch, std::chrono::microseconds max_delay) {
+    BatchQueueOptions o;
+    o.workers = 0;
+    o.max_batch = max_batch;
+    o.max_delay = max_delay;
+    o.clock = clock_;
+    return o;
+  }
+  // The tiny model, counting its calls and rows.
+  BatchQueue::Model counted() {
+    return [this](const Stream& s, const Tensor& x) {
+      calls_.fetch_add(1);
+      rows_.fetch_add(x.dim(0));
+      return (*model_)(s, x);
+    };
+  }
+  // Request i's input (the same for every test).
+  std::vector<float> input(int i) {
+    std::mt19937_64 rng(1000 + static_cast<uint64_t>(i));
+    return random_vector(rng, kIn);
+  }
+  // The handle completed with the model's output for input(i).
+  void expect_output(RequestHandle& h, int i) {
+    std::vector<float> y;
+    ASSERT_EQ(outcome_of(h, &y), Outcome::kCompleted);
+    EXPECT_LT(max_rel_error(y, model_->host_reference(input(i))), 1e-5) << "request " << i;
+  }
+
+  static constexpr int64_t kIn = 16, kOut = 8;
+  std::shared_ptr<Device> device_;
+  std::unique_ptr<TinyModel> model_;
+  std::shared_ptr<ManualClock> clock_;
+  std::atomic<int> calls_{0};
+  std::atomic<int64_t> rows_{0};
+};
+
+// The background of a race round (the concurrency tests), each thread
+// starting at `start` (count them in it: kThreads): one moves `clock` on in
+// random steps, one steps `q` in manual mode (workers = 0), and one shuts
+// `q` down with `mode` once `submitted` reaches `after`. join_shutdown()
+// returns once that shutdown has; the destructor stops and joins the rest.
+class RaceBackground {
+ public:
+  static constexpr int kThreads = 3;
+  RaceBackground(BatchQueue& q, ManualClock& clock, uint64_t seed, std::latch& start,
+                 const std::atomic<size_t>& submitted, size_t after, ShutdownMode mode) {
+    ticker_ = std::thread([&clock, seed, &start, this] {
+      std::mt19937_64 r(seed ^ 0xc10c);
+      start.arrive_and_wait();
+      while (!stop_.load(std::memory_order_acquire)) {
+        clock.advance(std::chrono::microseconds(r() % 40));
+        std::this_thread::sleep_for(std::chrono::microseconds(20));
+      }
+    });
+    stepper_ = std::thread([&q, &start, this] {
+      start.arrive_and_wait();
+      while (q.options().workers == 0 && !stop_.load(std::memory_order_acquire))
+        if (q.step() == 0) std::this_thread::yield();
+    });
+    closer_ = std::thread([&q, &start, &submitted, after, mode] {
+      start.arrive_and_wait();
+      while (submitted.load(std::memory_order_acquire) < after) std::this_thread::yield();
+      q.shutdown(mode);
+    });
+  }
+  RaceBackground(const RaceBackground&) = delete;
+  RaceBackground& operator=(const RaceBackground&) = delete;
+  void join_shutdown() {
+    if (closer_.joinable()) closer_.join();
+  }
+  ~RaceBackground() {
+    join_shutdown();
+    stop_.store(true, std::memory_order_release);
+    ticker_.join();
+    stepper_.join();
+  }
+
+ private:
+  std::atomic<bool> stop_{false};
+  std::thread ticker_, stepper_, closer_;
+};
 
 }  // namespace flotilla::serve::test

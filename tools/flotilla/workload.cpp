@@ -402,8 +402,8 @@ struct CallbackWindow {
       : slots(window), low_water(static_cast<int>(window - std::max<size_t>(1, window / 2))) {}
 
   void complete(const RunContext& ctx, Slot& slot, const serve::Completion& c) {
-    slot.latency_us =
-        static_cast<float>(std::chrono::duration<double, std::micro>(Clock::now() - slot.t0).count());
+    slot.latency_us = static_cast<float>(
+        std::chrono::duration<double, std::micro>(Clock::now() - slot.t0).count());
     slot.error = c.error;
     slot.wrong = !c.error && !output_ok(ctx, slot.k, c.output, slot.corrupt);
     slot.busy.store(false, std::memory_order_release);
@@ -466,9 +466,9 @@ void run_callback_client(const RunContext& ctx, CallbackWindow& win, size_t t, T
     win.in_flight.fetch_add(1, std::memory_order_relaxed);
     bool submitted = false;
     counting_errors(st, [&] {
-      ctx.queue->submit(
-          ctx.inputs[slot.k],
-          [&ctx, &win, s = &slot](const serve::Completion& c) { win.complete(ctx, *s, c); });
+      ctx.queue->submit(ctx.inputs[slot.k], [&ctx, &win, s = &slot](const serve::Completion& c) {
+        win.complete(ctx, *s, c);
+      });
       submitted = true;
     });
     if (!submitted) {  // refused before it was queued: no callback comes
@@ -556,8 +556,7 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
   std::vector<std::unique_ptr<CallbackWindow>> windows;
   if (o.batching.callbacks)
     for (int t = 0; t < o.threads; ++t)
-      windows.push_back(
-          std::make_unique<CallbackWindow>(static_cast<size_t>(o.batching.window)));
+      windows.push_back(std::make_unique<CallbackWindow>(static_cast<size_t>(o.batching.window)));
   std::optional<serve::BatchQueue> queue;  // destroyed (drained) before the model
   if (o.batching.enabled) {
     serve::BatchQueueOptions qo;

@@ -2,8 +2,8 @@
 // rendered as JSON or as Prometheus text exposition.
 //
 // Counts are since the queue was made. Every submit() that returned (a
-// handle, or an id for a callback) ends in exactly one of completed, rejected, expired, cancelled, failed or
-// shut_down, so once the queue is idle
+// handle, or an id for a callback) ends in exactly one of completed, rejected, expired, cancelled,
+// failed or shut_down, so once the queue is idle
 //   submitted == completed + rejected + expired + cancelled + failed + shut_down.
 // Inputs refused at submit (InvalidArgument) get no handle or callback: they are
 // counted in `invalid` only.
@@ -48,7 +48,7 @@ struct BatchQueueMetrics {
   // Outcomes (see above).
   uint64_t submitted = 0;
   uint64_t completed = 0;  // ran; the handle has the output
-  uint64_t rejected = 0;   // QueueFull (policy kReject, or kBlock with no room after shutdown)
+  uint64_t rejected = 0;   // QueueFull (policy kReject)
   uint64_t expired = 0;    // Timeout: the deadline passed before the request ran
   uint64_t cancelled = 0;  // Cancelled: by the handle, or by shutdown(kCancel)
   uint64_t failed = 0;     // the error of its batch
