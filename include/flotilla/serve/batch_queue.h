@@ -45,11 +45,13 @@
 // flight at the cost of one submit() each (Note [Completion callbacks] in
 // queue_core.h). The callback runs
 //   on a worker thread (or step()'s caller) when its batch completes or fails;
-//   on the thread whose call decided it otherwise: submit() itself for a
-//   refusal (QueueFull, ShutDown, a deadline already passed), cancel() or
-//   shutdown(kCancel) for Cancelled, a worker for Timeout;
-// never while the queue holds a lock, so it may submit() (not under kBlock
-// from a worker: that could wait for itself) and cancel(). It must not
+//   on the thread whose call decided it otherwise, before that call
+//   returns: submit() itself for a refusal (QueueFull, ShutDown, a deadline
+//   already passed), cancel() or shutdown(kCancel) for Cancelled, a worker
+//   (or step()'s caller) for Timeout;
+// never while the queue's own lock is held (step() and the shutdown drain
+// hold theirs), so it may submit() (not under kBlock from a worker: that
+// could wait for itself) and cancel(). It must not
 // block for long (a worker's other requests wait meanwhile), wait on this
 // queue's handles, or call shutdown()/step(). A throw is caught and counted
 // (BatchQueueMetrics::callback_exceptions).
