@@ -285,13 +285,21 @@ void QueueCore::submit_slow(const std::shared_ptr<Request>& r, Clock::time_point
     work_cv_.notify_one();  // only the leader waits there
 }
 
-std::shared_ptr<Request> QueueCore::remove(uint64_t id) {
+std::deque<std::shared_ptr<Request>>::iterator QueueCore::find_queued(uint64_t id) {
   // The FIFO is in id order (take_inbox and insert_fifo keep it so, Note [Inbox]).
-  auto it =
+  const auto it =
       std::lower_bound(fifo_.begin(), fifo_.end(), id,
                        [](const std::shared_ptr<Request>& r, uint64_t v) { return r->id < v; });
-  FL_INTERNAL_CHECK(it != fifo_.end() && (*it)->id == id, "queued request ", id,
-                    " is missing from the FIFO");
+  return it != fifo_.end() && (*it)->id == id ? it : fifo_.end();
+}
+
+std::shared_ptr<Request> QueueCore::remove(uint64_t id) {
+  const auto it = find_queued(id);
+  FL_INTERNAL_CHECK(it != fifo_.end(), "queued request ", id, " is missing from the FIFO");
+  return remove(it);
+}
+
+std::shared_ptr<Request> QueueCore::remove(std::deque<std::shared_ptr<Request>>::iterator it) {
   std::shared_ptr<Request> r = std::move(*it);
   fifo_.erase(it);
   left_fifo(1);
@@ -303,8 +311,8 @@ void QueueCore::room_made() {
   if (blocked_ > 0) space_cv_.notify_all();
 }
 
-void QueueCore::cancel_queued(Request& r) {
-  std::shared_ptr<Request> keep = remove(r.id);
+void QueueCore::cancel_queued(std::shared_ptr<Request> removed) {
+  Request& r = *removed;
   room_made();
   // The leader is not woken: a cancel only makes its decision later, and its
   // timed wait ends, looks again and sleeps on.
@@ -318,7 +326,7 @@ bool QueueCore::cancel(Request& r) {
   MutexLock lock(mu_, kSpinFirst);
   take_inbox();  // r may still be there: put it in the FIFO, where remove() finds it
   if (!r.move(RequestStatus::kQueued, RequestStatus::kCancelled)) return false;
-  cancel_queued(r);
+  cancel_queued(remove(r.id));
   return true;
 }
 
@@ -327,15 +335,12 @@ bool QueueCore::cancel(uint64_t id) {
   {
     MutexLock lock(mu_, kSpinFirst);
     take_inbox();
-    // The FIFO is in id order and holds exactly the queued requests (Note [Exactly once]).
-    const auto it =
-        std::lower_bound(fifo_.begin(), fifo_.end(), id,
-                         [](const std::shared_ptr<Request>& r, uint64_t v) { return r->id < v; });
-    if (it != fifo_.end() && (*it)->id == id) {
-      Request& r = **it;
-      won = r.move(RequestStatus::kQueued, RequestStatus::kCancelled);
+    // The FIFO holds exactly the queued requests (Note [Exactly once]).
+    const auto it = find_queued(id);
+    if (it != fifo_.end()) {
+      won = (*it)->move(RequestStatus::kQueued, RequestStatus::kCancelled);
       FL_INTERNAL_CHECK(won, "request ", id, " in the FIFO was not queued");
-      cancel_queued(r);
+      cancel_queued(remove(it));
     }
   }
   run_parked();

@@ -228,8 +228,8 @@ class QueueCore {
   // Calls r's hook and callback (if any), then sets its result (`row`, or
   // `err`). Once per request; a callback request only without mu_.
   void complete_now(Request& r, RequestStatus status, const float* row, std::exception_ptr err);
-  // Cancels the queued request `r` (found in the FIFO).
-  void cancel_queued(Request& r) FL_REQUIRES(mu_);
+  // Completes `removed`, just taken out of the FIFO as kCancelled.
+  void cancel_queued(std::shared_ptr<Request> removed) FL_REQUIRES(mu_);
   // The bodies of the entry points that may park callbacks; the public ones
   // run the parked callbacks after them.
   bool next_batch_body(Batch& batch) FL_EXCLUDES(mu_);
@@ -257,8 +257,13 @@ class QueueCore {
   void expire(Request& r, Clock::time_point now) FL_REQUIRES(mu_);
   void pick(Batch& batch, Clock::time_point now) FL_REQUIRES(mu_);
   bool batch_ready(Clock::time_point now) const FL_REQUIRES(mu_);
+  // Where the queued request `id` is in the FIFO (end(): not there).
+  std::deque<std::shared_ptr<Request>>::iterator find_queued(uint64_t id) FL_REQUIRES(mu_);
   // Removes the queued request `id` from the FIFO and the deadline set.
   std::shared_ptr<Request> remove(uint64_t id) FL_REQUIRES(mu_);
+  // The same for the request at `it` (a valid position).
+  std::shared_ptr<Request> remove(std::deque<std::shared_ptr<Request>>::iterator it)
+      FL_REQUIRES(mu_);
   void room_made() FL_REQUIRES(mu_);
   void set_leader(bool on) FL_REQUIRES(mu_) {
     leader_ = on;
