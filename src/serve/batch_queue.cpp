@@ -239,9 +239,8 @@ std::shared_ptr<detail::Request> BatchQueue::make_request(std::span<const float>
     d = *deadline;
   else if (options_.default_deadline.count() > 0)
     d = clock_->now() + options_.default_deadline;
-  return std::make_shared<detail::Request>(std::vector<float>(input.begin(), input.end()),
-                                           static_cast<size_t>(out_), d, core_.get(),
-                                           options_.spin_wait, std::move(done));
+  return detail::Request::make(input, static_cast<size_t>(out_), d, core_.get(), options_.spin_wait,
+                               std::move(done));
 }
 
 RequestHandle BatchQueue::submit(std::span<const float> input,

@@ -49,6 +49,7 @@
 #include <exception>
 #include <memory>
 #include <set>
+#include <span>
 #include <utility>
 #include <vector>
 
@@ -66,14 +67,30 @@ class QueueCore;
 // window on purpose. Set it while no queue is in use.
 void set_before_push_hook_for_testing(void (*hook)());
 
+// Note [One allocation per request]
+// A request, its shared_ptr's control block and its copy of the input are one
+// block from the heap (Request::make: allocate_shared with an allocator that
+// adds the input's bytes after the request), not three: with 64 clients,
+// malloc was the largest item of a client's time on the H100, and every
+// block a client allocates is freed by a worker, the costlier kind of free
+// (docs/PERF.md). The input is written once, in the constructor, and read by
+// the worker that packs the batch.
 struct Request : std::enable_shared_from_this<Request> {
   // Made by the submitting thread, outside the core's lock; `output` is
   // allocated here too, so the worker only copies into it.
   // With `on_done`, the outcome goes to it (Note [Completion callbacks]) and
   // `output` stays empty.
-  Request(std::vector<float> input, size_t out_features, Clock::time_point deadline,
-          QueueCore* core, std::chrono::nanoseconds spin, CompletionCallback on_done = nullptr)
-      : input(std::move(input)),
+  static std::shared_ptr<Request> make(std::span<const float> input, size_t out_features,
+                                       Clock::time_point deadline, QueueCore* core,
+                                       std::chrono::nanoseconds spin,
+                                       CompletionCallback on_done = nullptr);
+
+  // For make() only (the allocator places it): `storage` is where make()'s
+  // allocator put room for input.size() floats, set before this runs.
+  Request(std::span<const float> input, float* const& storage, size_t out_features,
+          Clock::time_point deadline, QueueCore* core, std::chrono::nanoseconds spin,
+          CompletionCallback on_done)
+      : input(copy_to(input, storage)),
         deadline(deadline),
         core(core),
         spin(spin),
@@ -89,8 +106,9 @@ struct Request : std::enable_shared_from_this<Request> {
   // moved out by whoever takes the inbox.
   Request* inbox_next = nullptr;
   std::shared_ptr<Request> inbox_ref;
-  // Immutable after construction: read by the worker that picked it.
-  const std::vector<float> input;
+  // Immutable after construction: read by the worker that picked it. Lives
+  // in the request's own block (Note [One allocation per request]).
+  const std::span<const float> input;
   const Clock::time_point deadline;  // Clock::kNever: none
   // For cancel(), which may use it only under the lifetime lock and only
   // while the request is queued (Note [Cancel after the queue is gone]). A
@@ -127,6 +145,12 @@ struct Request : std::enable_shared_from_this<Request> {
   // get() has handed the result over; the handle's owner's alone (a handle
   // has one owner at a time).
   bool taken = false;
+
+ private:
+  static std::span<const float> copy_to(std::span<const float> from, float* to) {
+    std::copy(from.begin(), from.end(), to);
+    return {to, from.size()};
+  }
 };
 
 // Requests picked for one batch, in FIFO order, all kRunning.

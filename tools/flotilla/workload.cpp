@@ -400,10 +400,12 @@ struct CallbackWindow {
     std::atomic<bool> busy{false};
     bool unread = false;  // the client's own: a verdict to harvest
   };
-  explicit CallbackWindow(size_t window)
-      : slots(window), low_water(static_cast<int>(window - std::max<size_t>(1, window / 2))) {}
+  CallbackWindow(const RunContext& ctx, size_t window)
+      : ctx(ctx),
+        slots(window),
+        low_water(static_cast<int>(window - std::max<size_t>(1, window / 2))) {}
 
-  void complete(const RunContext& ctx, Slot& slot, const serve::Completion& c) {
+  void complete(Slot& slot, const serve::Completion& c) {
     slot.latency_us = static_cast<float>(
         std::chrono::duration<double, std::micro>(Clock::now() - slot.t0).count());
     slot.error = c.error;
@@ -419,6 +421,7 @@ struct CallbackWindow {
       in_flight.wait(v, std::memory_order_acquire);
   }
 
+  const RunContext& ctx;
   std::vector<Slot> slots;
   const int low_water;  // a full window wakes its client here
   std::atomic<int> in_flight{0};
@@ -468,9 +471,10 @@ void run_callback_client(const RunContext& ctx, CallbackWindow& win, size_t t, T
     win.in_flight.fetch_add(1, std::memory_order_relaxed);
     bool submitted = false;
     counting_errors(st, [&] {
-      ctx.queue->submit(ctx.inputs[slot.k], [&ctx, &win, s = &slot](const serve::Completion& c) {
-        win.complete(ctx, *s, c);
-      });
+      // Two pointers: small enough for std::function to hold without a
+      // heap block of its own (one malloc a request fewer).
+      ctx.queue->submit(ctx.inputs[slot.k],
+                        [w = &win, s = &slot](const serve::Completion& c) { w->complete(*s, c); });
       submitted = true;
     });
     if (!submitted) {  // refused before it was queued: no callback comes
@@ -558,7 +562,8 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
   std::vector<std::unique_ptr<CallbackWindow>> windows;
   if (o.batching.callbacks)
     for (int t = 0; t < o.threads; ++t)
-      windows.push_back(std::make_unique<CallbackWindow>(static_cast<size_t>(o.batching.window)));
+      windows.push_back(
+          std::make_unique<CallbackWindow>(ctx, static_cast<size_t>(o.batching.window)));
   std::optional<serve::BatchQueue> queue;  // destroyed (drained) before the model
   if (o.batching.enabled) {
     serve::BatchQueueOptions qo;
