@@ -8,7 +8,8 @@
 #   CONFIG_FILE: one configuration per line, `label: flotilla-run-options`,
 #   e.g. `64c-w64: --threads 64 --window 64 --max-batch 1024`; `#` comments.
 #   A label starting with `pool` runs without --batching (per-thread streams),
-#   for side-by-side figures.
+#   for side-by-side figures. Leading VAR=value words set the run's
+#   environment: `1ct: FLOTILLA_CUDA_COMPLETION_THREADS=1 --threads 64`.
 # Environment: BACKEND (default cuda), SECONDS_PER_RUN (default 2), REPEATS
 #   (default 1).
 set -u -o pipefail
@@ -25,9 +26,16 @@ for ((rep = 1; rep <= repeats; rep++)); do
     opts=${line#*:}
     mode=--batching
     [[ $label == pool* ]] && mode=
-    # shellcheck disable=SC2086 # opts and mode are lists of options
-    json=$("$bin" run --backend "$backend" $mode --seconds "$secs" --json --no-progress \
-      $opts 2>/dev/null | tail -1)
+    # Leading VAR=value words are the run's environment (e.g.
+    # FLOTILLA_CUDA_COMPLETION_THREADS=1), the rest its options.
+    envs=()
+    read -r -a words <<<"$opts"
+    while [ ${#words[@]} -gt 0 ] && [[ ${words[0]} == [A-Z]*=* ]]; do
+      envs+=("${words[0]}")
+      words=("${words[@]:1}")
+    done
+    json=$(env "${envs[@]}" "$bin" run --backend "$backend" $mode --seconds "$secs" --json \
+      --no-progress "${words[@]}" 2>/dev/null | tail -1)
     echo "{\"label\":\"$label\",\"repeat\":$rep,\"opts\":\"${opts# }\",\"result\":${json:-null}}"
   done <"$configs"
 done
