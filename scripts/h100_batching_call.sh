@@ -7,6 +7,7 @@
 # CONFIGS="label: options\\n...", a list of its own, or CONFIGS_FILE=path, a
 # file of them). LIBTORCH_RUNS (default 1): runs of the libtorch peer, one
 # before the sweep and the rest after it, to show the peer's own spread.
+# CPU_CONFIGS_FILE (optional): a CPU-backend sweep at the end (see there).
 set -u
 R=$PWD
 mkdir -p /tmp/src && tar -xf $R/.snap/flotilla.tar -C /tmp/src
@@ -22,3 +23,11 @@ fi
 REPEATS=3 SECONDS_PER_RUN=2 scripts/batching_sweep.sh /tmp/fb/flotilla /tmp/configs.txt > $OUT/sweep.jsonl
 scripts/sweep_summary.py $OUT/sweep.jsonl | tee $OUT/sweep.txt
 bash $R/.peer/run_libtorch.sh 1 > $OUT/libtorch.log 2>&1; grep -E "graph" $OUT/libtorch.log | tail -8
+# CPU_CONFIGS_FILE: the CPU backend's gain from batching on this host (same
+# format; a `pool` label runs per-thread streams), after the GPU figures.
+if [ -n "${CPU_CONFIGS_FILE:-}" ]; then
+  echo "cpu backend on $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p'))"
+  BACKEND=cpu REPEATS=3 SECONDS_PER_RUN=3 scripts/batching_sweep.sh /tmp/fb/flotilla \
+    "$CPU_CONFIGS_FILE" > $OUT/cpu-sweep.jsonl
+  scripts/sweep_summary.py $OUT/cpu-sweep.jsonl --sort-by-config | tee $OUT/cpu-sweep.txt
+fi

@@ -100,6 +100,37 @@ TEST_F(BatchQueueTest, AFullBatchRunsAtOnceAndTheRestWaits) {
   EXPECT_DOUBLE_EQ(m.mean_batch(), 3.0);
 }
 
+// submit() keeps its own copy of the input (inside the request's one heap
+// block, Note [One allocation per request]): the caller may overwrite or free
+// its buffer at once, and each row of the batch is still its own input's.
+TEST_F(BatchQueueTest, EachRequestKeepsItsOwnCopyOfTheInput) {
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(6, 100us));
+  std::vector<RequestHandle> hs;
+  std::vector<std::vector<float>> via_callback(3);
+  std::vector<float> buffer;
+  for (int i = 0; i < 6; ++i) {
+    buffer = input(i);
+    if (i % 2 == 0) {
+      hs.push_back(q.submit(buffer));
+    } else {
+      auto& out = via_callback[static_cast<size_t>(i / 2)];
+      q.submit(buffer,
+               [&out](const Completion& c) { out.assign(c.output.begin(), c.output.end()); });
+    }
+    std::fill(buffer.begin(), buffer.end(), -1e6f);  // the caller reuses its buffer
+    buffer.shrink_to_fit();
+  }
+  buffer = {};  // and frees it
+  EXPECT_EQ(q.step(), 6u) << "one batch of all six";
+  EXPECT_EQ(calls_.load(), 1);
+  for (int i = 0; i < 6; i += 2) expect_output(hs[static_cast<size_t>(i / 2)], i);
+  for (int i = 1; i < 6; i += 2) {
+    const auto& y = via_callback[static_cast<size_t>(i / 2)];
+    ASSERT_EQ(y.size(), static_cast<size_t>(kOut)) << "request " << i;
+    EXPECT_LT(max_rel_error(y, model_->host_reference(input(i))), 1e-5) << "request " << i;
+  }
+}
+
 TEST_F(BatchQueueTest, ZeroMaxDelayRunsWhatIsThere) {
   BatchQueue q(*device_, kIn, kOut, counted(), manual(8, 0us));
   auto h = q.submit(input(0));
