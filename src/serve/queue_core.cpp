@@ -1,6 +1,7 @@
 #include "serve/queue_core.h"
 
 #include <algorithm>
+#include <cstring>
 #include <new>
 
 #include "flotilla/common/error.h"
@@ -18,41 +19,51 @@ int64_t micros(Clock::duration d) {
 
 namespace {
 
-// allocate_shared's allocator for Request::make: each allocation (the one
-// block of a control block and its Request) gets `extra_floats` floats after
-// it, and `*tail` is set to where they start, before the Request is built
-// in the block (Note [One allocation per request]).
+// Request::make's order to its allocator: the floats to add after the
+// block, and where they went. allocate_shared calls allocate() on make()'s
+// thread, before it builds the Request; a thread_local (rather than state in
+// the allocator) keeps the allocator empty, so the control block holds no
+// copy of it and the request sits right after the block's 16-byte header.
+struct TrailingFloats {
+  size_t count = 0;
+  float* at = nullptr;
+};
+thread_local TrailingFloats t_trailing;
+
+// allocate_shared's allocator for Request::make (Note [One allocation per
+// request]). A block is [original pointer | padding | control block header
+// (16 bytes) | Request | t_trailing.count floats], placed so that the
+// Request starts a cache line: the header is the line before it.
 template <typename T>
 struct WithTrailingFloats {
   using value_type = T;
-  size_t extra_floats;
-  float** tail;
+  static constexpr size_t kLine = 64, kHeader = 16;  // libstdc++'s counts before the object
+  static_assert(alignof(T) <= kHeader && sizeof(T) % alignof(float) == 0);
 
-  WithTrailingFloats(size_t extra, float** t) : extra_floats(extra), tail(t) {}
+  WithTrailingFloats() = default;
   template <typename U>
-  WithTrailingFloats(const WithTrailingFloats<U>& o)  // NOLINT: rebinding must be implicit
-      : extra_floats(o.extra_floats), tail(o.tail) {}
+  WithTrailingFloats(const WithTrailingFloats<U>&) {}  // NOLINT: rebinding is implicit
 
-  // The trailing floats start right after the n objects: sizeof(T) is a
-  // multiple of alignof(T), which is at least alignof(float).
-  static_assert(alignof(T) >= alignof(float));
   T* allocate(size_t n) {
-    const size_t bytes = n * sizeof(T) + extra_floats * sizeof(float);
-    void* p = alignof(T) > __STDCPP_DEFAULT_NEW_ALIGNMENT__
-                  ? ::operator new (bytes, std::align_val_t{alignof(T)})
-                  : ::operator new(bytes);
-    *tail = reinterpret_cast<float*>(static_cast<char*>(p) + n * sizeof(T));
-    return static_cast<T*>(p);
+    const size_t object = n * sizeof(T);
+    const size_t extra = t_trailing.count * sizeof(float);
+    char* raw = static_cast<char*>(::operator new(sizeof(void*) + kLine + object + extra));
+    // The first address after the saved pointer whose object starts a line.
+    const auto base = reinterpret_cast<uintptr_t>(raw) + sizeof(void*) + kHeader;
+    char* block =
+        raw + ((base + kLine - 1) / kLine * kLine - kHeader - reinterpret_cast<uintptr_t>(raw));
+    std::memcpy(block - sizeof(void*), &raw, sizeof(void*));
+    t_trailing.at = reinterpret_cast<float*>(block + object);
+    return reinterpret_cast<T*>(block);
   }
   void deallocate(T* p, size_t) noexcept {
-    if constexpr (alignof(T) > __STDCPP_DEFAULT_NEW_ALIGNMENT__)
-      ::operator delete (p, std::align_val_t{alignof(T)});
-    else
-      ::operator delete(p);
+    char* raw = nullptr;
+    std::memcpy(&raw, reinterpret_cast<char*>(p) - sizeof(void*), sizeof(void*));
+    ::operator delete(raw);
   }
   template <typename U>
-  bool operator==(const WithTrailingFloats<U>& o) const {
-    return extra_floats == o.extra_floats && tail == o.tail;
+  bool operator==(const WithTrailingFloats<U>&) const {
+    return true;
   }
 };
 
@@ -61,10 +72,10 @@ struct WithTrailingFloats {
 std::shared_ptr<Request> Request::make(std::span<const float> input, size_t out_features,
                                        Clock::time_point deadline, QueueCore* core,
                                        std::chrono::nanoseconds spin, CompletionCallback on_done) {
-  float* storage = nullptr;  // set by the allocator before the Request is built
-  return std::allocate_shared<Request>(WithTrailingFloats<Request>(input.size(), &storage), input,
-                                       storage, out_features, deadline, core, spin,
-                                       std::move(on_done));
+  t_trailing = {input.size(), nullptr};
+  // t_trailing.at is set by the allocator before the Request is built.
+  return std::allocate_shared<Request>(WithTrailingFloats<Request>(), input, t_trailing.at,
+                                       out_features, deadline, core, spin, std::move(on_done));
 }
 
 void Request::finish(const float* row, std::exception_ptr err) {
@@ -429,10 +440,11 @@ bool QueueCore::batch_ready(Clock::time_point now) const {
 void QueueCore::pick(Batch& batch, Clock::time_point now) {
   batch.requests.clear();
   batch.picked_at = now;
+  size_t taken = 0;
   while (!fifo_.empty() && batch.requests.size() < static_cast<size_t>(options_.max_batch)) {
     std::shared_ptr<Request> r = std::move(fifo_.front());
     fifo_.pop_front();
-    left_fifo(1);
+    ++taken;
     if (r->deadline != Clock::kNever) deadlines_.erase({r->deadline, r->id});
     if (r->deadline <= now) {  // expire_due ran first; kept for clarity of the rule
       expire(*r, now);
@@ -442,6 +454,9 @@ void QueueCore::pick(Batch& batch, Clock::time_point now) {
     FL_INTERNAL_CHECK(won, "request ", r->id, " in the FIFO was not queued");
     batch.requests.push_back(std::move(r));
   }
+  // Once for the batch: queued_ is the line every submitter changes, and
+  // each change here would be a cache miss with the lock held.
+  left_fifo(taken);
   room_made();
 }
 

@@ -74,7 +74,11 @@ void set_before_push_hook_for_testing(void (*hook)());
 // malloc was the largest item of a client's time on the H100, and every
 // block a client allocates is freed by a worker, the costlier kind of free
 // (docs/PERF.md). The input is written once, in the constructor, and read by
-// the worker that packs the batch.
+// the worker that packs the batch. The allocator also places the block so
+// that the request starts a cache line, whose first 64 bytes hold what a
+// worker touches under the core's lock (the inbox link, id, deadline,
+// status): taking the inbox walks a list of requests that other cores just
+// wrote, one cache miss each, and every miss is time the lock is held.
 struct Request : std::enable_shared_from_this<Request> {
   // Made by the submitting thread, outside the core's lock; `output` is
   // allocated here too, so the worker only copies into it.
@@ -90,26 +94,35 @@ struct Request : std::enable_shared_from_this<Request> {
   Request(std::span<const float> input, float* const& storage, size_t out_features,
           Clock::time_point deadline, QueueCore* core, std::chrono::nanoseconds spin,
           CompletionCallback on_done)
-      : input(copy_to(input, storage)),
-        deadline(deadline),
+      : deadline(deadline),
+        input(copy_to(input, storage)),
         core(core),
         spin(spin),
         on_done(std::move(on_done)),
         output(this->on_done ? 0 : out_features) {}
 
+  // The fields a worker uses under the core's lock (the inbox walk, the
+  // FIFO, pick) come first: make() places the request so that they share
+  // one cache line (Note [One allocation per request]).
+  //
   // Written once by submit(), before the request is published (in the
   // inbox, the FIFO, or to its handle); read-only after.
   uint64_t id = 0;
-  Clock::time_point enqueued{};  // when it entered the queue (max_delay counts from it)
   // Its link in the inbox and the inbox's reference to it (Note [Inbox]):
   // written by the submitter before the push that publishes the request,
   // moved out by whoever takes the inbox.
   Request* inbox_next = nullptr;
   std::shared_ptr<Request> inbox_ref;
+  const Clock::time_point deadline;  // Clock::kNever: none
+  // acq_rel swaps: the winner of a move (Note [Exactly once]) sees every
+  // write made before the previous move; acquire loads for status().
+  std::atomic<RequestStatus> status{RequestStatus::kQueued};
+
+  // Written once by submit(), like id.
+  Clock::time_point enqueued{};  // when it entered the queue (max_delay counts from it)
   // Immutable after construction: read by the worker that picked it. Lives
   // in the request's own block (Note [One allocation per request]).
   const std::span<const float> input;
-  const Clock::time_point deadline;  // Clock::kNever: none
   // For cancel(), which may use it only under the lifetime lock and only
   // while the request is queued (Note [Cancel after the queue is gone]). A
   // weak_ptr would cost two atomic operations per request on one counter
@@ -120,9 +133,6 @@ struct Request : std::enable_shared_from_this<Request> {
   // (Note [Completion callbacks]); empty for a handle's request.
   CompletionCallback on_done;
 
-  // acq_rel swaps: the winner of a move (Note [Exactly once]) sees every
-  // write made before the previous move; acquire loads for status().
-  std::atomic<RequestStatus> status{RequestStatus::kQueued};
   bool move(RequestStatus from, RequestStatus to) {
     return status.compare_exchange_strong(from, to, std::memory_order_acq_rel,
                                           std::memory_order_acquire);
