@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <array>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -83,6 +84,18 @@ TEST(CliRun, CountsACrashOfTheIsolatedRun) {
   const auto j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j["crashes"], 1);
   EXPECT_NE(j["first_error"].get<std::string>().find("signal"), std::string::npos) << r.out;
+}
+
+TEST(CliRun, WatchdogKillsAHungIsolatedRunAndCountsIt) {
+  // A minute of work and a watchdog of half a second: only the watchdog ends it.
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto r = run_cli("run --threads 2 --seconds 60 --timeout 0.5 --json", "2>/dev/null");
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_EQ(r.exit_code, 1) << "a hang must fail the run: " << r.out;
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["crashes"], 1);
+  EXPECT_EQ(j["first_error"], "the run hung: killed after the watchdog's timeout") << r.out;
+  EXPECT_LT(wall, 5.0) << "the watchdog must not wait for the run";
 }
 
 TEST(CliRun, BadModelFileEndsWithOneLineNamingIt) {

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <array>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <nlohmann/json.hpp>
@@ -99,6 +100,32 @@ TEST(StressTool, CliJsonReportsLegacyFailuresAndPoolSuccess) {
   EXPECT_EQ(pool["rounds_failed"].get<int>(), 0) << pool.dump();
   EXPECT_EQ(pool["streams_used"].get<int>(), 8);
   EXPECT_GE(pool["ops"].get<uint64_t>(), 2u * 8u * static_cast<uint64_t>(scaled(3000)));
+}
+
+// An isolated round (the CLI's default) that dies is counted, round by round,
+// and the command goes on to report it.
+TEST(StressTool, CliCountsACrashOfEachIsolatedRound) {
+  int code = 0;
+  const auto j = nlohmann::json::parse(run_cli(
+      "stress --threads 2 --rounds 2 --ops-per-thread 1000 --crash-after 50 --json", &code));
+  EXPECT_EQ(code, 0);
+  EXPECT_EQ(j["crashes"].get<int>(), 2) << j.dump();
+  EXPECT_EQ(j["rounds_failed"].get<int>(), 2) << j.dump();
+  EXPECT_EQ(j["first_error"].get<std::string>().rfind("round crashed with signal ", 0), 0u)
+      << j.dump();
+}
+
+TEST(StressTool, WatchdogKillsAHungRoundAndCountsIt) {
+  auto o = options("pool", 2);
+  o.ops_per_thread = 1'000'000'000;  // hours of work: only the watchdog ends the round
+  o.round_timeout_s = 0.3;
+  const auto t0 = std::chrono::steady_clock::now();
+  const StressTally t = run_stress_round_isolated(o, 1);
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_EQ(t.crashes, 1u);
+  EXPECT_EQ(t.first_error, "round hung: killed after the watchdog timeout");
+  EXPECT_GE(t.seconds, 0.29);  // it fires with under a millisecond left
+  EXPECT_LT(wall, 5.0) << "the watchdog must not wait for the round";
 }
 
 TEST(StressTool, BadOptionsExitNonZeroWithOneLine) {

@@ -49,6 +49,7 @@ void run(const StressOptions& o, bool json) {
   FL_CHECK_ARG(o.threads >= 1 && o.threads <= 4096, "[stress] --threads must be in 1..4096");
   FL_CHECK_ARG(o.rounds >= 1, "[stress] --rounds must be at least 1");
   FL_CHECK_ARG(o.ops_per_thread >= 5, "[stress] --ops-per-thread must be at least 5");
+  FL_CHECK_ARG(o.crash_after >= 0, "[stress] --crash-after must not be negative");
   const bool tty = isatty(STDERR_FILENO);
   StressTally total;
   int rounds_failed = 0;
@@ -121,6 +122,8 @@ void add_stress_command(CLI::App& app) {
                 "the cpu driver declares its encoding path not thread-safe (Apple's AGX)");
   cmd->add_flag("--in-process", *in_process, "run rounds in this process (no crash isolation)");
   cmd->add_flag("--json", *json, "print one JSON object");
+  // Hidden (empty group): the CLI test's proof that an isolated round counts a crash.
+  cmd->add_option("--crash-after", o->crash_after, "test hook")->group("");
   cmd->callback([o, json, policy, no_lock, in_process] {
     o->policy = parse_stream_policy(*policy);
     o->encoding_lock = !*no_lock;

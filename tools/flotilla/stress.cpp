@@ -1,12 +1,8 @@
 #include "stress.h"
 
-#include <poll.h>
-#include <signal.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <latch>
@@ -19,6 +15,7 @@
 
 #include "flotilla/flotilla.h"
 #include "flotilla/runtime/legacy.h"
+#include "isolate.h"
 
 namespace flotilla::cli {
 
@@ -91,6 +88,8 @@ void thread_body(Device& dev, Sink& sink, const StressOptions& o, uint64_t seed,
     slot = 0;
   };
   for (int it = 0; it < iterations; ++it) {
+    if (o.crash_after > 0 && tid == 0 && r.ops >= static_cast<uint64_t>(o.crash_after))
+      std::abort();
     try {
       // Small integers: every float operation below is exact on any device.
       const auto v1 = static_cast<float>(
@@ -256,69 +255,26 @@ StressTally crashed(const std::string& why, double seconds) {
 StressTally run_stress_round_isolated(const StressOptions& o, uint64_t seed) {
   // The parent must not have touched a GPU driver before fork(): this
   // function runs only device-free code here (see cmd_stress.cpp).
-  int fds[2];
-  if (pipe(fds) != 0) throw InvalidState("[stress] pipe() failed");
-  const auto t0 = Clock::now();
-  const pid_t pid = fork();
-  if (pid < 0) throw InvalidState("[stress] fork() failed");
-  if (pid == 0) {
-    close(fds[0]);
-    int code = 0;
-    std::string line;
+  const ChildOutcome child =
+      run_in_child("stress", std::chrono::duration<double>(o.round_timeout_s), [&] {
+        try {
+          return ChildReport{to_json(run_stress_round(o, seed)).dump() + "\n"};
+        } catch (const std::exception& e) {
+          StressTally t;
+          t.errors = 1;
+          t.first_error = e.what();
+          return ChildReport{to_json(t).dump() + "\n", 3};
+        }
+      });
+  if (!child.died()) {
     try {
-      line = to_json(run_stress_round(o, seed)).dump() + "\n";
-    } catch (const std::exception& e) {
-      StressTally t;
-      t.errors = 1;
-      t.first_error = e.what();
-      line = to_json(t).dump() + "\n";
-      code = 3;
+      return from_json(nlohmann::json::parse(child.output));
+    } catch (const std::exception&) {
+      // No result: counted as a crash below, with the child's exit status.
     }
-    size_t off = 0;
-    while (off < line.size()) {
-      ssize_t w = write(fds[1], line.data() + off, line.size() - off);
-      if (w <= 0) break;
-      off += static_cast<size_t>(w);
-    }
-    close(fds[1]);
-    // _exit: the child's devices were shut down by their owners; skip the
-    // parent's atexit handlers and static destructors.
-    _exit(code);
   }
-  close(fds[1]);
-  std::string out;
-  char buf[4096];
-  const auto deadline = t0 + std::chrono::duration<double>(o.round_timeout_s);
-  bool timed_out = false;
-  for (;;) {
-    const auto left =
-        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-    if (left.count() <= 0) {
-      timed_out = true;
-      break;
-    }
-    pollfd p{fds[0], POLLIN, 0};
-    int rc = poll(&p, 1, static_cast<int>(std::min<int64_t>(left.count(), 1000)));
-    if (rc < 0 && errno == EINTR) continue;
-    if (rc <= 0) continue;
-    ssize_t n = read(fds[0], buf, sizeof buf);
-    if (n <= 0) break;
-    out.append(buf, static_cast<size_t>(n));
-  }
-  close(fds[0]);
-  if (timed_out) kill(pid, SIGKILL);
-  int status = 0;
-  waitpid(pid, &status, 0);
-  const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
-  if (timed_out) return crashed("round hung: killed after the watchdog timeout", secs);
-  if (WIFSIGNALED(status))
-    return crashed(std::string("round crashed with signal ") + strsignal(WTERMSIG(status)), secs);
-  try {
-    return from_json(nlohmann::json::parse(out));
-  } catch (const std::exception&) {
-    return crashed(
-        "round exited (status " + std::to_string(WEXITSTATUS(status)) + ") without a result", secs);
-  }
+  return crashed(child.crash_text("round", "round hung: killed after the watchdog timeout"),
+                 child.seconds);
 }
 
 }  // namespace flotilla::cli

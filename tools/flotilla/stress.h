@@ -26,6 +26,9 @@ struct StressOptions {
   int check_every = 16;  // iterations (5 kernels each) between result checks
   double round_timeout_s = 120;
   bool fork_rounds = true;  // false: run rounds in this process
+  // Test hook (hidden --crash-after N): thread 0 aborts the process once it
+  // has dispatched N kernels, to prove an isolated round counts a crash.
+  int crash_after = 0;
 };
 
 // What one round (or, summed, a whole run) saw.

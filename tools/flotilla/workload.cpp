@@ -1,10 +1,5 @@
 #include "workload.h"
 
-#include <poll.h>
-#include <signal.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -25,6 +20,7 @@
 #include "flotilla/common/thread_name.h"
 #include "flotilla/runtime/device.h"
 #include "flotilla/serve/batch_queue.h"
+#include "isolate.h"
 
 namespace flotilla::cli {
 
@@ -790,99 +786,46 @@ WorkloadResult run_workload(const nn::MlpWeights& weights, const WorkloadOptions
 
 namespace {
 
-void write_all(int fd, const std::string& s) {
-  size_t off = 0;
-  while (off < s.size()) {
-    const ssize_t w = write(fd, s.data() + off, s.size() - off);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) return;
-    off += static_cast<size_t>(w);
-  }
-}
-
 double default_timeout(const WorkloadOptions& o) {
   if (o.timeout_s > 0) return o.timeout_s;
   return o.requests > 0 ? 900.0 : 3 * o.seconds + 120.0;
+}
+
+WorkloadResult crashed(const nn::MlpWeights& weights, const WorkloadOptions& o,
+                       const ChildOutcome& child) {
+  WorkloadResult r;
+  r.options = o;
+  r.crashes = 1;
+  r.model_shape = weights.describe();
+  r.seconds = child.seconds;
+  r.policy =
+      o.arch == Arch::kLegacy ? "single-stream" : (o.policy ? to_string(*o.policy) : "default");
+  r.first_error = child.crash_text("the run", "the run hung: killed after the watchdog's timeout");
+  return r;
 }
 
 }  // namespace
 
 WorkloadResult run_workload_isolated(const nn::MlpWeights& weights, const WorkloadOptions& o) {
   o.validate();
-  int fds[2];
-  FL_CHECK_STATE(pipe(fds) == 0, "[run] pipe() failed: ", std::strerror(errno));
-  std::cout.flush();
-  std::fflush(nullptr);
-  const auto t0 = Clock::now();
-  const pid_t pid = fork();
-  if (pid < 0) {
-    close(fds[0]);
-    close(fds[1]);
-    throw InvalidState(detail::str_cat("[run] fork() failed: ", std::strerror(errno)));
-  }
-  if (pid == 0) {
-    close(fds[0]);
-    nlohmann::json out;
-    try {
-      out = {{"result", run_workload(weights, o).to_json()}};
-    } catch (const Error& e) {
-      out = {{"fatal", {{"code", static_cast<int>(e.code())}, {"message", e.what()}}}};
-    } catch (const std::exception& e) {
-      out = {{"fatal", {{"code", static_cast<int>(ErrorCode::kInternal)}, {"message", e.what()}}}};
-    }
-    write_all(fds[1], out.dump() + "\n");
-    close(fds[1]);
-    // _exit: skip the parent's atexit handlers and static destructors (the
-    // child's device was shut down by run_workload).
-    _exit(0);
-  }
-  close(fds[1]);
-  std::string text;
-  char buf[4096];
-  const auto deadline = t0 + std::chrono::duration_cast<Clock::duration>(
-                                 std::chrono::duration<double>(default_timeout(o)));
-  bool timed_out = false;
-  for (;;) {
-    const auto left =
-        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-    if (left.count() <= 0) {
-      timed_out = true;
-      break;
-    }
-    pollfd p{fds[0], POLLIN, 0};
-    const int rc = poll(&p, 1, static_cast<int>(std::min<int64_t>(left.count(), 1000)));
-    if (rc <= 0) continue;  // timeout or EINTR: check the deadline again
-    const ssize_t got = read(fds[0], buf, sizeof buf);
-    if (got < 0 && errno == EINTR) continue;
-    if (got <= 0) break;
-    text.append(buf, static_cast<size_t>(got));
-  }
-  close(fds[0]);
-  if (timed_out) kill(pid, SIGKILL);
-  int status = 0;
-  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  auto crashed = [&](const std::string& why) {
-    WorkloadResult r;
-    r.options = o;
-    r.crashes = 1;
-    r.model_shape = weights.describe();
-    r.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-    r.policy =
-        o.arch == Arch::kLegacy ? "single-stream" : (o.policy ? to_string(*o.policy) : "default");
-    r.first_error = why;
-    return r;
-  };
-  if (timed_out) return crashed("the run hung: killed after the watchdog's timeout");
-  if (WIFSIGNALED(status))
-    return crashed(std::string("the run crashed with signal ") + strsignal(WTERMSIG(status)));
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(text);
-  } catch (const std::exception&) {
-    return crashed("the run exited (status " + std::to_string(WEXITSTATUS(status)) +
-                   ") without a result");
-  }
+  // The parent has loaded MlpWeights only (host memory): no GPU driver has
+  // been touched before the fork (see workload.h).
+  const ChildOutcome child =
+      run_in_child("run", std::chrono::duration<double>(default_timeout(o)), [&] {
+        nlohmann::json out;
+        try {
+          out = {{"result", run_workload(weights, o).to_json()}};
+        } catch (const Error& e) {
+          out = {{"fatal", {{"code", static_cast<int>(e.code())}, {"message", e.what()}}}};
+        } catch (const std::exception& e) {
+          out = {
+              {"fatal", {{"code", static_cast<int>(ErrorCode::kInternal)}, {"message", e.what()}}}};
+        }
+        return ChildReport{out.dump() + "\n"};
+      });
+  if (child.died()) return crashed(weights, o, child);
+  const nlohmann::json j = nlohmann::json::parse(child.output, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return crashed(weights, o, child);  // exited without a result
   if (j.contains("fatal")) {
     throw Error(static_cast<ErrorCode>(j["fatal"]["code"].get<int>()),
                 j["fatal"]["message"].get<std::string>());
