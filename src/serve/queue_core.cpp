@@ -598,11 +598,11 @@ void QueueCore::complete_batch(Batch& batch, std::exception_ptr error, const flo
   const size_t row_bytes = out_features_ * sizeof(float);
   for (size_t i = 0; i < n; ++i) {
     Request& r = *batch.requests[i];
-    // The GPU wrote the rows into pinned memory,
-    // so they are in no cache, and a row starts every 2 KiB, where the
-    // hardware's prefetch (which stops at 4 KiB pages) often does not look.
-    // Asking for the next request and its row while this one's callback (or
-    // copy) runs hides that wait behind useful work.
+    // The GPU wrote the rows into pinned memory, so they are in no cache,
+    // and a row starts every 2 KiB, where the hardware's prefetch (which
+    // stops at 4 KiB pages) often does not look. Asking for the next request
+    // and its row while this one's callback (or copy) runs hides that wait
+    // behind useful work.
     if (i + 1 < n) {
       __builtin_prefetch(batch.requests[i + 1].get());
       if (!error) {

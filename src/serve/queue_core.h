@@ -70,7 +70,8 @@ void set_before_push_hook_for_testing(void (*hook)());
 // Note [One allocation per request]
 // A request, its shared_ptr's control block and its copy of the input are one
 // block from the heap (Request::make: allocate_shared with an allocator that
-// adds the input's bytes after the request), not three: with 64 clients,
+// adds the input's bytes after the request), not three (a handle's request
+// also has its output vector, which get() hands over): with 64 clients,
 // malloc was the largest item of a client's time on the H100, and every
 // block a client allocates is freed by a worker, the costlier kind of free
 // (docs/PERF.md). The input is written once, in the constructor, and read by
