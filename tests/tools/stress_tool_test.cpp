@@ -132,6 +132,14 @@ TEST(StressTool, BadOptionsExitNonZeroWithOneLine) {
   int code = 0;
   run_cli("stress --backend tpu --json", &code);
   EXPECT_NE(code, 0);
+  for (const char* timeout : {"0", "-1", "nan"}) {
+    const test::CliResult r = test::run_cli_binary(
+        FLOTILLA_CLI, std::string("stress --threads 1 --rounds 1 --round-timeout ") + timeout,
+        "2>&1");
+    EXPECT_NE(r.exit_code, 0) << timeout;
+    EXPECT_NE(r.out.find("--round-timeout must be a positive number"), std::string::npos)
+        << timeout << ": " << r.out;
+  }
 }
 
 }  // namespace

@@ -50,6 +50,10 @@ void run(const StressOptions& o, bool json) {
   FL_CHECK_ARG(o.rounds >= 1, "[stress] --rounds must be at least 1");
   FL_CHECK_ARG(o.ops_per_thread >= 5, "[stress] --ops-per-thread must be at least 5");
   FL_CHECK_ARG(o.crash_after >= 0, "[stress] --crash-after must not be negative");
+  // Not `> 0` alone: NaN passes no comparison, and every round would count as hung.
+  FL_CHECK_ARG(o.round_timeout_s > 0,
+               "[stress] --round-timeout must be a positive number of "
+               "seconds (the watchdog's limit for one round)");
   const bool tty = isatty(STDERR_FILENO);
   StressTally total;
   int rounds_failed = 0;
