@@ -120,8 +120,9 @@ TEST(CliRun, BadModelFileEndsWithOneLineNamingIt) {
 }
 
 TEST(CliRun, BadOptionsEndWithOneLine) {
-  for (const char* args : {"run --threads 0", "run --arch figure1", "run --dtype f64",
-                           "run --activation swish", "run --backend tpu"}) {
+  for (const char* args :
+       {"run --threads 0", "run --arch figure1", "run --dtype f64", "run --activation swish",
+        "run --backend tpu", "run --timeout -1", "run --timeout nan"}) {
     const auto r = run_cli(args, "2>&1");
     EXPECT_NE(r.exit_code, 0) << args;
     EXPECT_EQ(lines(r.out), 1) << args << ": " << r.out;

@@ -58,6 +58,8 @@ void WorkloadOptions::validate() const {
   FL_CHECK_ARG(warmup >= 0, "[run] warmup must not be negative");
   FL_CHECK_ARG(corrupt_every >= 0, "[run] --corrupt-every must not be negative");
   FL_CHECK_ARG(crash_after >= 0, "[run] --crash-after must not be negative");
+  FL_CHECK_ARG(timeout_s >= 0 && std::isfinite(timeout_s),
+               "[run] --timeout must be a number of seconds, 0 for the default");
   FL_CHECK_ARG(dtype == DType::kF32 || backend != "cpu", "[run] --dtype ",
                flotilla::to_string(dtype),
                " needs --backend cuda: the cpu backend has f32 kernels only");
