@@ -579,14 +579,8 @@ ComputeEncoder& CpuCommandBuffer::compute_encoder() {
   EncodingChecker::Scope enc(driver_.encoding_checker(), driver_.violations(), "compute_encoder");
   simulate_cost(driver_.encode_cost());
   MutexLock lock(mu_);
-  if (status() != CommandBufferStatus::kNotEnqueued)
-    violation("encode-after-commit", "compute_encoder",
-              detail::str_cat("is ", to_string(status()),
-                              "; encode into a new command buffer from the queue"));
-  if (open_encoder_)
-    violation("encoder-already-open", "compute_encoder",
-              "a compute encoder is still encoding; call end_encoding() on it first (one "
-              "encoder at a time per command buffer)");
+  if (auto broken = check_new_encoder(status(), open_encoder_ != nullptr))
+    violation(broken->rule, "compute_encoder", broken->message);
   encoders_.push_back(std::make_unique<CpuEncoder>(*this, encoders_.size() + 1));
   open_encoder_ = encoders_.back().get();
   return *open_encoder_;
@@ -612,8 +606,8 @@ void CpuCommandBuffer::add_list(CpuEncoder& enc, const CpuCommandList& list) {
 
 void CpuCommandBuffer::end_encoder(CpuEncoder& enc) {
   MutexLock lock(mu_);
-  if (open_encoder_ != &enc)
-    violation("encoder-ended", "end_encoding", "the encoder has already ended");
+  if (auto broken = check_end_encoding(open_encoder_ == &enc))
+    violation(broken->rule, "end_encoding", broken->message);
   open_encoder_ = nullptr;
   enc.mark_ended();
 }
@@ -626,15 +620,8 @@ void CpuCommandBuffer::encode_event(const char* call, SharedEvent& event, uint64
   FL_CHECK_ARG(cpu_event != nullptr, "[CommandBuffer::", call,
                "] the event was made by another driver; use one made by this device");
   MutexLock lock(mu_);
-  if (status() != CommandBufferStatus::kNotEnqueued)
-    violation("encode-after-commit", call, detail::str_cat("is ", to_string(status())));
-  if (open_encoder_)
-    violation("encoder-already-open", call,
-              "a compute encoder is still encoding; end it before encoding an event");
-  if (queue_->recording())
-    violation("encode-while-recording", call,
-              "an event command was encoded while a recorder is open on the queue; finish the "
-              "recording first");
+  if (auto broken = check_encode_event(status(), open_encoder_ != nullptr, queue_->recording()))
+    violation(broken->rule, call, broken->message);
   if (signal)
     commands_.emplace_back(SignalCmd{cpu_event->core(), value});
   else
@@ -645,10 +632,8 @@ void CpuCommandBuffer::add_completed_handler(Handler handler) {
   ObjectUseChecker::Scope use(checker_, driver_.violations(), "CommandBuffer", id_,
                               "add_completed_handler");
   MutexLock lock(mu_);
-  if (status() != CommandBufferStatus::kNotEnqueued)
-    violation(
-        "handler-after-commit", "add_completed_handler",
-        detail::str_cat("is ", to_string(status()), "; add completion handlers before commit()"));
+  if (auto broken = check_add_handler(status()))
+    violation(broken->rule, "add_completed_handler", broken->message);
   handlers_.push_back(std::move(handler));
 }
 
@@ -657,16 +642,8 @@ void CpuCommandBuffer::commit() {
   driver_.check_alive("CommandBuffer::commit");
   {
     MutexLock lock(mu_);
-    if (status() != CommandBufferStatus::kNotEnqueued)
-      violation("commit-twice", "commit",
-                detail::str_cat("was already committed (now ", to_string(status()),
-                                "); commit a command buffer once, then make a new one"));
-    if (open_encoder_)
-      violation("commit-with-open-encoder", "commit",
-                "a compute encoder is still encoding; call end_encoding() before commit()");
-    if (queue_->recording())
-      violation("encode-while-recording", "commit",
-                "committed while a recorder is open on the queue; finish the recording first");
+    if (auto broken = check_commit(status(), open_encoder_ != nullptr, queue_->recording()))
+      violation(broken->rule, "commit", broken->message);
     // Counted in flight before it is committed: a driver that finished
     // draining refuses it here (ShutDown), leaving the buffer not enqueued.
     driver_.on_committed();
@@ -676,9 +653,8 @@ void CpuCommandBuffer::commit() {
 }
 
 void CpuCommandBuffer::wait_until_completed() {
-  if (status() == CommandBufferStatus::kNotEnqueued)
-    violation("wait-not-committed", "wait_until_completed",
-              "was never committed, so it would never complete; commit() it first");
+  if (auto broken = check_wait(status()))
+    violation(broken->rule, "wait_until_completed", broken->message);
   MutexLock lock(mu_);
   done_cv_.wait(mu_, [&]() FL_REQUIRES(mu_) { return finished_; });
 }

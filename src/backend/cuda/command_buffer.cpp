@@ -240,14 +240,8 @@ CudaSharedEvent& CudaCommandBuffer::cuda_event(SharedEvent& event, const char* c
 
 ComputeEncoder& CudaCommandBuffer::compute_encoder() {
   MutexLock lock(mu_);
-  if (status() != CommandBufferStatus::kNotEnqueued)
-    violation("encode-after-commit", "compute_encoder",
-              detail::str_cat("is ", to_string(status()),
-                              "; encode into a new command buffer from the queue"));
-  if (open_encoder_)
-    violation("encoder-already-open", "compute_encoder",
-              "a compute encoder is still encoding; call end_encoding() on it first (one "
-              "encoder at a time per command buffer)");
+  if (auto broken = check_new_encoder(status(), open_encoder_ != nullptr))
+    violation(broken->rule, "compute_encoder", broken->message);
   encoders_.push_back(std::make_unique<CudaEncoder>(*this));
   open_encoder_ = encoders_.back().get();
   return *open_encoder_;
@@ -288,8 +282,8 @@ void CudaCommandBuffer::add_list(CudaEncoder& enc, const CudaCommandList& list) 
 
 void CudaCommandBuffer::end_encoder(CudaEncoder& enc) {
   MutexLock lock(mu_);
-  if (open_encoder_ != &enc)
-    violation("encoder-ended", "end_encoding", "the encoder has already ended");
+  if (auto broken = check_end_encoding(open_encoder_ == &enc))
+    violation(broken->rule, "end_encoding", broken->message);
   open_encoder_ = nullptr;
   enc.mark_ended();
 }
@@ -297,15 +291,8 @@ void CudaCommandBuffer::end_encoder(CudaEncoder& enc) {
 void CudaCommandBuffer::encode_signal(SharedEvent& event, uint64_t value) {
   auto& ev = cuda_event(event, "encode_signal");
   MutexLock lock(mu_);
-  if (status() != CommandBufferStatus::kNotEnqueued)
-    violation("encode-after-commit", "encode_signal", detail::str_cat("is ", to_string(status())));
-  if (open_encoder_)
-    violation("encoder-already-open", "encode_signal",
-              "a compute encoder is still encoding; end it before encoding an event");
-  if (queue_->recording())
-    violation("encode-while-recording", "encode_signal",
-              "an event command was encoded while a recorder is open on the queue; finish the "
-              "recording first");
+  if (auto broken = check_encode_event(status(), open_encoder_ != nullptr, queue_->recording()))
+    violation(broken->rule, "encode_signal", broken->message);
   device_.check_usable("CommandBuffer::encode_signal");
   DeviceGuard guard(device_.index());
   cudaEvent_t e = device_.timing_events().take(device_);
@@ -322,15 +309,8 @@ void CudaCommandBuffer::encode_signal(SharedEvent& event, uint64_t value) {
 void CudaCommandBuffer::encode_wait(SharedEvent& event, uint64_t value) {
   auto& ev = cuda_event(event, "encode_wait");
   MutexLock lock(mu_);
-  if (status() != CommandBufferStatus::kNotEnqueued)
-    violation("encode-after-commit", "encode_wait", detail::str_cat("is ", to_string(status())));
-  if (open_encoder_)
-    violation("encoder-already-open", "encode_wait",
-              "a compute encoder is still encoding; end it before encoding an event");
-  if (queue_->recording())
-    violation("encode-while-recording", "encode_wait",
-              "an event command was encoded while a recorder is open on the queue; finish the "
-              "recording first");
+  if (auto broken = check_encode_event(status(), open_encoder_ != nullptr, queue_->recording()))
+    violation(broken->rule, "encode_wait", broken->message);
   device_.check_usable("CommandBuffer::encode_wait");
   DeviceGuard guard(device_.index());
   ev.core()->encode_wait(queue_->stream(), value, id_);
@@ -339,27 +319,19 @@ void CudaCommandBuffer::encode_wait(SharedEvent& event, uint64_t value) {
 
 void CudaCommandBuffer::add_completed_handler(Handler handler) {
   MutexLock lock(mu_);
-  if (status() != CommandBufferStatus::kNotEnqueued)
-    violation(
-        "handler-after-commit", "add_completed_handler",
-        detail::str_cat("is ", to_string(status()), "; add completion handlers before commit()"));
+  if (auto broken = check_add_handler(status()))
+    violation(broken->rule, "add_completed_handler", broken->message);
   handlers_.push_back(std::move(handler));
 }
 
 void CudaCommandBuffer::commit() {
   auto self = shared_from_this();
   MutexLock lock(mu_);
-  if (status() != CommandBufferStatus::kNotEnqueued)
-    violation("commit-twice", "commit",
-              detail::str_cat("was already committed (now ", to_string(status()),
-                              "); commit a command buffer once, then make a new one"));
-  if (open_encoder_)
-    violation("commit-with-open-encoder", "commit",
-              "a compute encoder is still encoding; call end_encoding() before commit()");
-  if (queue_->recording())
-    violation("encode-while-recording", "commit",
-              "committed while a recorder is open on the queue (its completion would be "
-              "recorded instead of run); finish the recording first");
+  // The CUDA queue captures into a graph while recording, so say what a
+  // commit then would do.
+  if (auto broken = check_commit(status(), open_encoder_ != nullptr, queue_->recording(),
+                                 " (its completion would be recorded instead of run)"))
+    violation(broken->rule, "commit", broken->message);
   device_.check_usable("CommandBuffer::commit");
   device_.begin_commit("CommandBuffer::commit");
   // Committed before it is published: the completion thread may finish it
@@ -380,9 +352,8 @@ void CudaCommandBuffer::commit() {
 }
 
 void CudaCommandBuffer::wait_until_completed() {
-  if (status() == CommandBufferStatus::kNotEnqueued)
-    violation("wait-not-committed", "wait_until_completed",
-              "was never committed, so it would never complete; commit() it first");
+  if (auto broken = check_wait(status()))
+    violation(broken->rule, "wait_until_completed", broken->message);
   if (finished_.load(std::memory_order_acquire)) return;
   if (spin_until([&] { return finished_.load(std::memory_order_acquire); }, kWaitSpin)) return;
   MutexLock lock(mu_);
