@@ -86,7 +86,7 @@ TEST(StressTool, CliJsonReportsLegacyFailuresAndPoolSuccess) {
   const std::string ops = std::to_string(scaled(3000));
   int code = 0;
   auto legacy = nlohmann::json::parse(run_cli(
-      "stress --arch legacy --threads 8 --rounds 4 --ops-per-thread " + ops + " --json", &code));
+      "stress --arch legacy --threads 8 --rounds 8 --ops-per-thread " + ops + " --json", &code));
   EXPECT_EQ(code, 0);
   for (const char* key :
        {"backend", "arch", "policy", "threads", "rounds", "rounds_failed", "crashes", "violations",
