@@ -240,7 +240,7 @@ Mutex g_lifetime_mu;
 bool QueueCore::cancel_request(Request& r) {
   MutexLock lock(g_lifetime_mu);
   if (r.status.load(std::memory_order_acquire) != RequestStatus::kQueued) return false;
-  return r.core->cancel(r);  // queued: its queue has not shut down, the core lives
+  return r.core->cancel(r.id);  // queued: its queue has not shut down, the core lives
 }
 
 void QueueCore::retire_after_shutdown() { MutexLock lock(g_lifetime_mu); }
@@ -384,20 +384,11 @@ void QueueCore::cancel_queued(std::shared_ptr<Request> removed) {
              "[BatchQueue] request ", r.id, " was cancelled before it ran"))));
 }
 
-bool QueueCore::cancel(Request& r) {
-  // A handle's request: its completion runs no callback, so nothing is parked.
-  MutexLock lock(mu_, kSpinFirst);
-  take_inbox();  // r may still be there: put it in the FIFO, where remove() finds it
-  if (!r.move(RequestStatus::kQueued, RequestStatus::kCancelled)) return false;
-  cancel_queued(remove(r.id));
-  return true;
-}
-
 bool QueueCore::cancel(uint64_t id) {
   bool won = false;
   {
     MutexLock lock(mu_, kSpinFirst);
-    take_inbox();
+    take_inbox();  // the request may still be there: put it in the FIFO, where it is found
     // The FIFO holds exactly the queued requests (Note [Exactly once]).
     const auto it = find_queued(id);
     if (it != fifo_.end()) {

@@ -221,11 +221,9 @@ class QueueCore {
   // QueueFull, Timeout): on return it is kQueued or already final, with its
   // id. Blocks under kBlock.
   void submit(const std::shared_ptr<Request>& r) FL_EXCLUDES(mu_);
-  // Moves `r` (a handle's request) from kQueued to kCancelled and completes
-  // it; false if it was not queued.
-  bool cancel(Request& r) FL_EXCLUDES(mu_);
-  // The same for the request `id`, of either kind; false if no queued
-  // request has it.
+  // Moves the request `id` (of either kind; a handle's through
+  // cancel_request) from kQueued to kCancelled and completes it; false if no
+  // queued request has it.
   bool cancel(uint64_t id) FL_EXCLUDES(mu_);
 
   // Worker mode: blocks until this worker has picked a batch (true) or the
