@@ -417,7 +417,8 @@ void BatchQueue::complete_oldest(detail::Lane& lane) {
   } catch (...) {
   }
 
-  core_->complete_batch(slot.batch, slot.error, static_cast<const float*>(slot.output->host_ptr()));
+  core_->complete_batch(slot.batch, slot.error, static_cast<const float*>(slot.output->host_ptr()),
+                        end);
   slot.error = nullptr;
   lane.oldest = (lane.oldest + 1) % lane.slots.size();
   --lane.in_flight;

@@ -237,8 +237,12 @@ class QueueCore {
 
   // A worker's verdict on a batch it picked: each request kRunning ->
   // kCompleted with its row of `rows` ([n, out_features]), or kFailed with
-  // `error`. Clears batch.requests.
-  void complete_batch(Batch& batch, std::exception_ptr error, const float* rows);
+  // `error`. Clears batch.requests. `done_at`: when the batch's outputs
+  // were in, the first rows' Completion::completed_at (it is read again
+  // every kClockEveryRows rows).
+  void complete_batch(Batch& batch, std::exception_ptr error, const float* rows,
+                      Clock::time_point done_at);
+  static constexpr size_t kClockEveryRows = 16;
 
   // Stops submits; kCancel completes every queued request with Cancelled.
   void stop(ShutdownMode mode) FL_EXCLUDES(mu_);
@@ -259,8 +263,10 @@ class QueueCore {
   static void run_parked();
   static bool has_parked();
   // Calls r's hook and callback (if any), then sets its result (`row`, or
-  // `err`). Once per request; a callback request only without mu_.
-  void complete_now(Request& r, RequestStatus status, const float* row, std::exception_ptr err);
+  // `err`). Once per request; a callback request only without mu_. `when`:
+  // the callback's Completion::completed_at (unused for a handle's request).
+  void complete_now(Request& r, RequestStatus status, const float* row, std::exception_ptr err,
+                    Clock::time_point when);
   // Completes `removed`, just taken out of the FIFO as kCancelled.
   void cancel_queued(std::shared_ptr<Request> removed) FL_REQUIRES(mu_);
   // The bodies of the entry points that may park callbacks; the public ones

@@ -44,6 +44,7 @@ struct Call {
   std::exception_ptr error;
   std::thread::id thread;
   std::string thread_name;
+  Clock::time_point completed_at{};
 };
 
 // Records every call of the callbacks it makes, in order. Thread-safe: the
@@ -59,6 +60,7 @@ class CallLog {
       call.output_empty = c.output.empty();
       call.output.assign(c.output.begin(), c.output.end());
       call.error = c.error;
+      call.completed_at = c.completed_at;
       call.thread = std::this_thread::get_id();
       call.thread_name = this_thread_name();
       {
@@ -213,6 +215,46 @@ TEST_F(BatchQueueCallbackTest, WithWorkersACompletedCallbackRunsOnAWorkerThread)
   q.shutdown();
   EXPECT_EQ(log.size(), 1u);
   EXPECT_EQ(q.metrics().completed, 1u);
+}
+
+// Completion::completed_at is the queue's clock, read once per 16 rows of a
+// batch (not per request), so at most 15 callbacks before the callback's own
+// start; and, for a refusal or a cancellation, when its callback runs. Each
+// callback here advances the ManualClock by 1 us, so a read skipped or
+// misplaced shows as a time outside that bound.
+TEST_F(BatchQueueCallbackTest, CompletedAtIsTheQueuesClockReadOncePerSixteenRows) {
+  constexpr int kRows = 40;
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(kRows, 100us));
+  std::vector<Clock::time_point> started(kRows), told(kRows);
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < kRows; ++i)
+    ids.push_back(q.submit(input(i), [&, i](const Completion& c) {
+      started[static_cast<size_t>(i)] = clock_->now();
+      told[static_cast<size_t>(i)] = c.completed_at;
+      clock_->advance(1us);
+    }));
+  clock_->advance(100us);
+  const Clock::time_point batch_done = clock_->now();
+  ASSERT_EQ(q.step(), static_cast<size_t>(kRows));
+  EXPECT_EQ(calls_.load(), 1) << "one batch";
+  for (size_t i = 0; i < kRows; ++i) {
+    EXPECT_LE(told[i], started[i]) << "row " << i << " was told a time after its callback began";
+    EXPECT_GE(told[i], started[i] - 15us) << "row " << i << ": more than 15 callbacks late";
+    // Read at rows 0, 16 and 32: the time the row of the last read began.
+    EXPECT_EQ(told[i], batch_done + std::chrono::microseconds(i / 16 * 16)) << "row " << i;
+  }
+
+  // A cancellation: the time its callback runs.
+  Clock::time_point cancel_told{}, cancel_started{};
+  const uint64_t c = q.submit(input(0), [&](const Completion& comp) {
+    cancel_started = clock_->now();
+    cancel_told = comp.completed_at;
+  });
+  clock_->advance(7us);
+  ASSERT_TRUE(q.cancel(c));
+  EXPECT_EQ(cancel_told, cancel_started);
+  EXPECT_EQ(cancel_told, batch_done + std::chrono::microseconds(kRows + 7));
+  q.shutdown();
 }
 
 // ---- Refusals at submit ----------------------------------------------------------------

@@ -68,6 +68,27 @@ TEST(CliBatching, CallbacksCheckEveryOutputAndKeepTheWindowFull) {
   EXPECT_GE(j["checks"].get<int>(), 2000);
   EXPECT_EQ(j["client_check_us"], 0.0) << "the callbacks check, on the workers";
   EXPECT_GT(j["mean_batch"].get<double>(), 1.0) << "4 clients x 16 in flight: real batches";
+  EXPECT_EQ(j["refill"], 8) << "by default a full window's client wakes when half is free";
+  // Latency runs from submit to Completion::completed_at, which the queue
+  // reads by the same (steady) clock.
+  EXPECT_GT(j["p50_us"].get<double>(), 0.0);
+  EXPECT_LE(j["p50_us"].get<double>(), j["max_us"].get<double>());
+}
+
+TEST(CliBatching, RefillSetsHowManyCompleteBeforeAClientWakes) {
+  for (const char* refill : {"1", "16"}) {
+    const auto r = run_cli(std::string("run --batching --callbacks --threads 4 --window 16 "
+                                       "--requests 1000 --max-batch 32 --queue-workers 2 --json "
+                                       "--refill ") +
+                               refill,
+                           "2>/dev/null");
+    ASSERT_EQ(r.exit_code, 0) << refill << ": " << r.out;
+    const auto j = nlohmann::json::parse(r.out);
+    EXPECT_EQ(j["refill"], std::stoi(refill));
+    EXPECT_EQ(j["requests"], 1000) << "refill " << refill << ": every request comes back once";
+    EXPECT_EQ(j["wrong_results"], 0);
+    EXPECT_EQ(j["errors"], 0);
+  }
 }
 
 TEST(CliBatching, CatchesACorruptedOutput) {
@@ -87,9 +108,11 @@ TEST(CliBatching, CatchesACorruptedOutput) {
 }
 
 TEST(CliBatching, BadOptionsEndWithOneLine) {
-  for (const char* args : {"run --batching --batch 4", "run --batching --max-batch 0",
-                           "run --batching --max-delay-us -1", "run --batching --queue-workers 0",
-                           "run --callbacks"}) {
+  for (const char* args :
+       {"run --batching --batch 4", "run --batching --max-batch 0",
+        "run --batching --max-delay-us -1", "run --batching --queue-workers 0", "run --callbacks",
+        "run --batching --refill 2", "run --batching --callbacks --window 8 --refill 9",
+        "run --batching --callbacks --window 8 --refill -1"}) {
     const auto r = run_cli(args, "2>&1");
     EXPECT_NE(r.exit_code, 0) << args;
     int lines = 0;

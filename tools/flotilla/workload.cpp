@@ -79,13 +79,17 @@ void WorkloadOptions::validate() const {
     in_range("--window", batching.window, 1, 4096);
     in_range("--pipeline-depth", batching.pipeline_depth, 1, 64);
     in_range("--spin-us", batching.spin_us, 0, 1000000);
+    FL_CHECK_ARG(batching.refill == 0 || batching.callbacks,
+                 "[run] --refill is how many of a full window's requests complete before its "
+                 "client wakes; it needs --callbacks");
+    in_range("--refill", batching.refill, 0, batching.window);
   } else {
     FL_CHECK_ARG(batching.window == 1,
                  "[run] --window keeps several requests in flight through the BatchQueue; "
                  "it needs --batching");
-    FL_CHECK_ARG(!batching.callbacks,
-                 "[run] --callbacks hands the BatchQueue's outputs to completion callbacks; it "
-                 "needs --batching");
+    FL_CHECK_ARG(!batching.callbacks && batching.refill == 0,
+                 "[run] --callbacks hands the BatchQueue's outputs to completion callbacks (and "
+                 "--refill tunes it); they need --batching");
   }
 }
 
@@ -129,6 +133,7 @@ nlohmann::json WorkloadResult::to_json() const {
     j["spin_us"] = o.batching.spin_us;
     j["record_batches"] = o.batching.record;
     j["callbacks"] = o.batching.callbacks;
+    if (o.batching.callbacks) j["refill"] = o.batching.refill_or_default();
     j["mean_batch"] = mean_batch;
     j["rejected"] = rejected;
     j["expired"] = expired;
@@ -383,9 +388,9 @@ double percentile(std::vector<float>& v, double p) {
 // until its callback has run (busy); the callback checks the output and
 // writes its verdict into the slot, which the client reads (harvests) before
 // it reuses the slot, or at the end. The client sleeps only when the window
-// is full, until half of it is free: one wake-up per window/2 requests, not
-// one per request. It outlives the queue: the last callback touches
-// `in_flight` after its client may have finished.
+// is full, until `refill` slots are free (--refill, default half the window):
+// one wake-up per `refill` requests, not one per request. It outlives the queue: the last callback
+// touches `in_flight` after its client may have finished.
 struct CallbackWindow {
   struct Slot {
     // Written by the client before submit(), read by the callback.
@@ -400,14 +405,14 @@ struct CallbackWindow {
     std::atomic<bool> busy{false};
     bool unread = false;  // the client's own: a verdict to harvest
   };
-  CallbackWindow(const RunContext& ctx, size_t window)
-      : ctx(ctx),
-        slots(window),
-        low_water(static_cast<int>(window - std::max<size_t>(1, window / 2))) {}
+  CallbackWindow(const RunContext& ctx, size_t window, int refill)
+      : ctx(ctx), slots(window), low_water(static_cast<int>(window) - refill) {}
 
   void complete(Slot& slot, const serve::Completion& c) {
+    // The queue runs on the steady clock (run_on_device gives it no other),
+    // and reads it once a batch: no clock read per request on its workers.
     slot.latency_us = static_cast<float>(
-        std::chrono::duration<double, std::micro>(Clock::now() - slot.t0).count());
+        std::chrono::duration<double, std::micro>(c.completed_at - slot.t0).count());
     slot.error = c.error;
     slot.wrong = !c.error && !output_ok(ctx, slot.k, c.output, slot.corrupt);
     slot.busy.store(false, std::memory_order_release);
@@ -562,8 +567,8 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
   std::vector<std::unique_ptr<CallbackWindow>> windows;
   if (o.batching.callbacks)
     for (int t = 0; t < o.threads; ++t)
-      windows.push_back(
-          std::make_unique<CallbackWindow>(ctx, static_cast<size_t>(o.batching.window)));
+      windows.push_back(std::make_unique<CallbackWindow>(
+          ctx, static_cast<size_t>(o.batching.window), o.batching.refill_or_default()));
   std::optional<serve::BatchQueue> queue;  // destroyed (drained) before the model
   if (o.batching.enabled) {
     serve::BatchQueueOptions qo;
@@ -868,6 +873,10 @@ void add_batching_options(CLI::App& cmd, WorkloadOptions::Batching& b) {
   cmd.add_flag("--callbacks", b.callbacks,
                "batching: outputs go to completion callbacks (checked on the queue's workers) "
                "instead of handles the clients wait on");
+  cmd.add_option("--refill", b.refill,
+                 "batching, with --callbacks: requests of a full window that complete before "
+                 "its client wakes (0: half the window)")
+      ->capture_default_str();
 }
 
 void add_model_options(CLI::App& cmd, WorkloadOptions& o, ModelOptionStrings& s) {

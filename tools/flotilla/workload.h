@@ -23,6 +23,7 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdint>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -88,8 +89,14 @@ struct WorkloadOptions {
     bool record = false;     // BatchQueueOptions::record_batches
     // --callbacks: each request's output goes to a completion callback,
     // which checks it on the queue's worker, instead of a handle the client
-    // waits on; a client with a full window sleeps until half of it is free.
+    // waits on; a client with a full window sleeps until `refill` of its
+    // requests have completed.
     bool callbacks = false;
+    // --refill: with --callbacks, how many requests of a full window complete
+    // before its client wakes (one wake-up per `refill` requests); 0: half
+    // the window.
+    int refill = 0;
+    int refill_or_default() const { return refill > 0 ? refill : std::max(1, window / 2); }
   } batching;
 
   // Throws InvalidArgument naming the option. Touches no device.
