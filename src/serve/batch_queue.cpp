@@ -275,6 +275,7 @@ size_t BatchQueue::step() {
   detail::Slot& slot = lane.free_slot();
   if (!core_->take_ready(slot.batch, /*force=*/false)) return 0;
   const size_t n = slot.batch.requests.size();
+  const detail::QueueCore::WorkerScope scope(*core_);  // Note [A worker's own submit]
   run_batch(lane);
   return n;
 }
@@ -293,6 +294,7 @@ size_t BatchQueue::step() {
 // pipeline fills when requests are queued as a batch finishes launching,
 // that is under load, where it pays.
 void BatchQueue::worker_loop(detail::Lane& lane) {
+  const detail::QueueCore::WorkerScope scope(*core_);  // Note [A worker's own submit]
   for (;;) {
     if (lane.has_free_slot()) {
       detail::Batch& batch = lane.free_slot().batch;

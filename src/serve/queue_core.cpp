@@ -111,6 +111,8 @@ struct Parked {
   std::exception_ptr error;
 };
 thread_local std::vector<Parked> t_parked;
+// The core whose batches this thread is running (Note [A worker's own submit]).
+thread_local const QueueCore* t_running_batches_of = nullptr;
 }  // namespace
 
 void QueueCore::finish(Request& r, RequestStatus status, std::exception_ptr err) {
@@ -120,6 +122,12 @@ void QueueCore::finish(Request& r, RequestStatus status, std::exception_ptr err)
   // its call returns.
   t_parked.push_back({this, r.shared_from_this(), std::move(err)});
 }
+
+QueueCore::WorkerScope::WorkerScope(const QueueCore& core) : previous_(t_running_batches_of) {
+  t_running_batches_of = &core;
+}
+
+QueueCore::WorkerScope::~WorkerScope() { t_running_batches_of = previous_; }
 
 bool QueueCore::has_parked() { return !t_parked.empty(); }
 
@@ -306,6 +314,15 @@ void QueueCore::submit_slow(const std::shared_ptr<Request>& r, Clock::time_point
                         "[BatchQueue::submit] the queue holds its capacity of ", options_.capacity,
                         " requests; retry later, raise capacity, add workers, or use "
                         "OverflowPolicy::kBlock"))));
+    if (t_running_batches_of == this)  // Note [A worker's own submit]
+      return refuse(*r, RequestStatus::kRejected,
+                    std::make_exception_ptr(QueueFull(::flotilla::detail::str_cat(
+                        "[BatchQueue::submit] the queue holds its capacity of ", options_.capacity,
+                        " requests, and this submit() runs on a thread that runs the queue's "
+                        "batches (a completion callback on a worker, or in step()): waiting for "
+                        "room there could wait for itself, so it does not wait "
+                        "(OverflowPolicy::kBlock applies to other threads); submit from another "
+                        "thread, or raise capacity"))));
     ++blocked_;
     bool room = false;
     for (;;) {

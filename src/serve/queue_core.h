@@ -209,6 +209,25 @@ struct Batch {
 // using the core. Only cancel() and queue destruction take this lock.
 class QueueCore {
  public:
+  // Note [A worker's own submit]
+  // Marks the current thread, while it lives, as one that runs this core's
+  // batches (a worker, or step()'s caller during the batch), so that a
+  // submit() from it, which can only come from a completion callback (or
+  // the model), never waits for room under kBlock: the room it would wait
+  // for is made by the workers, itself among them, so with one worker, or
+  // all of them in such callbacks, it would wait for itself. Such a submit
+  // is refused with QueueFull when the queue is full, as under kReject.
+  class WorkerScope {
+   public:
+    explicit WorkerScope(const QueueCore& core);
+    ~WorkerScope();
+    WorkerScope(const WorkerScope&) = delete;
+    WorkerScope& operator=(const WorkerScope&) = delete;
+
+   private:
+    const QueueCore* previous_;
+  };
+
   // Cancels `r` through its core, if it is still queued (see the Note).
   static bool cancel_request(Request& r);
   // Call after shutdown, before freeing the core (see the Note).

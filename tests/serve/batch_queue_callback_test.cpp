@@ -844,6 +844,57 @@ TEST_F(BatchQueueCallbackTest, ACompletedCallbackOnAWorkerMaySubmitAndCancel) {
   expect_counts_add_up(m);
 }
 
+// Note [A worker's own submit]: under kBlock, a callback running on the
+// thread that runs the batches (step()'s caller, or the one worker) submits
+// into a full queue. Waiting for room there would wait for itself: it is
+// refused with QueueFull at once, on that thread, and the request that did
+// fit still runs. Other threads' submits still wait for room. Without the
+// rule this test hangs, and within() ends it.
+TEST_F(BatchQueueCallbackTest, ACallbacksSubmitIntoAFullQueueIsRefusedNotLeftWaitingForItself) {
+  for (int workers : {0, 1}) {
+    SCOPED_TRACE(::testing::Message() << "workers " << workers);
+    BatchQueueOptions o = threaded(workers, 1, 0us);
+    o.capacity = 1;
+    o.when_full = OverflowPolicy::kBlock;
+    BatchQueue q(*device_, kIn, kOut, counted(), o);
+    CallLog log, children;
+    std::atomic<uint64_t> fits{0}, refused{0};
+    std::string refused_thread;
+    std::promise<void> done;
+    within("a callback's submit into a full queue under kBlock", [&] {
+      const uint64_t first = q.submit(input(0), log.callback([&](const Completion&) {
+        // The queue is empty (the request running here left it): this one
+        // takes the one place, and the next finds the queue full.
+        fits = q.submit(input(1), children.callback());
+        refused = q.submit(input(2), children.callback([&](const Completion&) {
+          refused_thread = this_thread_name();
+        }));
+        done.set_value();
+      }));
+      if (workers == 0) {
+        EXPECT_EQ(q.step(), 1u);
+      }
+      ASSERT_EQ(done.get_future().wait_for(30s), std::future_status::ready);
+      if (workers == 0) {
+        EXPECT_EQ(q.step(), 1u);
+      }
+      q.shutdown(ShutdownMode::kDrain);
+      expect_output(log.only(first), 0);
+    });
+    const Call c = children.only(refused.load());
+    EXPECT_EQ(c.status, RequestStatus::kRejected);
+    expect_error<QueueFull>(c, "could wait for itself");
+    EXPECT_EQ(refused_thread, workers == 0 ? this_thread_name() : std::string("fl-queue-w0"))
+        << "refused on the submitting thread, inside submit()";
+    expect_output(children.only(fits.load()), 1);
+    auto m = q.metrics();
+    EXPECT_EQ(m.submitted, 3u);
+    EXPECT_EQ(m.completed, 2u);
+    EXPECT_EQ(m.rejected, 1u);
+    expect_counts_add_up(m);
+  }
+}
+
 TEST_F(BatchQueueCallbackTest, AnExpiredCallbackMaySubmitAndCancel) {
   for (int workers : {0, 1}) {
     SCOPED_TRACE(::testing::Message() << "workers " << workers);

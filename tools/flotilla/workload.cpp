@@ -388,7 +388,7 @@ double percentile(std::vector<float>& v, double p) {
 // until its callback has run (busy); the callback checks the output and
 // writes its verdict into the slot, which the client reads (harvests) before
 // it reuses the slot, or at the end. The client sleeps only when the window
-// is full, until `refill` slots are free (--refill, default half the window):
+// is full, until `refill` slots are free (--refill, default 7/8 of the window):
 // one wake-up per `refill` requests, not one per request. It outlives the queue: the last callback
 // touches `in_flight` after its client may have finished.
 struct CallbackWindow {
@@ -875,7 +875,7 @@ void add_batching_options(CLI::App& cmd, WorkloadOptions::Batching& b) {
                "instead of handles the clients wait on");
   cmd.add_option("--refill", b.refill,
                  "batching, with --callbacks: requests of a full window that complete before "
-                 "its client wakes (0: half the window)")
+                 "its client wakes (0: 7/8 of the window)")
       ->capture_default_str();
 }
 

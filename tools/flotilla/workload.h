@@ -93,10 +93,12 @@ struct WorkloadOptions {
     // requests have completed.
     bool callbacks = false;
     // --refill: with --callbacks, how many requests of a full window complete
-    // before its client wakes (one wake-up per `refill` requests); 0: half
-    // the window.
+    // before its client wakes (one wake-up per `refill` requests); 0: seven
+    // eighths of the window (on the H100 with 64 clients x 32, 28 gave 9 %
+    // more than 16: each wake-up costs the worker that makes it and the
+    // client a context switch; docs/PERF.md).
     int refill = 0;
-    int refill_or_default() const { return refill > 0 ? refill : std::max(1, window / 2); }
+    int refill_or_default() const { return refill > 0 ? refill : std::max(1, window - window / 8); }
   } batching;
 
   // Throws InvalidArgument naming the option. Touches no device.

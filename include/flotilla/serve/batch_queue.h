@@ -50,8 +50,10 @@
 //   already passed), cancel() or shutdown(kCancel) for Cancelled, a worker
 //   (or step()'s caller) for Timeout;
 // never while the queue's own lock is held (step() and the shutdown drain
-// hold theirs), so it may submit() (not under kBlock from a worker: that
-// could wait for itself) and cancel(). It must not
+// hold theirs), so it may submit() and cancel(). A submit() from a callback
+// that runs on a worker (or in step()) never waits for room: under kBlock a
+// full queue refuses it with QueueFull, as kReject would, since the room it
+// would wait for is made by the workers, itself among them. It must not
 // block for long (a worker's other requests wait meanwhile), wait on this
 // queue's handles, or call shutdown()/step(). A throw is caught and counted
 // (BatchQueueMetrics::callback_exceptions).
