@@ -9,10 +9,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <stdexcept>
 #include <string>
+#include <thread>
 
 namespace flotilla::cli {
 namespace {
@@ -93,6 +96,52 @@ TEST(RunInChild, TheChildSkipsTheParentsAtexitHandlers) {
   EXPECT_EQ(read(fds[0], buf, sizeof buf), 0) << "the child ran the parent's atexit handler";
   close(fds[0]);
   EXPECT_EQ(c.output, "done");
+}
+
+// A process whose state letter in /proc is not Z (zombie) or X (dead): one
+// that still runs. False once it is gone or only a zombie waiting for init.
+bool still_running(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(stat, line)) return false;
+  const size_t close_paren = line.rfind(')');
+  if (close_paren == std::string::npos || close_paren + 2 >= line.size()) return false;
+  const char state = line[close_paren + 2];
+  return state != 'Z' && state != 'X';
+}
+
+// The parent is killed while its child works: the child must not run on (a
+// killed `flotilla run` would leave a child holding the GPU). Without
+// PR_SET_PDEATHSIG the child here sleeps its 30 s and the test fails.
+TEST(RunInChild, TheChildDiesWithItsParent) {
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  const pid_t middle = fork();
+  ASSERT_GE(middle, 0);
+  if (middle == 0) {  // the parent to be killed: it runs a child that reports its pid
+    close(fds[0]);
+    (void)run_in_child("test", 60s, [&] {
+      const pid_t me = getpid();
+      (void)!write(fds[1], &me, sizeof me);
+      close(fds[1]);
+      std::this_thread::sleep_for(30s);
+      return ChildReport{"slept", 0};
+    });
+    _exit(0);
+  }
+  close(fds[1]);
+  pid_t child = 0;
+  ASSERT_EQ(read(fds[0], &child, sizeof child), static_cast<ssize_t>(sizeof child));
+  close(fds[0]);
+  ASSERT_TRUE(still_running(child));
+  ASSERT_EQ(kill(middle, SIGKILL), 0);
+  int status = 0;
+  ASSERT_EQ(waitpid(middle, &status, 0), middle);
+  const auto give_up = std::chrono::steady_clock::now() + 10s;
+  while (still_running(child) && std::chrono::steady_clock::now() < give_up)
+    std::this_thread::sleep_for(10ms);
+  EXPECT_FALSE(still_running(child)) << "the child outlived its killed parent";
+  if (still_running(child)) kill(child, SIGKILL);
 }
 
 }  // namespace

@@ -87,7 +87,7 @@ TEST(StressTool, CliJsonReportsLegacyFailuresAndPoolSuccess) {
   int code = 0;
   auto legacy = nlohmann::json::parse(run_cli(
       "stress --arch legacy --threads 8 --rounds 8 --ops-per-thread " + ops + " --json", &code));
-  EXPECT_EQ(code, 0);
+  EXPECT_EQ(code, 1) << "a failed round makes the exit status 1";
   for (const char* key :
        {"backend", "arch", "policy", "threads", "rounds", "rounds_failed", "crashes", "violations",
         "wrong_results", "ops", "seconds", "ops_per_s", "encoding_lock_wait_share", "streams_used"})
@@ -97,6 +97,7 @@ TEST(StressTool, CliJsonReportsLegacyFailuresAndPoolSuccess) {
       run_cli("stress --arch pool --policy exclusive --threads 8 --rounds 2 --ops-per-thread " +
                   ops + " --json",
               &code));
+  EXPECT_EQ(code, 0);
   EXPECT_EQ(pool["rounds_failed"].get<int>(), 0) << pool.dump();
   EXPECT_EQ(pool["streams_used"].get<int>(), 8);
   EXPECT_GE(pool["ops"].get<uint64_t>(), 2u * 8u * static_cast<uint64_t>(scaled(3000)));
@@ -108,7 +109,7 @@ TEST(StressTool, CliCountsACrashOfEachIsolatedRound) {
   int code = 0;
   const auto j = nlohmann::json::parse(run_cli(
       "stress --threads 2 --rounds 2 --ops-per-thread 1000 --crash-after 50 --json", &code));
-  EXPECT_EQ(code, 0);
+  EXPECT_EQ(code, 1) << "crashed rounds make the exit status 1";
   EXPECT_EQ(j["crashes"].get<int>(), 2) << j.dump();
   EXPECT_EQ(j["rounds_failed"].get<int>(), 2) << j.dump();
   EXPECT_EQ(j["first_error"].get<std::string>().rfind("round crashed with signal ", 0), 0u)

@@ -73,8 +73,13 @@ void run(const StressOptions& o, bool json) {
   }
   if (tty) std::fprintf(stderr, "\n");
   auto j = summary_json(o, total, rounds_failed);
+  // Exits 1 when a round failed, as `flotilla run` does on a wrong result,
+  // so a script or CI job running the pool architecture sees it; for the
+  // legacy architecture a failure is the expected finding, and the report
+  // (and the exit status) says so.
   if (json) {
     std::cout << j.dump() << std::endl;
+    if (rounds_failed > 0) throw CLI::RuntimeError(1);
     return;
   }
   std::cout << "flotilla stress: backend=" << o.backend << " arch=" << o.arch
@@ -93,6 +98,7 @@ void run(const StressOptions& o, bool json) {
             << (o.agx_model ? " (AGX model)" : "") << ", wait share "
             << j["encoding_lock_wait_share"].get<double>() << "\n";
   if (!total.first_error.empty()) std::cout << "  first error     " << total.first_error << "\n";
+  if (rounds_failed > 0) throw CLI::RuntimeError(1);
 }
 
 }  // namespace

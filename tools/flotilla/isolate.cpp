@@ -2,6 +2,7 @@
 
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -84,6 +85,7 @@ ChildOutcome run_in_child(std::string_view who, std::chrono::duration<double> ti
   std::cout.flush();
   std::fflush(nullptr);
   const auto t0 = Clock::now();
+  const pid_t parent = getpid();
   const pid_t pid = fork();
   if (pid < 0) {
     const int err = errno;
@@ -93,6 +95,11 @@ ChildOutcome run_in_child(std::string_view who, std::chrono::duration<double> ti
   }
   if (pid == 0) {
     close(fds[0]);
+    // Dies with the parent: a parent killed (a CI job's timeout, a user's
+    // kill -9) leaves no child running on, holding the GPU. The check after
+    // it covers a parent that died before the prctl.
+    (void)prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(127);
     child_main(fds[1], work);
   }
   close(fds[1]);

@@ -48,7 +48,10 @@ struct ChildOutcome {
 // nothing buffered is written twice. An exception that escapes `work` aborts
 // the child: it must not unwind into the parent's code. The parent reads the
 // pipe until the child closes it or `timeout` has passed since the fork;
-// then it kills a child that is still running (SIGKILL) and reaps it.
+// then it kills a child that is still running (SIGKILL) and reaps it. The
+// child also gets SIGKILL if the parent dies first (PR_SET_PDEATHSIG: the
+// death of the thread that called run_in_child, which in the CLI is the
+// process's one thread).
 // Throws InvalidState starting "[<who>]" if pipe() or fork() fails.
 ChildOutcome run_in_child(std::string_view who, std::chrono::duration<double> timeout,
                           const std::function<ChildReport()>& work);

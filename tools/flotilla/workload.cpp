@@ -433,10 +433,13 @@ struct CallbackWindow {
 };
 
 // Records `slot`'s verdict in `st` once.
-void harvest(CallbackWindow::Slot& slot, ThreadStats& st) {
+// `completed`: the progress line's count of completed requests, bumped by
+// 64 at a time.
+void harvest(CallbackWindow::Slot& slot, ThreadStats& st, std::atomic<uint64_t>& completed) {
   if (!slot.unread) return;
   slot.unread = false;
   st.latency_us.push_back(slot.latency_us);
+  if (st.latency_us.size() % 64 == 0) completed.fetch_add(64, std::memory_order_relaxed);
   if (slot.error) {
     counting_errors(st, [&] { std::rethrow_exception(slot.error); });
     slot.error = nullptr;
@@ -452,7 +455,7 @@ template <typename Next>
 void run_callback_client(const RunContext& ctx, CallbackWindow& win, size_t t, ThreadStats& st,
                          std::atomic<uint64_t>& completed, Next&& next) {
   const size_t window = win.slots.size();
-  size_t cursor = 0, since_progress = 0;
+  size_t cursor = 0;
   bool corrupt = false;
   auto now = Clock::now();
   for (uint64_t r = t;;) {
@@ -466,7 +469,7 @@ void run_callback_client(const RunContext& ctx, CallbackWindow& win, size_t t, T
     while (win.slots[cursor].busy.load(std::memory_order_acquire)) cursor = (cursor + 1) % window;
     CallbackWindow::Slot& slot = win.slots[cursor];
     cursor = (cursor + 1) % window;
-    harvest(slot, st);
+    harvest(slot, st, completed);
     slot.k = r % ctx.inputs.size();
     r += 7;
     slot.t0 = now;
@@ -489,13 +492,9 @@ void run_callback_client(const RunContext& ctx, CallbackWindow& win, size_t t, T
     }
     now = Clock::now();
     st.submit_time += now - slot.t0;
-    if (++since_progress == 64) {  // for the progress line only
-      completed.fetch_add(64, std::memory_order_relaxed);
-      since_progress = 0;
-    }
   }
   win.wait_for_at_most(0);
-  for (auto& slot : win.slots) harvest(slot, st);
+  for (auto& slot : win.slots) harvest(slot, st, completed);
 }
 
 // The progress line: a rewritten line on a terminal, a line per second otherwise.
