@@ -85,7 +85,26 @@ RequestStatus RequestHandle::status() const {
 
 bool RequestHandle::done() const { return need(req_, "RequestHandle::done").done.is_set(); }
 
-void RequestHandle::wait() const { need(req_, "RequestHandle::wait").wait_done(); }
+namespace {
+
+// Note [A worker's own submit], for waits: a thread that runs the request's
+// queue's batches must not wait for a request of that queue that has not
+// completed; with one worker (or in step()) it would wait for itself.
+void check_may_wait(const detail::Request& r, const char* api) {
+  if (r.done.is_set()) return;
+  FL_CHECK_STATE(!detail::QueueCore::runs_batches_of(r.core), "[", api, "] request ", r.id,
+                 " has not completed, and this thread runs its queue's batches (a completion "
+                 "callback on a worker or in step(), or the model): waiting here could wait for "
+                 "itself; wait from another thread, or take the result in a completion callback");
+}
+
+}  // namespace
+
+void RequestHandle::wait() const {
+  detail::Request& r = need(req_, "RequestHandle::wait");
+  check_may_wait(r, "RequestHandle::wait");
+  r.wait_done();
+}
 
 bool RequestHandle::wait_for(std::chrono::steady_clock::duration timeout) const {
   return need(req_, "RequestHandle::wait_for").done.wait_for(timeout);
@@ -93,6 +112,7 @@ bool RequestHandle::wait_for(std::chrono::steady_clock::duration timeout) const 
 
 std::vector<float> RequestHandle::get() {
   detail::Request& r = need(req_, "RequestHandle::get");
+  check_may_wait(r, "RequestHandle::get");
   r.wait_done();  // then the result is the handle's to read (Note [Request result])
   FL_CHECK_STATE(!r.taken, "[RequestHandle::get] called twice on request ", r.id,
                  "; get() hands the result over once, as std::future does");
@@ -270,6 +290,10 @@ Clock::time_point BatchQueue::deadline_in(Clock::duration d) const { return cloc
 size_t BatchQueue::step() {
   FL_CHECK_STATE(options_.workers == 0, "[BatchQueue::step] the queue has ", options_.workers,
                  " worker threads; step() is for manual mode (workers = 0)");
+  FL_CHECK_STATE(!detail::QueueCore::runs_batches_of(core_.get()),
+                 "[BatchQueue::step] called from inside one of this queue's batches (a "
+                 "completion callback or the model, during step()): it would wait for the "
+                 "batch it runs in; call step() again after it returns");
   MutexLock lock(step_mu_);
   detail::Lane& lane = *lanes_.front();
   detail::Slot& slot = lane.free_slot();
@@ -427,6 +451,10 @@ void BatchQueue::complete_oldest(detail::Lane& lane) {
 }
 
 void BatchQueue::shutdown(ShutdownMode mode) {
+  FL_CHECK_STATE(!detail::QueueCore::runs_batches_of(core_.get()),
+                 "[BatchQueue::shutdown] called on a thread that runs this queue's batches (a "
+                 "completion callback on a worker or in step(), or the model): it would wait "
+                 "for itself to finish; call shutdown() from another thread");
   core_->stop(mode);  // first, outside shutdown_mu_: a kCancel cuts a running drain short
   MutexLock lock(shutdown_mu_);
   if (joined_) return;

@@ -129,6 +129,8 @@ QueueCore::WorkerScope::WorkerScope(const QueueCore& core) : previous_(t_running
 
 QueueCore::WorkerScope::~WorkerScope() { t_running_batches_of = previous_; }
 
+bool QueueCore::runs_batches_of(const QueueCore* core) { return t_running_batches_of == core; }
+
 bool QueueCore::has_parked() { return !t_parked.empty(); }
 
 void QueueCore::run_parked() {

@@ -227,6 +227,9 @@ class QueueCore {
    private:
     const QueueCore* previous_;
   };
+  // True on a thread inside a WorkerScope of `core` (compares the pointer
+  // only: `core` may be gone).
+  static bool runs_batches_of(const QueueCore* core);
 
   // Cancels `r` through its core, if it is still queued (see the Note).
   static bool cancel_request(Request& r);

@@ -895,6 +895,71 @@ TEST_F(BatchQueueCallbackTest, ACallbacksSubmitIntoAFullQueueIsRefusedNotLeftWai
   }
 }
 
+// Note [A worker's own submit], for waits: in a callback on the thread that
+// runs the batches, get()/wait() on an incomplete handle of the queue,
+// step() and shutdown() would each wait for that thread itself. They throw
+// InvalidState naming the reason; a completed handle may still be read there.
+// Without the checks, the worker case hangs (within() ends it) and the manual
+// one deadlocks on step()'s own lock.
+TEST_F(BatchQueueCallbackTest, CallsThatWouldWaitForTheCallbacksOwnThreadThrowInvalidState) {
+  for (int workers : {0, 1}) {
+    SCOPED_TRACE(::testing::Message() << "workers " << workers);
+    BatchQueue q(*device_, kIn, kOut, counted(), threaded(workers, 4, 0us));
+    RequestHandle early = q.submit(input(0));
+    if (workers == 0) {
+      EXPECT_EQ(q.step(), 1u);
+    } else {
+      early.wait();
+    }
+    std::vector<std::string> errors;
+    std::vector<float> early_output;
+    RequestHandle inner;
+    std::promise<void> done;
+    const auto expect_invalid_state = [&](const char* what, const std::function<void()>& call) {
+      try {
+        call();
+        errors.push_back(std::string(what) + ": returned");
+      } catch (const InvalidState& e) {
+        errors.push_back(std::string(what) + ": " + e.what());
+      }
+    };
+    within("calls that would wait for the callback's own thread", [&] {
+      q.submit(input(1), [&](const Completion&) {
+        early_output = early.get();  // complete: a read, not a wait
+        inner = q.submit(input(2));
+        expect_invalid_state("get", [&] { (void)inner.get(); });
+        expect_invalid_state("wait", [&] { inner.wait(); });
+        expect_invalid_state("step", [&] { (void)q.step(); });
+        expect_invalid_state("shutdown", [&] { q.shutdown(); });
+        done.set_value();
+      });
+      if (workers == 0) {
+        EXPECT_EQ(q.step(), 1u);
+      }
+      ASSERT_EQ(done.get_future().wait_for(30s), std::future_status::ready);
+      if (workers == 0) {
+        EXPECT_EQ(q.step(), 1u);
+      }
+      expect_output(inner, 2);  // from this thread: a wait that ends
+      q.shutdown();
+    });
+    EXPECT_LT(max_rel_error(early_output, model_->host_reference(input(0))), 1e-5);
+    ASSERT_EQ(errors.size(), 4u);
+    for (size_t i = 0; i < 2; ++i)
+      EXPECT_NE(errors[i].find("has not completed, and this thread runs its queue's batches"),
+                std::string::npos)
+          << errors[i];
+    if (workers == 0) {
+      EXPECT_NE(errors[2].find("inside one of this queue's batches"), std::string::npos)
+          << errors[2];
+    } else {
+      EXPECT_NE(errors[2].find("step() is for manual mode"), std::string::npos) << errors[2];
+    }
+    EXPECT_NE(errors[3].find("it would wait for itself to finish"), std::string::npos) << errors[3];
+    EXPECT_FALSE(q.metrics().callback_exceptions) << "each throw was caught in the callback";
+  }
+}
+
 TEST_F(BatchQueueCallbackTest, AnExpiredCallbackMaySubmitAndCancel) {
   for (int workers : {0, 1}) {
     SCOPED_TRACE(::testing::Message() << "workers " << workers);

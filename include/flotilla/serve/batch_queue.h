@@ -54,8 +54,10 @@
 // that runs on a worker (or in step()) never waits for room: under kBlock a
 // full queue refuses it with QueueFull, as kReject would, since the room it
 // would wait for is made by the workers, itself among them. It must not
-// block for long (a worker's other requests wait meanwhile), wait on this
-// queue's handles, or call shutdown()/step(). A throw is caught and counted
+// block for long (a worker's other requests wait meanwhile); waiting on
+// this queue's handles (for a request not yet complete), shutdown() and
+// step() could wait for itself, so from a thread that runs the queue's
+// batches they throw InvalidState instead. A throw is caught and counted
 // (BatchQueueMetrics::callback_exceptions).
 //
 // Deadlines: a queued request whose deadline passes completes with Timeout
@@ -69,8 +71,11 @@
 // of the calls the test makes, for deterministic tests.
 //
 // Thread safety: submit, cancel, metrics, step and shutdown may be called
-// from any thread at once. Not from inside the model function (shutdown
-// would wait for the very worker that calls it).
+// from any thread at once, except that a thread running the queue's
+// batches (a worker, or step()'s caller during its batch: the model
+// function and completion callbacks) gets InvalidState from shutdown(),
+// step() and a wait on an incomplete handle of this queue, each of which
+// would wait for that thread itself (Note [A worker's own submit]).
 //
 // Lifetime: the queue must be destroyed before its Device. The destructor
 // drains (shutdown(kDrain)). RequestHandles may outlive the queue: they
