@@ -161,7 +161,7 @@ int main(int argc, char** argv) {
     for (int64_t mode : {1, 2}) copies->Args({rows, mode});
   copies->Repetitions(3)->ReportAggregatesOnly(true)->UseRealTime()->MinTime(0.3);
   auto* threads = benchmark::RegisterBenchmark("batch/recorded_threads", &BM_BatchThreads);
-  for (int64_t rows : {64, 128, 256, 512, 1024}) threads->Arg(rows);
+  for (int64_t rows : {64, 128, 160, 192, 256, 512, 1024}) threads->Arg(rows);
   threads->Threads(8)->Repetitions(3)->ReportAggregatesOnly(true)->UseRealTime()->MinTime(0.3);
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();
