@@ -2,7 +2,6 @@
 
 #include <sys/prctl.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -60,8 +59,6 @@ void BatchQueueOptions::validate() const {
                "; use 1 (one batch in flight per worker) to 64");
   FL_CHECK_ARG(!record_batches || max_batch <= (1 << 20), "[BatchQueueOptions] max_batch is ",
                max_batch, "; record_batches supports up to 1048576");
-  FL_CHECK_ARG(record_steps >= 1 && record_steps <= 64, "[BatchQueueOptions] record_steps is ",
-               record_steps, "; use 1 (powers of two) to 64 recorded sizes per doubling");
   FL_CHECK_ARG(spin_wait.count() >= 0 && spin_wait.count() <= 1000000,
                "[BatchQueueOptions] spin_wait is ", spin_wait.count(),
                " us; use 0 (sleep at once) to 1000000");
@@ -141,23 +138,21 @@ struct Slot {
   Batch batch;                              // the requests in flight here
   StreamFence fence;                        // reached when the output is in staging
   std::exception_ptr error;                 // the batch failed while launching
-  // record_batches: the recorded batch of each size (index: its place in
-  // BatchQueue::record_sizes_), made at first use; they name this slot's
-  // staging.
+  // record_batches: the recorded batch of each size (index: size_bucket()),
+  // made at first use; they name this slot's staging.
   std::vector<Recording> recorded;
 };
 
-// record_batches: the sizes to record, ascending: between each power of two
-// p and 2p, p + i * max(1, p / steps) for i = 0, 1, ... below 2p; then
-// max_batch, the largest.
-std::vector<int64_t> record_sizes(int64_t max_batch, int steps) {
-  std::vector<int64_t> sizes;
-  for (int64_t p = 1; p < max_batch; p *= 2) {
-    const int64_t step = std::max<int64_t>(1, p / steps);
-    for (int64_t r = p; r < 2 * p && r < max_batch; r += step) sizes.push_back(r);
+// record_batches: the recorded sizes are the powers of two below max_batch,
+// and max_batch. Returns the index of the smallest one >= n, and its size.
+std::pair<size_t, int64_t> size_bucket(int64_t n, int64_t max_batch) {
+  size_t i = 0;
+  int64_t rows = 1;
+  while (rows < n) {
+    rows *= 2;
+    ++i;
   }
-  sizes.push_back(max_batch);
-  return sizes;
+  return {i, std::min(rows, max_batch)};
 }
 
 // What one worker owns: its stream and a ring of pipeline_depth slots; the
@@ -198,8 +193,6 @@ BatchQueue::BatchQueue(Device& device, int64_t in_features, int64_t out_features
 
   backend::Driver& driver = device_.driver("BatchQueue");
   const auto rows = static_cast<size_t>(options_.max_batch);
-  if (options_.record_batches)
-    record_sizes_ = detail::record_sizes(options_.max_batch, options_.record_steps);
   const int depth = options_.workers == 0 ? 1 : options_.pipeline_depth;
   for (int i = 0; i < std::max(1, options_.workers); ++i) {
     auto lane = std::make_unique<detail::Lane>(device_.streams().acquire_round_robin());
@@ -211,7 +204,8 @@ BatchQueue::BatchQueue(Device& device, int64_t in_features, int64_t out_features
       slot.output = driver.allocate_host(rows * static_cast<size_t>(out_) * sizeof(float));
       FL_INTERNAL_CHECK(slot.input->host_ptr() && slot.output->host_ptr(),
                         "the driver's host staging memory is not host-visible");
-      if (options_.record_batches) slot.recorded.resize(record_sizes_.size());
+      if (options_.record_batches)
+        slot.recorded.resize(detail::size_bucket(options_.max_batch, options_.max_batch).first + 1);
     }
     lanes_.push_back(std::move(lane));
   }
@@ -364,13 +358,10 @@ void BatchQueue::run_batch(detail::Lane& lane) {
 // is most of a small batch's host time. A batch of B rows runs as the
 // smallest recorded size R >= B, with rows B..R of the staging zeroed (rows
 // are independent, so the padding changes no result; its outputs are not
-// read). The recorded sizes step by 1/record_steps of each power of two
-// (with 4: ..., 128, 160, 192, 224, 256, ...): the padding is device time,
-// and with 64 clients the device was busy 90 % of the time, running batches
-// of about 190 rows as 256 (docs/PERF.md). The first batch of a size runs eagerly (that run is its
-// result, not replayed) and is then recorded, so that lazily made resources (cuBLASLt plans,
-// workspaces, cached blocks) exist before the capture. A recording that fails (the model threw)
-// fails that batch only; the next batch of that size tries again.
+// read). The first batch of a size runs eagerly (that run is its result,
+// not replayed) and is then recorded, so that lazily made resources
+// (cuBLASLt plans, workspaces, cached blocks) exist before the capture. A recording that fails (the
+// model threw) fails that batch only; the next batch of that size tries again.
 void BatchQueue::encode_batch(detail::Lane& lane, detail::Slot& slot, int64_t rows) {
   Stream stream = lane.stream;
   const size_t in_bytes = static_cast<size_t>(rows * in_) * sizeof(float);
@@ -403,12 +394,10 @@ void BatchQueue::launch_batch(detail::Lane& lane) {
       std::memcpy(packed + static_cast<size_t>(i) * in_row,
                   reqs[static_cast<size_t>(i)]->input.data(), in_row);
     if (options_.record_batches) {
-      // The smallest recorded size that holds the batch (max_batch does).
-      const auto at = std::lower_bound(record_sizes_.begin(), record_sizes_.end(), b);
-      const int64_t rows = *at;
+      const auto [bucket, rows] = detail::size_bucket(b, options_.max_batch);
       std::memset(packed + static_cast<size_t>(b) * in_row, 0,
                   static_cast<size_t>(rows - b) * in_row);
-      Recording& rec = slot.recorded[static_cast<size_t>(at - record_sizes_.begin())];
+      Recording& rec = slot.recorded[bucket];
       if (rec.valid()) {
         stream.replay(rec);
       } else {

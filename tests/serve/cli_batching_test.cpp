@@ -112,8 +112,7 @@ TEST(CliBatching, BadOptionsEndWithOneLine) {
        {"run --batching --batch 4", "run --batching --max-batch 0",
         "run --batching --max-delay-us -1", "run --batching --queue-workers 0", "run --callbacks",
         "run --batching --refill 2", "run --batching --callbacks --window 8 --refill 9",
-        "run --batching --callbacks --window 8 --refill -1",
-        "run --batching --record-batches --record-steps 0"}) {
+        "run --batching --callbacks --window 8 --refill -1"}) {
     const auto r = run_cli(args, "2>&1");
     EXPECT_NE(r.exit_code, 0) << args;
     int lines = 0;

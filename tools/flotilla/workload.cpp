@@ -79,7 +79,6 @@ void WorkloadOptions::validate() const {
     in_range("--window", batching.window, 1, 4096);
     in_range("--pipeline-depth", batching.pipeline_depth, 1, 64);
     in_range("--spin-us", batching.spin_us, 0, 1000000);
-    in_range("--record-steps", batching.record_steps, 1, 64);
     FL_CHECK_ARG(batching.refill == 0 || batching.callbacks,
                  "[run] --refill is how many of a full window's requests complete before its "
                  "client wakes; it needs --callbacks");
@@ -133,7 +132,6 @@ nlohmann::json WorkloadResult::to_json() const {
     j["pipeline_depth"] = o.batching.pipeline_depth;
     j["spin_us"] = o.batching.spin_us;
     j["record_batches"] = o.batching.record;
-    if (o.batching.record) j["record_steps"] = o.batching.record_steps;
     j["callbacks"] = o.batching.callbacks;
     if (o.batching.callbacks) j["refill"] = o.batching.refill_or_default();
     j["mean_batch"] = mean_batch;
@@ -579,7 +577,6 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
     qo.pipeline_depth = o.batching.pipeline_depth;
     qo.spin_wait = std::chrono::microseconds(o.batching.spin_us);
     qo.record_batches = o.batching.record;
-    qo.record_steps = o.batching.record_steps;
     // Room for every client's window: no client waits for room.
     qo.capacity = std::max<size_t>(
         1024, static_cast<size_t>(o.threads) * static_cast<size_t>(o.batching.window));
@@ -872,9 +869,6 @@ void add_batching_options(CLI::App& cmd, WorkloadOptions::Batching& b) {
       ->capture_default_str();
   cmd.add_flag("--record-batches", b.record,
                "batching: record each batch size once and replay it (a CUDA graph on cuda)");
-  cmd.add_option("--record-steps", b.record_steps,
-                 "batching, with --record-batches: recorded sizes per doubling (1: powers of two)")
-      ->capture_default_str();
   cmd.add_flag("--callbacks", b.callbacks,
                "batching: outputs go to completion callbacks (checked on the queue's workers) "
                "instead of handles the clients wait on");

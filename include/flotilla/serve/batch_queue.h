@@ -175,20 +175,11 @@ struct BatchQueueOptions {
   // Record each batch size's work once and replay it (Stream::record; on
   // CUDA a graph: one launch per batch instead of one per kernel and copy;
   // Note [Recorded batches] in batch_queue.cpp). Batches are padded with
-  // zero rows to a recorded size (record_steps per doubling, up to
-  // max_batch, and max_batch). The model must then encode and allocate only
-  // on the stream it is given, treat rows independently, and depend on
-  // nothing but x (a replay repeats exactly what was recorded).
+  // zero rows to a recorded size (powers of two up to max_batch, and
+  // max_batch). The model must then encode and allocate only on the stream
+  // it is given, treat rows independently, and depend on nothing but x (a
+  // replay repeats exactly what was recorded).
   bool record_batches = false;
-  // record_batches: the recorded sizes between each power of two p and 2p
-  // are p + i * p / record_steps (i < record_steps; every size below
-  // 2 * record_steps), so a batch of B rows runs as at most about
-  // B * (1 + 1 / record_steps) rows. Each size a worker meets is recorded
-  // once per pipeline slot and keeps its activations' memory, so more steps
-  // pad less and hold more device memory. 1: powers of two. 1..64. On the
-  // H100 with the seed's MLP and 8 streams at once, a 256-row batch took
-  // the device 1.56x the time of a 128-row one (docs/PERF.md).
-  int record_steps = 4;
   std::chrono::microseconds default_deadline{0};  // from submit, for requests without one; 0: none
   bool reject_nan = false;                        // refuse inputs holding NaN at submit
   std::shared_ptr<Clock> clock;                   // null: SteadyClock::instance()
@@ -335,8 +326,6 @@ class BatchQueue {
   uint64_t listener_key_ = 0;  // written in the constructor only
   // One lane per worker (or one for manual mode); fixed after construction.
   std::vector<std::unique_ptr<detail::Lane>> lanes_;
-  // record_batches: the recorded sizes, ascending (Note [Recorded batches]).
-  std::vector<int64_t> record_sizes_;
   std::vector<std::thread> threads_;  // joined by shutdown(); written in the constructor
 
   // Serialises shutdown() callers; guards the join.
