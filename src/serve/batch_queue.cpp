@@ -295,11 +295,13 @@ size_t BatchQueue::step() {
                  "completion callback or the model, during step()): it would wait for the "
                  "batch it runs in; call step() again after it returns");
   MutexLock lock(step_mu_);
+  // Note [A worker's own submit]: from here on this thread runs the queue's
+  // callbacks (expiries in take_ready, then the batch's).
+  const detail::QueueCore::WorkerScope scope(*core_);
   detail::Lane& lane = *lanes_.front();
   detail::Slot& slot = lane.free_slot();
   if (!core_->take_ready(slot.batch, /*force=*/false)) return 0;
   const size_t n = slot.batch.requests.size();
-  const detail::QueueCore::WorkerScope scope(*core_);  // Note [A worker's own submit]
   run_batch(lane);
   return n;
 }
@@ -460,6 +462,7 @@ void BatchQueue::shutdown(ShutdownMode mode) {
   if (joined_) return;
   if (options_.workers == 0) {
     MutexLock step_lock(step_mu_);
+    const detail::QueueCore::WorkerScope scope(*core_);  // the drain runs the batches here
     detail::Lane& lane = *lanes_.front();
     while (core_->take_ready(lane.free_slot().batch, /*force=*/true)) run_batch(lane);
   }

@@ -960,6 +960,40 @@ TEST_F(BatchQueueCallbackTest, CallsThatWouldWaitForTheCallbacksOwnThreadThrowIn
   }
 }
 
+// The same in manual mode for callbacks that run before step()'s batch (an
+// expiry, decided in step()) and in the shutdown drain: step() and
+// shutdown() there would wait on locks their own thread holds.
+TEST_F(BatchQueueCallbackTest, StepAndShutdownFromAnExpiryOrTheDrainThrowInvalidState) {
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(4, 1000us));
+  std::vector<std::string> errors;
+  const auto record = [&](const Completion&) {
+    for (int i = 0; i < 2; ++i) {
+      try {
+        if (i == 0) {
+          (void)q.step();
+        } else {
+          q.shutdown();
+        }
+        errors.push_back("returned");
+      } catch (const InvalidState& e) {
+        errors.push_back(e.what());
+      }
+    }
+  };
+  within("step() and shutdown() from an expiry's and the drain's callbacks", [&] {
+    (void)q.submit(input(0), record, q.deadline_in(10us));
+    clock_->advance(10us);
+    EXPECT_EQ(q.step(), 0u);  // expires it: its callback runs inside step()
+    (void)q.submit(input(1), record);
+    q.shutdown(ShutdownMode::kDrain);  // runs it: its callback runs inside the drain
+  });
+  ASSERT_EQ(errors.size(), 4u);
+  for (const std::string& e : errors)
+    EXPECT_NE(e.find("this queue's batches"), std::string::npos) << e;
+  EXPECT_EQ(q.metrics().expired, 1u);
+  EXPECT_EQ(q.metrics().completed, 1u);
+}
+
 TEST_F(BatchQueueCallbackTest, AnExpiredCallbackMaySubmitAndCancel) {
   for (int workers : {0, 1}) {
     SCOPED_TRACE(::testing::Message() << "workers " << workers);
