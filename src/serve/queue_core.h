@@ -211,7 +211,7 @@ class QueueCore {
  public:
   // Note [A worker's own submit]
   // Marks the current thread, while it lives, as one that runs this core's
-  // batches (a worker, or step()'s caller during the batch), so that a
+  // batches (a worker; step()'s caller, or the manual drain's), so that a
   // submit() from it, which can only come from a completion callback (or
   // the model), never waits for room under kBlock: the room it would wait
   // for is made by the workers, itself among them, so with one worker, or

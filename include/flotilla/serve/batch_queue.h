@@ -72,7 +72,7 @@
 //
 // Thread safety: submit, cancel, metrics, step and shutdown may be called
 // from any thread at once, except that a thread running the queue's
-// batches (a worker, or step()'s caller during its batch: the model
+// batches (a worker, or step()'s caller while in step(): the model
 // function and completion callbacks) gets InvalidState from shutdown(),
 // step() and a wait on an incomplete handle of this queue, each of which
 // would wait for that thread itself (Note [A worker's own submit]).
