@@ -111,8 +111,9 @@ struct Parked {
   std::exception_ptr error;
 };
 thread_local std::vector<Parked> t_parked;
-// The core whose batches this thread is running (Note [A worker's own submit]).
-thread_local const QueueCore* t_running_batches_of = nullptr;
+// The innermost scope of the cores whose batches this thread is running
+// (Note [A worker's own submit]).
+thread_local const QueueCore::WorkerScope* t_worker_scope = nullptr;
 }  // namespace
 
 void QueueCore::finish(Request& r, RequestStatus status, std::exception_ptr err) {
@@ -123,13 +124,17 @@ void QueueCore::finish(Request& r, RequestStatus status, std::exception_ptr err)
   t_parked.push_back({this, r.shared_from_this(), std::move(err)});
 }
 
-QueueCore::WorkerScope::WorkerScope(const QueueCore& core) : previous_(t_running_batches_of) {
-  t_running_batches_of = &core;
+QueueCore::WorkerScope::WorkerScope(const QueueCore& core) : core_(&core), outer_(t_worker_scope) {
+  t_worker_scope = this;
 }
 
-QueueCore::WorkerScope::~WorkerScope() { t_running_batches_of = previous_; }
+QueueCore::WorkerScope::~WorkerScope() { t_worker_scope = outer_; }
 
-bool QueueCore::runs_batches_of(const QueueCore* core) { return t_running_batches_of == core; }
+bool QueueCore::runs_batches_of(const QueueCore* core) {
+  for (const WorkerScope* s = t_worker_scope; s != nullptr; s = s->outer_)
+    if (s->core_ == core) return true;
+  return false;
+}
 
 bool QueueCore::has_parked() { return !t_parked.empty(); }
 
@@ -316,7 +321,7 @@ void QueueCore::submit_slow(const std::shared_ptr<Request>& r, Clock::time_point
                         "[BatchQueue::submit] the queue holds its capacity of ", options_.capacity,
                         " requests; retry later, raise capacity, add workers, or use "
                         "OverflowPolicy::kBlock"))));
-    if (t_running_batches_of == this)  // Note [A worker's own submit]
+    if (runs_batches_of(this))  // Note [A worker's own submit]
       return refuse(*r, RequestStatus::kRejected,
                     std::make_exception_ptr(QueueFull(::flotilla::detail::str_cat(
                         "[BatchQueue::submit] the queue holds its capacity of ", options_.capacity,

@@ -217,6 +217,8 @@ class QueueCore {
   // for is made by the workers, itself among them, so with one worker, or
   // all of them in such callbacks, it would wait for itself. Such a submit
   // is refused with QueueFull when the queue is full, as under kReject.
+  // Scopes nest (a callback of queue A that steps queue B), and a thread is
+  // running the batches of every core on its chain of scopes.
   class WorkerScope {
    public:
     explicit WorkerScope(const QueueCore& core);
@@ -225,10 +227,12 @@ class QueueCore {
     WorkerScope& operator=(const WorkerScope&) = delete;
 
    private:
-    const QueueCore* previous_;
+    friend class QueueCore;
+    const QueueCore* const core_;
+    const WorkerScope* const outer_;  // the scope this one is inside, or null
   };
-  // True on a thread inside a WorkerScope of `core` (compares the pointer
-  // only: `core` may be gone).
+  // True on a thread inside a WorkerScope of `core`, at any depth (compares
+  // the pointer only: `core` may be gone).
   static bool runs_batches_of(const QueueCore* core);
 
   // Cancels `r` through its core, if it is still queued (see the Note).

@@ -994,6 +994,53 @@ TEST_F(BatchQueueCallbackTest, StepAndShutdownFromAnExpiryOrTheDrainThrowInvalid
   EXPECT_EQ(q.metrics().completed, 1u);
 }
 
+// Scopes nest: a callback of queue A that steps queue B runs B's callbacks
+// on a thread that is still inside A's batch, so there A's step(),
+// shutdown() and a blocking submit into A (full) would wait for the thread
+// itself. They are refused as in A's own callback; stepping B from A's
+// callback is allowed. Without nesting (one queue remembered per thread)
+// this test deadlocks.
+TEST_F(BatchQueueCallbackTest, AQueueSteppedFromAnotherQueuesCallbackStillGuardsTheOuterQueue) {
+  auto ao = manual(4, 0us);
+  ao.capacity = 1;
+  ao.when_full = OverflowPolicy::kBlock;
+  BatchQueue a(*device_, kIn, kOut, counted(), ao);
+  BatchQueue b(*device_, kIn, kOut, counted(), manual(4, 0us));
+  std::vector<std::string> errors;
+  size_t b_ran = 0;
+  RequestStatus blocked_status = RequestStatus::kQueued;
+  const auto expect_invalid_state = [&](const std::function<void()>& call) {
+    try {
+      call();
+      errors.push_back("returned");
+    } catch (const InvalidState& e) {
+      errors.push_back(e.what());
+    }
+  };
+  within("queue A's calls from queue B's callback inside A's batch", [&] {
+    (void)a.submit(input(0), [&](const Completion&) {
+      (void)b.submit(input(1), [&](const Completion&) {
+        expect_invalid_state([&] { (void)a.step(); });
+        expect_invalid_state([&] { a.shutdown(); });
+        (void)a.submit(input(2), CompletionCallback([](const Completion&) {}));  // takes the room
+        (void)a.submit(input(3), [&](const Completion& c) { blocked_status = c.status; });
+      });
+      b_ran = b.step();  // allowed: B is not this thread's batch
+    });
+    EXPECT_EQ(a.step(), 1u);
+    EXPECT_EQ(a.step(), 1u);  // input(2)
+    a.shutdown();
+    b.shutdown();
+  });
+  EXPECT_EQ(b_ran, 1u);
+  ASSERT_EQ(errors.size(), 2u);
+  for (const std::string& e : errors)
+    EXPECT_NE(e.find("this queue's batches"), std::string::npos) << e;
+  EXPECT_EQ(blocked_status, RequestStatus::kRejected) << "the full queue's submit waited";
+  EXPECT_EQ(a.metrics().rejected, 1u);
+  EXPECT_EQ(a.metrics().completed, 2u);
+}
+
 TEST_F(BatchQueueCallbackTest, AnExpiredCallbackMaySubmitAndCancel) {
   for (int workers : {0, 1}) {
     SCOPED_TRACE(::testing::Message() << "workers " << workers);

@@ -76,6 +76,8 @@ TEST(CliBatching, CallbacksCheckEveryOutputAndKeepTheWindowFull) {
 }
 
 TEST(CliBatching, RefillSetsHowManyCompleteBeforeAClientWakes) {
+  uint64_t waits[2] = {0, 0};
+  int n = 0;
   for (const char* refill : {"1", "16"}) {
     const auto r = run_cli(std::string("run --batching --callbacks --threads 4 --window 16 "
                                        "--requests 1000 --max-batch 32 --queue-workers 2 --json "
@@ -88,7 +90,15 @@ TEST(CliBatching, RefillSetsHowManyCompleteBeforeAClientWakes) {
     EXPECT_EQ(j["requests"], 1000) << "refill " << refill << ": every request comes back once";
     EXPECT_EQ(j["wrong_results"], 0);
     EXPECT_EQ(j["errors"], 0);
+    waits[n++] = j["client_waits"].get<uint64_t>();
   }
+  // After a wait a client has `refill` free slots, so it waits at most once
+  // per `refill` requests: with 16 (the whole window), at most 1000 / 16 + 4
+  // times for the 4 clients together (a client that woke at the first free
+  // slot, refill 1, waited 67 to 100 times in trial runs). With refill 1 the
+  // windows do fill.
+  EXPECT_LE(waits[1], 1000u / 16u + 4u) << "refill 16 woke a client before its window emptied";
+  EXPECT_GT(waits[0], 0u);
 }
 
 TEST(CliBatching, CatchesACorruptedOutput) {

@@ -146,6 +146,7 @@ nlohmann::json WorkloadResult::to_json() const {
     j["client_submit_us"] = client_submit_us;
     j["client_get_us"] = client_get_us;
     j["client_check_us"] = client_check_us;
+    if (o.batching.callbacks) j["client_waits"] = client_waits;
   }
   return j;
 }
@@ -185,6 +186,7 @@ WorkloadResult WorkloadResult::from_json(const nlohmann::json& j, const Workload
   r.client_submit_us = j.value("client_submit_us", 0.0);
   r.client_get_us = j.value("client_get_us", 0.0);
   r.client_check_us = j.value("client_check_us", 0.0);
+  r.client_waits = j.value("client_waits", uint64_t{0});
   return r;
 }
 
@@ -317,6 +319,7 @@ bool close_to_reference(std::span<const float> out, std::span<const float> ref, 
 struct ThreadStats {
   std::vector<float> latency_us;  // timed requests only
   uint64_t checks = 0, wrong = 0, violations = 0, errors = 0;
+  uint64_t waits = 0;  // --callbacks: sleeps with a full window
   // --window: the client thread's own time per phase (submit() calls, get()
   // calls including waiting, copying and checking outputs), summed.
   std::chrono::nanoseconds submit_time{0}, get_time{0}, check_time{0};
@@ -461,6 +464,7 @@ void run_callback_client(const RunContext& ctx, CallbackWindow& win, size_t t, T
   for (uint64_t r = t;;) {
     if (win.in_flight.load(std::memory_order_acquire) >= static_cast<int>(window)) {
       const auto t_wait = now;
+      ++st.waits;
       win.wait_for_at_most(win.low_water);
       now = Clock::now();
       st.get_time += now - t_wait;
@@ -734,6 +738,7 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
     submit_time += st.submit_time;
     get_time += st.get_time;
     check_time += st.check_time;
+    result.client_waits += st.waits;
   }
   result.requests = all.size();
   result.samples = result.requests * static_cast<uint64_t>(o.batch);

@@ -137,6 +137,9 @@ struct WorkloadResult {
   // output), in µs; with --callbacks, get is the wait for room in the window
   // and check is 0 (the callbacks check, on the workers).
   double client_submit_us = 0, client_get_us = 0, client_check_us = 0;
+  // --callbacks: how many times the clients, together, slept with a full
+  // window (one wake-up each; about requests / --refill).
+  uint64_t client_waits = 0;
 
   bool failed() const { return crashes || violations || wrong_results || errors; }
   nlohmann::json to_json() const;
