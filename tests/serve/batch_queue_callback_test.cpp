@@ -135,6 +135,16 @@ void within(const char* what, const std::function<void()>& fn, std::chrono::seco
   done.get();  // rethrows what fn threw
 }
 
+// What `call` threw as InvalidState, or "returned" if it threw nothing.
+std::string invalid_state_of(const std::function<void()>& call) {
+  try {
+    call();
+    return "returned";
+  } catch (const InvalidState& e) {
+    return e.what();
+  }
+}
+
 // The outcome counts of a queue that is idle add up (metrics.h).
 void expect_counts_add_up(const BatchQueueMetrics& m) {
   EXPECT_EQ(m.submitted,
@@ -922,12 +932,7 @@ TEST_F(BatchQueueCallbackTest, CallsThatWouldWaitForTheCallbacksOwnThreadThrowIn
     RequestHandle inner;
     std::promise<void> done;
     const auto expect_invalid_state = [&](const char* what, const std::function<void()>& call) {
-      try {
-        call();
-        errors.push_back(std::string(what) + ": returned");
-      } catch (const InvalidState& e) {
-        errors.push_back(std::string(what) + ": " + e.what());
-      }
+      errors.push_back(std::string(what) + ": " + invalid_state_of(call));
     };
     within("calls that would wait for the callback's own thread", [&] {
       q.submit(input(1), [&](const Completion&) {
@@ -967,18 +972,8 @@ TEST_F(BatchQueueCallbackTest, StepAndShutdownFromAnExpiryOrTheDrainThrowInvalid
   BatchQueue q(*device_, kIn, kOut, counted(), manual(4, 1000us));
   std::vector<std::string> errors;
   const auto record = [&](const Completion&) {
-    for (int i = 0; i < 2; ++i) {
-      try {
-        if (i == 0) {
-          (void)q.step();
-        } else {
-          q.shutdown();
-        }
-        errors.push_back("returned");
-      } catch (const InvalidState& e) {
-        errors.push_back(e.what());
-      }
-    }
+    errors.push_back(invalid_state_of([&] { (void)q.step(); }));
+    errors.push_back(invalid_state_of([&] { q.shutdown(); }));
   };
   within("step() and shutdown() from an expiry's and the drain's callbacks", [&] {
     (void)q.submit(input(0), record, q.deadline_in(10us));
@@ -1010,12 +1005,7 @@ TEST_F(BatchQueueCallbackTest, AQueueSteppedFromAnotherQueuesCallbackStillGuards
   size_t b_ran = 0;
   RequestStatus blocked_status = RequestStatus::kQueued;
   const auto expect_invalid_state = [&](const std::function<void()>& call) {
-    try {
-      call();
-      errors.push_back("returned");
-    } catch (const InvalidState& e) {
-      errors.push_back(e.what());
-    }
+    errors.push_back(invalid_state_of(call));
   };
   within("queue A's calls from queue B's callback inside A's batch", [&] {
     (void)a.submit(input(0), [&](const Completion&) {
