@@ -391,9 +391,10 @@ double percentile(std::vector<float>& v, double p) {
 // until its callback has run (busy); the callback checks the output and
 // writes its verdict into the slot, which the client reads (harvests) before
 // it reuses the slot, or at the end. The client sleeps only when the window
-// is full, until `refill` slots are free (--refill, default 7/8 of the window):
-// one wake-up per `refill` requests, not one per request. It outlives the queue: the last callback
-// touches `in_flight` after its client may have finished.
+// is full, until `refill` slots are free (--refill, default 7/8 of the
+// window): one wake-up per `refill` requests, not one per request. It
+// outlives the queue: the last callback touches `in_flight` after its client
+// may have finished.
 struct CallbackWindow {
   struct Slot {
     // Written by the client before submit(), read by the callback.
@@ -435,14 +436,18 @@ struct CallbackWindow {
   std::atomic<int> in_flight{0};
 };
 
+// Records one completed request's latency in `st`; every 64th also counts
+// 64 more in `completed`, the progress line's count.
+void record_latency(ThreadStats& st, float us, std::atomic<uint64_t>& completed) {
+  st.latency_us.push_back(us);
+  if (st.latency_us.size() % 64 == 0) completed.fetch_add(64, std::memory_order_relaxed);
+}
+
 // Records `slot`'s verdict in `st` once.
-// `completed`: the progress line's count of completed requests, bumped by
-// 64 at a time.
 void harvest(CallbackWindow::Slot& slot, ThreadStats& st, std::atomic<uint64_t>& completed) {
   if (!slot.unread) return;
   slot.unread = false;
-  st.latency_us.push_back(slot.latency_us);
-  if (st.latency_us.size() % 64 == 0) completed.fetch_add(64, std::memory_order_relaxed);
+  record_latency(st, slot.latency_us, completed);
   if (slot.error) {
     counting_errors(st, [&] { std::rethrow_exception(slot.error); });
     slot.error = nullptr;
@@ -683,10 +688,10 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
           now = Clock::now();
           st.get_time += t_got - t_get;
           st.check_time += now - t_got;
-          st.latency_us.push_back(
-              static_cast<float>(std::chrono::duration<double, std::micro>(t_got - p.t0).count()));
-          if (st.latency_us.size() % 64 == 0)  // for the progress line only
-            completed.fetch_add(64, std::memory_order_relaxed);
+          record_latency(
+              st,
+              static_cast<float>(std::chrono::duration<double, std::micro>(t_got - p.t0).count()),
+              completed);
         }
       }
     } catch (const Error& e) {  // the client could not be made (e.g. no free stream)
