@@ -12,12 +12,14 @@
 //   batch/recorded_copy/R/C  the same, recorded, with one copy kernel for
 //     every size: C = 1 copy_pinned (a kernel on the mapped staging), 2
 //     copy_bytes (the copy engines): which copy a batch of R rows wants.
-//   batch/recorded_threads/R/threads:T  T threads at once, each replaying
+//   batch/recorded_threads/R/S/threads:T  T threads at once, each replaying
 //     its own recorded batch of R rows on its own stream and waiting for it
 //     (one batch in flight per thread, as libtorch's `graph` mode with
 //     batch R): rows_per_s, summed over the threads, is what the device
 //     does for the queue's batches with no queue and no host work between
 //     them, the ceiling of `flotilla run --batching` at that batch size.
+//     S is the streams' Stream::set_device_share hint: 1 plans GEMMs for
+//     the whole device, T for a T-th of it, as a BatchQueue of T workers.
 // Runs on cuda when a GPU is found, else on cpu (--backend=cpu forces it).
 // Every benchmark repeats 3 times; read the median.
 #include <benchmark/benchmark.h>
@@ -101,6 +103,7 @@ void BM_Batch(benchmark::State& state, bool recorded) {
 void BM_BatchThreads(benchmark::State& state) {
   const int64_t rows = state.range(0);
   Stream s = g_dev->streams().at(1 + state.thread_index());
+  s.set_device_share(static_cast<int>(state.range(1)));
   Staging st;
   st.in = g_dev->driver().allocate_host(static_cast<size_t>(rows * g_mlp->in_features()) * 4);
   st.out = g_dev->driver().allocate_host(static_cast<size_t>(rows * g_mlp->out_features()) * 4);
@@ -161,7 +164,8 @@ int main(int argc, char** argv) {
     for (int64_t mode : {1, 2}) copies->Args({rows, mode});
   copies->Repetitions(3)->ReportAggregatesOnly(true)->UseRealTime()->MinTime(0.3);
   auto* threads = benchmark::RegisterBenchmark("batch/recorded_threads", &BM_BatchThreads);
-  for (int64_t rows : {64, 128, 160, 192, 256, 512, 1024}) threads->Arg(rows);
+  for (int64_t rows : {64, 128, 160, 192, 256, 512, 1024})
+    for (int64_t share : {1, 8}) threads->Args({rows, share});
   threads->Threads(8)->Repetitions(3)->ReportAggregatesOnly(true)->UseRealTime()->MinTime(0.3);
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();

@@ -145,6 +145,15 @@ void Stream::add_callback(std::function<void()> fn) {
   state().add_callback(std::move(fn));
 }
 
+void Stream::set_device_share(int streams) {
+  FL_CHECK_ARG(streams >= 1, "[Stream::set_device_share] ", streams,
+               " streams; the hint counts the streams running at once, this one included (>= 1; "
+               "1 plans for the whole device)");
+  state().set_device_share(streams);
+}
+
+int Stream::device_share() const { return state().device_share(); }
+
 uint64_t Stream::kernels_encoded() const { return state().kernels(); }
 uint64_t Stream::commits() const { return state().commits(); }
 

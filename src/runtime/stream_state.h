@@ -55,6 +55,9 @@ class StreamState {
   void record_error(std::exception_ptr e, uint64_t seq) FL_EXCLUDES(mu_);
 
   int index() const { return index_; }
+  // Queue::set_device_share's hint; the backend queue keeps it (thread-safe).
+  void set_device_share(int streams) { queue_->set_device_share(streams); }
+  int device_share() const { return queue_->device_share(); }
   uint64_t kernels() const { return kernels_total_.load(std::memory_order_relaxed); }
   uint64_t commits() const { return commits_total_.load(std::memory_order_relaxed); }
 

@@ -59,6 +59,8 @@ void BatchQueueOptions::validate() const {
                "; use 1 (one batch in flight per worker) to 64");
   FL_CHECK_ARG(!record_batches || max_batch <= (1 << 20), "[BatchQueueOptions] max_batch is ",
                max_batch, "; record_batches supports up to 1048576");
+  FL_CHECK_ARG(device_share >= 0 && device_share <= 256, "[BatchQueueOptions] device_share is ",
+               device_share, "; use 0 (the number of workers) or 1 to 256");
   FL_CHECK_ARG(spin_wait.count() >= 0 && spin_wait.count() <= 1000000,
                "[BatchQueueOptions] spin_wait is ", spin_wait.count(),
                " us; use 0 (sleep at once) to 1000000");
@@ -194,8 +196,11 @@ BatchQueue::BatchQueue(Device& device, int64_t in_features, int64_t out_features
   backend::Driver& driver = device_.driver("BatchQueue");
   const auto rows = static_cast<size_t>(options_.max_batch);
   const int depth = options_.workers == 0 ? 1 : options_.pipeline_depth;
+  const int share =
+      options_.device_share > 0 ? options_.device_share : std::max(1, options_.workers);
   for (int i = 0; i < std::max(1, options_.workers); ++i) {
     auto lane = std::make_unique<detail::Lane>(device_.streams().acquire_round_robin());
+    lane->stream.set_device_share(share);
     lane->copy = &device_.pipeline("copy_bytes");
     lane->copy_small = &device_.pipeline("copy_pinned");
     lane->slots.resize(static_cast<size_t>(depth));

@@ -224,6 +224,39 @@ TEST_F(OPS_SUITE, LinearAtEverySmallBatchSize) {
   }
 }
 
+// Stream::set_device_share (Note [GEMMs for a share of the device]): on
+// CUDA the GEMMs are planned for a share of the SMs, other algorithms than
+// the whole device's. The seed MLP's layer shapes at the queue's batch sizes,
+// for shares from 1 to more streams than SMs: every result must still match.
+// Would catch: a plan (or its workspace) made for one share reused for
+// another, an SM target of 0 or below the device's, a split-K reduction gone
+// wrong. The CPU backend ignores the hint (device_share() stays 1).
+TEST_F(OPS_SUITE, LinearPlannedForAShareOfTheDeviceMatchesFloat64) {
+  const bool honoured = std::string(FLOTILLA_TEST_BACKEND) == "cuda";
+  Stream st = s();
+  EXPECT_THROW(st.set_device_share(0), InvalidArgument);
+  EXPECT_THROW(st.set_device_share(-3), InvalidArgument);
+  struct Layer {
+    int64_t N, K;
+  } layers[] = {{1024, 512}, {512, 1024}};
+  for (int share : {1, 2, 8, 132, 1000}) {
+    st.set_device_share(share);
+    EXPECT_EQ(st.device_share(), honoured ? share : 1);
+    for (const Layer& l : layers)
+      for (int64_t M : {1, 64, 192, 256, 513}) {
+        Vec xs, ws, bs;
+        Tensor x = rand_tensor({M, l.K}, DType::kF32, &xs);
+        Tensor w = rand_tensor({l.N, l.K}, DType::kF32, &ws, -0.05f, 0.05f);
+        Tensor b = rand_tensor({l.N}, DType::kF32, &bs);
+        Tensor y = ops::linear(st, x, w, b, Activation::kRelu);
+        EXPECT_LT(rel_error(y.to_host(st), linear_ref(xs, ws, &bs, M, l.N, l.K, Activation::kRelu)),
+                  tolerance(DType::kF32))
+            << "share=" << share << " M=" << M << " N=" << l.N << " K=" << l.K;
+      }
+  }
+  st.set_device_share(1);
+}
+
 // Row views start at any element: the GEMM must not assume aligned inputs
 // (on CUDA, cuBLASLt algorithms are chosen for the actual alignment).
 TEST_F(OPS_SUITE, LinearOnARowViewAtAnOddOffset) {

@@ -983,6 +983,8 @@ TEST_F(BatchQueueTest, BadOptionsAreRefused) {
   bad([](BatchQueueOptions& o) { o.workers = -1; });
   bad([](BatchQueueOptions& o) { o.max_delay = -1us; });
   bad([](BatchQueueOptions& o) { o.metrics_window = 0; });
+  bad([](BatchQueueOptions& o) { o.device_share = -1; });
+  bad([](BatchQueueOptions& o) { o.device_share = 257; });
   EXPECT_THROW(BatchQueue(*device_, 0, kOut, counted(), manual()), InvalidArgument);
   EXPECT_THROW(BatchQueue(*device_, kIn, kOut, nullptr, manual()), InvalidArgument);
   BatchQueueOptions threaded = manual();

@@ -32,16 +32,18 @@ Result run_cli(const std::string& args, const std::string& redirect) {
 TEST(CliBatching, RunMergesRequestsAndEveryOutputIsRight) {
   const auto r = run_cli(
       "run --batching --threads 8 --requests 400 --max-batch 16 --max-delay-us 2000 "
-      "--queue-workers 2 --json",
+      "--queue-workers 2 --device-share 3 --json",
       "2>/dev/null");
   ASSERT_EQ(r.exit_code, 0) << r.out;
   const auto j = nlohmann::json::parse(r.out);
-  for (const char* key : {"mean_batch", "rejected", "expired", "cancelled", "max_batch",
-                          "max_delay_us", "queue_workers", "requests_per_s", "p99_us"})
+  for (const char* key :
+       {"mean_batch", "rejected", "expired", "cancelled", "max_batch", "max_delay_us",
+        "queue_workers", "requests_per_s", "p99_us", "device_share"})
     EXPECT_TRUE(j.contains(key)) << "missing key " << key << " in " << r.out;
   EXPECT_EQ(j["arch"], "batching");
   EXPECT_EQ(j["requests"], 400);
   EXPECT_EQ(j["batch"], 1);
+  EXPECT_EQ(j["device_share"], 3);
   EXPECT_EQ(j["wrong_results"], 0);
   EXPECT_EQ(j["errors"], 0);
   EXPECT_EQ(j["crashes"], 0);
@@ -122,7 +124,8 @@ TEST(CliBatching, BadOptionsEndWithOneLine) {
        {"run --batching --batch 4", "run --batching --max-batch 0",
         "run --batching --max-delay-us -1", "run --batching --queue-workers 0", "run --callbacks",
         "run --batching --refill 2", "run --batching --callbacks --window 8 --refill 9",
-        "run --batching --callbacks --window 8 --refill -1"}) {
+        "run --batching --callbacks --window 8 --refill -1", "run --batching --device-share -1",
+        "run --batching --device-share 257"}) {
     const auto r = run_cli(args, "2>&1");
     EXPECT_NE(r.exit_code, 0) << args;
     int lines = 0;

@@ -79,6 +79,7 @@ void WorkloadOptions::validate() const {
     in_range("--window", batching.window, 1, 4096);
     in_range("--pipeline-depth", batching.pipeline_depth, 1, 64);
     in_range("--spin-us", batching.spin_us, 0, 1000000);
+    in_range("--device-share", batching.device_share, 0, 256);
     FL_CHECK_ARG(batching.refill == 0 || batching.callbacks,
                  "[run] --refill is how many of a full window's requests complete before its "
                  "client wakes; it needs --callbacks");
@@ -132,6 +133,7 @@ nlohmann::json WorkloadResult::to_json() const {
     j["pipeline_depth"] = o.batching.pipeline_depth;
     j["spin_us"] = o.batching.spin_us;
     j["record_batches"] = o.batching.record;
+    j["device_share"] = o.batching.device_share;
     j["callbacks"] = o.batching.callbacks;
     if (o.batching.callbacks) j["refill"] = o.batching.refill_or_default();
     j["mean_batch"] = mean_batch;
@@ -586,6 +588,7 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
     qo.pipeline_depth = o.batching.pipeline_depth;
     qo.spin_wait = std::chrono::microseconds(o.batching.spin_us);
     qo.record_batches = o.batching.record;
+    qo.device_share = o.batching.device_share;
     // Room for every client's window: no client waits for room.
     qo.capacity = std::max<size_t>(
         1024, static_cast<size_t>(o.threads) * static_cast<size_t>(o.batching.window));
@@ -876,6 +879,10 @@ void add_batching_options(CLI::App& cmd, WorkloadOptions::Batching& b) {
       ->capture_default_str();
   cmd.add_option("--spin-us", b.spin_us,
                  "batching: how long waiting threads spin before they sleep (us)")
+      ->capture_default_str();
+  cmd.add_option("--device-share", b.device_share,
+                 "batching: streams running batches at once, a hint for planning kernels (0: "
+                 "the workers; 1: plan for the whole device)")
       ->capture_default_str();
   cmd.add_flag("--record-batches", b.record,
                "batching: record each batch size once and replay it (a CUDA graph on cuda)");

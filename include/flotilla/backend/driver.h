@@ -196,6 +196,14 @@ class Queue {
   virtual std::unique_ptr<CommandRecorder> new_recorder() = 0;
   // A small number naming the queue in messages.
   virtual int id() const = 0;
+  // How many queues are expected to run work at the same time as this one
+  // (>= 1; 1 when never set): kernels encoded from now on may size their
+  // work for that share of the device (Note [GEMMs for a share of the device]
+  // in src/backend/cuda/nn_kernels.cu). A hint: it changes speed and, as any
+  // other choice of algorithm, the last bits of f32 sums; never correctness.
+  // Drivers without such kernels ignore it. Thread-safe.
+  virtual void set_device_share(int queues) { (void)queues; }
+  virtual int device_share() const { return 1; }
 };
 
 struct DeviceInfo {

@@ -87,6 +87,18 @@ class Stream {
   // ordered with the stream's other work. Applies the sync mode.
   void replay(const Recording& recording);
 
+  // A hint: `streams` streams, this one included, run work on the device at
+  // the same time, so kernels encoded from now on may size their work for
+  // that share of it (on CUDA, cuBLASLt plans GEMMs for sm_count / streams
+  // SMs: Note [GEMMs for a share of the device] in
+  // src/backend/cuda/nn_kernels.cu). >= 1, else InvalidArgument; 1, the
+  // default, plans for the whole device. It changes speed and, as any other
+  // choice of algorithm, the last bits of f32 sums. The stream is shared by
+  // whoever holds it: the last setting wins. A recording keeps the plans it
+  // was recorded with. The CPU backend ignores it.
+  void set_device_share(int streams);
+  int device_share() const;
+
   // Statistics.
   uint64_t kernels_encoded() const;
   uint64_t commits() const;

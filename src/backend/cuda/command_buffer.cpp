@@ -212,6 +212,13 @@ std::unique_ptr<CommandRecorder> CudaQueue::new_recorder() {
   }
 }
 
+void CudaQueue::set_device_share(int queues) {
+  FL_CHECK_ARG(queues >= 1, "[Queue::set_device_share] queue ", core_->id(), ": ", queues,
+               " queues; the hint counts the queues running at once, this one included (>= 1; 1 "
+               "plans for the whole device)");
+  core_->launch_context().set_device_share(queues);
+}
+
 // ---- CudaCommandBuffer ------------------------------------------------------------------
 
 CudaCommandBuffer::CudaCommandBuffer(std::shared_ptr<QueueCore> queue, uint64_t id)

@@ -111,6 +111,10 @@ class LaunchContext {
   // Streaming multiprocessors of the device, for sizing grids.
   int sm_count() const { return sm_count_; }
   DeviceCore& device_core() const { return device_; }
+  // Queue::set_device_share's hint: how many queues share the device with
+  // this one (>= 1). relaxed: a hint, read when a kernel plans its launch.
+  int device_share() const { return device_share_.load(std::memory_order_relaxed); }
+  void set_device_share(int queues) { device_share_.store(queues, std::memory_order_relaxed); }
 
   // This queue's T (see the header comment); `make` returns unique_ptr<T>.
   template <typename T, typename Make>
@@ -137,6 +141,7 @@ class LaunchContext {
   int device_index_;
   int sm_count_;
   QueueResources& resources_;
+  std::atomic<int> device_share_{1};
 };
 
 using KernelFn = void (*)(const KernelArgs& args, LaunchContext& ctx);

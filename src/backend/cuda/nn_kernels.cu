@@ -54,6 +54,29 @@ unsigned blocks_for(uint64_t n, const LaunchContext& ctx) {
   return static_cast<unsigned>(std::max<uint64_t>(1, std::min(want, cap)));
 }
 
+// Note [GEMMs for a share of the device]
+// cuBLASLt's heuristic plans a GEMM for the whole device: for the seed MLP's
+// small batches it picks 32x32 tiles split along K, enough blocks to cover
+// 132 SMs. When several queues run GEMMs at once (a BatchQueue's 8 workers,
+// each on its own stream) every GEMM gets a share of the SMs, and those
+// plans waste most of it on small tiles and split-K reductions. A queue's
+// Queue::set_device_share(n) hint makes the linear kernel ask the heuristic
+// for CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET = sm_count / n SMs (at least 1),
+// so it picks bigger tiles and fewer splits. The choice stays the
+// heuristic's (deterministic: the same on every run of one device and
+// library), and the hint is part of the plan's key.
+//
+// Measured on the H100 (scripts/gemm_sm_target.cu, docs/PERF.md, "GEMMs for
+// a share of the device"): the MLP's three fp32 layers, 8 streams replaying
+// graphs of them at once, target 16 SMs (132 / 8) against the whole device:
+// 1.50x the rows/s at 64 rows, 1.67x at 128 and 256, 1.45x at 192, 1.07x at
+// 512, 0.92x at 1024; one stream alone gets slower (256 rows: 96 against 72
+// µs per chain), which is why it is a hint that only concurrent callers set.
+int gemm_sm_target(int sm_count, int share) {
+  if (share <= 1 || sm_count <= 0) return 0;
+  return std::max(1, sm_count / share);
+}
+
 // ---- Element conversions -------------------------------------------------------------
 
 template <typename T>
@@ -208,9 +231,11 @@ struct PlanKey {
   // (Tensor::narrow) are less aligned than fresh blocks, and an algorithm
   // chosen for 256-byte alignment fails on them.
   uint32_t align_a, align_b, align_c;
+  int sm_target;  // 0: the whole device (Note [GEMMs for a share of the device])
   bool operator==(const PlanKey& o) const {
     return m == o.m && n == o.n && k == o.k && dtype == o.dtype && epilogue == o.epilogue &&
-           align_a == o.align_a && align_b == o.align_b && align_c == o.align_c;
+           align_a == o.align_a && align_b == o.align_b && align_c == o.align_c &&
+           sm_target == o.sm_target;
   }
 };
 
@@ -222,9 +247,9 @@ uint32_t alignment(const void* p) {
 struct PlanKeyHash {
   size_t operator()(const PlanKey& k) const noexcept {
     uint64_t h = 1469598103934665603ull;
-    for (uint64_t v :
-         {static_cast<uint64_t>(k.m), static_cast<uint64_t>(k.n), static_cast<uint64_t>(k.k),
-          static_cast<uint64_t>(k.dtype), static_cast<uint64_t>(k.epilogue)})
+    for (uint64_t v : {static_cast<uint64_t>(k.m), static_cast<uint64_t>(k.n),
+                       static_cast<uint64_t>(k.k), static_cast<uint64_t>(k.dtype),
+                       static_cast<uint64_t>(k.epilogue), static_cast<uint64_t>(k.sm_target)})
       h = (h ^ v) * 1099511628211ull;
     return static_cast<size_t>(h);
   }
@@ -291,6 +316,11 @@ std::unique_ptr<Plan> make_plan(LtResource& r, const PlanKey& key) {
   const auto epi = static_cast<cublasLtEpilogue_t>(key.epilogue);
   FL_CUBLAS_CHECK(
       cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
+  if (key.sm_target > 0) {
+    const int32_t target = key.sm_target;
+    FL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET,
+                                                   &target, sizeof(target)));
+  }
   FL_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->a, t, static_cast<uint64_t>(key.k),
                                              static_cast<uint64_t>(key.n), key.k));
   FL_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->b, t, static_cast<uint64_t>(key.k),
@@ -349,8 +379,15 @@ void linear(const KernelArgs& a, LaunchContext& ctx) {
   else if (bias)
     epi = CUBLASLT_EPILOGUE_BIAS;  // none, or exact gelu (a kernel after)
   LtResource& r = lt_resource(ctx);
-  const PlanKey key{M,           N, K, kDtype, static_cast<int>(epi), alignment(w), alignment(x),
-                    alignment(y)};
+  const PlanKey key{M,
+                    N,
+                    K,
+                    kDtype,
+                    static_cast<int>(epi),
+                    alignment(w),
+                    alignment(x),
+                    alignment(y),
+                    gemm_sm_target(ctx.sm_count(), ctx.device_share())};
   const float alpha = 1.f, beta = 0.f;
   {
     MutexLock lock(r.mu);

@@ -1,0 +1,180 @@
+// Standalone (not part of the build): the seed MLP's three fp32 linear layers
+// (bias + ReLU epilogues, as the linear kernel fuses them) with cuBLASLt's
+// heuristic first choice, when the matmul descriptor tells the heuristic how
+// many SMs to plan for (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET; 0 = the whole
+// device). For each batch size M and target: the algorithm chosen per layer,
+// one stream's three-layer chain back to back (µs per chain: latency with the
+// GPU to itself) and 8 streams each replaying a graph of chains (aggregate
+// rows/s: the BatchQueue's regime, 8 workers sharing the GPU).
+//   nvcc -O2 -std=c++17 -o /tmp/gs scripts/gemm_sm_target.cu -lcublasLt && /tmp/gs
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <string>
+#include <vector>
+
+#define CK(x)                                                                  \
+  do {                                                                         \
+    auto e_ = (x);                                                             \
+    if (e_ != 0) {                                                             \
+      std::printf("error %d at %s:%d: %s\n", (int)e_, __FILE__, __LINE__, #x); \
+      std::exit(1);                                                            \
+    }                                                                          \
+  } while (0)
+
+constexpr int kStreams = 8, kChainsPerGraph = 10, kGraphReps = 10, kMaxM = 1024;
+constexpr size_t kWs = size_t{8} << 20;  // as the linear kernel's
+
+struct Layer {
+  int n, k;
+  cublasLtEpilogue_t epi;
+};
+const Layer kLayers[] = {{1024, 512, CUBLASLT_EPILOGUE_RELU_BIAS},
+                         {1024, 1024, CUBLASLT_EPILOGUE_RELU_BIAS},
+                         {512, 1024, CUBLASLT_EPILOGUE_BIAS}};
+
+struct Plan {
+  cublasLtMatmulDesc_t d;
+  cublasLtMatrixLayout_t a, b, c;
+  cublasLtMatmulAlgo_t algo;
+  const float* w;
+};
+
+cublasLtHandle_t lt;
+cudaStream_t streams[kStreams];
+float* act[kStreams][4];  // x, h1, h2, y
+void* ws[kStreams];
+float *w[3], *bias;
+
+int cfg(const cublasLtMatmulAlgo_t& a, cublasLtMatmulAlgoConfigAttributes_t at) {
+  uint32_t v = 0;
+  size_t got = 0;
+  cublasLtMatmulAlgoConfigGetAttribute(&a, at, &v, sizeof v, &got);
+  return static_cast<int>(v);
+}
+
+Plan plan(const Layer& L, int m, int sm_target, cublasComputeType_t ct, const float* wl) {
+  Plan p;
+  p.w = wl;
+  CK(cublasLtMatmulDescCreate(&p.d, ct, CUDA_R_32F));
+  cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  CK(cublasLtMatmulDescSetAttribute(p.d, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+  CK(cublasLtMatmulDescSetAttribute(p.d, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+  CK(cublasLtMatmulDescSetAttribute(p.d, CUBLASLT_MATMUL_DESC_EPILOGUE, &L.epi, sizeof L.epi));
+  CK(cublasLtMatmulDescSetAttribute(p.d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
+  int32_t t = sm_target;
+  CK(cublasLtMatmulDescSetAttribute(p.d, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, &t, sizeof t));
+  CK(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_32F, L.k, L.n, L.k));
+  CK(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_32F, L.k, m, L.k));
+  CK(cublasLtMatrixLayoutCreate(&p.c, CUDA_R_32F, L.n, m, L.n));
+  cublasLtMatmulPreference_t pref;
+  CK(cublasLtMatmulPreferenceCreate(&pref));
+  uint64_t wsb = kWs;
+  CK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb,
+                                          sizeof wsb));
+  cublasLtMatmulHeuristicResult_t r{};
+  int found = 0;
+  CK(cublasLtMatmulAlgoGetHeuristic(lt, p.d, p.a, p.b, p.c, p.c, pref, 1, &r, &found));
+  if (!found) std::exit(2);
+  p.algo = r.algo;
+  cublasLtMatmulPreferenceDestroy(pref);
+  return p;
+}
+
+bool chain(const Plan* ps, int s) {
+  const float alpha = 1, beta = 0;
+  for (int l = 0; l < 3; ++l)
+    if (cublasLtMatmul(lt, ps[l].d, &alpha, ps[l].w, ps[l].a, act[s][l], ps[l].b, &beta,
+                       act[s][l + 1], ps[l].c, act[s][l + 1], ps[l].c, &ps[l].algo, ws[s], kWs,
+                       streams[s]) != 0)
+      return false;
+  return true;
+}
+
+// Chains per second over `n` streams, each replaying a graph of chains.
+double rate(const Plan* ps, int n) {
+  cudaGraphExec_t exec[kStreams];
+  for (int i = 0; i < n; ++i) {
+    cudaGraph_t g;
+    CK(cudaStreamBeginCapture(streams[i], cudaStreamCaptureModeThreadLocal));
+    for (int j = 0; j < kChainsPerGraph; ++j)
+      if (!chain(ps, i)) std::exit(3);
+    CK(cudaStreamEndCapture(streams[i], &g));
+    CK(cudaGraphInstantiate(&exec[i], g, 0));
+    CK(cudaGraphDestroy(g));
+  }
+  for (int i = 0; i < n; ++i) CK(cudaGraphLaunch(exec[i], streams[i]));
+  CK(cudaDeviceSynchronize());
+  std::vector<double> runs;
+  for (int trial = 0; trial < 5; ++trial) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int r = 0; r < kGraphReps; ++r)
+      for (int i = 0; i < n; ++i) CK(cudaGraphLaunch(exec[i], streams[i]));
+    CK(cudaDeviceSynchronize());
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    runs.push_back(n * kChainsPerGraph * kGraphReps / s);
+  }
+  for (int i = 0; i < n; ++i) CK(cudaGraphExecDestroy(exec[i]));
+  std::sort(runs.begin(), runs.end());
+  return runs[runs.size() / 2];
+}
+
+int main() {
+  CK(cublasLtCreate(&lt));
+  int sms = 0;
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  std::vector<float> h(1024 * 1024);
+  srand(1);
+  for (auto& v : h) v = (rand() / float(RAND_MAX) - 0.5f) * 0.06f;
+  for (int l = 0; l < 3; ++l) {
+    CK(cudaMalloc(&w[l], 1024 * 1024 * 4));
+    CK(cudaMemcpy(w[l], h.data(), h.size() * 4, cudaMemcpyHostToDevice));
+  }
+  CK(cudaMalloc(&bias, 1024 * 4));
+  CK(cudaMemcpy(bias, h.data(), 1024 * 4, cudaMemcpyHostToDevice));
+  for (int i = 0; i < kStreams; ++i) {
+    CK(cudaStreamCreateWithFlags(&streams[i], cudaStreamNonBlocking));
+    for (auto& a : act[i]) {
+      CK(cudaMalloc(&a, size_t(kMaxM) * 1024 * 4));
+      CK(cudaMemcpy(a, h.data(), size_t(kMaxM) * 1024 * 4 / 2, cudaMemcpyHostToDevice));
+    }
+    CK(cudaMalloc(&ws[i], kWs));
+  }
+  std::printf("device SMs: %d\n", sms);
+  std::printf("%5s %6s | %-44s | %10s | %12s %6s\n", "M", "target", "per layer: tile/split",
+              "1 stream", "8 streams", "vs 0");
+  for (int m : {16, 32, 64, 128, 192, 256, 384, 512, 1024}) {
+    double base = 0;
+    for (int target : {0, sms / 2, sms / 4, sms / 8, sms / 16, -1}) {
+      const bool tf32 = target < 0;
+      Plan ps[3];
+      char desc[128];
+      int off = 0;
+      for (int l = 0; l < 3; ++l) {
+        ps[l] = plan(kLayers[l], m, tf32 ? 0 : target,
+                     tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F, w[l]);
+        off += std::snprintf(desc + off, sizeof desc - off, "a%d t%d s%d  ",
+                             cfg(ps[l].algo, CUBLASLT_ALGO_CONFIG_ID),
+                             cfg(ps[l].algo, CUBLASLT_ALGO_CONFIG_TILE_ID),
+                             cfg(ps[l].algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM));
+      }
+      const double one = rate(ps, 1), eight = rate(ps, kStreams);
+      if (target == 0) base = eight;
+      std::printf("%5d %6s | %-44s | %7.1f us | %9.2fM/s %5.2fx\n", m,
+                  tf32 ? "tf32" : std::to_string(target).c_str(), desc, 1e6 / one, eight * m / 1e6,
+                  eight / base);
+      for (auto& p : ps) {
+        cublasLtMatrixLayoutDestroy(p.a);
+        cublasLtMatrixLayoutDestroy(p.b);
+        cublasLtMatrixLayoutDestroy(p.c);
+        cublasLtMatmulDescDestroy(p.d);
+      }
+    }
+  }
+  return 0;
+}
