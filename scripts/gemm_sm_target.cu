@@ -6,7 +6,7 @@
 // one stream's three-layer chain back to back (µs per chain: latency with the
 // GPU to itself) and 8 streams each replaying a graph of chains (aggregate
 // rows/s: the BatchQueue's regime, 8 workers sharing the GPU).
-//   nvcc -O2 -std=c++17 -o /tmp/gs scripts/gemm_sm_target.cu -lcublasLt && /tmp/gs
+//   nvcc -O2 -std=c++17 -o /tmp/gs scripts/gemm_sm_target.cu -lcublasLt && /tmp/gs [M...]
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
@@ -124,7 +124,7 @@ double rate(const Plan* ps, int n) {
   return runs[runs.size() / 2];
 }
 
-int main() {
+int main(int argc, char** argv) {
   CK(cublasLtCreate(&lt));
   int sms = 0;
   CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
@@ -148,9 +148,14 @@ int main() {
   std::printf("device SMs: %d\n", sms);
   std::printf("%5s %6s | %-44s | %10s | %12s %6s\n", "M", "target", "per layer: tile/split",
               "1 stream", "8 streams", "vs 0");
-  for (int m : {16, 32, 64, 128, 192, 256, 384, 512, 1024}) {
+  std::vector<int> ms = {16, 32, 64, 128, 192, 256, 384, 512, 1024};
+  if (argc > 1) {  // the batch sizes to try, e.g. 1 2 4 8
+    ms.clear();
+    for (int i = 1; i < argc; ++i) ms.push_back(std::atoi(argv[i]));
+  }
+  for (int m : ms) {
     double base = 0;
-    for (int target : {0, sms / 2, sms / 4, sms / 8, sms / 16, -1}) {
+    for (int target : {0, sms / 2, sms / 4, sms / 8, sms / 16, sms / 32, -1}) {
       const bool tf32 = target < 0;
       Plan ps[3];
       char desc[128];

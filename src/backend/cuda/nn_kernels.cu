@@ -56,24 +56,29 @@ unsigned blocks_for(uint64_t n, const LaunchContext& ctx) {
 
 // Note [GEMMs for a share of the device]
 // cuBLASLt's heuristic plans a GEMM for the whole device: for the seed MLP's
-// small batches it picks 32x32 tiles split along K, enough blocks to cover
-// 132 SMs. When several queues run GEMMs at once (a BatchQueue's 8 workers,
-// each on its own stream) every GEMM gets a share of the SMs, and those
-// plans waste most of it on small tiles and split-K reductions. A queue's
-// Queue::set_device_share(n) hint makes the linear kernel ask the heuristic
-// for CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET = sm_count / n SMs (at least 1),
-// so it picks bigger tiles and fewer splits. The choice stays the
+// batches of 64 to 512 rows it picks 32x32 tiles, often split along K, enough
+// blocks to cover 132 SMs. When several queues run GEMMs at once (a
+// BatchQueue's 8 workers, each on its own stream) every GEMM gets a share of
+// the SMs, and those plans spend it on small tiles and split-K reductions. A
+// queue's Queue::set_device_share(n) hint makes the linear kernel ask the
+// heuristic for CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET = sm_count / n SMs (at
+// least 1), so it picks bigger tiles and fewer splits. The choice stays the
 // heuristic's (deterministic: the same on every run of one device and
-// library), and the hint is part of the plan's key.
+// library), and the target is part of the plan's key.
 //
-// Measured on the H100 (scripts/gemm_sm_target.cu, docs/PERF.md, "GEMMs for
-// a share of the device"): the MLP's three fp32 layers, 8 streams replaying
-// graphs of them at once, target 16 SMs (132 / 8) against the whole device:
-// 1.50x the rows/s at 64 rows, 1.67x at 128 and 256, 1.45x at 192, 1.07x at
-// 512, 0.92x at 1024; one stream alone gets slower (256 rows: 96 against 72
-// µs per chain), which is why it is a hint that only concurrent callers set.
-int gemm_sm_target(int sm_count, int share) {
-  if (share <= 1 || sm_count <= 0) return 0;
+// Only where it was measured to help: f32, and 64 to 512 rows. Measured on
+// the H100 (scripts/gemm_sm_target.cu; docs/PERF.md, "GEMMs for a share of
+// the device"), the MLP's three f32 layers, 8 streams replaying graphs of
+// them at once, target 16 SMs (132 / 8) against the whole device: 1.50x the
+// rows/s at 64 rows, 1.67x at 128 and 256, 1.45x at 192, 1.07x at 512. Out
+// of that window it loses or is mixed: at 1 to 3 rows the targeted plans take
+// 2-3x as long (38.9 against 11.9 us for the chain at 2 rows; 8 closed-loop
+// clients of a 4-worker queue fell from 192k to 149k req/s), at 32 rows a
+// target of 33 or 66 SMs lost 12-14 %, at 1024 rows the targets went 0.92x
+// to 1.17x. One stream alone gets slower too (256 rows: 96 against 72 us per
+// chain): a hint for concurrent callers only.
+int gemm_sm_target(int sm_count, int share, int64_t rows, int dtype) {
+  if (share <= 1 || sm_count <= 0 || dtype != 0 || rows < 64 || rows > 512) return 0;
   return std::max(1, sm_count / share);
 }
 
@@ -387,7 +392,7 @@ void linear(const KernelArgs& a, LaunchContext& ctx) {
                     alignment(w),
                     alignment(x),
                     alignment(y),
-                    gemm_sm_target(ctx.sm_count(), ctx.device_share())};
+                    gemm_sm_target(ctx.sm_count(), ctx.device_share(), M, kDtype)};
   const float alpha = 1.f, beta = 0.f;
   {
     MutexLock lock(r.mu);
