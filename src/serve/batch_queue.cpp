@@ -89,7 +89,9 @@ namespace {
 
 // Note [A worker's own submit], for waits: a thread that runs the request's
 // queue's batches must not wait for a request of that queue that has not
-// completed; with one worker (or in step()) it would wait for itself.
+// completed; with one worker (or in step()) it would wait for itself. That
+// holds for wait_for() too: its wait ends, but the request cannot complete
+// meanwhile, and a loop of such waits never ends.
 void check_may_wait(const detail::Request& r, const char* api) {
   if (r.done.is_set()) return;
   FL_CHECK_STATE(!detail::QueueCore::runs_batches_of(r.core), "[", api, "] request ", r.id,
@@ -107,7 +109,10 @@ void RequestHandle::wait() const {
 }
 
 bool RequestHandle::wait_for(std::chrono::steady_clock::duration timeout) const {
-  return need(req_, "RequestHandle::wait_for").done.wait_for(timeout);
+  detail::Request& r = need(req_, "RequestHandle::wait_for");
+  // Bounded, but no less a wait for itself: a loop of them never ends.
+  check_may_wait(r, "RequestHandle::wait_for");
+  return r.done.wait_for(timeout);
 }
 
 std::vector<float> RequestHandle::get() {

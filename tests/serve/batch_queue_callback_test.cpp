@@ -965,6 +965,52 @@ TEST_F(BatchQueueCallbackTest, CallsThatWouldWaitForTheCallbacksOwnThreadThrowIn
   }
 }
 
+// wait_for() is a wait too: in a callback on the thread that runs the
+// batches, the request it waits for cannot complete while it waits (that
+// thread would run it), so a loop of bounded waits, each ending with false,
+// would never end. It throws InvalidState like get() and wait(); on a
+// completed handle it returns true there. Without the check the loop below
+// makes its 20 waits of 1 ms, in vain, and returns.
+TEST_F(BatchQueueCallbackTest, WaitForFromACallbackOnAnIncompleteHandleThrowsInvalidState) {
+  for (int workers : {0, 1}) {
+    SCOPED_TRACE(::testing::Message() << "workers " << workers);
+    BatchQueue q(*device_, kIn, kOut, counted(), threaded(workers, 4, 0us));
+    RequestHandle early = q.submit(input(0));
+    if (workers == 0) {
+      EXPECT_EQ(q.step(), 1u);
+    } else {
+      early.wait();
+    }
+    std::string error;
+    int waits = 0;
+    bool early_done = false;
+    RequestHandle inner;
+    std::promise<void> done;
+    within("wait_for() in a callback on the thread that runs the batches", [&] {
+      q.submit(input(1), [&](const Completion&) {
+        early_done = early.wait_for(1ms);  // complete: no wait
+        inner = q.submit(input(2));
+        error = invalid_state_of([&] {
+          while (!inner.wait_for(1ms))
+            if (++waits == 20) return;
+        });
+        done.set_value();
+      });
+      run_callback_then_what_it_queued(q, workers, done);
+      EXPECT_TRUE(inner.wait_for(30s)) << "from this thread: a wait that ends";
+      expect_output(inner, 2);
+      q.shutdown();
+    });
+    EXPECT_TRUE(early_done);
+    EXPECT_EQ(waits, 0) << "wait_for() waited for its own thread";
+    EXPECT_NE(error.find("[RequestHandle::wait_for] request"), std::string::npos) << error;
+    EXPECT_NE(error.find("has not completed, and this thread runs its queue's batches"),
+              std::string::npos)
+        << error;
+    EXPECT_FALSE(q.metrics().callback_exceptions) << "the throw was caught in the callback";
+  }
+}
+
 // The same in manual mode for callbacks that run before step()'s batch (an
 // expiry, decided in step()) and in the shutdown drain: step() and
 // shutdown() there would wait on locks their own thread holds.
