@@ -1199,6 +1199,44 @@ TEST_F(BatchQueueCallbackTest, ARefusalsCallbackMaySubmitAndCancel) {
   expect_counts_add_up(m);
 }
 
+// ---- A queue destroyed by its own batch ------------------------------------------------
+
+// Note [A queue destroyed by its own batch] (batch_queue.cpp): a callback
+// that owns the last reference to its queue destroys the queue on the
+// thread that runs its batches, inside the batch. The destructor cannot
+// join that thread or free what the batch still uses, so the process stops
+// with a message saying what happened and what to do. Before the message
+// existed it stopped on an InvalidState from shutdown(), which names
+// neither the destructor nor the remedy, and this test failed.
+class BatchQueueCallbackDeathTest : public BatchQueueCallbackTest {};
+
+TEST_F(BatchQueueCallbackDeathTest, ACallbackDroppingTheLastReferenceToItsQueueStopsSayingWhy) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");  // the device has threads: no plain fork
+  const char* const message =
+      "BatchQueue::~BatchQueue. the queue is being destroyed on a thread that runs its "
+      "batches.*shutdown\\(\\) from a thread that runs none of its batches";
+  // Where the batch runs: the one worker, step()'s caller, the manual drain.
+  for (const char* where : {"worker", "step", "drain"}) {
+    SCOPED_TRACE(where);
+    const int workers = std::string(where) == "worker" ? 1 : 0;
+    EXPECT_DEATH(
+        {
+          auto q = std::make_shared<BatchQueue>(*device_, kIn, kOut, counted(),
+                                                threaded(workers, 4, 100us));
+          BatchQueue& queue = *q;
+          // The callback owns a reference; once the test lets go of its own,
+          // that one is the last, dropped when the callback is done with.
+          (void)queue.submit(input(0), [q](const Completion&) {});
+          q.reset();
+          clock_->advance(100us);  // max_delay: now the batch may run
+          if (std::string(where) == "step") (void)queue.step();
+          if (std::string(where) == "drain") queue.shutdown();
+          std::this_thread::sleep_for(30s);  // the worker's batch, or a failure to die
+        },
+        message);
+  }
+}
+
 // ---- Mixed handles and callbacks -------------------------------------------------------
 
 TEST_F(BatchQueueCallbackTest, HandleAndCallbackRequestsShareABatchAndGetTheirOwnRows) {

@@ -79,9 +79,17 @@
 // own submit]).
 //
 // Lifetime: the queue must be destroyed before its Device. The destructor
-// drains (shutdown(kDrain)). RequestHandles may outlive the queue: they
-// hold their request's state, and cancel() on one after the queue is gone
-// returns false.
+// drains (shutdown(kDrain)). It must not run on a thread that runs the
+// queue's batches: a completion callback (or the model) that lets go of
+// the last reference to its queue, on a worker, in step() or in the
+// shutdown drain, stops the process (std::abort, after a message that says
+// so), since the destructor would have to join its own thread and free the
+// batch that thread is completing (Note [A queue destroyed by its own
+// batch] in batch_queue.cpp). So callbacks must not own their queue: keep a
+// reference outside them, and call shutdown() from another thread before
+// letting go of it. RequestHandles may outlive the queue: they hold their
+// request's state, and cancel() on one after the queue is gone returns
+// false.
 //
 // What blocks: submit() under kBlock (until room, the request's deadline,
 // or shutdown); RequestHandle::get()/wait()/wait_for(); step() (runs a batch);
@@ -263,7 +271,10 @@ class BatchQueue {
   // options or sizes, and the device's errors (ShutDown, OutOfMemory).
   BatchQueue(Device& device, int64_t in_features, int64_t out_features, Model model,
              BatchQueueOptions options = {});
-  ~BatchQueue();  // shutdown(kDrain)
+  // shutdown(kDrain). On a thread that runs this queue's batches (its own
+  // callback let go of the last reference) it stops the process instead
+  // (Lifetime, above).
+  ~BatchQueue();
   BatchQueue(const BatchQueue&) = delete;
   BatchQueue& operator=(const BatchQueue&) = delete;
 
