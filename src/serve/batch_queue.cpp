@@ -3,6 +3,8 @@
 #include <sys/prctl.h>
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include "flotilla/common/error.h"
@@ -91,7 +93,9 @@ namespace {
 
 // Note [A worker's own submit], for waits: a thread that runs the request's
 // queue's batches must not wait for a request of that queue that has not
-// completed; with one worker (or in step()) it would wait for itself.
+// completed; with one worker (or in step()) it would wait for itself. That
+// holds for wait_for() too: its wait ends, but the request cannot complete
+// meanwhile, and a loop of such waits never ends.
 void check_may_wait(const detail::Request& r, const char* api) {
   if (r.done.is_set()) return;
   FL_CHECK_STATE(!detail::QueueCore::runs_batches_of(r.core), "[", api, "] request ", r.id,
@@ -109,7 +113,10 @@ void RequestHandle::wait() const {
 }
 
 bool RequestHandle::wait_for(std::chrono::steady_clock::duration timeout) const {
-  return need(req_, "RequestHandle::wait_for").done.wait_for(timeout);
+  detail::Request& r = need(req_, "RequestHandle::wait_for");
+  // Bounded, but no less a wait for itself: a loop of them never ends.
+  check_may_wait(r, "RequestHandle::wait_for");
+  return r.done.wait_for(timeout);
 }
 
 std::vector<float> RequestHandle::get() {
@@ -234,7 +241,41 @@ BatchQueue::BatchQueue(Device& device, int64_t in_features, int64_t out_features
   }
 }
 
+namespace {
+
+// Note [A queue destroyed by its own batch]
+// A completion callback (or the model, or the on_complete hook) that holds
+// the last reference to its queue destroys it when it lets go: on a thread
+// that runs the queue's batches, inside one (a worker's complete_batch,
+// step(), the manual drain). The destructor cannot do its work there: it
+// would join that very thread, and the frames below it still use the
+// queue's core, the lane and its staging (the rest of the batch's rows are
+// yet to complete, and the requests still queued yet to run). Going on
+// would need the queue's state to outlive the object (shared with the
+// workers) and its last worker's join handed to an owner that outlives the
+// queue: not built. So the process stops, as it did before (on the
+// InvalidState that shutdown() throws there, escaping the destructor), but
+// with a message that names the destructor, says why, and says what to do.
+[[noreturn]] void die_destroyed_by_own_batch() {
+  std::fputs(
+      "flotilla: fatal: [BatchQueue::~BatchQueue] the queue is being destroyed on a thread "
+      "that runs its batches: a completion callback or the model (on one of its workers, in "
+      "step() or in the shutdown drain) let go of the last reference to it. The destructor "
+      "would have to join this very thread and free the batch it is still completing, with "
+      "requests still to run; it cannot, so the process stops. Do not let the queue's callbacks "
+      "own it: keep a reference outside them, and call shutdown() from a thread that runs none "
+      "of its batches before letting go of it (once shutdown() returns, every callback has run "
+      "and released what it held).\n",
+      stderr);
+  std::fflush(stderr);
+  std::abort();
+}
+
+}  // namespace
+
 BatchQueue::~BatchQueue() {
+  // Note [A queue destroyed by its own batch]
+  if (detail::QueueCore::runs_batches_of(core_.get())) die_destroyed_by_own_batch();
   shutdown(ShutdownMode::kDrain);
   clock_->remove_listener(listener_key_);
   detail::QueueCore::retire_after_shutdown();  // before core_ goes

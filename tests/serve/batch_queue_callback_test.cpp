@@ -965,6 +965,52 @@ TEST_F(BatchQueueCallbackTest, CallsThatWouldWaitForTheCallbacksOwnThreadThrowIn
   }
 }
 
+// wait_for() is a wait too: in a callback on the thread that runs the
+// batches, the request it waits for cannot complete while it waits (that
+// thread would run it), so a loop of bounded waits, each ending with false,
+// would never end. It throws InvalidState like get() and wait(); on a
+// completed handle it returns true there. Without the check the loop below
+// makes its 20 waits of 1 ms, in vain, and returns.
+TEST_F(BatchQueueCallbackTest, WaitForFromACallbackOnAnIncompleteHandleThrowsInvalidState) {
+  for (int workers : {0, 1}) {
+    SCOPED_TRACE(::testing::Message() << "workers " << workers);
+    BatchQueue q(*device_, kIn, kOut, counted(), threaded(workers, 4, 0us));
+    RequestHandle early = q.submit(input(0));
+    if (workers == 0) {
+      EXPECT_EQ(q.step(), 1u);
+    } else {
+      early.wait();
+    }
+    std::string error;
+    int waits = 0;
+    bool early_done = false;
+    RequestHandle inner;
+    std::promise<void> done;
+    within("wait_for() in a callback on the thread that runs the batches", [&] {
+      q.submit(input(1), [&](const Completion&) {
+        early_done = early.wait_for(1ms);  // complete: no wait
+        inner = q.submit(input(2));
+        error = invalid_state_of([&] {
+          while (!inner.wait_for(1ms))
+            if (++waits == 20) return;
+        });
+        done.set_value();
+      });
+      run_callback_then_what_it_queued(q, workers, done);
+      EXPECT_TRUE(inner.wait_for(30s)) << "from this thread: a wait that ends";
+      expect_output(inner, 2);
+      q.shutdown();
+    });
+    EXPECT_TRUE(early_done);
+    EXPECT_EQ(waits, 0) << "wait_for() waited for its own thread";
+    EXPECT_NE(error.find("[RequestHandle::wait_for] request"), std::string::npos) << error;
+    EXPECT_NE(error.find("has not completed, and this thread runs its queue's batches"),
+              std::string::npos)
+        << error;
+    EXPECT_FALSE(q.metrics().callback_exceptions) << "the throw was caught in the callback";
+  }
+}
+
 // The same in manual mode for callbacks that run before step()'s batch (an
 // expiry, decided in step()) and in the shutdown drain: step() and
 // shutdown() there would wait on locks their own thread holds.
@@ -1151,6 +1197,44 @@ TEST_F(BatchQueueCallbackTest, ARefusalsCallbackMaySubmitAndCancel) {
   EXPECT_EQ(m.cancelled, 1u);
   EXPECT_EQ(m.completed, 1u);
   expect_counts_add_up(m);
+}
+
+// ---- A queue destroyed by its own batch ------------------------------------------------
+
+// Note [A queue destroyed by its own batch] (batch_queue.cpp): a callback
+// that owns the last reference to its queue destroys the queue on the
+// thread that runs its batches, inside the batch. The destructor cannot
+// join that thread or free what the batch still uses, so the process stops
+// with a message saying what happened and what to do. Before the message
+// existed it stopped on an InvalidState from shutdown(), which names
+// neither the destructor nor the remedy, and this test failed.
+class BatchQueueCallbackDeathTest : public BatchQueueCallbackTest {};
+
+TEST_F(BatchQueueCallbackDeathTest, ACallbackDroppingTheLastReferenceToItsQueueStopsSayingWhy) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");  // the device has threads: no plain fork
+  const char* const message =
+      "BatchQueue::~BatchQueue. the queue is being destroyed on a thread that runs its "
+      "batches.*shutdown\\(\\) from a thread that runs none of its batches";
+  // Where the batch runs: the one worker, step()'s caller, the manual drain.
+  for (const char* where : {"worker", "step", "drain"}) {
+    SCOPED_TRACE(where);
+    const int workers = std::string(where) == "worker" ? 1 : 0;
+    EXPECT_DEATH(
+        {
+          auto q = std::make_shared<BatchQueue>(*device_, kIn, kOut, counted(),
+                                                threaded(workers, 4, 100us));
+          BatchQueue& queue = *q;
+          // The callback owns a reference; once the test lets go of its own,
+          // that one is the last, dropped when the callback is done with.
+          (void)queue.submit(input(0), [q](const Completion&) {});
+          q.reset();
+          clock_->advance(100us);  // max_delay: now the batch may run
+          if (std::string(where) == "step") (void)queue.step();
+          if (std::string(where) == "drain") queue.shutdown();
+          std::this_thread::sleep_for(30s);  // the worker's batch, or a failure to die
+        },
+        message);
+  }
 }
 
 // ---- Mixed handles and callbacks -------------------------------------------------------

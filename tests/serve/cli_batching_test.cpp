@@ -125,7 +125,7 @@ TEST(CliBatching, BadOptionsEndWithOneLine) {
         "run --batching --max-delay-us -1", "run --batching --queue-workers 0", "run --callbacks",
         "run --batching --refill 2", "run --batching --callbacks --window 8 --refill 9",
         "run --batching --callbacks --window 8 --refill -1", "run --batching --device-share -1",
-        "run --batching --device-share 257"}) {
+        "run --batching --device-share 257", "bench --callbacks", "bench --window 4"}) {
     const auto r = run_cli(args, "2>&1");
     EXPECT_NE(r.exit_code, 0) << args;
     int lines = 0;
@@ -161,6 +161,51 @@ TEST(CliBatching, BenchAddsABatchingSeries) {
   EXPECT_EQ(pool, 2);
   EXPECT_EQ(batching, 2);
   EXPECT_NE(r.out.find("batching"), std::string::npos) << r.out;
+}
+
+// --callbacks (and --window) set up the batching series only: its points
+// hand their outputs to completion callbacks, while the pool points run as
+// without the flags (they used to refuse them, so the bench could not run).
+// bench.json says which points used callbacks, and so does the table.
+TEST(CliBatching, BenchWithCallbacksRunsTheBatchingSeriesThroughCallbacks) {
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("fl_bench_callbacks_" + std::to_string(::getpid()));
+  const auto r = run_cli(
+      "bench --backend cpu --batching --callbacks --window 4 --threads-list 1,2 --batches 1 "
+      "--archs pool --max-batch 8 --queue-workers 1 --seconds-per-point 0.2 --no-plot --out '" +
+          dir.string() + "'",
+      "2>/dev/null");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  std::ifstream in(dir / "bench.json");
+  ASSERT_TRUE(in) << "no bench.json in " << dir;
+  const auto j = nlohmann::json::parse(in);
+  std::filesystem::remove_all(dir);
+  EXPECT_EQ(j["batching"], true);
+  EXPECT_EQ(j["callbacks"], true) << "the batching series used callbacks";
+  int pool = 0, batching = 0;
+  for (const auto& p : j["points"]) {
+    EXPECT_EQ(p["wrong_results"], 0) << p.dump();
+    EXPECT_EQ(p["errors"], 0) << p.dump();
+    EXPECT_EQ(p["crashes"], 0) << p.dump();
+    EXPECT_GT(p["requests"].get<int>(), 0) << p.dump();
+    if (p["arch"] == "batching") {
+      ++batching;
+      EXPECT_EQ(p["callbacks"], true) << p.dump();
+      EXPECT_EQ(p["window"], 4) << p.dump();
+      EXPECT_EQ(p["refill"], 4) << "7/8 of a window of 4, at least 1: " << p.dump();
+      EXPECT_TRUE(p.contains("client_waits")) << p.dump();
+      EXPECT_EQ(p["client_check_us"], 0.0) << "the callbacks check, on the workers: " << p.dump();
+    } else {
+      ++pool;
+      EXPECT_EQ(p["arch"], "pool");
+      EXPECT_EQ(p["callbacks"], false) << p.dump();
+      EXPECT_FALSE(p.contains("window"))
+          << "a pool point ran with the queue's options: " << p.dump();
+    }
+  }
+  EXPECT_EQ(pool, 2);
+  EXPECT_EQ(batching, 2);
+  EXPECT_NE(r.out.find("batching+callbacks"), std::string::npos) << r.out;
 }
 
 }  // namespace

@@ -36,9 +36,19 @@ struct BenchOptions {
   std::string out = "bench-out";
   bool plot = true;
   // --batching: a `batching` series (batch-1 requests through a BatchQueue)
-  // over the same threads, beside pool batch 1 (batching off).
+  // over the same threads, beside pool batch 1 (batching off). The
+  // BatchQueue's options (base.batching: --window, --callbacks, ...) apply
+  // to that series only; the other points run without them.
   bool batching = false;
 };
+
+// How a point's series is named in the table and the plot: its arch, and
+// whether its outputs went to completion callbacks (--callbacks).
+std::string series_label(const WorkloadOptions& o) {
+  std::string label = arch_label(o);
+  if (o.batching.enabled && o.batching.callbacks) label += "+callbacks";
+  return label;
+}
 
 std::string utc_now() {
   std::time_t t = std::time(nullptr);
@@ -68,28 +78,28 @@ std::string host_name() {
 }
 
 void print_header() {
-  std::printf("%-8s %6s %7s %12s %12s %10s %10s %10s %6s %5s %5s %7s\n", "arch", "batch", "threads",
-              "requests/s", "samples/s", "p50_us", "p90_us", "p99_us", "wrong", "viol", "crash",
-              "streams");
+  std::printf("%-18s %6s %7s %12s %12s %10s %10s %10s %6s %5s %5s %7s\n", "arch", "batch",
+              "threads", "requests/s", "samples/s", "p50_us", "p90_us", "p99_us", "wrong", "viol",
+              "crash", "streams");
 }
 
 void print_row(const WorkloadResult& r) {
-  std::printf("%-8s %6d %7d %12.1f %12.1f %10.1f %10.1f %10.1f %6llu %5llu %5llu %7d\n",
-              arch_label(r.options), r.options.batch, r.options.threads, r.requests_per_s,
+  std::printf("%-18s %6d %7d %12.1f %12.1f %10.1f %10.1f %10.1f %6llu %5llu %5llu %7d\n",
+              series_label(r.options).c_str(), r.options.batch, r.options.threads, r.requests_per_s,
               r.samples_per_s, r.p50_us, r.p90_us, r.p99_us,
               static_cast<unsigned long long>(r.wrong_results),
               static_cast<unsigned long long>(r.violations + r.errors),
               static_cast<unsigned long long>(r.crashes), r.streams_used);
 }
 
-// bench.dat: one gnuplot data block per (arch, batch) series, in sweep order.
+// bench.dat: one gnuplot data block per (series, batch), in sweep order.
 // bench.gp: throughput and p99 latency against threads, one line per series.
 void write_plot_files(const std::filesystem::path& dir, const std::vector<WorkloadResult>& points,
                       const std::string& title) {
   std::map<std::pair<std::string, int>, std::vector<const WorkloadResult*>> series;
   std::vector<std::pair<std::string, int>> order;
   for (const auto& p : points) {
-    const std::pair<std::string, int> key{arch_label(p.options), p.options.batch};
+    const std::pair<std::string, int> key{series_label(p.options), p.options.batch};
     if (!series.count(key)) order.push_back(key);
     series[key].push_back(&p);
   }
@@ -128,8 +138,8 @@ void write_plot_files(const std::filesystem::path& dir, const std::vector<Worklo
       }
       gp << (i ? ", \\\n     " : "") << "data index " << i << " using 1:" << column
          << " with linespoints lw 2 pt 7 dt " << (arch == "legacy" ? 2 : 1) << " lc rgb '"
-         << (arch == "batching" ? "#000000" : colors[color_of_batch[batch] % 6]) << "' title '"
-         << arch << ", batch " << batch << "'";
+         << (arch.rfind("batching", 0) == 0 ? "#000000" : colors[color_of_batch[batch] % 6])
+         << "' title '" << arch << ", batch " << batch << "'";
     }
     gp << "\n";
   };
@@ -161,16 +171,26 @@ void run_bench(const BenchOptions& b) {
   FL_CHECK_ARG(b.seconds_per_point > 0, "[bench] --seconds-per-point must be positive");
   FL_CHECK_ARG(!b.threads.empty() && !b.batches.empty() && !b.archs.empty(),
                "[bench] --threads-list, --batches and --archs must not be empty");
+  const WorkloadOptions::Batching no_batching;
+  const WorkloadOptions::Batching& queue_opts = b.base.batching;
+  FL_CHECK_ARG(b.batching || (!queue_opts.callbacks && queue_opts.refill == 0 &&
+                              queue_opts.window == no_batching.window),
+               "[bench] --callbacks, --refill and --window set up the batching series; add "
+               "--batching, or drop them");
   std::vector<Arch> archs;
   for (const auto& a : b.archs) archs.push_back(parse_arch(a));
   WorkloadOptions base = b.base;
   base.requests = 0;
   base.seconds = b.seconds_per_point;
   base.progress = false;
+  // The legacy and pool points run without the BatchQueue's options (a
+  // client per stream has no window and no callbacks).
+  WorkloadOptions unbatched = base;
+  unbatched.batching = no_batching;
   // Check every point's options before the first runs.
   for (int t : b.threads)
     for (int batch : b.batches) {
-      WorkloadOptions o = base;
+      WorkloadOptions o = unbatched;
       o.threads = t;
       o.batch = batch;
       o.validate();
@@ -197,7 +217,7 @@ void run_bench(const BenchOptions& b) {
   for (Arch arch : archs)
     for (int batch : b.batches)
       for (int t : b.threads) {
-        WorkloadOptions o = base;
+        WorkloadOptions o = unbatched;
         o.arch = arch;
         o.batch = batch;
         o.threads = t;
@@ -207,8 +227,8 @@ void run_bench(const BenchOptions& b) {
       }
   if (b.batching)
     for (int t : b.threads) {
-      std::fprintf(stderr, "bench: point %zu/%zu: batching, batch 1, %d threads\n", ++done, total,
-                   t);
+      std::fprintf(stderr, "bench: point %zu/%zu: %s, batch 1, %d threads\n", ++done, total,
+                   series_label(batching_point(t)).c_str(), t);
       points.push_back(run_workload_as_configured(weights, batching_point(t)));
     }
 
@@ -232,6 +252,8 @@ void run_bench(const BenchOptions& b) {
                       {"batches", b.batches},
                       {"archs", b.archs},
                       {"batching", b.batching},
+                      // the batching series' outputs went to completion callbacks
+                      {"callbacks", b.batching && base.batching.callbacks},
                       {"points", nlohmann::json::array()}};
   bool failed = false;
   for (const auto& p : points) {
@@ -278,6 +300,7 @@ void replot(const std::string& out) {
       WorkloadOptions o;
       const std::string arch = p.at("arch");
       o.batching.enabled = arch == "batching";
+      o.batching.callbacks = o.batching.enabled && p.value("callbacks", false);
       o.arch = o.batching.enabled ? Arch::kPool : parse_arch(arch);
       o.batch = p.at("batch");
       o.threads = p.at("threads");
@@ -326,7 +349,8 @@ void add_bench_command(CLI::App& app) {
       "--no-plot", [b](int64_t) { b->plot = false; }, "do not run gnuplot");
   cmd->add_flag("--batching", b->batching,
                 "add a batching series: batch-1 requests through a BatchQueue (threads "
-                "1..64 unless --threads-list)");
+                "1..64 unless --threads-list); the batching options below (--callbacks, "
+                "--window, ...) apply to that series only");
   add_batching_options(*cmd, b->base.batching);
   auto replot_dir = std::make_shared<std::string>();
   cmd->add_option("--replot", *replot_dir,

@@ -124,7 +124,9 @@ nlohmann::json WorkloadResult::to_json() const {
                       {"wrong_results", wrong_results},
                       {"errors", errors},
                       {"streams_used", streams_used},
-                      {"first_error", first_error}};
+                      {"first_error", first_error},
+                      // outputs went to completion callbacks (--callbacks; batching only)
+                      {"callbacks", o.batching.enabled && o.batching.callbacks}};
   if (o.batching.enabled) {
     j["max_batch"] = o.batching.max_batch;
     j["max_delay_us"] = o.batching.max_delay_us;
@@ -134,7 +136,6 @@ nlohmann::json WorkloadResult::to_json() const {
     j["spin_us"] = o.batching.spin_us;
     j["record_batches"] = o.batching.record;
     j["device_share"] = o.batching.device_share;
-    j["callbacks"] = o.batching.callbacks;
     if (o.batching.callbacks) j["refill"] = o.batching.refill_or_default();
     j["mean_batch"] = mean_batch;
     j["rejected"] = rejected;

@@ -55,10 +55,10 @@
 // full queue refuses it with QueueFull, as kReject would, since the room it
 // would wait for is made by the workers, itself among them. It must not
 // block for long (a worker's other requests wait meanwhile); waiting on
-// this queue's handles (for a request not yet complete), shutdown() and
-// step() could wait for itself, so from a thread that runs the queue's
-// batches they throw InvalidState instead. A throw is caught and counted
-// (BatchQueueMetrics::callback_exceptions).
+// this queue's handles (get(), wait() or wait_for(), for a request not yet
+// complete), shutdown() and step() could wait for itself, so from a thread
+// that runs the queue's batches they throw InvalidState instead. A throw is
+// caught and counted (BatchQueueMetrics::callback_exceptions).
 //
 // Deadlines: a queued request whose deadline passes completes with Timeout
 // when a worker next looks at the queue: at once if one is waiting for
@@ -74,16 +74,25 @@
 // from any thread at once, except that a thread running the queue's
 // batches (a worker, or step()'s caller while in step(): the model
 // function and completion callbacks) gets InvalidState from shutdown(),
-// step() and a wait on an incomplete handle of this queue, each of which
-// would wait for that thread itself (Note [A worker's own submit]).
+// step() and a wait (get, wait, wait_for) on an incomplete handle of this
+// queue, each of which would wait for that thread itself (Note [A worker's
+// own submit]).
 //
 // Lifetime: the queue must be destroyed before its Device. The destructor
-// drains (shutdown(kDrain)). RequestHandles may outlive the queue: they
-// hold their request's state, and cancel() on one after the queue is gone
-// returns false.
+// drains (shutdown(kDrain)). It must not run on a thread that runs the
+// queue's batches: a completion callback (or the model) that lets go of
+// the last reference to its queue, on a worker, in step() or in the
+// shutdown drain, stops the process (std::abort, after a message that says
+// so), since the destructor would have to join its own thread and free the
+// batch that thread is completing (Note [A queue destroyed by its own
+// batch] in batch_queue.cpp). So callbacks must not own their queue: keep a
+// reference outside them, and call shutdown() from another thread before
+// letting go of it. RequestHandles may outlive the queue: they hold their
+// request's state, and cancel() on one after the queue is gone returns
+// false.
 //
 // What blocks: submit() under kBlock (until room, the request's deadline,
-// or shutdown); RequestHandle::get()/wait(); step() (runs a batch);
+// or shutdown); RequestHandle::get()/wait()/wait_for(); step() (runs a batch);
 // shutdown() and the destructor (drain or cancel, then join the workers).
 #pragma once
 
@@ -221,6 +230,10 @@ class RequestHandle {
   // Blocks until done.
   void wait() const;
   // Blocks until done or `timeout` of real (steady) time passes; returns done().
+  // Like wait() and get(), throws InvalidState if the request is not done and
+  // this thread runs its queue's batches (a completion callback on a worker
+  // or in step(), or the model): the request could not complete while it
+  // waits, so a loop of bounded waits would never end (Thread safety, above).
   bool wait_for(std::chrono::steady_clock::duration timeout) const;
   // Blocks until done; returns the output (out_features values) or throws
   // the request's error. Once: a second call throws InvalidState.
@@ -265,7 +278,10 @@ class BatchQueue {
   // options or sizes, and the device's errors (ShutDown, OutOfMemory).
   BatchQueue(Device& device, int64_t in_features, int64_t out_features, Model model,
              BatchQueueOptions options = {});
-  ~BatchQueue();  // shutdown(kDrain)
+  // shutdown(kDrain). On a thread that runs this queue's batches (its own
+  // callback let go of the last reference) it stops the process instead
+  // (Lifetime, above).
+  ~BatchQueue();
   BatchQueue(const BatchQueue&) = delete;
   BatchQueue& operator=(const BatchQueue&) = delete;
 
