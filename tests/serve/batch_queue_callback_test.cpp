@@ -164,6 +164,17 @@ class BatchQueueCallbackTest : public QueueTest {
     o.workers = workers;
     return o;
   }
+  // Submits input(i) and returns its handle once it has completed: by
+  // step() in manual mode, else by waiting for the worker to run it.
+  RequestHandle submit_completed(BatchQueue& q, int workers, int i) {
+    RequestHandle h = q.submit(input(i));
+    if (workers == 0) {
+      EXPECT_EQ(q.step(), 1u);
+    } else {
+      h.wait();
+    }
+    return h;
+  }
   // The one queued request's batch runs (in manual mode on this thread,
   // else on the one worker), its callback sets `done`, then (manual mode)
   // the one request that callback left queued runs too.
@@ -921,12 +932,7 @@ TEST_F(BatchQueueCallbackTest, CallsThatWouldWaitForTheCallbacksOwnThreadThrowIn
   for (int workers : {0, 1}) {
     SCOPED_TRACE(::testing::Message() << "workers " << workers);
     BatchQueue q(*device_, kIn, kOut, counted(), threaded(workers, 4, 0us));
-    RequestHandle early = q.submit(input(0));
-    if (workers == 0) {
-      EXPECT_EQ(q.step(), 1u);
-    } else {
-      early.wait();
-    }
+    RequestHandle early = submit_completed(q, workers, 0);
     std::vector<std::string> errors;
     std::vector<float> early_output;
     RequestHandle inner;
@@ -975,12 +981,7 @@ TEST_F(BatchQueueCallbackTest, WaitForFromACallbackOnAnIncompleteHandleThrowsInv
   for (int workers : {0, 1}) {
     SCOPED_TRACE(::testing::Message() << "workers " << workers);
     BatchQueue q(*device_, kIn, kOut, counted(), threaded(workers, 4, 0us));
-    RequestHandle early = q.submit(input(0));
-    if (workers == 0) {
-      EXPECT_EQ(q.step(), 1u);
-    } else {
-      early.wait();
-    }
+    RequestHandle early = submit_completed(q, workers, 0);
     std::string error;
     int waits = 0;
     bool early_done = false;
