@@ -103,7 +103,8 @@ void BM_Batch(benchmark::State& state, bool recorded) {
 void BM_BatchThreads(benchmark::State& state) {
   const int64_t rows = state.range(0);
   Stream s = g_dev->streams().at(1 + state.thread_index());
-  s.set_device_share(static_cast<int>(state.range(1)));
+  // Claimed for this run only: batch/eager and batch/recorded use stream 1 too.
+  const flotilla::DeviceShareClaim share = s.claim_device_share(static_cast<int>(state.range(1)));
   Staging st;
   st.in = g_dev->driver().allocate_host(static_cast<size_t>(rows * g_mlp->in_features()) * 4);
   st.out = g_dev->driver().allocate_host(static_cast<size_t>(rows * g_mlp->out_features()) * 4);

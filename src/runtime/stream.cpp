@@ -1,5 +1,6 @@
 #include "flotilla/runtime/stream.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "flotilla/common/error.h"
@@ -145,14 +146,45 @@ void Stream::add_callback(std::function<void()> fn) {
   state().add_callback(std::move(fn));
 }
 
-void Stream::set_device_share(int streams) {
-  FL_CHECK_ARG(streams >= 1, "[Stream::set_device_share] ", streams,
+namespace {
+void check_share(int streams, const char* api) {
+  FL_CHECK_ARG(streams >= 1, "[", api, "] ", streams,
                " streams; the hint counts the streams running at once, this one included (>= 1; "
                "1 plans for the whole device)");
+}
+}  // namespace
+
+void Stream::set_device_share(int streams) {
+  check_share(streams, "Stream::set_device_share");
   state().set_device_share(streams);
 }
 
+DeviceShareClaim Stream::claim_device_share(int streams) {
+  check_share(streams, "Stream::claim_device_share");
+  detail::StreamState& s = state();
+  s.add_share_claim(streams);
+  return DeviceShareClaim(&s, streams);
+}
+
 int Stream::device_share() const { return state().device_share(); }
+
+// ---- DeviceShareClaim ------------------------------------------------------------------
+
+DeviceShareClaim::DeviceShareClaim(DeviceShareClaim&& o) noexcept
+    : state_(std::exchange(o.state_, nullptr)), share_(o.share_) {}
+
+DeviceShareClaim& DeviceShareClaim::operator=(DeviceShareClaim&& o) noexcept {
+  if (this != &o) {
+    release();
+    state_ = std::exchange(o.state_, nullptr);
+    share_ = o.share_;
+  }
+  return *this;
+}
+
+void DeviceShareClaim::release() noexcept {
+  if (state_) std::exchange(state_, nullptr)->remove_share_claim(share_);
+}
 
 uint64_t Stream::kernels_encoded() const { return state().kernels(); }
 uint64_t Stream::commits() const { return state().commits(); }
@@ -179,6 +211,34 @@ StreamState::StreamState(Device& device, int index, std::unique_ptr<backend::Que
       queue_(std::move(queue)) {}
 
 StreamState::~StreamState() = default;
+
+// Stream::set_device_share / claim_device_share: the backend queue plans
+// with the largest of the stream's own setting and its claims.
+void StreamState::set_device_share(int streams) {
+  MutexLock lock(share_mu_);
+  base_share_ = streams;
+  apply_share();
+}
+
+void StreamState::add_share_claim(int streams) {
+  MutexLock lock(share_mu_);
+  share_claims_.insert(streams);
+  apply_share();
+}
+
+void StreamState::remove_share_claim(int streams) noexcept {
+  MutexLock lock(share_mu_);
+  const auto it = share_claims_.find(streams);
+  if (it != share_claims_.end()) share_claims_.erase(it);
+  apply_share();
+}
+
+void StreamState::apply_share() {
+  const int share =
+      share_claims_.empty() ? base_share_ : std::max(base_share_, *share_claims_.rbegin());
+  queue_->set_device_share(share);  // an atomic store in the drivers that use it
+  share_.store(share, std::memory_order_relaxed);
+}
 
 void StreamState::ensure_buffer(const char* api) {
   if (!cb_) {

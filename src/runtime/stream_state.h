@@ -5,6 +5,7 @@
 #include <exception>
 #include <functional>
 #include <memory>
+#include <set>
 #include <thread>
 #include <utility>
 
@@ -55,9 +56,12 @@ class StreamState {
   void record_error(std::exception_ptr e, uint64_t seq) FL_EXCLUDES(mu_);
 
   int index() const { return index_; }
-  // Queue::set_device_share's hint; the backend queue keeps it (thread-safe).
-  void set_device_share(int streams) { queue_->set_device_share(streams); }
-  int device_share() const { return queue_->device_share(); }
+  // Stream::set_device_share and claim_device_share: the hint handed to the
+  // backend queue is the largest of the stream's own setting and its claims.
+  void set_device_share(int streams) FL_EXCLUDES(share_mu_);
+  void add_share_claim(int streams) FL_EXCLUDES(share_mu_);
+  void remove_share_claim(int streams) noexcept FL_EXCLUDES(share_mu_);
+  int device_share() const { return share_.load(std::memory_order_relaxed); }
   uint64_t kernels() const { return kernels_total_.load(std::memory_order_relaxed); }
   uint64_t commits() const { return commits_total_.load(std::memory_order_relaxed); }
 
@@ -66,6 +70,7 @@ class StreamState {
   // if the calling thread is the one recording, throws InvalidState naming
   // `api` (its work would be recorded, or would commit the recording).
   void wait_not_recording(const char* api) FL_REQUIRES(mu_);
+  void apply_share() FL_REQUIRES(share_mu_);
   // Applies the sync mode after an encode; returns a buffer to wait for.
   std::shared_ptr<backend::CommandBuffer> after_encode() FL_REQUIRES(mu_);
   // kCommitAndWait, outside the lock: waits for `cb` (if any), rethrows.
@@ -83,6 +88,11 @@ class StreamState {
   EncodingLock& encoding_lock_;
   const int index_;
   const std::unique_ptr<backend::Queue> queue_;
+
+  Mutex share_mu_;  // guards base_share_ and share_claims_ (the device-share hint)
+  int base_share_ FL_GUARDED_BY(share_mu_) = 1;
+  std::multiset<int> share_claims_ FL_GUARDED_BY(share_mu_);
+  std::atomic<int> share_{1};  // what apply_share() last handed the queue; relaxed: a hint
 
   // Serialises the callers sharing this stream; guards its encoding state.
   mutable Mutex mu_;

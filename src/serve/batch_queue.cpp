@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <set>
 
 #include "flotilla/common/error.h"
 #include "flotilla/common/thread_name.h"
@@ -169,6 +170,9 @@ std::pair<size_t, int64_t> size_bucket(int64_t n, int64_t max_batch) {
 struct Lane {
   explicit Lane(Stream s) : stream(s) {}
   Stream stream;
+  // BatchQueueOptions::device_share, claimed on the stream while the lane
+  // lives (Note [The queue's share of the device]).
+  DeviceShareClaim share;
   const backend::Pipeline* copy = nullptr;        // the driver's "copy_bytes"
   const backend::Pipeline* copy_small = nullptr;  // its "copy_pinned" (Note [One batch])
   const backend::Pipeline& copy_for(size_t bytes) const {
@@ -203,11 +207,8 @@ BatchQueue::BatchQueue(Device& device, int64_t in_features, int64_t out_features
   backend::Driver& driver = device_.driver("BatchQueue");
   const auto rows = static_cast<size_t>(options_.max_batch);
   const int depth = options_.workers == 0 ? 1 : options_.pipeline_depth;
-  const int share =
-      options_.device_share > 0 ? options_.device_share : std::max(1, options_.workers);
   for (int i = 0; i < std::max(1, options_.workers); ++i) {
     auto lane = std::make_unique<detail::Lane>(device_.streams().acquire_round_robin());
-    lane->stream.set_device_share(share);
     lane->copy = &device_.pipeline("copy_bytes");
     lane->copy_small = &device_.pipeline("copy_pinned");
     lane->slots.resize(static_cast<size_t>(depth));
@@ -221,6 +222,8 @@ BatchQueue::BatchQueue(Device& device, int64_t in_features, int64_t out_features
     }
     lanes_.push_back(std::move(lane));
   }
+
+  claim_device_share();
 
   listener_key_ = clock_->add_listener([core = core_.get()] { core->wake(); });
   try {
@@ -239,6 +242,27 @@ BatchQueue::BatchQueue(Device& device, int64_t in_features, int64_t out_features
     clock_->remove_listener(listener_key_);
     throw;
   }
+}
+
+// Note [The queue's share of the device]
+// The workers' streams come from the device's pool, shared with every other
+// user of the device, so the queue does not set their hint
+// (Stream::set_device_share): it claims its share on each of them for as
+// long as it lives (Stream::claim_device_share; the stream plans with the
+// largest of its own setting and its claims) and its lanes give the claims
+// back when they go, after the workers are joined, or when the constructor
+// fails. The default share is the number of distinct streams the lanes got
+// (workers beyond the pool's size share streams, and batches on one stream
+// run one after another); 1 claims nothing.
+void BatchQueue::claim_device_share() {
+  int share = options_.device_share;
+  if (share == 0) {
+    std::set<int> streams;
+    for (const auto& lane : lanes_) streams.insert(lane->stream.index());
+    share = static_cast<int>(streams.size());
+  }
+  if (share <= 1) return;
+  for (auto& lane : lanes_) lane->share = lane->stream.claim_device_share(share);
 }
 
 namespace {

@@ -220,8 +220,9 @@ TEST(CudaServe, RecordedBatchesOfTheSeedMlpEqualUnbatched) {
     o.when_full = serve::OverflowPolicy::kBlock;
     serve::BatchQueue q(
         *dev, in, out, [&mlp](const Stream& s, const Tensor& x) { return mlp.forward(s, x); }, o);
-    // BatchQueueOptions::device_share 0: GEMMs planned for a third of the
-    // device, as the queue's 3 workers share it.
+    // BatchQueueOptions::device_share 0: the queue claims a third of the
+    // device on each of its 3 workers' streams (GEMMs of 64 to 512 rows are
+    // planned for it; the batches here are mostly smaller).
     for (const Stream& s : q.streams()) EXPECT_EQ(s.device_share(), 3);
     std::vector<std::thread> clients;
     for (int c = 0; c < 16; ++c)
@@ -261,27 +262,6 @@ TEST(CudaServe, RecordedBatchesOfTheSeedMlpEqualUnbatched) {
   EXPECT_EQ(wrong.load(), 0u);
   EXPECT_GT(done.load(), 0u);
   EXPECT_EQ(dev->allocator().stats().held_bytes, 0u);  // the queue's recordings are gone
-}
-
-// BatchQueueOptions::device_share reaches the workers' streams: by default
-// the number of workers, 1 in manual mode, else the option's value.
-TEST(CudaServe, TheQueueTellsItsStreamsHowManyShareTheDevice) {
-  FL_SKIP_WITHOUT_GPU();
-  auto dev = Device::create("cuda", 0, Config::from_env());
-  const auto identity = [](const Stream&, const Tensor& x) { return x; };
-  const auto shares = [&](int workers, int device_share) {
-    serve::BatchQueueOptions o;
-    o.workers = workers;
-    o.device_share = device_share;
-    serve::BatchQueue q(*dev, 4, 4, identity, o);
-    std::vector<int> got;
-    for (const Stream& s : q.streams()) got.push_back(s.device_share());
-    return got;
-  };
-  EXPECT_EQ(shares(4, 0), std::vector<int>(4, 4));
-  EXPECT_EQ(shares(0, 0), std::vector<int>{1});
-  EXPECT_EQ(shares(2, 1), std::vector<int>(2, 1));
-  EXPECT_EQ(shares(2, 8), std::vector<int>(2, 8));
 }
 
 }  // namespace

@@ -16,8 +16,10 @@
 #include <cstdlib>
 #include <iostream>
 #include <latch>
+#include <map>
 #include <memory>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -225,33 +227,53 @@ TEST_F(OPS_SUITE, LinearAtEverySmallBatchSize) {
 }
 
 // Stream::set_device_share (Note [GEMMs for a share of the device]): on
-// CUDA the GEMMs are planned for a share of the SMs, other algorithms than
-// the whole device's. The seed MLP's layer shapes at the queue's batch sizes,
-// for shares from 1 to more streams than SMs: every result must still match.
-// Would catch: a plan (or its workspace) made for one share reused for
-// another, an SM target of 0 or below the device's, a split-K reduction gone
-// wrong. The CPU backend ignores the hint (device_share() stays 1).
+// CUDA, f32 GEMMs of 64 to 512 rows are planned for a share of the SMs, by
+// other algorithms than the whole device's. The seed MLP's layer shapes at
+// the queue's batch sizes, for shares from 1 to more streams than SMs: every
+// result must still match, and on CUDA a new plan is made exactly where the
+// share changes the SM target (the driver's gemm_plans count). Would catch:
+// a plan made for one share reused for another (the target missing from the
+// plan's key), a target applied outside its window or not at all.
 TEST_F(OPS_SUITE, LinearPlannedForAShareOfTheDeviceMatchesFloat64) {
-  const bool honoured = std::string(FLOTILLA_TEST_BACKEND) == "cuda";
+  const bool cuda = std::string(FLOTILLA_TEST_BACKEND) == "cuda";
   Stream st = s();
-  EXPECT_THROW(st.set_device_share(0), InvalidArgument);
-  EXPECT_THROW(st.set_device_share(-3), InvalidArgument);
   struct Layer {
     int64_t N, K;
   } layers[] = {{1024, 512}, {512, 1024}};
+  const auto plans = [&] { return dev_->driver().stats().gemm_plans; };
+  // The SM target the note's rule gives, and the targets each (layer, M)
+  // has had a plan for.
+  const int sms = dev_->driver().info().compute_units;
+  const auto target = [sms](int share, int64_t m) {
+    return share <= 1 || m < 64 || m > 512 ? 0 : std::max(1, sms / share);
+  };
+  std::map<std::pair<int, int64_t>, std::set<int>> planned;
+  Vec ws[2], bs[2];
+  Tensor w[2], b[2];
+  for (int l = 0; l < 2; ++l) {
+    w[l] = rand_tensor({layers[l].N, layers[l].K}, DType::kF32, &ws[l], -0.05f, 0.05f);
+    b[l] = rand_tensor({layers[l].N}, DType::kF32, &bs[l]);
+  }
   for (int share : {1, 2, 8, 132, 1000}) {
     st.set_device_share(share);
-    EXPECT_EQ(st.device_share(), honoured ? share : 1);
-    for (const Layer& l : layers)
+    EXPECT_EQ(st.device_share(), share);
+    for (int l = 0; l < 2; ++l)
       for (int64_t M : {1, 64, 192, 256, 513}) {
-        Vec xs, ws, bs;
-        Tensor x = rand_tensor({M, l.K}, DType::kF32, &xs);
-        Tensor w = rand_tensor({l.N, l.K}, DType::kF32, &ws, -0.05f, 0.05f);
-        Tensor b = rand_tensor({l.N}, DType::kF32, &bs);
-        Tensor y = ops::linear(st, x, w, b, Activation::kRelu);
-        EXPECT_LT(rel_error(y.to_host(st), linear_ref(xs, ws, &bs, M, l.N, l.K, Activation::kRelu)),
+        const int64_t N = layers[l].N, K = layers[l].K;
+        Vec xs;
+        Tensor x = rand_tensor({M, K}, DType::kF32, &xs);
+        const uint64_t before = plans();
+        Tensor y = ops::linear(st, x, w[l], b[l], Activation::kRelu);
+        const std::vector<float> got = y.to_host(st);
+        const bool new_target = planned[{l, M}].insert(target(share, M)).second;
+        if (cuda)
+          EXPECT_EQ(plans() - before, new_target ? 1u : 0u)
+              << "share=" << share << " M=" << M << " N=" << N;
+        else
+          EXPECT_EQ(plans(), 0u);
+        EXPECT_LT(rel_error(got, linear_ref(xs, ws[l], &bs[l], M, N, K, Activation::kRelu)),
                   tolerance(DType::kF32))
-            << "share=" << share << " M=" << M << " N=" << l.N << " K=" << l.K;
+            << "share=" << share << " M=" << M << " N=" << N << " K=" << K;
       }
   }
   st.set_device_share(1);

@@ -22,6 +22,44 @@ class StreamTest : public RuntimeTest {
   }
 };
 
+// ---- The device-share hint -------------------------------------------------
+
+// Stream::set_device_share and claim_device_share: the hint a stream plans
+// with is the largest of its own setting and the claims held on it; a claim
+// gives its share back once, when released, moved over or destroyed. Kept
+// on every backend (the CPU's kernels ignore it). Would catch: a claim that
+// overrides a larger one or never goes, a claim given back twice, a bad
+// share accepted, a hint shared between streams.
+TEST_F(StreamTest, DeviceShareIsTheLargestOfTheSettingAndTheClaims) {
+  auto dev = make_device();
+  Stream s = dev->streams().at(1);
+  EXPECT_EQ(s.device_share(), 1);
+  EXPECT_THROW(s.set_device_share(0), InvalidArgument);
+  EXPECT_THROW((void)s.claim_device_share(-1), InvalidArgument);
+  {
+    DeviceShareClaim a = s.claim_device_share(4);
+    EXPECT_TRUE(a.held());
+    EXPECT_EQ(s.device_share(), 4);
+    DeviceShareClaim b = s.claim_device_share(8);
+    DeviceShareClaim c = s.claim_device_share(8);  // the same share twice
+    EXPECT_EQ(s.device_share(), 8);
+    b.release();
+    EXPECT_FALSE(b.held());
+    EXPECT_EQ(s.device_share(), 8) << "c still claims 8";
+    b.release();  // given back once only
+    EXPECT_EQ(s.device_share(), 8);
+    c = std::move(a);  // c's 8 goes back; a's 4 moves into c
+    EXPECT_FALSE(a.held());
+    EXPECT_EQ(s.device_share(), 4);
+    s.set_device_share(6);
+    EXPECT_EQ(s.device_share(), 6);
+    s.set_device_share(2);
+    EXPECT_EQ(s.device_share(), 4) << "the claim outranks a smaller setting";
+    EXPECT_EQ(dev->streams().at(2).device_share(), 1) << "a hint per stream";
+  }
+  EXPECT_EQ(s.device_share(), 2) << "the claims are gone; the setting stays";
+}
+
 // ---- Sync modes ------------------------------------------------------------
 
 // Would catch: a stream that commits on its own under kNone (work split into

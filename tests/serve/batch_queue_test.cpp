@@ -972,6 +972,68 @@ TEST_F(BatchQueueTest, MetricsAsStructJsonAndPrometheus) {
   EXPECT_GE(types, 9);
 }
 
+// Note [The queue's share of the device]: the queue claims its share on its
+// workers' streams while it lives and gives it back when it goes; by default
+// the number of distinct streams its workers got, which counts a stream the
+// workers share once; manual mode and device_share 1 claim nothing; a
+// stream's own setting and other queues' claims stand beside it (the largest
+// wins). Would catch: the hint set and left on the pool's streams, a default
+// counting workers rather than streams, a claim overriding a larger one, a
+// claim not given back.
+TEST_F(BatchQueueTest, TheQueueClaimsItsShareOfTheDeviceWhileItLives) {
+  const auto shares = [](const std::vector<Stream>& streams) {
+    std::vector<int> v;
+    for (const Stream& s : streams) v.push_back(s.device_share());
+    return v;
+  };
+  const auto with = [&](int workers, int device_share) {
+    BatchQueueOptions o = manual();
+    o.workers = workers;
+    o.device_share = device_share;
+    return o;
+  };
+  std::vector<Stream> used;
+  {
+    BatchQueue q(*device_, kIn, kOut, counted(), with(3, 0));
+    used = q.streams();
+    EXPECT_EQ(shares(used), std::vector<int>(3, 3));
+    {
+      // A second queue that wraps onto one of the same streams with a
+      // larger claim: the stream plans with 8 while both live.
+      BatchQueue big(*device_, kIn, kOut, counted(), with(1, 8));
+      Stream shared = big.streams().front();
+      EXPECT_EQ(shared.device_share(), 8);
+      shared.set_device_share(2);  // the stream's own setting, below the claims
+      EXPECT_EQ(shared.device_share(), 8);
+      used.push_back(shared);
+    }
+    EXPECT_EQ(used.back().device_share(), 2) << "8 given back; the setting of 2 stands";
+    used.back().set_device_share(1);
+    used.pop_back();
+    EXPECT_EQ(shares(used), std::vector<int>(3, 3)) << "the first queue's claims stand";
+  }
+  EXPECT_EQ(shares(used), std::vector<int>(3, 1)) << "claims given back with the queue";
+  {
+    BatchQueue q(*device_, kIn, kOut, counted(), with(0, 0));
+    EXPECT_EQ(shares(q.streams()), std::vector<int>{1}) << "manual mode: one stream";
+  }
+  {
+    BatchQueue q(*device_, kIn, kOut, counted(), with(2, 1));
+    EXPECT_EQ(shares(q.streams()), std::vector<int>(2, 1)) << "1 claims nothing";
+  }
+  // Five workers on a pool of two streams: two streams run batches at once.
+  Config small = Config::from_env();
+  small.pool_size = 3;
+  auto dev = Device::create("cpu", 0, small);
+  TinyModel tiny(*dev, kIn, kOut);
+  {
+    BatchQueue q(*dev, kIn, kOut, tiny, with(5, 0));
+    EXPECT_EQ(shares(q.streams()), std::vector<int>(5, 2));
+  }
+  EXPECT_EQ(dev->streams().at(1).device_share(), 1);
+  EXPECT_EQ(dev->streams().at(2).device_share(), 1);
+}
+
 TEST_F(BatchQueueTest, BadOptionsAreRefused) {
   auto bad = [&](auto mutate) {
     auto o = manual();

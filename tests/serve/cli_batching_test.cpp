@@ -38,12 +38,13 @@ TEST(CliBatching, RunMergesRequestsAndEveryOutputIsRight) {
   const auto j = nlohmann::json::parse(r.out);
   for (const char* key :
        {"mean_batch", "rejected", "expired", "cancelled", "max_batch", "max_delay_us",
-        "queue_workers", "requests_per_s", "p99_us", "device_share"})
+        "queue_workers", "requests_per_s", "p99_us", "device_share", "device_share_option"})
     EXPECT_TRUE(j.contains(key)) << "missing key " << key << " in " << r.out;
   EXPECT_EQ(j["arch"], "batching");
   EXPECT_EQ(j["requests"], 400);
   EXPECT_EQ(j["batch"], 1);
-  EXPECT_EQ(j["device_share"], 3);
+  EXPECT_EQ(j["device_share_option"], 3);
+  EXPECT_EQ(j["device_share"], 3) << "the queue's claim on its streams";
   EXPECT_EQ(j["wrong_results"], 0);
   EXPECT_EQ(j["errors"], 0);
   EXPECT_EQ(j["crashes"], 0);
@@ -125,7 +126,8 @@ TEST(CliBatching, BadOptionsEndWithOneLine) {
         "run --batching --max-delay-us -1", "run --batching --queue-workers 0", "run --callbacks",
         "run --batching --refill 2", "run --batching --callbacks --window 8 --refill 9",
         "run --batching --callbacks --window 8 --refill -1", "run --batching --device-share -1",
-        "run --batching --device-share 257", "bench --callbacks", "bench --window 4"}) {
+        "run --batching --device-share 257", "run --device-share 2", "bench --callbacks",
+        "bench --window 4", "bench --device-share 4"}) {
     const auto r = run_cli(args, "2>&1");
     EXPECT_NE(r.exit_code, 0) << args;
     int lines = 0;

@@ -174,9 +174,10 @@ void run_bench(const BenchOptions& b) {
   const WorkloadOptions::Batching no_batching;
   const WorkloadOptions::Batching& queue_opts = b.base.batching;
   FL_CHECK_ARG(b.batching || (!queue_opts.callbacks && queue_opts.refill == 0 &&
-                              queue_opts.window == no_batching.window),
-               "[bench] --callbacks, --refill and --window set up the batching series; add "
-               "--batching, or drop them");
+                              queue_opts.window == no_batching.window &&
+                              queue_opts.device_share == no_batching.device_share),
+               "[bench] --callbacks, --refill, --window and --device-share set up the batching "
+               "series; add --batching, or drop them");
   std::vector<Arch> archs;
   for (const auto& a : b.archs) archs.push_back(parse_arch(a));
   WorkloadOptions base = b.base;

@@ -91,6 +91,9 @@ void WorkloadOptions::validate() const {
     FL_CHECK_ARG(!batching.callbacks && batching.refill == 0,
                  "[run] --callbacks hands the BatchQueue's outputs to completion callbacks (and "
                  "--refill tunes it); they need --batching");
+    FL_CHECK_ARG(batching.device_share == 0,
+                 "[run] --device-share is the BatchQueue's claim on its workers' streams; it "
+                 "needs --batching");
   }
 }
 
@@ -135,7 +138,8 @@ nlohmann::json WorkloadResult::to_json() const {
     j["pipeline_depth"] = o.batching.pipeline_depth;
     j["spin_us"] = o.batching.spin_us;
     j["record_batches"] = o.batching.record;
-    j["device_share"] = o.batching.device_share;
+    j["device_share_option"] = o.batching.device_share;  // 0: the queue's streams
+    j["device_share"] = device_share;  // the hint its first worker's stream planned with
     if (o.batching.callbacks) j["refill"] = o.batching.refill_or_default();
     j["mean_batch"] = mean_batch;
     j["rejected"] = rejected;
@@ -186,6 +190,7 @@ WorkloadResult WorkloadResult::from_json(const nlohmann::json& j, const Workload
   r.compute_p50_us = j.value("compute_p50_us", 0.0);
   r.compute_p99_us = j.value("compute_p99_us", 0.0);
   r.max_depth = j.value("max_depth", uint64_t{0});
+  r.device_share = j.value("device_share", 1);
   r.client_submit_us = j.value("client_submit_us", 0.0);
   r.client_get_us = j.value("client_get_us", 0.0);
   r.client_check_us = j.value("client_check_us", 0.0);
@@ -784,6 +789,7 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
     std::set<int> queue_streams;
     for (const Stream& s : queue->streams()) queue_streams.insert(s.index());
     result.streams_used = static_cast<int>(queue_streams.size());
+    result.device_share = queue->streams().front().device_share();
   }
   return result;
 }

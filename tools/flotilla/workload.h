@@ -133,6 +133,9 @@ struct WorkloadResult {
   // window of recent samples; max_depth: the most requests queued at once.
   double queue_wait_p50_us = 0, queue_wait_p99_us = 0, compute_p50_us = 0, compute_p99_us = 0;
   uint64_t max_depth = 0;
+  // The device-share hint the queue's first worker's stream had at the end
+  // (BatchQueueOptions::device_share, as claimed).
+  int device_share = 1;
   // --window > 1 or --callbacks: a client thread's time per request, by
   // phase (submit(), get() including the wait, copying and checking the
   // output), in µs; with --callbacks, get is the wait for room in the window

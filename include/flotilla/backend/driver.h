@@ -196,14 +196,14 @@ class Queue {
   virtual std::unique_ptr<CommandRecorder> new_recorder() = 0;
   // A small number naming the queue in messages.
   virtual int id() const = 0;
-  // How many queues are expected to run work at the same time as this one
-  // (>= 1; 1 when never set): kernels encoded from now on may size their
-  // work for that share of the device (Note [GEMMs for a share of the device]
-  // in src/backend/cuda/nn_kernels.cu). A hint: it changes speed and, as any
+  // How many queues run work at the same time, this one included (>= 1; 1
+  // when never set): kernels encoded from now on may size their work for
+  // that share of the device (Note [GEMMs for a share of the device] in
+  // src/backend/cuda/nn_kernels.cu). A hint: it changes speed and, as any
   // other choice of algorithm, the last bits of f32 sums; never correctness.
-  // Drivers without such kernels ignore it. Thread-safe.
+  // Drivers without such kernels ignore it. Thread-safe. The runtime's
+  // StreamState decides the value (Stream::set_device_share).
   virtual void set_device_share(int queues) { (void)queues; }
-  virtual int device_share() const { return 1; }
 };
 
 struct DeviceInfo {
@@ -222,6 +222,9 @@ struct DriverStats {
   uint64_t kernels_executed = 0;
   uint64_t violations = 0;      // rule violations reported by validation
   uint64_t handler_errors = 0;  // completion handlers / listeners that threw
+  // GEMM plans made (CUDA: cuBLASLt plans, one per queue and plan key, Note
+  // [cuBLASLt plans]); 0 on drivers without plans.
+  uint64_t gemm_plans = 0;
 };
 
 class Driver {

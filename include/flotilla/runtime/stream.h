@@ -31,6 +31,7 @@
 namespace flotilla {
 
 class Device;
+class DeviceShareClaim;
 class StreamFence;
 class Recording;
 namespace detail {
@@ -89,14 +90,20 @@ class Stream {
 
   // A hint: `streams` streams, this one included, run work on the device at
   // the same time, so kernels encoded from now on may size their work for
-  // that share of it (on CUDA, cuBLASLt plans GEMMs for sm_count / streams
-  // SMs: Note [GEMMs for a share of the device] in
-  // src/backend/cuda/nn_kernels.cu). >= 1, else InvalidArgument; 1, the
-  // default, plans for the whole device. It changes speed and, as any other
-  // choice of algorithm, the last bits of f32 sums. The stream is shared by
-  // whoever holds it: the last setting wins. A recording keeps the plans it
-  // was recorded with. The CPU backend ignores it.
+  // that share of it. On CUDA, f32 GEMMs of 64 to 512 rows are then planned
+  // by cuBLASLt for sm_count / streams SMs (Note [GEMMs for a share of the
+  // device] in src/backend/cuda/nn_kernels.cu); other kernels and backends
+  // ignore it. >= 1, else InvalidArgument; 1, the default, plans for the
+  // whole device. It changes speed and, as any other choice of algorithm,
+  // the last bits of f32 sums, never correctness. A recording keeps the
+  // plans it was recorded with.
+  //
+  // A pooled stream is shared by whoever holds it, so the hint is the
+  // largest of this setting and the claims held on the stream
+  // (claim_device_share: a BatchQueue claims its share on its workers'
+  // streams while it lives); device_share() returns that.
   void set_device_share(int streams);
+  [[nodiscard]] DeviceShareClaim claim_device_share(int streams);
   int device_share() const;
 
   // Statistics.
@@ -108,6 +115,27 @@ class Stream {
  private:
   Device* device_;
   int index_;
+};
+
+// Stream::claim_device_share's claim: while it lives, the stream's hint is
+// at least its share; destroying (or release()) takes it back. Movable, not
+// copyable. It must not outlive the stream's device.
+class DeviceShareClaim {
+ public:
+  DeviceShareClaim() = default;
+  DeviceShareClaim(DeviceShareClaim&& o) noexcept;
+  DeviceShareClaim& operator=(DeviceShareClaim&& o) noexcept;
+  DeviceShareClaim(const DeviceShareClaim&) = delete;
+  DeviceShareClaim& operator=(const DeviceShareClaim&) = delete;
+  ~DeviceShareClaim() { release(); }
+  void release() noexcept;
+  bool held() const { return state_ != nullptr; }
+
+ private:
+  friend class Stream;
+  DeviceShareClaim(detail::StreamState* state, int share) : state_(state), share_(share) {}
+  detail::StreamState* state_ = nullptr;
+  int share_ = 0;
 };
 
 // A point in one stream's committed work (Stream::fence()). A value: copies

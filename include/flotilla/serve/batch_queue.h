@@ -87,7 +87,12 @@
 // batch that thread is completing (Note [A queue destroyed by its own
 // batch] in batch_queue.cpp). So callbacks must not own their queue: keep a
 // reference outside them, and call shutdown() from another thread before
-// letting go of it. RequestHandles may outlive the queue: they hold their
+// letting go of it. Callbacks also run on the threads that call submit()
+// (a refused request), cancel() and shutdown(kCancel): one that lets go of
+// the last reference there destroys the queue inside that call, which then
+// goes on using it; that is undefined behaviour, not detected. The same
+// rule covers it: the caller of those functions holds a reference for the
+// call. RequestHandles may outlive the queue: they hold their
 // request's state, and cancel() on one after the queue is gone returns
 // false.
 //
@@ -189,12 +194,16 @@ struct BatchQueueOptions {
   // it is given, treat rows independently, and depend on nothing but x (a
   // replay repeats exactly what was recorded).
   bool record_batches = false;
-  // The Stream::set_device_share hint set on each worker's stream: how many
-  // streams run batches at once. 0: the number of workers (1 in manual
-  // mode); 1: plan kernels for the whole device. With several workers the
-  // device is shared, and on CUDA f32 GEMMs of 64 to 512 rows planned for a
-  // share of its SMs run faster (docs/PERF.md, "GEMMs for a share of the
-  // device"). 0..256.
+  // How many streams run the queue's batches at once, claimed on each
+  // worker's stream while the queue lives (Stream::claim_device_share; the
+  // streams are the device's pooled ones, shared with its other users, who
+  // see the largest claim). On CUDA, f32 GEMMs of 64 to 512 rows are then
+  // planned for that share of the SMs: with 8 workers busy, 1.4-1.5x the
+  // device's rows/s at 64-256 rows; a batch running alone gets slower (256
+  // rows: 96 against 72 us), but batches that big form only when requests
+  // queue up behind busy workers (docs/PERF.md, "GEMMs for a share of the
+  // device"). 0: the number of distinct streams the workers got (1 in
+  // manual mode: nothing claimed); 1: claim nothing. 0..256.
   int device_share = 0;
   std::chrono::microseconds default_deadline{0};  // from submit, for requests without one; 0: none
   bool reject_nan = false;                        // refuse inputs holding NaN at submit
@@ -232,8 +241,10 @@ class RequestHandle {
   // Blocks until done or `timeout` of real (steady) time passes; returns done().
   // Like wait() and get(), throws InvalidState if the request is not done and
   // this thread runs its queue's batches (a completion callback on a worker
-  // or in step(), or the model): the request could not complete while it
-  // waits, so a loop of bounded waits would never end (Thread safety, above).
+  // or in step(), or the model): with one worker or in manual mode the
+  // request cannot complete while it waits, so a loop of bounded waits would
+  // never end; the rule is the same with several workers, as for get() and
+  // wait() (Thread safety, above). To poll there, use done().
   bool wait_for(std::chrono::steady_clock::duration timeout) const;
   // Blocks until done; returns the output (out_features values) or throws
   // the request's error. Once: a second call throws InvalidState.
@@ -330,6 +341,9 @@ class BatchQueue {
                                                 std::optional<Clock::time_point> deadline,
                                                 CompletionCallback done);
   void worker_loop(detail::Lane& lane);
+  // Claims options_.device_share on the lanes' streams (Note [The queue's
+  // share of the device]).
+  void claim_device_share();
   // Launches the batch in the lane's free slot; it is then in flight.
   void launch_batch(detail::Lane& lane);
   // Waits for the lane's oldest batch and completes its requests.

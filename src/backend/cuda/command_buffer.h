@@ -79,7 +79,6 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   const std::shared_ptr<DeviceCore>& device_shared() const { return device_; }
   cudaStream_t stream() const { return stream_.get(); }
   LaunchContext& launch_context() { return ctx_; }
-  const LaunchContext& launch_context() const { return ctx_; }
 
   // Records `cb`'s completion event (or adopts `reuse`, an event recorded
   // last on this stream) and appends `cb` to the in-flight list, as one step
@@ -174,7 +173,6 @@ class CudaQueue final : public Queue {
   std::unique_ptr<CommandRecorder> new_recorder() override;
   int id() const override { return core_->id(); }
   void set_device_share(int queues) override;
-  int device_share() const override { return core_->launch_context().device_share(); }
 
  private:
   std::shared_ptr<QueueCore> core_;

@@ -235,6 +235,7 @@ DriverStats CudaDriver::stats() const {
   s.kernels_executed = dev_->kernels.load(std::memory_order_relaxed);
   s.violations = dev_->violations.load(std::memory_order_relaxed);
   s.handler_errors = dev_->handler_errors.load(std::memory_order_relaxed);
+  s.gemm_plans = dev_->gemm_plans.load(std::memory_order_relaxed);
   return s;
 }
 

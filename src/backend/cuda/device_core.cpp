@@ -277,6 +277,10 @@ void DeviceCore::synchronize_queues() {
 
 // ---- Kernel support (kernels.h) ------------------------------------------------------
 
+void LaunchContext::count_gemm_plan() const {
+  device_.gemm_plans.fetch_add(1, std::memory_order_relaxed);
+}
+
 void LaunchContext::fail(cudaError_t e, const char* call, const char* file, int line) const {
   device_.fail(e, call, file, line);
 }

@@ -184,7 +184,8 @@ class DeviceCore {
   std::atomic<uint64_t> next_buffer_id{1};
   std::atomic<int> next_queue_id{1};
   // Relaxed: statistics, read for reports only.
-  std::atomic<uint64_t> committed{0}, completed{0}, kernels{0}, violations{0}, handler_errors{0};
+  std::atomic<uint64_t> committed{0}, completed{0}, kernels{0}, violations{0}, handler_errors{0},
+      gemm_plans{0};
 
  private:
   const int index_;

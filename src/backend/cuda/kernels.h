@@ -111,8 +111,8 @@ class LaunchContext {
   // Streaming multiprocessors of the device, for sizing grids.
   int sm_count() const { return sm_count_; }
   DeviceCore& device_core() const { return device_; }
-  // Queue::set_device_share's hint: how many queues share the device with
-  // this one (>= 1). relaxed: a hint, read when a kernel plans its launch.
+  // Queue::set_device_share's hint: how many queues run at once, this one
+  // included (>= 1). relaxed: a hint, read when a kernel plans its launch.
   int device_share() const { return device_share_.load(std::memory_order_relaxed); }
   void set_device_share(int queues) { device_share_.store(queues, std::memory_order_relaxed); }
 
@@ -131,6 +131,9 @@ class LaunchContext {
     static const int kind = QueueResources::next_kind();
     return kind;
   }
+
+  // Counts a GEMM plan made (DriverStats::gemm_plans).
+  void count_gemm_plan() const;
 
   // Throws the error for a failed CUDA call (marks the device lost if sticky).
   [[noreturn]] void fail(cudaError_t e, const char* call, const char* file, int line) const;

@@ -12,7 +12,8 @@
 // Note [cuBLASLt plans]
 // Making a matmul descriptor, three layouts and asking the heuristic for an
 // algorithm costs tens of microseconds, more than the GEMM at batch 1. Each
-// queue keeps a cache of plans keyed by (M, N, K, dtype, epilogue), in a
+// queue keeps a cache of plans keyed by (M, N, K, dtype, epilogue, the three
+// alignments, the SM target of Note [GEMMs for a share of the device]), in a
 // per-queue resource with its cuBLASLt handle and workspace (kernels.h). The
 // bias pointer is an attribute of the descriptor, so setting it and
 // launching happen under the resource's mutex: two threads launching on one
@@ -321,11 +322,6 @@ std::unique_ptr<Plan> make_plan(LtResource& r, const PlanKey& key) {
   const auto epi = static_cast<cublasLtEpilogue_t>(key.epilogue);
   FL_CUBLAS_CHECK(
       cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
-  if (key.sm_target > 0) {
-    const int32_t target = key.sm_target;
-    FL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET,
-                                                   &target, sizeof(target)));
-  }
   FL_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->a, t, static_cast<uint64_t>(key.k),
                                              static_cast<uint64_t>(key.n), key.k));
   FL_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->b, t, static_cast<uint64_t>(key.k),
@@ -347,10 +343,28 @@ std::unique_ptr<Plan> make_plan(LtResource& r, const PlanKey& key) {
   for (const auto& [attr, value] : aligns)
     if (s1 == CUBLAS_STATUS_SUCCESS)
       s1 = cublasLtMatmulPreferenceSetAttribute(pref, attr, &value, sizeof(value));
-  const cublasStatus_t s2 = s1 == CUBLAS_STATUS_SUCCESS ? cublasLtMatmulAlgoGetHeuristic(
-                                                              r.handle, p->desc, p->a, p->b, p->c,
-                                                              p->c, pref, 1, &result, &found)
-                                                        : s1;
+  bool target_set = false;  // the descriptor has an SM target (0 resets it)
+  const auto heuristic = [&](int32_t sm_target) {
+    found = 0;
+    cublasStatus_t s = CUBLAS_STATUS_SUCCESS;
+    if (sm_target > 0 || target_set) {
+      s = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, &sm_target,
+                                         sizeof(sm_target));
+      target_set = s == CUBLAS_STATUS_SUCCESS && sm_target > 0;
+    }
+    if (s == CUBLAS_STATUS_SUCCESS)
+      s = cublasLtMatmulAlgoGetHeuristic(r.handle, p->desc, p->a, p->b, p->c, p->c, pref, 1,
+                                         &result, &found);
+    return s;
+  };
+  cublasStatus_t s2 = s1;
+  // The share is a hint (Note [GEMMs for a share of the device]): when the
+  // heuristic has nothing for it, or this cuBLASLt lacks the attribute, the
+  // plan is the whole device's.
+  if (s2 == CUBLAS_STATUS_SUCCESS && key.sm_target > 0) s2 = heuristic(key.sm_target);
+  if (s1 == CUBLAS_STATUS_SUCCESS &&
+      (key.sm_target == 0 || s2 != CUBLAS_STATUS_SUCCESS || found == 0))
+    s2 = heuristic(0);
   (void)cublasLtMatmulPreferenceDestroy(pref);
   FL_CUBLAS_CHECK(s2);
   FL_CHECK_ARG(found > 0, "[kernel linear] cuBLASLt has no algorithm for M=", key.m, " N=", key.n,
@@ -397,7 +411,10 @@ void linear(const KernelArgs& a, LaunchContext& ctx) {
   {
     MutexLock lock(r.mu);
     auto it = r.plans.find(key);
-    if (it == r.plans.end()) it = r.plans.emplace(key, make_plan(r, key)).first;
+    if (it == r.plans.end()) {
+      it = r.plans.emplace(key, make_plan(r, key)).first;
+      ctx.count_gemm_plan();
+    }
     Plan& p = *it->second;
     if (bias)
       FL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
