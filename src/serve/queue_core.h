@@ -264,8 +264,8 @@ class QueueCore {
   // A worker's verdict on a batch it picked: each request kRunning ->
   // kCompleted with its row of `rows` ([n, out_features]), or kFailed with
   // `error`. Clears batch.requests. `done_at`: when the batch's outputs
-  // were in, the first rows' Completion::completed_at (it is read again
-  // every kClockEveryRows rows).
+  // were in, the first rows' Completion::completed_at (it is read again for
+  // a callback at least kClockEveryRows rows after the last read).
   void complete_batch(Batch& batch, std::exception_ptr error, const float* rows,
                       Clock::time_point done_at);
   static constexpr size_t kClockEveryRows = 16;
