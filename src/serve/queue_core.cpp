@@ -315,21 +315,21 @@ void QueueCore::submit_slow(const std::shared_ptr<Request>& r, Clock::time_point
                       Timeout("[BatchQueue::submit] the request's deadline had passed when it was "
                               "submitted; give it a later deadline")));
   if (!reserve_room()) {
+    const auto refuse_full = [&](const char* what_to_do) FL_REQUIRES(mu_) {
+      refuse(*r, RequestStatus::kRejected,
+             std::make_exception_ptr(QueueFull(::flotilla::detail::str_cat(
+                 "[BatchQueue::submit] the queue holds its capacity of ", options_.capacity,
+                 " requests", what_to_do))));
+    };
     if (options_.when_full == OverflowPolicy::kReject)
-      return refuse(*r, RequestStatus::kRejected,
-                    std::make_exception_ptr(QueueFull(::flotilla::detail::str_cat(
-                        "[BatchQueue::submit] the queue holds its capacity of ", options_.capacity,
-                        " requests; retry later, raise capacity, add workers, or use "
-                        "OverflowPolicy::kBlock"))));
+      return refuse_full(
+          "; retry later, raise capacity, add workers, or use OverflowPolicy::kBlock");
     if (runs_batches_of(this))  // Note [A worker's own submit]
-      return refuse(*r, RequestStatus::kRejected,
-                    std::make_exception_ptr(QueueFull(::flotilla::detail::str_cat(
-                        "[BatchQueue::submit] the queue holds its capacity of ", options_.capacity,
-                        " requests, and this submit() runs on a thread that runs the queue's "
-                        "batches (a completion callback on a worker, or in step()): waiting for "
-                        "room there could wait for itself, so it does not wait "
-                        "(OverflowPolicy::kBlock applies to other threads); submit from another "
-                        "thread, or raise capacity"))));
+      return refuse_full(
+          ", and this submit() runs on a thread that runs the queue's batches (a completion "
+          "callback on a worker, or in step()): waiting for room there could wait for itself, "
+          "so it does not wait (OverflowPolicy::kBlock applies to other threads); submit from "
+          "another thread, or raise capacity");
     ++blocked_;
     bool room = false;
     for (;;) {
