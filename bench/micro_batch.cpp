@@ -18,8 +18,9 @@
 //     batch R): rows_per_s, summed over the threads, is what the device
 //     does for the queue's batches with no queue and no host work between
 //     them, the ceiling of `flotilla run --batching` at that batch size.
-//     S is the streams' Stream::set_device_share hint: 1 plans GEMMs for
-//     the whole device, T for a T-th of it, as a BatchQueue of T workers.
+//     S is the share each thread claims on its stream for the run
+//     (Stream::claim_device_share): 1 plans GEMMs for the whole device, T
+//     for a T-th of it, as a BatchQueue of T workers does.
 // Runs on cuda when a GPU is found, else on cpu (--backend=cpu forces it).
 // Every benchmark repeats 3 times; read the median.
 #include <benchmark/benchmark.h>

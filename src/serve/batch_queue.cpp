@@ -63,7 +63,7 @@ void BatchQueueOptions::validate() const {
   FL_CHECK_ARG(!record_batches || max_batch <= (1 << 20), "[BatchQueueOptions] max_batch is ",
                max_batch, "; record_batches supports up to 1048576");
   FL_CHECK_ARG(device_share >= 0 && device_share <= 256, "[BatchQueueOptions] device_share is ",
-               device_share, "; use 0 (the number of workers) or 1 to 256");
+               device_share, "; use 0 (the number of streams the workers get) or 1 to 256");
   FL_CHECK_ARG(spin_wait.count() >= 0 && spin_wait.count() <= 1000000,
                "[BatchQueueOptions] spin_wait is ", spin_wait.count(),
                " us; use 0 (sleep at once) to 1000000");

@@ -888,8 +888,9 @@ void add_batching_options(CLI::App& cmd, WorkloadOptions::Batching& b) {
                  "batching: how long waiting threads spin before they sleep (us)")
       ->capture_default_str();
   cmd.add_option("--device-share", b.device_share,
-                 "batching: streams running batches at once, a hint for planning kernels (0: "
-                 "the workers; 1: plan for the whole device)")
+                 "batching: streams running batches at once, claimed on the workers' streams "
+                 "as a hint for planning kernels (0: the streams the workers get; 1: claim "
+                 "nothing)")
       ->capture_default_str();
   cmd.add_flag("--record-batches", b.record,
                "batching: record each batch size once and replay it (a CUDA graph on cuda)");

@@ -87,7 +87,7 @@ struct WorkloadOptions {
     int pipeline_depth = 1;  // BatchQueueOptions::pipeline_depth (see its default)
     int64_t spin_us = 0;     // BatchQueueOptions::spin_wait
     bool record = false;     // BatchQueueOptions::record_batches
-    int device_share = 0;    // BatchQueueOptions::device_share (0: the workers)
+    int device_share = 0;    // BatchQueueOptions::device_share (0: the workers' streams)
     // --callbacks: each request's output goes to a completion callback,
     // which checks it on the queue's worker, instead of a handle the client
     // waits on; a client with a full window sleeps until `refill` of its
