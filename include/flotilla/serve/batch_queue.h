@@ -272,11 +272,11 @@ struct Completion {
   std::exception_ptr error;
   // When the queue completed the request, by its clock (BatchQueue::clock()),
   // read shortly before the callback runs: in a batch, the clock is read at
-  // most once per 16 rows, for callback rows only (so this is from before the
-  // callbacks of at most 15
-  // earlier rows of the batch, and of whatever those ran in turn); for a
-  // refusal, a cancellation or an expiry, just before its callback. Latency
-  // measured against it costs no clock read per request.
+  // most once per 16 rows, for callback rows only (so this is from before
+  // the callbacks of at most 15 earlier rows of the batch, and of whatever
+  // those ran in turn); for a refusal, a cancellation or an expiry, just
+  // before its callback. Latency measured against it costs no clock read
+  // per request.
   Clock::time_point completed_at{};
 };
 using CompletionCallback = std::function<void(const Completion&)>;
