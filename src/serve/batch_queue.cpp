@@ -522,12 +522,28 @@ void BatchQueue::complete_oldest(detail::Lane& lane) {
   --lane.in_flight;
 }
 
+// Note [A queue destroyed on the deciding thread]
+// The callbacks of requests that submit() refuses, cancel() cancels or
+// shutdown(kCancel) cancels run on the thread that made that call, before it
+// returns (Note [Completion callbacks] in queue_core.h). Such a thread runs
+// none of the queue's batches, so a callback there that lets go of the last
+// reference may destroy the queue: the destructor drains and joins the
+// workers as anywhere else. The call it is nested in must then touch
+// nothing of the queue: submit() and cancel() return what they hold on
+// their own stack; the parked callbacks still to run hold the core (not the
+// queue) themselves; and shutdown(), which has more to do after stop(),
+// first checks that the queue is still there (alive_, which only the queue
+// owns): if a callback destroyed it, its destructor has joined the workers
+// already. (On a thread that runs the queue's batches this cannot be done:
+// Note [A queue destroyed by its own batch].)
 void BatchQueue::shutdown(ShutdownMode mode) {
   FL_CHECK_STATE(!detail::QueueCore::runs_batches_of(core_.get()),
                  "[BatchQueue::shutdown] called on a thread that runs this queue's batches (a "
                  "completion callback on a worker or in step(), or the model): it would wait "
                  "for itself to finish; call shutdown() from another thread");
-  core_->stop(mode);  // first, outside shutdown_mu_: a kCancel cuts a running drain short
+  const std::weak_ptr<const int> alive = alive_;
+  core_->stop(mode);            // first, outside shutdown_mu_: a kCancel cuts a running drain short
+  if (alive.expired()) return;  // a kCancel's callback destroyed the queue (see the Note)
   MutexLock lock(shutdown_mu_);
   if (joined_) return;
   if (options_.workers == 0) {

@@ -106,7 +106,9 @@ namespace {
 // Callback requests this thread made final under a core's mu_, waiting for
 // their callbacks (Note [Completion callbacks]).
 struct Parked {
-  QueueCore* core;
+  // Owned: the callback of an earlier parked request may destroy the queue
+  // (Note [A queue destroyed on the deciding thread] in batch_queue.cpp).
+  std::shared_ptr<QueueCore> core;
   std::shared_ptr<Request> request;
   std::exception_ptr error;
 };
@@ -121,7 +123,7 @@ void QueueCore::finish(Request& r, RequestStatus status, std::exception_ptr err)
   if (!r.on_done) return complete_now(r, status, nullptr, std::move(err), Clock::time_point{});
   // Note [Completion callbacks]: not under mu_; this thread runs it before
   // its call returns.
-  t_parked.push_back({this, r.shared_from_this(), std::move(err)});
+  t_parked.push_back({shared_from_this(), r.shared_from_this(), std::move(err)});
 }
 
 QueueCore::WorkerScope::WorkerScope(const QueueCore& core) : core_(&core), outer_(t_worker_scope) {

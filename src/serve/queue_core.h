@@ -207,7 +207,13 @@ struct Batch {
 // shutdown, passes through the same lock before freeing it
 // (retire_after_shutdown), so no cancel() that saw a queued request is still
 // using the core. Only cancel() and queue destruction take this lock.
-class QueueCore {
+//
+// Shared: the BatchQueue owns its core, and a parked callback (Note
+// [Completion callbacks]) holds it too until it has run, so that a callback
+// that destroys the queue does not free the core under the callbacks parked
+// after it (Note [A queue destroyed on the deciding thread] in
+// batch_queue.cpp).
+class QueueCore : public std::enable_shared_from_this<QueueCore> {
  public:
   // Note [A worker's own submit]
   // Marks the current thread, while it lives, as one that runs this core's

@@ -1238,6 +1238,71 @@ TEST_F(BatchQueueCallbackDeathTest, ACallbackDroppingTheLastReferenceToItsQueueS
   }
 }
 
+// Note [A queue destroyed on the deciding thread] (batch_queue.cpp): on a
+// thread that runs none of the queue's batches (the caller of submit(),
+// cancel() or shutdown(kCancel)), a callback that holds the last reference
+// destroys the queue inside that call, and the call must touch nothing of
+// the queue afterwards. The queue is reached through a plain pointer, as a
+// callback-owned queue is. The shutdown(kCancel) case used freed memory
+// before the fix (ASan: heap-use-after-free): it ran the next cancelled
+// request's callback through the freed core, and then locked the freed
+// queue's mutex. The cancel() and submit() cases passed before it too; they
+// keep those calls from touching the queue after their callbacks.
+TEST_F(BatchQueueCallbackTest, ACallbackMayDropTheLastReferenceOnTheThreadThatDecidedIt) {
+  // Each queue is its own heap block (not make_shared's, which the weak_ptr
+  // `alive` would keep allocated), so that ASan sees any use after the free.
+  // shutdown(kCancel): the first cancelled request's callback owns the
+  // queue; two more requests are cancelled after it, one of them a handle's.
+  {
+    std::shared_ptr<BatchQueue> q(new BatchQueue(*device_, kIn, kOut, counted(), manual(4, 100us)));
+    const std::weak_ptr<BatchQueue> alive = q;
+    BatchQueue* queue = q.get();
+    CallLog log;
+    const uint64_t owner = queue->submit(input(0), log.callback([q](const Completion&) {}));
+    const uint64_t other = queue->submit(input(1), log.callback());
+    RequestHandle h = queue->submit(input(2));
+    q.reset();
+    ASSERT_FALSE(alive.expired());
+    queue->shutdown(ShutdownMode::kCancel);
+    EXPECT_TRUE(alive.expired()) << "the owning callback let go of the last reference";
+    EXPECT_EQ(log.only(owner).status, RequestStatus::kCancelled);
+    EXPECT_EQ(log.only(other).status, RequestStatus::kCancelled);
+    EXPECT_EQ(h.status(), RequestStatus::kCancelled);
+    EXPECT_THROW(h.get(), Cancelled);
+  }
+  // cancel(id): the cancelled request's callback owns the queue; another
+  // request is still queued and is drained by the destructor, inside cancel().
+  {
+    std::shared_ptr<BatchQueue> q(new BatchQueue(*device_, kIn, kOut, counted(), manual(4, 100us)));
+    const std::weak_ptr<BatchQueue> alive = q;
+    BatchQueue* queue = q.get();
+    CallLog log;
+    const uint64_t owner = queue->submit(input(0), log.callback([q](const Completion&) {}));
+    RequestHandle h = queue->submit(input(1));
+    q.reset();
+    EXPECT_TRUE(queue->cancel(owner));
+    EXPECT_TRUE(alive.expired());
+    EXPECT_EQ(log.only(owner).status, RequestStatus::kCancelled);
+    expect_output(h, 1);  // the destructor drained it
+  }
+  // submit(): a refused request's callback owns the queue (QueueFull).
+  {
+    auto o = manual(4, 100us);
+    o.capacity = 1;
+    std::shared_ptr<BatchQueue> q(new BatchQueue(*device_, kIn, kOut, counted(), o));
+    const std::weak_ptr<BatchQueue> alive = q;
+    BatchQueue* queue = q.get();
+    CallLog log;
+    RequestHandle h = queue->submit(input(0));
+    CompletionCallback owning = log.callback([q](const Completion&) {});
+    q.reset();
+    const uint64_t refused = queue->submit(input(1), std::move(owning));
+    EXPECT_TRUE(alive.expired());
+    EXPECT_EQ(log.only(refused).status, RequestStatus::kRejected);
+    expect_output(h, 0);
+  }
+}
+
 // ---- Mixed handles and callbacks -------------------------------------------------------
 
 TEST_F(BatchQueueCallbackTest, HandleAndCallbackRequestsShareABatchAndGetTheirOwnRows) {

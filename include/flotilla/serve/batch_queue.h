@@ -85,14 +85,16 @@
 // shutdown drain, stops the process (std::abort, after a message that says
 // so), since the destructor would have to join its own thread and free the
 // batch that thread is completing (Note [A queue destroyed by its own
-// batch] in batch_queue.cpp). So callbacks must not own their queue: keep a
-// reference outside them, and call shutdown() from another thread before
-// letting go of it. Callbacks also run on the threads that call submit()
-// (a refused request), cancel() and shutdown(kCancel): one that lets go of
-// the last reference there destroys the queue inside that call, which then
-// goes on using it; that is undefined behaviour, not detected. The same
-// rule covers it: the caller of those functions holds a reference for the
-// call. RequestHandles may outlive the queue: they hold their
+// batch] in batch_queue.cpp). So callbacks that run on those threads must
+// not own their queue: keep a reference outside them, and call shutdown()
+// from another thread before letting go of it. Callbacks also run on the
+// threads that call submit() (a refused request), cancel() and
+// shutdown(kCancel): there, on a thread that runs none of the queue's
+// batches, one that lets go of the last reference destroys the queue inside
+// that call (draining and
+// joining the workers, as the destructor does), and the call then returns
+// without touching it (Note [A queue destroyed on the deciding thread]).
+// RequestHandles may outlive the queue: they hold their
 // request's state, and cancel() on one after the queue is gone returns
 // false.
 //
@@ -365,6 +367,10 @@ class BatchQueue {
   // One lane per worker (or one for manual mode); fixed after construction.
   std::vector<std::unique_ptr<detail::Lane>> lanes_;
   std::vector<std::thread> threads_;  // joined by shutdown(); written in the constructor
+  // Owned by the queue alone, never written: shutdown() watches it to see
+  // whether a callback it ran destroyed the queue (Note [A queue destroyed
+  // on the deciding thread] in batch_queue.cpp).
+  const std::shared_ptr<const int> alive_ = std::make_shared<const int>(0);
 
   // Serialises shutdown() callers; guards the join.
   Mutex shutdown_mu_;
