@@ -8,6 +8,7 @@
 #include <cstring>
 #include <set>
 
+#include "flotilla/common/cache_hint.h"
 #include "flotilla/common/error.h"
 #include "flotilla/common/thread_name.h"
 #include "flotilla/runtime/device.h"
@@ -434,6 +435,17 @@ void BatchQueue::run_batch(detail::Lane& lane) {
 // not replayed) and is then recorded, so that lazily made resources
 // (cuBLASLt plans, workspaces, cached blocks) exist before the capture. A recording that fails (the
 // model threw) fails that batch only; the next batch of that size tries again.
+// Note [Staging leaves the worker's cache]
+// The gather leaves the batch's inputs (2 KiB a row with the seed's MLP,
+// about 240 KiB for a batch of 120) dirty in the worker's private caches,
+// where the device's read of the staging has to fetch them from and where
+// they crowd out what the worker reads next: its next batch's requests, and
+// the rows and references its callbacks read. So the worker demotes them to
+// the shared cache once packed (demote_to_shared_cache: x86 CLDEMOTE, a NOP
+// where missing). On the H100 host, with 64 clients of 32 or 48 requests in
+// flight, this gave 1.06x requests/s (medians, docs/PERF.md: "Where a
+// worker's time goes"); the same hint on the clients' request blocks made
+// the workers' reads faster but cost the clients more and lost.
 void BatchQueue::encode_batch(detail::Lane& lane, detail::Slot& slot, int64_t rows) {
   Stream stream = lane.stream;
   const size_t in_bytes = static_cast<size_t>(rows * in_) * sizeof(float);
@@ -465,10 +477,13 @@ void BatchQueue::launch_batch(detail::Lane& lane) {
     for (int64_t i = 0; i < b; ++i)
       std::memcpy(packed + static_cast<size_t>(i) * in_row,
                   reqs[static_cast<size_t>(i)]->input.data(), in_row);
+    const auto [bucket, rows] = options_.record_batches
+                                    ? detail::size_bucket(b, options_.max_batch)
+                                    : std::pair<size_t, int64_t>(0, b);
+    std::memset(packed + static_cast<size_t>(b) * in_row, 0, static_cast<size_t>(rows - b) * in_row);
+    // Note [Staging leaves the worker's cache]
+    ::flotilla::detail::demote_to_shared_cache(packed, static_cast<size_t>(rows) * in_row);
     if (options_.record_batches) {
-      const auto [bucket, rows] = detail::size_bucket(b, options_.max_batch);
-      std::memset(packed + static_cast<size_t>(b) * in_row, 0,
-                  static_cast<size_t>(rows - b) * in_row);
       Recording& rec = slot.recorded[bucket];
       if (rec.valid()) {
         stream.replay(rec);
