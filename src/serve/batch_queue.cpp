@@ -166,6 +166,10 @@ std::pair<size_t, int64_t> size_bucket(int64_t n, int64_t max_batch) {
   return {i, std::min(rows, max_batch)};
 }
 
+// Note [Staging leaves the worker's cache]: staging of at least this many
+// bytes is demoted once packed.
+constexpr size_t kDemoteStagingFrom = 64 * 1024;
+
 // What one worker owns: its stream and a ring of pipeline_depth slots; the
 // in-flight ones are [oldest, oldest + in_flight) modulo the ring.
 struct Lane {
@@ -440,12 +444,15 @@ void BatchQueue::run_batch(detail::Lane& lane) {
 // about 240 KiB for a batch of 120) dirty in the worker's private caches,
 // where the device's read of the staging has to fetch them from and where
 // they crowd out what the worker reads next: its next batch's requests, and
-// the rows and references its callbacks read. So the worker demotes them to
-// the shared cache once packed (demote_to_shared_cache: x86 CLDEMOTE, a NOP
-// where missing). On the H100 host, with 64 clients of 32 or 48 requests in
-// flight, this gave 1.06x requests/s (medians, docs/PERF.md: "Where a
-// worker's time goes"); the same hint on the clients' request blocks made
-// the workers' reads faster but cost the clients more and lost.
+// the rows and references its callbacks read. So the worker demotes a large
+// batch's staging to the shared cache once packed (demote_to_shared_cache:
+// x86 CLDEMOTE, a NOP where missing). On the H100 host, with 64 clients of
+// 32 or 48 requests in flight (batches of 110 to 180 rows), this gave 1.13x
+// requests/s, every round faster (docs/PERF.md: "Where a worker's time
+// goes"). Demoting every batch cost 8 closed-loop clients (batches of 2 or
+// 3 rows, which leave little behind) 2 %, so batches under 64 KiB are left
+// alone. The same hint on the clients' request blocks made the workers'
+// reads faster but cost the clients more, and lost.
 void BatchQueue::encode_batch(detail::Lane& lane, detail::Slot& slot, int64_t rows) {
   Stream stream = lane.stream;
   const size_t in_bytes = static_cast<size_t>(rows * in_) * sizeof(float);
@@ -477,12 +484,14 @@ void BatchQueue::launch_batch(detail::Lane& lane) {
     for (int64_t i = 0; i < b; ++i)
       std::memcpy(packed + static_cast<size_t>(i) * in_row,
                   reqs[static_cast<size_t>(i)]->input.data(), in_row);
-    const auto [bucket, rows] = options_.record_batches
-                                    ? detail::size_bucket(b, options_.max_batch)
-                                    : std::pair<size_t, int64_t>(0, b);
-    std::memset(packed + static_cast<size_t>(b) * in_row, 0, static_cast<size_t>(rows - b) * in_row);
+    const auto [bucket, rows] = options_.record_batches ? detail::size_bucket(b, options_.max_batch)
+                                                        : std::pair<size_t, int64_t>(0, b);
+    std::memset(packed + static_cast<size_t>(b) * in_row, 0,
+                static_cast<size_t>(rows - b) * in_row);
     // Note [Staging leaves the worker's cache]
-    ::flotilla::detail::demote_to_shared_cache(packed, static_cast<size_t>(rows) * in_row);
+    if (const size_t packed_bytes = static_cast<size_t>(rows) * in_row;
+        packed_bytes >= detail::kDemoteStagingFrom)
+      ::flotilla::detail::demote_to_shared_cache(packed, packed_bytes);
     if (options_.record_batches) {
       Recording& rec = slot.recorded[bucket];
       if (rec.valid()) {
