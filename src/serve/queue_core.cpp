@@ -90,10 +90,12 @@ void Request::wait_done() const {
 }
 
 namespace {
-std::atomic<void (*)()> g_before_push{nullptr};  // set_before_push_hook_for_testing
+std::atomic<void (*)()> g_before_push{nullptr};   // set_before_push_hook_for_testing
+std::atomic<void (*)()> g_after_detach{nullptr};  // set_after_detach_hook_for_testing
 }  // namespace
 
 void set_before_push_hook_for_testing(void (*hook)()) { g_before_push.store(hook); }
+void set_after_detach_hook_for_testing(void (*hook)()) { g_after_detach.store(hook); }
 
 QueueCore::QueueCore(const BatchQueueOptions& options, std::shared_ptr<Clock> clock,
                      size_t out_features)
@@ -228,6 +230,57 @@ void QueueCore::take_inbox() {
   } while (!inbox_head_.compare_exchange_weak(head, 0, std::memory_order_seq_cst,
                                               std::memory_order_seq_cst));
   move_to_fifo(head);
+}
+
+Request* QueueCore::detach_inbox(bool& counted) {
+  counted = false;
+  uintptr_t head = inbox_head_.load(std::memory_order_relaxed);
+  if (head == 0 || head == kInboxClosed) return nullptr;
+  // Note [Inbox walks outside the lock]: say so before looking at quiesce_.
+  detached_.fetch_add(1, std::memory_order_seq_cst);
+  counted = true;
+  if (quiesce_.load(std::memory_order_seq_cst) > 0) return nullptr;  // a cancel waits
+  head = inbox_head_.load(std::memory_order_seq_cst);
+  do {
+    if (head == 0 || head == kInboxClosed) return nullptr;
+  } while (!inbox_head_.compare_exchange_weak(head, 0, std::memory_order_seq_cst,
+                                              std::memory_order_seq_cst));
+  // The stack holds the newest first: reverse its links. Each request's line
+  // comes into this core's cache here, without the lock.
+  Request* oldest = nullptr;
+  for (auto* r = reinterpret_cast<Request*>(head); r != nullptr;) {
+    Request* next = r->inbox_next;
+    r->inbox_next = oldest;
+    oldest = r;
+    r = next;
+  }
+  if (auto* hook = g_after_detach.load(std::memory_order_relaxed)) hook();
+  return oldest;
+}
+
+void QueueCore::splice(Request* oldest, bool counted) {
+  while (oldest != nullptr) {
+    Request& r = *oldest;
+    oldest = r.inbox_next;
+    r.inbox_next = nullptr;
+    if (cancel_on_splice_)
+      cancel_on_shutdown(std::move(r.inbox_ref));
+    else
+      insert_fifo(std::move(r.inbox_ref));
+  }
+  max_depth_ = std::max(max_depth_, fifo_.size());
+  if (counted) {
+    // Under mu_, as a waiter looks at it: its wait cannot miss this.
+    detached_.fetch_sub(1, std::memory_order_seq_cst);
+    if (quiesce_.load(std::memory_order_seq_cst) > 0) splice_cv_.notify_all();
+  }
+}
+
+void QueueCore::take_everything() {
+  quiesce_.fetch_add(1, std::memory_order_seq_cst);
+  splice_cv_.wait(mu_, [&] { return detached_.load(std::memory_order_seq_cst) == 0; });
+  quiesce_.fetch_sub(1, std::memory_order_seq_cst);
+  take_inbox();
 }
 
 void QueueCore::move_to_fifo(uintptr_t head) {
@@ -415,7 +468,10 @@ bool QueueCore::cancel(uint64_t id) {
   bool won = false;
   {
     MutexLock lock(mu_, kSpinFirst);
-    take_inbox();  // the request may still be there: put it in the FIFO, where it is found
+    // The request may be in the inbox, or in a list a worker took from it
+    // (Note [Inbox walks outside the lock]): put them in the FIFO, where it
+    // is found.
+    take_everything();
     // The FIFO holds exactly the queued requests (Note [Exactly once]).
     const auto it = find_queued(id);
     if (it != fifo_.end()) {
@@ -601,8 +657,12 @@ bool QueueCore::take_ready(Batch& batch, bool force) {
 bool QueueCore::take_ready_body(Batch& batch, bool force) {
   batch.requests.clear();
   const Clock::time_point now = clock_->now();  // before the lock, as in submit()
+  // Note [Inbox walks outside the lock]
+  bool counted = false;
+  Request* const detached = detach_inbox(counted);
   MutexLock lock(mu_, kSpinFirst);
-  take_inbox();
+  splice(detached, counted);
+  take_inbox();  // what arrived since, or all of it if a cancel held detaching off
   expire_due(now);
   if (force ? !fifo_.empty() : batch_ready(now)) pick(batch, now);
   return !batch.requests.empty();
@@ -660,16 +720,13 @@ void QueueCore::stop_body(ShutdownMode mode) {
   // slow path, which sees stopping_ (Note [Inbox]).
   move_to_fifo(inbox_head_.exchange(kInboxClosed, std::memory_order_seq_cst));
   if (mode == ShutdownMode::kCancel) {
+    // Lists workers have taken from the inbox are cancelled as they are
+    // spliced (Note [Inbox walks outside the lock]).
+    cancel_on_splice_ = true;
     while (!fifo_.empty()) {
       std::shared_ptr<Request> r = std::move(fifo_.front());
       fifo_.pop_front();
-      left_fifo(1);
-      const bool won = r->move(RequestStatus::kQueued, RequestStatus::kCancelled);
-      FL_INTERNAL_CHECK(won, "request ", r->id, " in the FIFO was not queued");
-      finish(*r, RequestStatus::kCancelled,
-             std::make_exception_ptr(Cancelled(::flotilla::detail::str_cat(
-                 "[BatchQueue::shutdown] request ", r->id,
-                 " was cancelled by shutdown(kCancel) before it ran"))));
+      cancel_on_shutdown(std::move(r));
     }
     deadlines_.clear();
   }
@@ -677,6 +734,17 @@ void QueueCore::stop_body(ShutdownMode mode) {
   work_cv_.notify_all();
   idle_cv_.notify_all();
   space_cv_.notify_all();
+}
+
+void QueueCore::cancel_on_shutdown(std::shared_ptr<Request> r) {
+  left_fifo(1);
+  if (r->deadline != Clock::kNever) deadlines_.erase({r->deadline, r->id});
+  const bool won = r->move(RequestStatus::kQueued, RequestStatus::kCancelled);
+  FL_INTERNAL_CHECK(won, "request ", r->id, " in the FIFO was not queued");
+  finish(*r, RequestStatus::kCancelled,
+         std::make_exception_ptr(Cancelled(
+             ::flotilla::detail::str_cat("[BatchQueue::shutdown] request ", r->id,
+                                         " was cancelled by shutdown(kCancel) before it ran"))));
 }
 
 bool QueueCore::stopping() const {

@@ -40,6 +40,29 @@
 // not wake it (it sees leader_spinning_): the spin watches the inbox, and the
 // leader looks at the inbox again under the lock when the spin ends, so none
 // is missed.
+//
+// Note [Inbox walks outside the lock]
+// Moving the inbox into the FIFO walks a list of requests that clients on
+// other cores just wrote: one cache miss each. Under mu_ that walk was the
+// queue's serial part (about 0.7 us a request of a worker's time on the H100
+// with 64 clients, waiting for the lock included), so a worker with a batch
+// in flight (take_ready) takes the inbox with one exchange, without mu_,
+// walks it, and only then takes mu_ to put the requests in the FIFO
+// (splice): the misses of several workers overlap, and the lock is held for
+// work whose lines are already in the holder's cache. Between the exchange
+// and the splice the taken requests are queued but in neither the inbox nor
+// the FIFO, where a decision under mu_ would look for them. Two decisions
+// need them: cancel(), which must find a queued request, waits for every
+// detached list to be spliced (take_everything: it raises quiesce_, which
+// holds new detaches off, and waits on splice_cv_ until detached_ is 0);
+// and shutdown(kCancel), which must cancel every queued request, sets
+// cancel_on_splice_, so that the splice cancels such a list instead (on the
+// splicing thread, before its call returns; the shutdown then joins that
+// worker, or, in manual mode, waits for that step()). The other decisions
+// lose nothing: expiries of detached requests wait for the splice (a few
+// microseconds), and the leader, which never detaches, is woken by the
+// submits themselves (Note [Inbox]). A request taken and spliced by a
+// worker may be overtaken by a later one that another worker spliced first.
 #pragma once
 
 #include <atomic>
@@ -66,6 +89,11 @@ class QueueCore;
 // and pushing onto the inbox (null: nothing), to hold a submitter in that
 // window on purpose. Set it while no queue is in use.
 void set_before_push_hook_for_testing(void (*hook)());
+// Tests only: called by take_ready() after it has taken a non-empty inbox
+// and walked it, before it takes the core's lock to put the requests in the
+// FIFO (null: nothing): holds a taker in that window (Note [Inbox walks
+// outside the lock]). Set it while no queue is in use.
+void set_after_detach_hook_for_testing(void (*hook)());
 
 // Note [One allocation per request]
 // A request, its shared_ptr's control block and its copy of the input are one
@@ -319,6 +347,20 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   bool push_inbox(const std::shared_ptr<Request>& r);
   // Moves the inbox into the FIFO, in id order (Note [Inbox]).
   void take_inbox() FL_REQUIRES(mu_);
+  // Note [Inbox walks outside the lock]: takes the inbox without mu_ and
+  // walks it, unless a caller waits for every request to be in the FIFO;
+  // returns its requests, oldest first, linked through inbox_next (null:
+  // none). `counted`: detached_ was raised, and splice() must lower it.
+  Request* detach_inbox(bool& counted) FL_EXCLUDES(mu_);
+  // Puts the requests detach_inbox() returned into the FIFO (or, after
+  // shutdown(kCancel), cancels them), then lowers detached_ if `counted`.
+  void splice(Request* oldest, bool counted) FL_REQUIRES(mu_);
+  // For a caller that needs every queued request in the FIFO (cancel):
+  // stops new detaches, waits for the ones under way, and takes the inbox.
+  void take_everything() FL_REQUIRES(mu_);
+  // Cancels the queued request `r`, just taken from the FIFO or a detached
+  // list by shutdown(kCancel).
+  void cancel_on_shutdown(std::shared_ptr<Request> r) FL_REQUIRES(mu_);
   // Moves the requests of an inbox list (newest first) into the FIFO.
   void move_to_fifo(uintptr_t head) FL_REQUIRES(mu_);
   // Puts `r` (queued, with its id) into the FIFO at its id's place and its
@@ -373,7 +415,17 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   // the inbox while the leader sleeps (a woken leader is notified under mu_).
   static constexpr uintptr_t kInboxClosed = 1;
   std::atomic<uintptr_t> inbox_head_{0};  // a Request*, 0 (empty) or kInboxClosed
-  std::atomic<uint64_t> next_id_{1};      // every submit takes one: submitted = next_id_ - 1
+  // Note [Inbox walks outside the lock]: the inbox lists workers have taken
+  // and not yet put into the FIFO, and the callers (cancel) waiting for
+  // them, who hold new detaches off meanwhile. seq_cst, both: a detacher
+  // raises detached_ and then reads quiesce_; a waiter raises quiesce_ and
+  // then reads detached_; one of the two sees the other.
+  std::atomic<int> detached_{0};
+  std::atomic<int> quiesce_{0};
+  CondVar splice_cv_;  // detached_ fell while quiesce_ was raised
+  // shutdown(kCancel) began: a detached list is cancelled as it is spliced.
+  bool cancel_on_splice_ FL_GUARDED_BY(mu_) = false;
+  std::atomic<uint64_t> next_id_{1};  // every submit takes one: submitted = next_id_ - 1
   // Requests queued (FIFO + inbox); reserve_room() keeps it <= capacity.
   std::atomic<size_t> queued_{0};
   std::atomic<bool> leader_waiting_{false};

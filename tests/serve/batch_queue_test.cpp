@@ -278,6 +278,63 @@ TEST_F(BatchQueueTest, CancellingARequestOvertakenBeforeItsPushFindsIt) {
   expect_output(b, 1);
 }
 
+// Note [Inbox walks outside the lock] (queue_core.h): step() (like a worker
+// with a batch in flight) takes the inbox without the queue's lock and walks
+// it before it puts the requests in the FIFO. Held in that window, its
+// requests are queued but in neither place. A cancel() then must wait for
+// them: without the wait it found nothing, returned false at once while the
+// request was still queued, and the request ran.
+TEST_F(BatchQueueTest, CancelFindsARequestAWorkerHasTakenFromTheInbox) {
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(4, 100us));  // 1 of 4: not ready
+  RequestHandle a = q.submit(input(0));
+  RequestHandle b = q.submit(input(1));
+  DetachHold hold;
+  std::thread stepper([&] {
+    DetachHold::hold_my_next_detach();
+    EXPECT_EQ(q.step(), 0u) << "b alone, before max_delay: not a batch yet";
+  });
+  hold.wait_held();  // a and b are taken from the inbox, not yet in the FIFO
+  std::atomic<int> cancelled{-1};
+  std::thread canceller([&] { cancelled = a.cancel() ? 1 : 0; });
+  std::this_thread::sleep_for(20ms);
+  EXPECT_EQ(cancelled.load(), -1) << "cancel() returned before the taken requests were put back";
+  hold.release();
+  stepper.join();
+  canceller.join();
+  EXPECT_EQ(cancelled.load(), 1);
+  EXPECT_EQ(outcome_of(a), Outcome::kCancelled);
+  clock_->advance(100us);
+  EXPECT_EQ(q.step(), 1u);
+  EXPECT_EQ(rows_.load(), 1) << "only b runs";
+  expect_output(b, 1);
+}
+
+// The same window for shutdown(kCancel): the requests a worker has taken
+// from the inbox are cancelled when it puts them back, never run. Without
+// that they went into the FIFO after the shutdown had cancelled it, and ran.
+TEST_F(BatchQueueTest, ShutdownCancelCancelsRequestsAWorkerHasTakenFromTheInbox) {
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(4, 100us));
+  RequestHandle a = q.submit(input(0));
+  RequestHandle b = q.submit(input(1));
+  DetachHold hold;
+  std::thread stepper([&] {
+    DetachHold::hold_my_next_detach();
+    EXPECT_EQ(q.step(), 0u);
+  });
+  hold.wait_held();
+  std::thread stopper([&] { q.shutdown(ShutdownMode::kCancel); });
+  std::this_thread::sleep_for(20ms);  // the shutdown has cancelled the (empty) FIFO
+  hold.release();
+  stepper.join();
+  stopper.join();
+  EXPECT_EQ(outcome_of(a), Outcome::kCancelled);
+  EXPECT_EQ(outcome_of(b), Outcome::kCancelled);
+  EXPECT_EQ(rows_.load(), 0) << "nothing ran";
+  const auto m = q.metrics();
+  EXPECT_EQ(m.cancelled, 2u);
+  EXPECT_EQ(m.depth, 0u);
+}
+
 // ---- Batched equals unbatched ------------------------------------------------------
 
 TEST_F(BatchQueueTest, BatchedOutputsEqualUnbatchedOnesRequestByRequest) {

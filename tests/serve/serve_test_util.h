@@ -77,6 +77,32 @@ class PushHold {
   static inline std::binary_semaphore held_{0}, go_{0};
 };
 
+// Holds a take_ready() between taking the inbox (without the queue's lock)
+// and putting its requests in the FIFO (the queue's test hook; Note [Inbox
+// walks outside the lock]). While a DetachHold lives, the next detach of a
+// thread that called hold_my_next_detach() waits there: wait_held() returns
+// once it is there, release() lets it go on.
+class DetachHold {
+ public:
+  DetachHold() { detail::set_after_detach_hook_for_testing(&hook); }
+  ~DetachHold() { detail::set_after_detach_hook_for_testing(nullptr); }
+  DetachHold(const DetachHold&) = delete;
+  DetachHold& operator=(const DetachHold&) = delete;
+  static void hold_my_next_detach() { mine_ = true; }
+  void wait_held() { held_.acquire(); }
+  void release() { go_.release(); }
+
+ private:
+  static void hook() {
+    if (!mine_) return;
+    mine_ = false;
+    held_.release();
+    go_.acquire();
+  }
+  static inline thread_local bool mine_ = false;
+  static inline std::binary_semaphore held_{0}, go_{0};
+};
+
 inline std::shared_ptr<Device> make_device() {
   return Device::create("cpu", 0, Config::from_env());
 }

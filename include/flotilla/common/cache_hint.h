@@ -14,6 +14,7 @@ namespace flotilla::detail {
 // architectures, where this is empty) do nothing.
 inline void demote_to_shared_cache(const void* p, size_t bytes) {
 #if defined(__x86_64__)
+  if (bytes == 0) return;
   constexpr uintptr_t kLine = 64;
   const uintptr_t end = reinterpret_cast<uintptr_t>(p) + bytes;
   for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~(kLine - 1); a < end; a += kLine)

@@ -47,8 +47,10 @@
 //   on a worker thread (or step()'s caller) when its batch completes or fails;
 //   on the thread whose call decided it otherwise, before that call
 //   returns: submit() itself for a refusal (QueueFull, ShutDown, a deadline
-//   already passed), cancel() or shutdown(kCancel) for Cancelled, a worker
-//   (or step()'s caller) for Timeout;
+//   already passed), cancel() or shutdown(kCancel) for Cancelled (or, for a
+//   request a worker or step() had just taken from the queue's inbox when
+//   shutdown(kCancel) came, that worker or step(), which the shutdown waits
+//   for), a worker (or step()'s caller) for Timeout;
 // never while the queue's own lock is held (step() and the shutdown drain
 // hold theirs), so it may submit() and cancel(). A submit() from a callback
 // that runs on a worker (or in step()) never waits for room: under kBlock a
@@ -89,14 +91,17 @@
 // not own their queue: keep a reference outside them, and call shutdown()
 // from another thread before letting go of it. Callbacks also run on the
 // threads that call submit() (a refused request), cancel() and
-// shutdown(kCancel): there, on a thread that runs none of the queue's
-// batches, one that lets go of the last reference destroys the queue inside
-// that call (draining and
-// joining the workers, as the destructor does), and the call then returns
-// without touching it (Note [A queue destroyed on the deciding thread]).
-// RequestHandles may outlive the queue: they hold their
-// request's state, and cancel() on one after the queue is gone returns
-// false.
+// shutdown(kCancel) (and, after a shutdown(kCancel), on a worker or step()
+// for requests it had taken from the queue's inbox): there, on a thread that
+// runs none of the queue's batches, one that lets go of the last reference,
+// inside the callback itself, destroys the queue inside that call (draining
+// and joining the workers, as the destructor does), and the call then
+// returns without touching it (Note [A queue destroyed on the deciding
+// thread]). The callbacks that call runs after it must not reach the queue
+// through a plain pointer: it is gone. Calls on other threads are not
+// covered: each caller of a queue function holds a reference for the call.
+// RequestHandles may outlive the queue: they hold their request's state,
+// and cancel() on one after the queue is gone returns false.
 //
 // What blocks: submit() under kBlock (until room, the request's deadline,
 // or shutdown); RequestHandle::get()/wait()/wait_for(); step() (runs a batch);
