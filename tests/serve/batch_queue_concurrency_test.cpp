@@ -66,6 +66,10 @@ TEST(BatchQueueConcurrency, EveryRequestCompletesExactlyOnceUnderRaces) {
     // the hand-offs; they must lose nothing either.
     o.spin_wait = std::chrono::microseconds((round / 4) % 2 ? 30 : 0);
     o.record_batches = (round / 8) % 2 == 1;
+    // Two batches in flight per worker: a worker with one in flight takes
+    // the inbox outside the lock (Note [Inbox walks outside the lock]), as
+    // step() always does, while cancels and the shutdown race it.
+    o.pipeline_depth = 1 + (round / 3) % 2;
     o.clock = clock;
     o.on_complete = [&](uint64_t id, RequestStatus) {
       // relaxed: the counts are read after every thread has joined
