@@ -447,9 +447,9 @@ void BatchQueue::run_batch(detail::Lane& lane) {
 // the rows and references its callbacks read. So the worker demotes a large
 // batch's staging to the shared cache once packed (demote_to_shared_cache:
 // x86 CLDEMOTE, a NOP where missing). On the H100 host, with 64 clients of
-// 32 or 48 requests in flight (batches of 110 to 180 rows), this gave 1.13x
-// requests/s, every round faster (docs/PERF.md: "Where a worker's time
-// goes"). Demoting every batch cost 8 closed-loop clients (batches of 2 or
+// 32 or 48 requests in flight (batches of 110 to 180 rows), this gave 1.08x
+// to 1.15x requests/s in two A/B calls, every round faster (docs/PERF.md:
+// "Where a worker's time goes"). Demoting every batch cost 8 closed-loop clients (batches of 2 or
 // 3 rows, which leave little behind) 2 %, so staging under 64 KiB (padding
 // rows included: this core wrote them too) is left alone. The same hint on the clients' request
 // blocks made the workers' reads faster but cost the clients more, and lost.
