@@ -232,6 +232,21 @@ void QueueCore::take_inbox() {
   move_to_fifo(head);
 }
 
+namespace {
+// The inbox is a stack, the newest first: reverses the links of the list at
+// `head` (a Request*) and returns its oldest request.
+Request* oldest_first(uintptr_t head) {
+  Request* oldest = nullptr;
+  for (auto* r = reinterpret_cast<Request*>(head); r != nullptr;) {
+    Request* next = r->inbox_next;
+    r->inbox_next = oldest;
+    oldest = r;
+    r = next;
+  }
+  return oldest;
+}
+}  // namespace
+
 Request* QueueCore::detach_inbox(bool& counted) {
   counted = false;
   uintptr_t head = inbox_head_.load(std::memory_order_relaxed);
@@ -245,15 +260,8 @@ Request* QueueCore::detach_inbox(bool& counted) {
     if (head == 0 || head == kInboxClosed) return nullptr;
   } while (!inbox_head_.compare_exchange_weak(head, 0, std::memory_order_seq_cst,
                                               std::memory_order_seq_cst));
-  // The stack holds the newest first: reverse its links. Each request's line
-  // comes into this core's cache here, without the lock.
-  Request* oldest = nullptr;
-  for (auto* r = reinterpret_cast<Request*>(head); r != nullptr;) {
-    Request* next = r->inbox_next;
-    r->inbox_next = oldest;
-    oldest = r;
-    r = next;
-  }
+  // Each request's line comes into this core's cache here, without the lock.
+  Request* const oldest = oldest_first(head);
   if (auto* hook = g_after_detach.load(std::memory_order_relaxed)) hook();
   return oldest;
 }
@@ -285,21 +293,7 @@ void QueueCore::take_everything() {
 
 void QueueCore::move_to_fifo(uintptr_t head) {
   if (head == 0 || head == kInboxClosed) return;
-  // The stack holds the newest first: reverse its links, then insert oldest first.
-  Request* oldest = nullptr;
-  for (auto* r = reinterpret_cast<Request*>(head); r != nullptr;) {
-    Request* next = r->inbox_next;
-    r->inbox_next = oldest;
-    oldest = r;
-    r = next;
-  }
-  while (oldest != nullptr) {
-    Request& r = *oldest;
-    oldest = r.inbox_next;
-    r.inbox_next = nullptr;
-    insert_fifo(std::move(r.inbox_ref));
-  }
-  max_depth_ = std::max(max_depth_, fifo_.size());
+  splice(oldest_first(head), /*counted=*/false);
 }
 
 namespace {

@@ -282,7 +282,7 @@ TEST(BatchQueueConcurrency, ASubmitterOvertakenBeforeItsPushStillWakesTheWorker)
   RequestHandle x = q.submit(in);  // queued behind w
   RequestHandle a;
   std::thread late([&] {
-    PushHold::hold_my_next_submit();
+    PushHold::hold_my_next();
     a = q.submit(in);  // takes its room (x counted ahead of it), then is held
   });
   hold.wait_held();

@@ -235,7 +235,7 @@ Overtaken overtake(BatchQueue& q, const std::function<std::vector<float>(int)>& 
   Overtaken o;
   PushHold hold;
   std::thread held([&] {
-    PushHold::hold_my_next_submit();
+    PushHold::hold_my_next();
     o.a = q.submit(input(0));
   });
   hold.wait_held();
@@ -290,7 +290,7 @@ TEST_F(BatchQueueTest, CancelFindsARequestAWorkerHasTakenFromTheInbox) {
   RequestHandle b = q.submit(input(1));
   DetachHold hold;
   std::thread stepper([&] {
-    DetachHold::hold_my_next_detach();
+    DetachHold::hold_my_next();
     EXPECT_EQ(q.step(), 0u) << "b alone, before max_delay: not a batch yet";
   });
   hold.wait_held();  // a and b are taken from the inbox, not yet in the FIFO
@@ -318,7 +318,7 @@ TEST_F(BatchQueueTest, ShutdownCancelCancelsRequestsAWorkerHasTakenFromTheInbox)
   RequestHandle b = q.submit(input(1));
   DetachHold hold;
   std::thread stepper([&] {
-    DetachHold::hold_my_next_detach();
+    DetachHold::hold_my_next();
     EXPECT_EQ(q.step(), 0u);
   });
   hold.wait_held();

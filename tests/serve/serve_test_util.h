@@ -49,60 +49,42 @@ inline uint64_t test_seed() {
   return seed;
 }
 
+// Holds a thread at one of the queue's test hooks (`Set` installs it): while
+// a HookHold lives, the next time a thread that called hold_my_next()
+// reaches the hook it waits there: wait_held() returns once it is there,
+// release() lets it go on.
+template <void (*Set)(void (*)())>
+class HookHold {
+ public:
+  HookHold() { Set(&hook); }
+  ~HookHold() { Set(nullptr); }
+  HookHold(const HookHold&) = delete;
+  HookHold& operator=(const HookHold&) = delete;
+  static void hold_my_next() { mine_ = true; }
+  void wait_held() { held_.acquire(); }
+  void release() { go_.release(); }
+
+ private:
+  static void hook() {
+    if (!mine_) return;
+    mine_ = false;
+    held_.release();
+    go_.acquire();
+  }
+  static inline thread_local bool mine_ = false;
+  static inline std::binary_semaphore held_{0}, go_{0};
+};
+
+// Holds a fast-path submit between taking its id and pushing onto the
+// inbox, to make a submitter be overtaken on purpose.
+using PushHold = HookHold<&detail::set_before_push_hook_for_testing>;
+// Holds a take_ready() (a worker with a batch in flight, or step()) between
+// taking the inbox without the queue's lock and putting its requests in the
+// FIFO (Note [Inbox walks outside the lock]).
+using DetachHold = HookHold<&detail::set_after_detach_hook_for_testing>;
+
 // A private cpu device with the environment's settings (so the sanitizer
 // lanes' FLOTILLA_ALLOCATOR_CACHING=0 applies).
-// Holds one submit between taking its id and pushing onto the inbox (the
-// queue's test hook), to make a submitter be overtaken on purpose. While a
-// PushHold lives, the next fast-path submit of a thread that called
-// hold_my_next_submit() waits at its push: wait_held() returns once it is
-// there, release() lets it go on.
-class PushHold {
- public:
-  PushHold() { detail::set_before_push_hook_for_testing(&hook); }
-  ~PushHold() { detail::set_before_push_hook_for_testing(nullptr); }
-  PushHold(const PushHold&) = delete;
-  PushHold& operator=(const PushHold&) = delete;
-  static void hold_my_next_submit() { mine_ = true; }
-  void wait_held() { held_.acquire(); }
-  void release() { go_.release(); }
-
- private:
-  static void hook() {
-    if (!mine_) return;
-    mine_ = false;
-    held_.release();
-    go_.acquire();
-  }
-  static inline thread_local bool mine_ = false;
-  static inline std::binary_semaphore held_{0}, go_{0};
-};
-
-// Holds a take_ready() between taking the inbox (without the queue's lock)
-// and putting its requests in the FIFO (the queue's test hook; Note [Inbox
-// walks outside the lock]). While a DetachHold lives, the next detach of a
-// thread that called hold_my_next_detach() waits there: wait_held() returns
-// once it is there, release() lets it go on.
-class DetachHold {
- public:
-  DetachHold() { detail::set_after_detach_hook_for_testing(&hook); }
-  ~DetachHold() { detail::set_after_detach_hook_for_testing(nullptr); }
-  DetachHold(const DetachHold&) = delete;
-  DetachHold& operator=(const DetachHold&) = delete;
-  static void hold_my_next_detach() { mine_ = true; }
-  void wait_held() { held_.acquire(); }
-  void release() { go_.release(); }
-
- private:
-  static void hook() {
-    if (!mine_) return;
-    mine_ = false;
-    held_.release();
-    go_.acquire();
-  }
-  static inline thread_local bool mine_ = false;
-  static inline std::binary_semaphore held_{0}, go_{0};
-};
-
 inline std::shared_ptr<Device> make_device() {
   return Device::create("cpu", 0, Config::from_env());
 }
