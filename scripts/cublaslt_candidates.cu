@@ -9,14 +9,9 @@
 
 #include <cstdio>
 #include <vector>
-#define CK(x)                                                          \
-  do {                                                                 \
-    auto e_ = (x);                                                     \
-    if (e_ != 0) {                                                     \
-      std::printf("error %d at %s:%d\n", (int)e_, __FILE__, __LINE__); \
-      return 1;                                                        \
-    }                                                                  \
-  } while (0)
+
+#include "seed_mlp_lt.h"
+
 int main() {
   cublasLtHandle_t h;
   CK(cublasLtCreate(&h));
@@ -36,33 +31,15 @@ int main() {
   cudaEvent_t e0, e1;
   cudaEventCreate(&e0);
   cudaEventCreate(&e1);
-  struct L {
-    int n, k;
-    cublasLtEpilogue_t epi;
-  } layers[] = {{1024, 512, CUBLASLT_EPILOGUE_RELU_BIAS},
-                {1024, 1024, CUBLASLT_EPILOGUE_RELU_BIAS},
-                {512, 1024, CUBLASLT_EPILOGUE_BIAS}};
   std::printf("%5s %5s %5s %4s %10s %10s %4s\n", "M", "N", "K", "algs", "first_us", "best_us",
               "best");
   for (int m : {1, 8, 16, 32, 64, 128, 256, 512}) {
     double sum_first = 0, sum_best = 0;
-    for (auto& L : layers) {
-      cublasLtMatmulDesc_t d;
-      CK(cublasLtMatmulDescCreate(&d, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-      cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-      CK(cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
-      CK(cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
-      CK(cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_EPILOGUE, &L.epi, sizeof L.epi));
-      CK(cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &b, sizeof b));
-      cublasLtMatrixLayout_t la, lb, lc;
-      CK(cublasLtMatrixLayoutCreate(&la, CUDA_R_32F, L.k, L.n, L.k));
-      CK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_32F, L.k, m, L.k));
-      CK(cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, L.n, m, L.n));
-      cublasLtMatmulPreference_t p;
-      CK(cublasLtMatmulPreferenceCreate(&p));
-      uint64_t wsb = ws_bytes;
-      CK(cublasLtMatmulPreferenceSetAttribute(p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb,
-                                              sizeof wsb));
+    for (const Layer& L : kLayers) {
+      const MatmulDesc md = make_matmul_desc(L, m, CUBLAS_COMPUTE_32F, b);
+      const cublasLtMatmulDesc_t d = md.d;
+      const cublasLtMatrixLayout_t la = md.a, lb = md.b, lc = md.c;
+      cublasLtMatmulPreference_t p = workspace_preference(ws_bytes);
       cublasLtMatmulHeuristicResult_t r[16];
       int found = 0;
       CK(cublasLtMatmulAlgoGetHeuristic(h, d, la, lb, lc, lc, p, 16, r, &found));
@@ -95,10 +72,7 @@ int main() {
       sum_first += first;
       sum_best += best;
       cublasLtMatmulPreferenceDestroy(p);
-      cublasLtMatrixLayoutDestroy(la);
-      cublasLtMatrixLayoutDestroy(lb);
-      cublasLtMatrixLayoutDestroy(lc);
-      cublasLtMatmulDescDestroy(d);
+      destroy_matmul_desc(md);
     }
     std::printf("M=%d: three layers, heuristic's first %.2f us, best %.2f us (%.2fx)\n", m,
                 sum_first, sum_best, sum_first / sum_best);

@@ -20,49 +20,16 @@
 #include <functional>
 #include <vector>
 
-#define CK(x)                                                                  \
-  do {                                                                         \
-    auto e_ = (x);                                                             \
-    if (e_ != 0) {                                                             \
-      std::printf("error %d at %s:%d: %s\n", (int)e_, __FILE__, __LINE__, #x); \
-      std::exit(1);                                                            \
-    }                                                                          \
-  } while (0)
+#include "seed_mlp_lt.h"
 
 constexpr int kStreams = 8, kLaunchesPerGraph = 25, kGraphReps = 8;
 constexpr size_t kWs = size_t{32} << 20;
-
-struct Layer {
-  int n, k;
-  cublasLtEpilogue_t epi;
-};
-const Layer kLayers[] = {{1024, 512, CUBLASLT_EPILOGUE_RELU_BIAS},
-                         {1024, 1024, CUBLASLT_EPILOGUE_RELU_BIAS},
-                         {512, 1024, CUBLASLT_EPILOGUE_BIAS}};
 
 cublasLtHandle_t lt;
 cublasHandle_t blas;
 cudaStream_t streams[kStreams];
 float *x[kStreams], *y[kStreams], *w, *bias;
 void* ws[kStreams];
-
-struct Desc {
-  cublasLtMatmulDesc_t d;
-  cublasLtMatrixLayout_t a, b, c;
-};
-Desc make_desc(const Layer& L, int m, cublasComputeType_t ct) {
-  Desc s;
-  CK(cublasLtMatmulDescCreate(&s.d, ct, CUDA_R_32F));
-  cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-  CK(cublasLtMatmulDescSetAttribute(s.d, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
-  CK(cublasLtMatmulDescSetAttribute(s.d, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
-  CK(cublasLtMatmulDescSetAttribute(s.d, CUBLASLT_MATMUL_DESC_EPILOGUE, &L.epi, sizeof L.epi));
-  CK(cublasLtMatmulDescSetAttribute(s.d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
-  CK(cublasLtMatrixLayoutCreate(&s.a, CUDA_R_32F, L.k, L.n, L.k));
-  CK(cublasLtMatrixLayoutCreate(&s.b, CUDA_R_32F, L.k, m, L.k));
-  CK(cublasLtMatrixLayoutCreate(&s.c, CUDA_R_32F, L.n, m, L.n));
-  return s;
-}
 
 // Aggregate launches per second of `launch(stream_index)` over 8 streams, each
 // replaying a graph of kLaunchesPerGraph launches kGraphReps times.
@@ -91,13 +58,6 @@ double rate(const std::function<bool(int)>& launch) {
   }
   for (int i = 0; i < kStreams; ++i) CK(cudaGraphExecDestroy(exec[i]));
   return best;
-}
-
-int attr_i(const cublasLtMatmulAlgo_t& a, cublasLtMatmulAlgoConfigAttributes_t at) {
-  uint32_t v = 0;
-  size_t got = 0;
-  cublasLtMatmulAlgoConfigGetAttribute(&a, at, &v, sizeof v, &got);
-  return static_cast<int>(v);
 }
 
 struct Cand {
@@ -140,12 +100,8 @@ int main() {
     std::vector<Cand> picks;
     std::vector<Cand> firsts;
     for (const Layer& L : kLayers) {
-      Desc d = make_desc(L, m, CUBLAS_COMPUTE_32F);
-      cublasLtMatmulPreference_t p;
-      CK(cublasLtMatmulPreferenceCreate(&p));
-      uint64_t wsb = kWs;
-      CK(cublasLtMatmulPreferenceSetAttribute(p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb,
-                                              sizeof wsb));
+      MatmulDesc d = make_matmul_desc(L, m, CUBLAS_COMPUTE_32F, bias);
+      cublasLtMatmulPreference_t p = workspace_preference(kWs);
       cublasLtMatmulHeuristicResult_t r[16];
       int found = 0;
       CK(cublasLtMatmulAlgoGetHeuristic(lt, d.d, d.a, d.b, d.c, d.c, p, 16, r, &found));
@@ -205,7 +161,7 @@ int main() {
                cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, L.n, m, L.k, &alpha, w, L.k, x[s], L.k,
                            &beta, y[s], L.n) == 0;
       });
-      Desc t = make_desc(L, m, CUBLAS_COMPUTE_32F_FAST_TF32);
+      MatmulDesc t = make_matmul_desc(L, m, CUBLAS_COMPUTE_32F_FAST_TF32, bias);
       cublasLtMatmulHeuristicResult_t rt{};
       int ft = 0;
       CK(cublasLtMatmulAlgoGetHeuristic(lt, t.d, t.a, t.b, t.c, t.c, p, 1, &rt, &ft));
@@ -218,31 +174,32 @@ int main() {
           "%4d %4d %4d | first %8.2fM (%d cands) | best %8.2fM %5.2fx id %d tile %d stages %d "
           "split %d red %d swz %d custom %d cluster %d ws %zu | sgemm %8.2fM | tf32 %8.2fM\n",
           m, L.n, L.k, first.per_s * m / 1e6, (int)cands.size(), best.per_s * m / 1e6,
-          best.per_s / first.per_s, attr_i(b, CUBLASLT_ALGO_CONFIG_ID),
-          attr_i(b, CUBLASLT_ALGO_CONFIG_TILE_ID), attr_i(b, CUBLASLT_ALGO_CONFIG_STAGES_ID),
-          attr_i(b, CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
-          attr_i(b, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME),
-          attr_i(b, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING),
-          attr_i(b, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION),
-          attr_i(b, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID), best.ws, sgemm * m / 1e6,
+          best.per_s / first.per_s, algo_attr(b, CUBLASLT_ALGO_CONFIG_ID),
+          algo_attr(b, CUBLASLT_ALGO_CONFIG_TILE_ID), algo_attr(b, CUBLASLT_ALGO_CONFIG_STAGES_ID),
+          algo_attr(b, CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
+          algo_attr(b, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME),
+          algo_attr(b, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING),
+          algo_attr(b, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION),
+          algo_attr(b, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID), best.ws, sgemm * m / 1e6,
           tf32 * m / 1e6);
       const auto& f = first.algo;
       std::printf(
           "               first: id %d tile %d stages %d split %d swz %d custom %d cluster %d\n",
-          attr_i(f, CUBLASLT_ALGO_CONFIG_ID), attr_i(f, CUBLASLT_ALGO_CONFIG_TILE_ID),
-          attr_i(f, CUBLASLT_ALGO_CONFIG_STAGES_ID), attr_i(f, CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
-          attr_i(f, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING),
-          attr_i(f, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION),
-          attr_i(f, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID));
+          algo_attr(f, CUBLASLT_ALGO_CONFIG_ID), algo_attr(f, CUBLASLT_ALGO_CONFIG_TILE_ID),
+          algo_attr(f, CUBLASLT_ALGO_CONFIG_STAGES_ID),
+          algo_attr(f, CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
+          algo_attr(f, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING),
+          algo_attr(f, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION),
+          algo_attr(f, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID));
       // Every candidate, sorted, for the rule.
       std::vector<Cand> sorted = cands;
       std::sort(sorted.begin(), sorted.end(),
                 [](const Cand& u, const Cand& v) { return u.per_s > v.per_s; });
       for (size_t i = 0; i < sorted.size() && i < 6; ++i)
         std::printf("               #%zu %8.2fM id %d tile %d stages %d split %d\n", i,
-                    sorted[i].per_s * m / 1e6, attr_i(sorted[i].algo, CUBLASLT_ALGO_CONFIG_ID),
-                    attr_i(sorted[i].algo, CUBLASLT_ALGO_CONFIG_TILE_ID),
-                    attr_i(sorted[i].algo, CUBLASLT_ALGO_CONFIG_STAGES_ID), sorted[i].split);
+                    sorted[i].per_s * m / 1e6, algo_attr(sorted[i].algo, CUBLASLT_ALGO_CONFIG_ID),
+                    algo_attr(sorted[i].algo, CUBLASLT_ALGO_CONFIG_TILE_ID),
+                    algo_attr(sorted[i].algo, CUBLASLT_ALGO_CONFIG_STAGES_ID), sorted[i].split);
       chain_first += 1 / (first.per_s * m);
       chain_best += 1 / (best.per_s * m);
       CK(cublasLtMatmulPreferenceDestroy(p));

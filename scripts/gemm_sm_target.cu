@@ -18,29 +18,13 @@
 #include <string>
 #include <vector>
 
-#define CK(x)                                                                  \
-  do {                                                                         \
-    auto e_ = (x);                                                             \
-    if (e_ != 0) {                                                             \
-      std::printf("error %d at %s:%d: %s\n", (int)e_, __FILE__, __LINE__, #x); \
-      std::exit(1);                                                            \
-    }                                                                          \
-  } while (0)
+#include "seed_mlp_lt.h"
 
 constexpr int kStreams = 8, kChainsPerGraph = 10, kGraphReps = 10, kMaxM = 1024;
 constexpr size_t kWs = size_t{8} << 20;  // as the linear kernel's
 
-struct Layer {
-  int n, k;
-  cublasLtEpilogue_t epi;
-};
-const Layer kLayers[] = {{1024, 512, CUBLASLT_EPILOGUE_RELU_BIAS},
-                         {1024, 1024, CUBLASLT_EPILOGUE_RELU_BIAS},
-                         {512, 1024, CUBLASLT_EPILOGUE_BIAS}};
-
 struct Plan {
-  cublasLtMatmulDesc_t d;
-  cublasLtMatrixLayout_t a, b, c;
+  MatmulDesc m;
   cublasLtMatmulAlgo_t algo;
   const float* w;
 };
@@ -51,35 +35,14 @@ float* act[kStreams][4];  // x, h1, h2, y
 void* ws[kStreams];
 float *w[3], *bias;
 
-int cfg(const cublasLtMatmulAlgo_t& a, cublasLtMatmulAlgoConfigAttributes_t at) {
-  uint32_t v = 0;
-  size_t got = 0;
-  cublasLtMatmulAlgoConfigGetAttribute(&a, at, &v, sizeof v, &got);
-  return static_cast<int>(v);
-}
-
 Plan plan(const Layer& L, int m, int sm_target, cublasComputeType_t ct, const float* wl) {
   Plan p;
   p.w = wl;
-  CK(cublasLtMatmulDescCreate(&p.d, ct, CUDA_R_32F));
-  cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-  CK(cublasLtMatmulDescSetAttribute(p.d, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
-  CK(cublasLtMatmulDescSetAttribute(p.d, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
-  CK(cublasLtMatmulDescSetAttribute(p.d, CUBLASLT_MATMUL_DESC_EPILOGUE, &L.epi, sizeof L.epi));
-  CK(cublasLtMatmulDescSetAttribute(p.d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
-  int32_t t = sm_target;
-  CK(cublasLtMatmulDescSetAttribute(p.d, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, &t, sizeof t));
-  CK(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_32F, L.k, L.n, L.k));
-  CK(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_32F, L.k, m, L.k));
-  CK(cublasLtMatrixLayoutCreate(&p.c, CUDA_R_32F, L.n, m, L.n));
-  cublasLtMatmulPreference_t pref;
-  CK(cublasLtMatmulPreferenceCreate(&pref));
-  uint64_t wsb = kWs;
-  CK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb,
-                                          sizeof wsb));
+  p.m = make_matmul_desc(L, m, ct, bias, sm_target);
+  cublasLtMatmulPreference_t pref = workspace_preference(kWs);
   cublasLtMatmulHeuristicResult_t r{};
   int found = 0;
-  CK(cublasLtMatmulAlgoGetHeuristic(lt, p.d, p.a, p.b, p.c, p.c, pref, 1, &r, &found));
+  CK(cublasLtMatmulAlgoGetHeuristic(lt, p.m.d, p.m.a, p.m.b, p.m.c, p.m.c, pref, 1, &r, &found));
   if (!found) std::exit(2);
   p.algo = r.algo;
   cublasLtMatmulPreferenceDestroy(pref);
@@ -89,9 +52,9 @@ Plan plan(const Layer& L, int m, int sm_target, cublasComputeType_t ct, const fl
 bool chain(const Plan* ps, int s) {
   const float alpha = 1, beta = 0;
   for (int l = 0; l < 3; ++l)
-    if (cublasLtMatmul(lt, ps[l].d, &alpha, ps[l].w, ps[l].a, act[s][l], ps[l].b, &beta,
-                       act[s][l + 1], ps[l].c, act[s][l + 1], ps[l].c, &ps[l].algo, ws[s], kWs,
-                       streams[s]) != 0)
+    if (const MatmulDesc& d = ps[l].m;
+        cublasLtMatmul(lt, d.d, &alpha, ps[l].w, d.a, act[s][l], d.b, &beta, act[s][l + 1], d.c,
+                       act[s][l + 1], d.c, &ps[l].algo, ws[s], kWs, streams[s]) != 0)
       return false;
   return true;
 }
@@ -164,21 +127,16 @@ int main(int argc, char** argv) {
         ps[l] = plan(kLayers[l], m, tf32 ? 0 : target,
                      tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F, w[l]);
         off += std::snprintf(desc + off, sizeof desc - off, "a%d t%d s%d  ",
-                             cfg(ps[l].algo, CUBLASLT_ALGO_CONFIG_ID),
-                             cfg(ps[l].algo, CUBLASLT_ALGO_CONFIG_TILE_ID),
-                             cfg(ps[l].algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM));
+                             algo_attr(ps[l].algo, CUBLASLT_ALGO_CONFIG_ID),
+                             algo_attr(ps[l].algo, CUBLASLT_ALGO_CONFIG_TILE_ID),
+                             algo_attr(ps[l].algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM));
       }
       const double one = rate(ps, 1), eight = rate(ps, kStreams);
       if (target == 0) base = eight;
       std::printf("%5d %6s | %-44s | %7.1f us | %9.2fM/s %5.2fx\n", m,
                   tf32 ? "tf32" : std::to_string(target).c_str(), desc, 1e6 / one, eight * m / 1e6,
                   eight / base);
-      for (auto& p : ps) {
-        cublasLtMatrixLayoutDestroy(p.a);
-        cublasLtMatrixLayoutDestroy(p.b);
-        cublasLtMatrixLayoutDestroy(p.c);
-        cublasLtMatmulDescDestroy(p.d);
-      }
+      for (auto& p : ps) destroy_matmul_desc(p.m);
     }
   }
   return 0;
