@@ -449,10 +449,11 @@ void BatchQueue::run_batch(detail::Lane& lane) {
 // x86 CLDEMOTE, a NOP where missing). On the H100 host, with 64 clients of
 // 32 or 48 requests in flight (batches of 110 to 180 rows), this gave 1.08x
 // to 1.15x requests/s in two A/B calls, every round faster (docs/PERF.md:
-// "Where a worker's time goes"). Demoting every batch cost 8 closed-loop clients (batches of 2 or
-// 3 rows, which leave little behind) 2 %, so staging under 64 KiB (padding
-// rows included: this core wrote them too) is left alone. The same hint on the clients' request
-// blocks made the workers' reads faster but cost the clients more, and lost.
+// "Where a worker's time goes"). Demoting every batch cost 8 closed-loop
+// clients (batches of 2 or 3 rows, which leave little behind) 2 %, so
+// staging under 64 KiB (padding rows included: this core wrote them too) is
+// left alone. The same hint on the clients' request blocks made the
+// workers' reads faster but cost the clients more, and lost.
 void BatchQueue::encode_batch(detail::Lane& lane, detail::Slot& slot, int64_t rows) {
   Stream stream = lane.stream;
   const size_t in_bytes = static_cast<size_t>(rows * in_) * sizeof(float);
