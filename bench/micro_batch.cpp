@@ -162,10 +162,16 @@ int main(int argc, char** argv) {
   }
   auto* copies = benchmark::RegisterBenchmark("batch/recorded_copy",
                                               [](benchmark::State& s) { BM_Batch(s, true); });
+  // 1 to 8 rows: the small batches of a few closed-loop clients (Note
+  // [Linear for a few rows]), with the small-copy kernel the queue uses there.
+  for (int64_t rows : {1, 2, 4, 8}) copies->Args({rows, 1});
   for (int64_t rows : {16, 32, 64, 128, 256, 512})
     for (int64_t mode : {1, 2}) copies->Args({rows, mode});
   copies->Repetitions(3)->ReportAggregatesOnly(true)->UseRealTime()->MinTime(0.3);
   auto* threads = benchmark::RegisterBenchmark("batch/recorded_threads", &BM_BatchThreads);
+  // 8 streams of 1 or 8 rows at once: per-thread streams at batch 1, and a
+  // queue's small batches under 8 clients.
+  for (int64_t rows : {1, 8}) threads->Args({rows, 1});
   for (int64_t rows : {64, 128, 160, 192, 256, 512, 1024})
     for (int64_t share : {1, 8}) threads->Args({rows, share});
   threads->Threads(8)->Repetitions(3)->ReportAggregatesOnly(true)->UseRealTime()->MinTime(0.3);

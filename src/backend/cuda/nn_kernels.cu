@@ -2,8 +2,9 @@
 // layouts of the table at the top of src/ops/ops.cpp (the CPU ones are in
 // src/backend/cpu/kernels_nn.cpp).
 //
-// linear_<dt> is one cuBLASLt matmul with the bias and the activation fused
-// in its epilogue: RELU_BIAS / GELU_BIAS (cuBLASLt's GELU is the tanh
+// linear_<dt> is, in f32 at 1 to 8 rows, one kernel of our own (Note [Linear
+// for a few rows]); otherwise one cuBLASLt matmul with the bias and the
+// activation fused in its epilogue: RELU_BIAS / GELU_BIAS (cuBLASLt's GELU is the tanh
 // approximation, so act=3 fuses and act=2, exact GELU, runs the gelu kernel
 // after a BIAS epilogue). Compute and scale types are f32 (CUBLAS_COMPUTE_32F,
 // no TF32), so f32 results match a float64 reference to ~1e-6 and f16/bf16
@@ -373,6 +374,108 @@ std::unique_ptr<Plan> make_plan(LtResource& r, const PlanKey& key) {
   return p;
 }
 
+// Note [Linear for a few rows]
+// At 1 to 8 rows an f32 linear is a matrix-vector product: it reads the
+// whole weight once and does little arithmetic, so its time is the read and
+// the launch. cuBLASLt's plans for those shapes took 4 to 7 us a layer on the
+// H100 (11.9 us for the seed MLP's three layers at 2 rows, about 20 at 8:
+// docs/PERF.md), more than the read of a layer's 2-4 MiB from L2. This kernel
+// gives each output column one warp: its lanes stride along K (four floats
+// at a time where K and the pointers allow it), keep one sum per row, and
+// add the sums up with a butterfly of shuffles; bias and activation are
+// applied by lane 0 as it stores. Every row's sum is taken in the same order
+// whatever the number of rows, so a row's result does not depend on the
+// batch it ran in (a request batched with others gets the bits it would get
+// alone), and nothing is accumulated with atomics (deterministic). Used for
+// f32 up to kRowsKernelMax rows; beyond that, and for f16/bf16, cuBLASLt.
+constexpr int64_t kRowsKernelMax = 8;
+constexpr int kRowsWarps = 8;  // output columns per block of kRowsWarps * 32 threads
+
+__device__ float apply_act(float v, int act) {
+  switch (act) {
+    case 1: return v > 0.f ? v : 0.f;
+    case 2: return gelu_erf(v);
+    case 3: return gelu_tanh(v);
+    default: return v;
+  }
+}
+
+template <int kRows, bool kVec4>
+__global__ void __launch_bounds__(kRowsWarps * 32)
+    linear_rows_kernel(const float* __restrict__ x, const float* __restrict__ w,
+                       const float* __restrict__ bias, float* __restrict__ y, int64_t N, int64_t K,
+                       int act) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int64_t n = int64_t{blockIdx.x} * kRowsWarps + (threadIdx.x >> 5);
+  if (n >= N) return;  // no barrier follows: a whole warp leaves
+  const float* wn = w + n * K;
+  float acc[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) acc[r] = 0.f;
+  if constexpr (kVec4) {
+    const auto* w4 = reinterpret_cast<const float4*>(wn);
+    const int64_t k4 = K / 4;
+#pragma unroll 4
+    for (int64_t i = lane; i < k4; i += 32) {
+      const float4 wv = __ldg(w4 + i);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const float4 xv = __ldg(reinterpret_cast<const float4*>(x + r * K) + i);
+        acc[r] = fmaf(xv.x, wv.x, acc[r]);
+        acc[r] = fmaf(xv.y, wv.y, acc[r]);
+        acc[r] = fmaf(xv.z, wv.z, acc[r]);
+        acc[r] = fmaf(xv.w, wv.w, acc[r]);
+      }
+    }
+  } else {
+#pragma unroll 4
+    for (int64_t k = lane; k < K; k += 32) {
+      const float wv = __ldg(wn + k);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) acc[r] = fmaf(__ldg(x + r * K + k), wv, acc[r]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r)
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
+  if (lane == 0) {
+    const float b = bias ? __ldg(bias + n) : 0.f;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) y[r * N + n] = apply_act(acc[r] + b, act);
+  }
+}
+
+template <int kRows>
+void launch_linear_rows(const float* x, const float* w, const float* bias, float* y, int64_t N,
+                        int64_t K, int act, LaunchContext& ctx) {
+  const auto blocks = static_cast<unsigned>((N + kRowsWarps - 1) / kRowsWarps);
+  const bool vec4 = K % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(w) % 16 == 0;
+  if (vec4)
+    linear_rows_kernel<kRows, true>
+        <<<blocks, kRowsWarps * 32, 0, ctx.stream()>>>(x, w, bias, y, N, K, act);
+  else
+    linear_rows_kernel<kRows, false>
+        <<<blocks, kRowsWarps * 32, 0, ctx.stream()>>>(x, w, bias, y, N, K, act);
+  FL_CUDA_CHECK_LAUNCH(ctx);
+}
+
+// y[M,N] = act(x[M,K] w[N,K]^T + bias) for 1 <= M <= kRowsKernelMax.
+void linear_rows(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t N,
+                 int64_t K, int act, LaunchContext& ctx) {
+  switch (M) {
+    case 1: return launch_linear_rows<1>(x, w, bias, y, N, K, act, ctx);
+    case 2: return launch_linear_rows<2>(x, w, bias, y, N, K, act, ctx);
+    case 3: return launch_linear_rows<3>(x, w, bias, y, N, K, act, ctx);
+    case 4: return launch_linear_rows<4>(x, w, bias, y, N, K, act, ctx);
+    case 5: return launch_linear_rows<5>(x, w, bias, y, N, K, act, ctx);
+    case 6: return launch_linear_rows<6>(x, w, bias, y, N, K, act, ctx);
+    case 7: return launch_linear_rows<7>(x, w, bias, y, N, K, act, ctx);
+    default: return launch_linear_rows<8>(x, w, bias, y, N, K, act, ctx);
+  }
+}
+
 template <typename T>
 void launch_activation(const T* x, T* y, int act, uint64_t n, LaunchContext& ctx) {
   activation_kernel<T><<<blocks_for(n, ctx), kThreads, 0, ctx.stream()>>>(x, y, act, n);
@@ -390,6 +493,14 @@ void linear(const KernelArgs& a, LaunchContext& ctx) {
   const void* bias = a.ptrs[2];
   void* y = a.ptrs[3];
   FL_CHECK_ARG(x && w && y, "[kernel linear] a tensor pointer is null");
+  if constexpr (kDtype == 0) {
+    if (M <= kRowsKernelMax && N < (int64_t{1} << 34) && K < (int64_t{1} << 31)) {
+      linear_rows(static_cast<const float*>(x), static_cast<const float*>(w),
+                  static_cast<const float*>(bias), static_cast<float*>(y), M, N, K,
+                  static_cast<int>(act), ctx);
+      return;
+    }
+  }
   cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_DEFAULT;
   if (act == 1)
     epi = bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU;
