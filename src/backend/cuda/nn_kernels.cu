@@ -378,18 +378,23 @@ std::unique_ptr<Plan> make_plan(LtResource& r, const PlanKey& key) {
 // At 1 to 8 rows an f32 linear is a matrix-vector product: it reads the
 // whole weight once and does little arithmetic, so its time is the read and
 // the launch. cuBLASLt's plans for those shapes took 4 to 7 us a layer on the
-// H100 (11.9 us for the seed MLP's three layers at 2 rows, about 20 at 8:
-// docs/PERF.md), more than the read of a layer's 2-4 MiB from L2. This kernel
-// gives each output column one warp: its lanes stride along K (four floats
-// at a time where K and the pointers allow it), keep one sum per row, and
-// add the sums up with a butterfly of shuffles; bias and activation are
-// applied by lane 0 as it stores. Every row's sum is taken in the same order
-// whatever the number of rows, so a row's result does not depend on the
-// batch it ran in (a request batched with others gets the bits it would get
-// alone), and nothing is accumulated with atomics (deterministic). Used for
-// f32 up to kRowsKernelMax rows; beyond that, and for f16/bf16, cuBLASLt.
+// H100 (11.9 us for the seed MLP's three layers at 2 rows: docs/PERF.md),
+// more than the read of a layer's 2-4 MiB from L2. This kernel gives each
+// output column kRowsSplit warps, each summing its own contiguous part of K
+// (four floats a lane at a time where K and the pointers allow it, else
+// one): enough warps on every SM to keep the whole weight's reads in flight
+// at once. Each warp keeps one sum per row and adds its lanes up with a
+// butterfly of shuffles; the block then adds the parts of a column in a
+// fixed order, adds the bias and applies the activation as it stores. Every
+// row's sum is taken in the same order whatever the number of rows, so a
+// row's result does not depend on the batch it ran in (a request batched
+// with others gets the bits it would get alone), and nothing is accumulated
+// with atomics (deterministic). Used for f32 up to kRowsKernelMax rows;
+// beyond that, and for f16/bf16, cuBLASLt.
 constexpr int64_t kRowsKernelMax = 8;
-constexpr int kRowsWarps = 8;  // output columns per block of kRowsWarps * 32 threads
+constexpr int kRowsWarps = 8;                       // warps in a block
+constexpr int kRowsSplit = 4;                       // warps summing one column
+constexpr int kRowsCols = kRowsWarps / kRowsSplit;  // columns of a block
 
 __device__ float apply_act(float v, int act) {
   switch (act) {
@@ -405,51 +410,66 @@ __global__ void __launch_bounds__(kRowsWarps * 32)
     linear_rows_kernel(const float* __restrict__ x, const float* __restrict__ w,
                        const float* __restrict__ bias, float* __restrict__ y, int64_t N, int64_t K,
                        int act) {
+  __shared__ float parts[kRowsWarps][kRows];
   const int lane = static_cast<int>(threadIdx.x) & 31;
-  const int64_t n = int64_t{blockIdx.x} * kRowsWarps + (threadIdx.x >> 5);
-  if (n >= N) return;  // no barrier follows: a whole warp leaves
-  const float* wn = w + n * K;
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int64_t n = int64_t{blockIdx.x} * kRowsCols + warp / kRowsSplit;
+  const int part = warp % kRowsSplit;
   float acc[kRows];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) acc[r] = 0.f;
-  if constexpr (kVec4) {
-    const auto* w4 = reinterpret_cast<const float4*>(wn);
-    const int64_t k4 = K / 4;
-#pragma unroll 4
-    for (int64_t i = lane; i < k4; i += 32) {
-      const float4 wv = __ldg(w4 + i);
+  if (n < N) {
+    const float* wn = w + n * K;
+    if constexpr (kVec4) {
+      // This warp's share of K in float4s: [lo, hi).
+      const int64_t k4 = K / 4, len = (k4 + kRowsSplit - 1) / kRowsSplit;
+      const int64_t lo = part * len, hi = min(k4, lo + len);
+      const auto* w4 = reinterpret_cast<const float4*>(wn);
+#pragma unroll 2
+      for (int64_t i = lo + lane; i < hi; i += 32) {
+        const float4 wv = __ldg(w4 + i);
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const float4 xv = __ldg(reinterpret_cast<const float4*>(x + r * K) + i);
-        acc[r] = fmaf(xv.x, wv.x, acc[r]);
-        acc[r] = fmaf(xv.y, wv.y, acc[r]);
-        acc[r] = fmaf(xv.z, wv.z, acc[r]);
-        acc[r] = fmaf(xv.w, wv.w, acc[r]);
+        for (int r = 0; r < kRows; ++r) {
+          const float4 xv = __ldg(reinterpret_cast<const float4*>(x + r * K) + i);
+          acc[r] = fmaf(xv.x, wv.x, acc[r]);
+          acc[r] = fmaf(xv.y, wv.y, acc[r]);
+          acc[r] = fmaf(xv.z, wv.z, acc[r]);
+          acc[r] = fmaf(xv.w, wv.w, acc[r]);
+        }
+      }
+    } else {
+      const int64_t len = (K + kRowsSplit - 1) / kRowsSplit;
+      const int64_t lo = part * len, hi = min(K, lo + len);
+#pragma unroll 4
+      for (int64_t k = lo + lane; k < hi; k += 32) {
+        const float wv = __ldg(wn + k);
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) acc[r] = fmaf(__ldg(x + r * K + k), wv, acc[r]);
       }
     }
-  } else {
-#pragma unroll 4
-    for (int64_t k = lane; k < K; k += 32) {
-      const float wv = __ldg(wn + k);
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) acc[r] = fmaf(__ldg(x + r * K + k), wv, acc[r]);
-    }
   }
 #pragma unroll
-  for (int r = 0; r < kRows; ++r)
+  for (int r = 0; r < kRows; ++r) {
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
-  if (lane == 0) {
-    const float b = bias ? __ldg(bias + n) : 0.f;
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) y[r * N + n] = apply_act(acc[r] + b, act);
+    if (lane == 0) parts[warp][r] = acc[r];
   }
+  __syncthreads();
+  const int t = static_cast<int>(threadIdx.x);
+  if (t >= kRowsCols * kRows) return;
+  const int c = t / kRows, r = t % kRows;
+  const int64_t out = int64_t{blockIdx.x} * kRowsCols + c;
+  if (out >= N) return;
+  float sum = parts[c * kRowsSplit][r];
+#pragma unroll
+  for (int p = 1; p < kRowsSplit; ++p) sum += parts[c * kRowsSplit + p][r];
+  y[r * N + out] = apply_act(sum + (bias ? __ldg(bias + out) : 0.f), act);
 }
 
 template <int kRows>
 void launch_linear_rows(const float* x, const float* w, const float* bias, float* y, int64_t N,
                         int64_t K, int act, LaunchContext& ctx) {
-  const auto blocks = static_cast<unsigned>((N + kRowsWarps - 1) / kRowsWarps);
+  const auto blocks = static_cast<unsigned>((N + kRowsCols - 1) / kRowsCols);
   const bool vec4 = K % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
                     reinterpret_cast<uintptr_t>(w) % 16 == 0;
   if (vec4)
@@ -494,7 +514,7 @@ void linear(const KernelArgs& a, LaunchContext& ctx) {
   void* y = a.ptrs[3];
   FL_CHECK_ARG(x && w && y, "[kernel linear] a tensor pointer is null");
   if constexpr (kDtype == 0) {
-    if (M <= kRowsKernelMax && N < (int64_t{1} << 34) && K < (int64_t{1} << 31)) {
+    if (M <= kRowsKernelMax && N < (int64_t{1} << 31) && K < (int64_t{1} << 31)) {
       linear_rows(static_cast<const float*>(x), static_cast<const float*>(w),
                   static_cast<const float*>(bias), static_cast<float*>(y), M, N, K,
                   static_cast<int>(act), ctx);
