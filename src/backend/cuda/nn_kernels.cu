@@ -124,21 +124,21 @@ __global__ void binary_bcast_kernel(const T* a, const T* b, T* out, uint64_t m, 
   }
 }
 
-// act: 1 relu, 2 gelu (erf), 3 gelu (tanh).
+// act: 0 none, 1 relu, 2 gelu (erf), 3 gelu (tanh).
+__device__ float apply_act(float v, int act) {
+  switch (act) {
+    case 1: return v > 0.f ? v : 0.f;
+    case 2: return gelu_erf(v);
+    case 3: return gelu_tanh(v);
+    default: return v;
+  }
+}
+
 template <typename T>
 __global__ void activation_kernel(const T* x, T* y, int act, uint64_t n) {
   for (uint64_t i = blockIdx.x * uint64_t{blockDim.x} + threadIdx.x; i < n;
-       i += uint64_t{gridDim.x} * blockDim.x) {
-    const float v = Cvt<T>::load(x[i]);
-    float r = v;
-    if (act == 1)
-      r = v > 0.f ? v : 0.f;
-    else if (act == 2)
-      r = gelu_erf(v);
-    else if (act == 3)
-      r = gelu_tanh(v);
-    y[i] = Cvt<T>::store(r);
-  }
+       i += uint64_t{gridDim.x} * blockDim.x)
+    y[i] = Cvt<T>::store(apply_act(Cvt<T>::load(x[i]), act));
 }
 
 // ---- Row reductions ------------------------------------------------------------------
@@ -395,15 +395,6 @@ constexpr int64_t kRowsKernelMax = 8;
 constexpr int kRowsWarps = 8;                       // warps in a block
 constexpr int kRowsSplit = 4;                       // warps summing one column
 constexpr int kRowsCols = kRowsWarps / kRowsSplit;  // columns of a block
-
-__device__ float apply_act(float v, int act) {
-  switch (act) {
-    case 1: return v > 0.f ? v : 0.f;
-    case 2: return gelu_erf(v);
-    case 3: return gelu_tanh(v);
-    default: return v;
-  }
-}
 
 template <int kRows, bool kVec4>
 __global__ void __launch_bounds__(kRowsWarps * 32)
