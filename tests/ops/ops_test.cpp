@@ -230,7 +230,7 @@ TEST_F(OPS_SUITE, LinearAtEverySmallBatchSize) {
 // kernel of Flotilla's own, with four-float loads where K and the pointers
 // allow and one float at a time where they do not. At every batch size from
 // 1 to 12 (the kernel's sizes and cuBLASLt's beyond), for K a multiple of 4
-// and not, N not a multiple of the kernel's 8 columns a block, and every
+// and not, N odd (the kernel's blocks take 2 columns each), and every
 // activation: each row matches float64, and on CUDA up to 8 rows each row is
 // bit for bit the row run alone (a request's result does not depend on its
 // batch). Would catch: rows mixed up or dropped, the last block's columns
@@ -333,6 +333,20 @@ TEST_F(OPS_SUITE, LinearOnARowViewAtAnOddOffset) {
     EXPECT_LT(rel_error(y.to_host(s()), linear_ref(rows, ws, &bs, 3, N, K, Activation::kRelu)),
               tolerance(dt))
         << to_string(dt);
+    // K a multiple of 4 but x 12 bytes in: rows of 3 from the second on,
+    // seen as [3, 8]. On CUDA the small-rows kernel must not load x four
+    // floats at a time here (Note [Linear for a few rows]; a misaligned
+    // vector load faults the device).
+    Vec fs;
+    Tensor flat = rand_tensor({9, 3}, dt, &fs);
+    Tensor x8 = flat.narrow(1, 8).reshape({3, 8});
+    Vec w8s;
+    Tensor w8 = rand_tensor({N, 8}, dt, &w8s);
+    Vec rows8(fs.begin() + 3, fs.begin() + 27);
+    Tensor y8 = ops::linear(s(), x8, w8, b, Activation::kRelu);
+    EXPECT_LT(rel_error(y8.to_host(s()), linear_ref(rows8, w8s, &bs, 3, N, 8, Activation::kRelu)),
+              tolerance(dt))
+        << to_string(dt) << " K=8, x 12 bytes in";
   }
 }
 

@@ -386,10 +386,12 @@ std::unique_ptr<Plan> make_plan(LtResource& r, const PlanKey& key) {
 // at once. Each warp keeps one sum per row and adds its lanes up with a
 // butterfly of shuffles; the block then adds the parts of a column in a
 // fixed order, adds the bias and applies the activation as it stores. Every
-// row's sum is taken in the same order whatever the number of rows, so a
-// row's result does not depend on the batch it ran in (a request batched
-// with others gets the bits it would get alone), and nothing is accumulated
-// with atomics (deterministic). Used for f32 up to kRowsKernelMax rows;
+// row's sum is taken in the same order whatever the number of rows, so up to
+// kRowsKernelMax rows a row's result does not depend on the batch it ran in
+// (a request batched with up to 7 others gets the bits it would get alone,
+// as long as the four-float and one-float paths are chosen alike: they sum
+// in different orders; from 9 rows cuBLASLt's order applies), and nothing
+// is accumulated with atomics (deterministic). Used for f32 up to kRowsKernelMax rows;
 // beyond that, and for f16/bf16, cuBLASLt.
 constexpr int64_t kRowsKernelMax = 8;
 constexpr int kRowsWarps = 8;                       // warps in a block
