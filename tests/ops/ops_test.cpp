@@ -203,61 +203,45 @@ TEST_F(OPS_SUITE, LinearAtTheSeedModelsShapesAndWithLeadingDims) {
   }
 }
 
-// Every batch size from 1 to 12 rows, with and without bias, K not a
-// multiple of 8: the shapes of small serving batches. Would catch: rows
-// beyond the first dropped or mixed up, or a tail of K missed.
-TEST_F(OPS_SUITE, LinearAtEverySmallBatchSize) {
-  const int64_t N = 300, K = 516;
-  Vec ws, bs, all;
-  Tensor w = rand_tensor({N, K}, DType::kF32, &ws, -0.05f, 0.05f);
-  Tensor b = rand_tensor({N}, DType::kF32, &bs);
-  Tensor x12 = rand_tensor({12, K}, DType::kF32, &all);
-  for (int64_t m = 1; m <= 12; ++m) {
-    for (bool with_bias : {true, false}) {
-      Tensor x = x12.narrow(0, m);
-      Vec xs(all.begin(), all.begin() + m * K);
-      Tensor y = ops::linear(s(), x, w, with_bias ? b : Tensor(), Activation::kRelu);
-      const std::vector<float> got = y.to_host(s());
-      EXPECT_LT(
-          rel_error(got, linear_ref(xs, ws, with_bias ? &bs : nullptr, m, N, K, Activation::kRelu)),
-          tolerance(DType::kF32))
-          << "M=" << m << " bias=" << with_bias;
-    }
-  }
-}
-
-// Note [Linear for a few rows]: on CUDA, f32 linears of 1 to 8 rows run a
-// kernel of Flotilla's own, with four-float loads where K and the pointers
-// allow and one float at a time where they do not. At every batch size from
-// 1 to 12 (the kernel's sizes and cuBLASLt's beyond), for K a multiple of 4
-// and not, N odd (the kernel's blocks take 2 columns each), and every
-// activation: each row matches float64, and on CUDA up to 8 rows each row is
-// bit for bit the row run alone (a request's result does not depend on its
-// batch). Would catch: rows mixed up or dropped, the last block's columns
-// missed, a tail of K skipped, a sum whose order depends on the batch.
+// Every batch size from 1 to 12 rows, the shapes of small serving batches.
+// On CUDA, f32 linears of 1 to 8 rows run a kernel of Flotilla's own (Note
+// [Linear for a few rows]), with four-float loads where K and the pointers
+// allow and one float at a time where they do not, and cuBLASLt beyond. For
+// K a multiple of 4 (512; 516, which splits unevenly) and not (515), N odd
+// (the kernel's blocks take 2 columns each), every activation, with and
+// without bias: each row matches float64, and on CUDA up to 8 rows each row
+// is bit for bit the row run alone (a request's result does not depend on
+// its batch). Would catch: rows mixed up or dropped, the last block's
+// columns missed, a tail of K skipped, a sum whose order depends on the
+// batch.
 TEST_F(OPS_SUITE, LinearRowsAtSmallBatchesMatchTheRowRunAlone) {
   const bool cuda = std::string(FLOTILLA_TEST_BACKEND) == "cuda";
   const int64_t N = 1001;
-  for (int64_t K : {512, 515}) {
+  for (int64_t K : {512, 516, 515}) {
     for (Activation act :
          {Activation::kRelu, Activation::kNone, Activation::kGelu, Activation::kGeluTanh}) {
-      Vec ws, bs, all;
-      Tensor w = rand_tensor({N, K}, DType::kF32, &ws, -0.05f, 0.05f);
-      Tensor b = rand_tensor({N}, DType::kF32, &bs);
-      Tensor x12 = rand_tensor({12, K}, DType::kF32, &all);
-      std::vector<std::vector<float>> alone(12);
-      for (int64_t r = 0; r < 12; ++r)
-        alone[static_cast<size_t>(r)] = ops::linear(s(), x12.row(r), w, b, act).to_host(s());
-      for (int64_t m = 1; m <= 12; ++m) {
-        const std::vector<float> got = ops::linear(s(), x12.narrow(0, m), w, b, act).to_host(s());
-        Vec xs(all.begin(), all.begin() + m * K);
-        EXPECT_LT(rel_error(got, linear_ref(xs, ws, &bs, m, N, K, act)), tolerance(DType::kF32))
-            << "M=" << m << " K=" << K << " act=" << ops::to_string(act);
-        if (!cuda || m > 8) continue;
-        for (int64_t r = 0; r < m; ++r) {
-          const auto row = got.begin() + r * N;
-          EXPECT_TRUE(std::equal(row, row + N, alone[static_cast<size_t>(r)].begin()))
-              << "row " << r << " of " << m << " K=" << K << " act=" << ops::to_string(act);
+      for (bool with_bias : {true, false}) {
+        Vec ws, bs, all;
+        Tensor w = rand_tensor({N, K}, DType::kF32, &ws, -0.05f, 0.05f);
+        Tensor b = with_bias ? rand_tensor({N}, DType::kF32, &bs) : Tensor();
+        Tensor x12 = rand_tensor({12, K}, DType::kF32, &all);
+        const std::string what = " K=" + std::to_string(K) + " act=" + ops::to_string(act) +
+                                 " bias=" + (with_bias ? "1" : "0");
+        std::vector<std::vector<float>> alone(12);
+        for (int64_t r = 0; r < 12; ++r)
+          alone[static_cast<size_t>(r)] = ops::linear(s(), x12.row(r), w, b, act).to_host(s());
+        for (int64_t m = 1; m <= 12; ++m) {
+          const std::vector<float> got = ops::linear(s(), x12.narrow(0, m), w, b, act).to_host(s());
+          Vec xs(all.begin(), all.begin() + m * K);
+          EXPECT_LT(rel_error(got, linear_ref(xs, ws, with_bias ? &bs : nullptr, m, N, K, act)),
+                    tolerance(DType::kF32))
+              << "M=" << m << what;
+          if (!cuda || m > 8) continue;
+          for (int64_t r = 0; r < m; ++r) {
+            const auto row = got.begin() + r * N;
+            EXPECT_TRUE(std::equal(row, row + N, alone[static_cast<size_t>(r)].begin()))
+                << "row " << r << " of " << m << what;
+          }
         }
       }
     }
