@@ -312,7 +312,7 @@ BatchQueue::~BatchQueue() {
 
 std::shared_ptr<detail::Request> BatchQueue::make_request(std::span<const float> input,
                                                           std::optional<Clock::time_point> deadline,
-                                                          CompletionCallback done) {
+                                                          CompletionCallback done, bool borrow) {
   if (static_cast<int64_t>(input.size()) != in_) {
     core_->recorder().invalid();
     throw InvalidArgument(::flotilla::detail::str_cat(
@@ -335,27 +335,59 @@ std::shared_ptr<detail::Request> BatchQueue::make_request(std::span<const float>
   else if (options_.default_deadline.count() > 0)
     d = clock_->now() + options_.default_deadline;
   return detail::Request::make(input, static_cast<size_t>(out_), d, core_.get(), options_.spin_wait,
-                               std::move(done));
+                               std::move(done), borrow);
 }
 
-RequestHandle BatchQueue::submit(std::span<const float> input,
-                                 std::optional<Clock::time_point> deadline) {
-  auto r = make_request(input, deadline, nullptr);
+RequestHandle BatchQueue::submit_handle(std::span<const float> input,
+                                        std::optional<Clock::time_point> deadline, bool borrow) {
+  auto r = make_request(input, deadline, nullptr, borrow);
   core_->submit(r);
   return RequestHandle(std::move(r));
 }
 
-uint64_t BatchQueue::submit(std::span<const float> input, CompletionCallback done,
-                            std::optional<Clock::time_point> deadline) {
+uint64_t BatchQueue::submit_callback(std::span<const float> input, CompletionCallback done,
+                                     std::optional<Clock::time_point> deadline, bool borrow) {
   if (!done) {
     core_->recorder().invalid();
     throw InvalidArgument(
         "[BatchQueue::submit] the completion callback is empty; pass a function, or use the "
         "submit() that returns a handle");
   }
-  auto r = make_request(input, deadline, std::move(done));
+  auto r = make_request(input, deadline, std::move(done), borrow);
   core_->submit(r);
   return r->id;  // written by submit() on this thread
+}
+
+RequestHandle BatchQueue::submit(std::span<const float> input,
+                                 std::optional<Clock::time_point> deadline) {
+  return submit_handle(input, deadline, /*borrow=*/false);
+}
+
+uint64_t BatchQueue::submit(std::span<const float> input, CompletionCallback done,
+                            std::optional<Clock::time_point> deadline) {
+  return submit_callback(input, std::move(done), deadline, /*borrow=*/false);
+}
+
+// Note [Borrowed inputs]
+// A request normally copies its input into its own block at submit() (Note
+// [One allocation per request] in queue_core.h): the caller may reuse its
+// buffer at once. With 64 clients on the H100 that copy, the larger block,
+// and the worker's reads of input lines another core had just written cost
+// about a tenth of the throughput (docs/PERF.md, "Borrowed inputs"). A
+// BorrowedInput skips the copy: the request's input is the caller's span,
+// read once by the worker that packs the request's batch (launch_batch),
+// before the batch runs, so before the request can complete. Nothing else
+// reads it: an expired, cancelled or refused request never runs, and a
+// failed batch was packed before it failed. So the caller's promise (keep
+// the values until the request has completed) covers every read, and a
+// caller may free or rewrite its buffer from the completion callback on.
+RequestHandle BatchQueue::submit(BorrowedInput input, std::optional<Clock::time_point> deadline) {
+  return submit_handle(input.values, deadline, /*borrow=*/true);
+}
+
+uint64_t BatchQueue::submit(BorrowedInput input, CompletionCallback done,
+                            std::optional<Clock::time_point> deadline) {
+  return submit_callback(input.values, std::move(done), deadline, /*borrow=*/true);
 }
 
 bool BatchQueue::cancel(uint64_t id) { return core_->cancel(id); }

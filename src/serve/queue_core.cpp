@@ -71,7 +71,14 @@ struct WithTrailingFloats {
 
 std::shared_ptr<Request> Request::make(std::span<const float> input, size_t out_features,
                                        Clock::time_point deadline, QueueCore* core,
-                                       std::chrono::nanoseconds spin, CompletionCallback on_done) {
+                                       std::chrono::nanoseconds spin, CompletionCallback on_done,
+                                       bool borrow) {
+  if (borrow) {
+    static float* const kInPlace = nullptr;  // the Request's `storage`: no copy
+    t_trailing = {0, nullptr};
+    return std::allocate_shared<Request>(WithTrailingFloats<Request>(), input, kInPlace,
+                                         out_features, deadline, core, spin, std::move(on_done));
+  }
   t_trailing = {input.size(), nullptr};
   // t_trailing.at is set by the allocator before the Request is built.
   return std::allocate_shared<Request>(WithTrailingFloats<Request>(), input, t_trailing.at,

@@ -112,19 +112,22 @@ struct Request : std::enable_shared_from_this<Request> {
   // Made by the submitting thread, outside the core's lock; `output` is
   // allocated here too, so the worker only copies into it.
   // With `on_done`, the outcome goes to it (Note [Completion callbacks]) and
-  // `output` stays empty.
+  // `output` stays empty. `borrow`: the request reads `input` where it is
+  // (BorrowedInput, Note [Borrowed inputs]) and its block has no room for a
+  // copy.
   static std::shared_ptr<Request> make(std::span<const float> input, size_t out_features,
                                        Clock::time_point deadline, QueueCore* core,
                                        std::chrono::nanoseconds spin,
-                                       CompletionCallback on_done = nullptr);
+                                       CompletionCallback on_done = nullptr, bool borrow = false);
 
   // For make() only (the allocator places it): `storage` is where make()'s
-  // allocator put room for input.size() floats, set before this runs.
+  // allocator put room for input.size() floats, set before this runs; null
+  // for a borrowed input, which is then used in place.
   Request(std::span<const float> input, float* const& storage, size_t out_features,
           Clock::time_point deadline, QueueCore* core, std::chrono::nanoseconds spin,
           CompletionCallback on_done)
       : deadline(deadline),
-        input(copy_to(input, storage)),
+        input(storage ? copy_to(input, storage) : input),
         core(core),
         spin(spin),
         on_done(std::move(on_done)),
@@ -150,7 +153,8 @@ struct Request : std::enable_shared_from_this<Request> {
   // Written once by submit(), like id.
   Clock::time_point enqueued{};  // when it entered the queue (max_delay counts from it)
   // Immutable after construction: read by the worker that picked it. Lives
-  // in the request's own block (Note [One allocation per request]).
+  // in the request's own block (Note [One allocation per request]), or, when
+  // borrowed, in the caller's memory (Note [Borrowed inputs]).
   const std::span<const float> input;
   // For cancel(), which may use it only under the lifetime lock and only
   // while the request is queued (Note [Cancel after the queue is gone]). A

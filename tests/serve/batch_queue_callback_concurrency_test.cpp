@@ -18,6 +18,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -407,6 +408,105 @@ TEST(BatchQueueCallbackConcurrency, CallbacksChainSubmitsAndCancelsOnManyWorkers
   EXPECT_EQ(m.cancelled, static_cast<uint64_t>(decoys_cancelled.load()));
   std::printf("chains=%d length=%d decoys=%d cancelled=%d batches=%llu mean_batch=%.2f\n", chains,
               length, decoys.load(), decoys_cancelled.load(),
+              static_cast<unsigned long long>(m.batches), m.mean_batch());
+}
+
+// Borrowed inputs under workers: each client keeps a few buffers in flight
+// as BorrowedInputs (by callback or by handle) and rewrites a buffer with a
+// new input as soon as its request has completed (the callback ran, the
+// handle's get() returned, a cancel() returned true), then submits it
+// again. The queue may read a buffer only before its request completes, so
+// every output must be the model's for what the buffer held at submit(),
+// and a read after completion is a race with the client's rewrite, which
+// TSan reports (and ASan a read of a freed one: the buffers are freed at
+// the end, while the queue still runs the other clients' requests).
+TEST(BatchQueueCallbackConcurrency, BorrowedInputsAreReadOnlyBeforeTheirRequestsComplete) {
+  auto device = make_device();
+  const TinyModel tiny(*device, 8, 4);
+  const uint64_t seed = test_seed();
+  BatchQueueOptions o;
+  o.workers = 3;
+  o.max_batch = 8;
+  o.pipeline_depth = 2;
+  o.capacity = 4096;
+  BatchQueue q(*device, tiny.in(), tiny.out(), tiny.model(), o);
+  const int clients = 6, window = 4, per_client = scaled(400, 60);
+  const auto in = static_cast<size_t>(tiny.in());
+  std::atomic<int> wrong{0}, not_completed{0}, callbacks{0}, cancelled{0};
+  struct Slot {
+    std::vector<float> buf;
+    std::vector<double> ref;        // the model's output for what buf holds while in flight
+    std::atomic<bool> busy{false};  // in flight: its request has not completed
+  };
+  std::latch start(clients);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < clients; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937_64 rng(seed + static_cast<uint64_t>(t));
+      std::vector<Slot> slots(window);
+      for (auto& s : slots) s.buf.resize(in);
+      const bool by_handle = t % 2 == 1;
+      std::vector<RequestHandle> handles(window);
+      auto refill = [&](Slot& s) {  // the request of `s` has completed: reuse its buffer
+        for (float& x : s.buf) x = std::uniform_real_distribution<float>(-1, 1)(rng);
+        s.ref = tiny.host_reference(s.buf);
+      };
+      start.arrive_and_wait();
+      for (int n = 0; n < per_client; ++n) {
+        const auto k = static_cast<size_t>(n % window);
+        Slot& s = slots[k];
+        if (by_handle) {
+          if (handles[k].valid()) {
+            std::vector<float> y;
+            if (outcome_of(handles[k], &y) != Outcome::kCompleted)
+              not_completed.fetch_add(1);
+            else if (max_rel_error(y, s.ref) > 1e-5)
+              wrong.fetch_add(1);
+          }
+          refill(s);
+          handles[k] = q.submit(BorrowedInput(s.buf));
+          continue;
+        }
+        while (s.busy.load(std::memory_order_acquire)) std::this_thread::yield();
+        refill(s);
+        s.busy.store(true, std::memory_order_relaxed);
+        const uint64_t id = q.submit(BorrowedInput(s.buf), [&](const Completion& c) {
+          callbacks.fetch_add(1);
+          if (c.status == RequestStatus::kCancelled)
+            cancelled.fetch_add(1);
+          else if (c.status != RequestStatus::kCompleted)
+            not_completed.fetch_add(1);
+          else if (max_rel_error(c.output, s.ref) > 1e-5)
+            wrong.fetch_add(1);
+          s.busy.store(false, std::memory_order_release);  // the client may rewrite s.buf now
+        });
+        // Now and then cancel it: if that succeeds, its callback has run and
+        // the buffer is the client's again at once.
+        if (rng() % 8 == 0 && q.cancel(id)) {
+          EXPECT_FALSE(s.busy.load(std::memory_order_acquire));
+        }
+      }
+      for (size_t k = 0; k < slots.size(); ++k) {
+        if (by_handle && handles[k].valid() && outcome_of(handles[k]) != Outcome::kCompleted)
+          not_completed.fetch_add(1);
+        while (slots[k].busy.load(std::memory_order_acquire)) std::this_thread::yield();
+      }
+      // Every request of this client has completed: its buffers go, while
+      // the other clients' requests still run.
+    });
+  }
+  for (auto& th : threads) th.join();
+  q.shutdown();
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_EQ(not_completed.load(), 0);
+  const int by_callback = clients / 2 * per_client;
+  EXPECT_EQ(callbacks.load(), by_callback) << "every callback ran exactly once";
+  const auto m = q.metrics();
+  EXPECT_EQ(m.submitted, static_cast<uint64_t>(clients * per_client));
+  EXPECT_EQ(m.completed + m.cancelled, m.submitted);
+  EXPECT_EQ(m.cancelled, static_cast<uint64_t>(cancelled.load()));
+  std::printf("requests=%llu cancelled=%d batches=%llu mean_batch=%.2f\n",
+              static_cast<unsigned long long>(m.submitted), cancelled.load(),
               static_cast<unsigned long long>(m.batches), m.mean_batch());
 }
 

@@ -131,6 +131,86 @@ TEST_F(BatchQueueTest, EachRequestKeepsItsOwnCopyOfTheInput) {
   }
 }
 
+// A BorrowedInput is read where the caller keeps it, when its batch is
+// packed, not copied at submit(): what runs is what the buffer holds at
+// step(). Copying submits in the same batch keep the input they were given.
+TEST_F(BatchQueueTest, ABorrowedInputIsReadInPlaceWhenItsBatchIsPacked) {
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(6, 100us));
+  std::vector<std::vector<float>> buffers(6);
+  std::vector<RequestHandle> hs;
+  std::vector<std::vector<float>> via_callback(2);
+  for (int i = 0; i < 6; ++i) {
+    auto& buf = buffers[static_cast<size_t>(i)];
+    buf = input(i);
+    switch (i % 3) {
+      case 0: hs.push_back(q.submit(BorrowedInput(buf))); break;
+      case 1: {
+        auto& out = via_callback[static_cast<size_t>(i / 3)];
+        q.submit(BorrowedInput(buf),
+                 [&out](const Completion& c) { out.assign(c.output.begin(), c.output.end()); });
+        break;
+      }
+      default: hs.push_back(q.submit(buf)); break;  // a copy, for contrast
+    }
+  }
+  for (int i = 0; i < 6; ++i) {  // the callers rewrite their buffers in place
+    const auto next = input(100 + i);
+    std::copy(next.begin(), next.end(), buffers[static_cast<size_t>(i)].begin());
+  }
+  EXPECT_EQ(q.step(), 6u) << "one batch of all six";
+  EXPECT_EQ(calls_.load(), 1);
+  expect_output(hs[0], 100);  // request 0: borrowed, so it ran on what the buffer held at step()
+  expect_output(hs[1], 2);    // request 2: copied at submit
+  expect_output(hs[2], 103);
+  expect_output(hs[3], 5);
+  for (int i : {1, 4}) {
+    const auto& y = via_callback[static_cast<size_t>(i / 3)];
+    ASSERT_EQ(y.size(), static_cast<size_t>(kOut)) << "request " << i;
+    EXPECT_LT(max_rel_error(y, model_->host_reference(input(100 + i))), 1e-5) << "request " << i;
+  }
+}
+
+// The queue never reads a borrowed input after its request completed: a
+// refused, cancelled or expired request's buffer is freed as soon as the
+// call that decided it returns (ASan reports a later read), and a completed
+// one's buffer is overwritten with a row that fails any batch holding it.
+TEST_F(BatchQueueTest, ABorrowedInputIsNotReadAfterItsRequestCompletes) {
+  auto o = manual(4, 100us);
+  o.capacity = 3;
+  BatchQueue q(*device_, kIn, kOut, marked_failing(*model_), o);
+  auto buffer = [&](int i) { return std::make_unique<std::vector<float>>(input(i)); };
+  auto a = buffer(0), b = buffer(1), c = buffer(2), d = buffer(3), e = buffer(4);
+  auto ha = q.submit(BorrowedInput(*a));
+  auto hb = q.submit(BorrowedInput(*b), q.deadline_in(50us));
+  bool c_done = false;
+  const uint64_t c_id = q.submit(BorrowedInput(*c), [&](const Completion& done) {
+    EXPECT_EQ(done.status, RequestStatus::kCancelled);
+    c_done = true;
+  });
+  auto hd = q.submit(BorrowedInput(*d));  // the queue is full: refused at once
+  EXPECT_EQ(outcome_of(hd), Outcome::kQueueFull);
+  d.reset();
+  EXPECT_TRUE(q.cancel(c_id));
+  EXPECT_TRUE(c_done) << "a cancellation's callback runs before cancel() returns";
+  c.reset();
+  clock_->advance(110us);  // b expires; a has waited out max_delay
+  EXPECT_EQ(q.step(), 1u) << "a runs alone";
+  EXPECT_EQ(outcome_of(hb), Outcome::kTimeout);
+  b.reset();
+  expect_output(ha, 0);
+  std::fill(a->begin(), a->end(), kFailMark);  // the caller reuses a's buffer
+  auto he = q.submit(BorrowedInput(*e));
+  clock_->advance(100us);
+  EXPECT_EQ(q.step(), 1u);
+  expect_output(he, 4);
+  e.reset();
+  auto m = q.metrics();
+  EXPECT_EQ(m.completed, 2u);
+  EXPECT_EQ(m.rejected, 1u);
+  EXPECT_EQ(m.cancelled, 1u);
+  EXPECT_EQ(m.expired, 1u);
+}
+
 TEST_F(BatchQueueTest, ZeroMaxDelayRunsWhatIsThere) {
   BatchQueue q(*device_, kIn, kOut, counted(), manual(8, 0us));
   auto h = q.submit(input(0));
@@ -550,11 +630,17 @@ TEST_F(BatchQueueTest, BadInputIsRefusedAtSubmitAndNeverPoisonsABatch) {
   nan_input[3] = std::nanf("");
   EXPECT_THROW(q.submit(nan_input), InvalidArgument);
   EXPECT_THROW(q.submit(std::vector<float>(kIn + 1, 0.f)), InvalidArgument);
+  // A borrowed input is checked the same way.
+  EXPECT_THROW(q.submit(BorrowedInput(short_input)), InvalidArgument);
+  EXPECT_THROW(
+      q.submit(BorrowedInput(nan_input),
+               [](const Completion&) { ADD_FAILURE() << "the callback of a refused input ran"; }),
+      InvalidArgument);
   auto good = q.submit(input(1));
   EXPECT_EQ(q.step(), 1u);
   expect_output(good, 1);
   auto m = q.metrics();
-  EXPECT_EQ(m.invalid, 3u);
+  EXPECT_EQ(m.invalid, 5u);
   EXPECT_EQ(m.submitted, 1u);
   EXPECT_EQ(rows_.load(), 1);
 }

@@ -78,6 +78,31 @@ TEST(CliBatching, CallbacksCheckEveryOutputAndKeepTheWindowFull) {
   EXPECT_LE(j["p50_us"].get<double>(), j["max_us"].get<double>());
 }
 
+// --borrow-inputs: the clients' inputs are read in place (BorrowedInput) on
+// every client path: closed loop, windows, callbacks. Every output is still
+// checked, and a corrupted one still fails the run.
+TEST(CliBatching, BorrowedInputsAreCheckedOnEveryClientPath) {
+  for (const char* path : {"", " --window 8", " --callbacks --window 8"}) {
+    const auto r = run_cli(std::string("run --batching --borrow-inputs --threads 4 --requests 400 "
+                                       "--queue-workers 2 --json") +
+                               path,
+                           "2>/dev/null");
+    ASSERT_EQ(r.exit_code, 0) << path << ": " << r.out;
+    const auto j = nlohmann::json::parse(r.out);
+    EXPECT_EQ(j["borrow_inputs"], true) << path;
+    EXPECT_EQ(j["requests"], 400) << path;
+    EXPECT_GE(j["checks"].get<int>(), 400) << path;
+    EXPECT_EQ(j["wrong_results"], 0) << path;
+    EXPECT_EQ(j["errors"], 0) << path;
+    const auto bad = run_cli(std::string("run --batching --borrow-inputs --threads 4 --requests "
+                                         "100 --corrupt-every 10 --json") +
+                                 path,
+                             "2>/dev/null");
+    EXPECT_EQ(bad.exit_code, 1) << "a wrong result must fail the run" << path << ": " << bad.out;
+    EXPECT_EQ(nlohmann::json::parse(bad.out)["wrong_results"], 10) << path;
+  }
+}
+
 TEST(CliBatching, RefillSetsHowManyCompleteBeforeAClientWakes) {
   uint64_t waits[2] = {0, 0};
   int n = 0;
@@ -127,7 +152,8 @@ TEST(CliBatching, BadOptionsEndWithOneLine) {
         "run --batching --refill 2", "run --batching --callbacks --window 8 --refill 9",
         "run --batching --callbacks --window 8 --refill -1", "run --batching --device-share -1",
         "run --batching --device-share 257", "run --device-share 2", "bench --callbacks",
-        "bench --window 4", "bench --device-share 4"}) {
+        "bench --window 4", "bench --device-share 4", "run --borrow-inputs",
+        "bench --borrow-inputs"}) {
     const auto r = run_cli(args, "2>&1");
     EXPECT_NE(r.exit_code, 0) << args;
     int lines = 0;

@@ -173,11 +173,12 @@ void run_bench(const BenchOptions& b) {
                "[bench] --threads-list, --batches and --archs must not be empty");
   const WorkloadOptions::Batching no_batching;
   const WorkloadOptions::Batching& queue_opts = b.base.batching;
-  FL_CHECK_ARG(b.batching || (!queue_opts.callbacks && queue_opts.refill == 0 &&
-                              queue_opts.window == no_batching.window &&
-                              queue_opts.device_share == no_batching.device_share),
-               "[bench] --callbacks, --refill, --window and --device-share set up the batching "
-               "series; add --batching, or drop them");
+  FL_CHECK_ARG(
+      b.batching || (!queue_opts.callbacks && queue_opts.refill == 0 &&
+                     queue_opts.window == no_batching.window &&
+                     queue_opts.device_share == no_batching.device_share && !queue_opts.borrow),
+      "[bench] --callbacks, --refill, --window, --device-share and --borrow-inputs set "
+      "up the batching series; add --batching, or drop them");
   std::vector<Arch> archs;
   for (const auto& a : b.archs) archs.push_back(parse_arch(a));
   WorkloadOptions base = b.base;
@@ -255,6 +256,8 @@ void run_bench(const BenchOptions& b) {
                       {"batching", b.batching},
                       // the batching series' outputs went to completion callbacks
                       {"callbacks", b.batching && base.batching.callbacks},
+                      // and the queue read their inputs in place (--borrow-inputs)
+                      {"borrow_inputs", b.batching && base.batching.borrow},
                       {"points", nlohmann::json::array()}};
   bool failed = false;
   for (const auto& p : points) {

@@ -85,6 +85,9 @@ void WorkloadOptions::validate() const {
                  "client wakes; it needs --callbacks");
     in_range("--refill", batching.refill, 0, batching.window);
   } else {
+    FL_CHECK_ARG(!batching.borrow,
+                 "[run] --borrow-inputs lets the BatchQueue read the clients' inputs in place; "
+                 "it needs --batching");
     FL_CHECK_ARG(batching.window == 1,
                  "[run] --window keeps several requests in flight through the BatchQueue; "
                  "it needs --batching");
@@ -141,6 +144,7 @@ nlohmann::json WorkloadResult::to_json() const {
     j["device_share_option"] = o.batching.device_share;  // 0: the queue's streams
     j["device_share"] = device_share;  // the hint its first worker's stream planned with
     if (o.batching.callbacks) j["refill"] = o.batching.refill_or_default();
+    j["borrow_inputs"] = o.batching.borrow;
     j["mean_batch"] = mean_batch;
     j["rejected"] = rejected;
     j["expired"] = expired;
@@ -288,14 +292,18 @@ void copy_output(const std::vector<float>& y, std::span<float> out) {
 // streams serve it, so the client has none of its own.
 class BatchingClient final : public Client {
  public:
-  explicit BatchingClient(RunContext& ctx) : queue_(*ctx.queue) {}
+  explicit BatchingClient(RunContext& ctx)
+      : queue_(*ctx.queue), borrow_(ctx.options.batching.borrow) {}
   int stream_index() const override { return -1; }
   void request(const std::vector<float>& in, std::span<float> out) override {
-    copy_output(queue_.submit(in).get(), out);  // get() throws the request's error
+    // get() throws the request's error
+    copy_output(borrow_ ? queue_.submit(serve::BorrowedInput(in)).get() : queue_.submit(in).get(),
+                out);
   }
 
  private:
   serve::BatchQueue& queue_;
+  const bool borrow_;
 };
 
 std::unique_ptr<Client> make_client(RunContext& ctx) {
@@ -498,8 +506,11 @@ void run_callback_client(const RunContext& ctx, CallbackWindow& win, size_t t, T
     counting_errors(st, [&] {
       // Two pointers: small enough for std::function to hold without a
       // heap block of its own (one malloc a request fewer).
-      ctx.queue->submit(ctx.inputs[slot.k],
-                        [w = &win, s = &slot](const serve::Completion& c) { w->complete(*s, c); });
+      auto done = [w = &win, s = &slot](const serve::Completion& c) { w->complete(*s, c); };
+      if (ctx.options.batching.borrow)  // ctx.inputs outlive the queue
+        ctx.queue->submit(serve::BorrowedInput(ctx.inputs[slot.k]), done);
+      else
+        ctx.queue->submit(ctx.inputs[slot.k], done);
       submitted = true;
     });
     if (!submitted) {  // refused before it was queued: no callback comes
@@ -678,7 +689,10 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
             const size_t k = r % ctx.inputs.size();
             r += 7;
             Pending p{{}, k, now, corrupt};
-            counting_errors(st, [&] { p.handle = ctx.queue->submit(ctx.inputs[k]); });
+            counting_errors(st, [&] {
+              p.handle = o.batching.borrow ? ctx.queue->submit(serve::BorrowedInput(ctx.inputs[k]))
+                                           : ctx.queue->submit(ctx.inputs[k]);
+            });
             now = Clock::now();
             st.submit_time += now - p.t0;
             if (p.handle.valid()) pending.push_back(std::move(p));
@@ -901,6 +915,9 @@ void add_batching_options(CLI::App& cmd, WorkloadOptions::Batching& b) {
                  "batching, with --callbacks: requests of a full window that complete before "
                  "its client wakes (0: 7/8 of the window)")
       ->capture_default_str();
+  cmd.add_flag("--borrow-inputs", b.borrow,
+               "batching: submit inputs as serve::BorrowedInput, read in place by the queue "
+               "instead of copied at submit");
 }
 
 void add_model_options(CLI::App& cmd, WorkloadOptions& o, ModelOptionStrings& s) {

@@ -99,6 +99,10 @@ struct WorkloadOptions {
     // more than 16: each wake-up costs the worker that makes it and the
     // client a context switch; docs/PERF.md).
     int refill = 0;
+    // --borrow-inputs: clients submit their inputs as serve::BorrowedInput,
+    // read in place by the queue (the inputs live for the whole run), not
+    // copied at submit().
+    bool borrow = false;
     int refill_or_default() const { return refill > 0 ? refill : std::max(1, window - window / 8); }
   } batching;
 

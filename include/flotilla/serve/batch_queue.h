@@ -62,6 +62,21 @@
 // that runs the queue's batches they throw InvalidState instead. A throw is
 // caught and counted (BatchQueueMetrics::callback_exceptions).
 //
+// Borrowed inputs (the submit()s taking a BorrowedInput): the request reads
+// its input where the caller keeps it instead of copying it at submit(), so
+// a submit() costs no copy of the input and a smaller allocation, and the
+// worker packs the batch from the caller's memory (Note [Borrowed inputs]
+// in batch_queue.cpp). The caller must keep those values alive and
+// unchanged until the request has completed: until its handle is done()
+// (get() or wait() returned, or wait_for() returned true), or until its
+// callback has been called. A refused request (QueueFull, ShutDown, a
+// deadline already passed) and one cancelled by a cancel() that returned
+// true have completed when that call returns; a bad input is refused at
+// submit() (InvalidArgument) and never read again. The queue reads a
+// borrowed input only while packing the request's batch, never after the
+// request completes. Changing the values before then is a data race, and
+// which values run is then undefined.
+//
 // Deadlines: a queued request whose deadline passes completes with Timeout
 // when a worker next looks at the queue: at once if one is waiting for
 // requests (its wait ends at the earliest deadline), else when one finishes
@@ -225,6 +240,14 @@ struct BatchQueueOptions {
   void validate() const;
 };
 
+// An input for submit() to read in place, without a copy: the caller keeps
+// `values` alive and unchanged until the request has completed (Borrowed
+// inputs, above).
+struct BorrowedInput {
+  explicit BorrowedInput(std::span<const float> values) : values(values) {}
+  std::span<const float> values;
+};
+
 // The caller's side of one request, like a std::future: move-only, get()
 // once. Thread safety: one handle is one owner's object (move it to hand it
 // over); different handles may be used on any threads at once.
@@ -314,6 +337,13 @@ class BatchQueue {
   // for a bad input or an empty callback, and then never calls it.
   uint64_t submit(std::span<const float> input, CompletionCallback done,
                   std::optional<Clock::time_point> deadline = std::nullopt);
+  // The same two submits for an input the queue reads in place instead of
+  // copying (Borrowed inputs, above): `input.values` must stay alive and
+  // unchanged until the request has completed.
+  RequestHandle submit(BorrowedInput input,
+                       std::optional<Clock::time_point> deadline = std::nullopt);
+  uint64_t submit(BorrowedInput input, CompletionCallback done,
+                  std::optional<Clock::time_point> deadline = std::nullopt);
   // Cancels the request `id` if it is queued (not started): it completes
   // with Cancelled and this returns true. False if it had started, had
   // completed, or no request of this queue has that id. For requests of
@@ -344,10 +374,16 @@ class BatchQueue {
   std::vector<Stream> streams() const;
 
  private:
-  // Checks `input` (InvalidArgument) and makes its request.
+  // Checks `input` (InvalidArgument) and makes its request; `borrow`: the
+  // request reads `input` in place (BorrowedInput).
   std::shared_ptr<detail::Request> make_request(std::span<const float> input,
                                                 std::optional<Clock::time_point> deadline,
-                                                CompletionCallback done);
+                                                CompletionCallback done, bool borrow);
+  // The submit()s' common body.
+  RequestHandle submit_handle(std::span<const float> input,
+                              std::optional<Clock::time_point> deadline, bool borrow);
+  uint64_t submit_callback(std::span<const float> input, CompletionCallback done,
+                           std::optional<Clock::time_point> deadline, bool borrow);
   void worker_loop(detail::Lane& lane);
   // Claims options_.device_share on the lanes' streams (Note [The queue's
   // share of the device]).
