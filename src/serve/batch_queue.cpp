@@ -375,10 +375,12 @@ uint64_t BatchQueue::submit(std::span<const float> input, CompletionCallback don
 // and the worker's reads of input lines another core had just written cost
 // about a tenth of the throughput (docs/PERF.md, "Borrowed inputs"). A
 // BorrowedInput skips the copy: the request's input is the caller's span,
-// read once by the worker that packs the request's batch (launch_batch),
-// before the batch runs, so before the request can complete. Nothing else
-// reads it: an expired, cancelled or refused request never runs, and a
-// failed batch was packed before it failed. So the caller's promise (keep
+// read by submit() (make_request: its size, and with reject_nan its
+// values) and once by the thread that packs the request's batch
+// (launch_batch), before the batch runs, so before the request can
+// complete. Nothing else reads it: an expired, cancelled or refused request
+// never runs, a failed batch was packed before it failed, and a recorded
+// batch replays from the staging, not from the requests. So the caller's promise (keep
 // the values until the request has completed) covers every read, and a
 // caller may free or rewrite its buffer from the completion callback on.
 RequestHandle BatchQueue::submit(BorrowedInput input, std::optional<Clock::time_point> deadline) {

@@ -487,8 +487,13 @@ TEST(BatchQueueCallbackConcurrency, BorrowedInputsAreReadOnlyBeforeTheirRequests
         }
       }
       for (size_t k = 0; k < slots.size(); ++k) {
-        if (by_handle && handles[k].valid() && outcome_of(handles[k]) != Outcome::kCompleted)
-          not_completed.fetch_add(1);
+        if (by_handle && handles[k].valid()) {
+          std::vector<float> y;
+          if (outcome_of(handles[k], &y) != Outcome::kCompleted)
+            not_completed.fetch_add(1);
+          else if (max_rel_error(y, slots[k].ref) > 1e-5)
+            wrong.fetch_add(1);
+        }
         while (slots[k].busy.load(std::memory_order_acquire)) std::this_thread::yield();
       }
       // Every request of this client has completed: its buffers go, while

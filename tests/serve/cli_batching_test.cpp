@@ -194,13 +194,15 @@ TEST(CliBatching, BenchAddsABatchingSeries) {
 // --callbacks (and --window) set up the batching series only: its points
 // hand their outputs to completion callbacks, while the pool points run as
 // without the flags (they used to refuse them, so the bench could not run).
-// bench.json says which points used callbacks, and so does the table.
+// bench.json says which points used callbacks (and borrowed inputs), and so
+// does the table.
 TEST(CliBatching, BenchWithCallbacksRunsTheBatchingSeriesThroughCallbacks) {
   const auto dir =
       std::filesystem::temp_directory_path() / ("fl_bench_callbacks_" + std::to_string(::getpid()));
   const auto r = run_cli(
-      "bench --backend cpu --batching --callbacks --window 4 --threads-list 1,2 --batches 1 "
-      "--archs pool --max-batch 8 --queue-workers 1 --seconds-per-point 0.2 --no-plot --out '" +
+      "bench --backend cpu --batching --callbacks --window 4 --borrow-inputs --threads-list 1,2 "
+      "--batches 1 --archs pool --max-batch 8 --queue-workers 1 --seconds-per-point 0.2 "
+      "--no-plot --out '" +
           dir.string() + "'",
       "2>/dev/null");
   ASSERT_EQ(r.exit_code, 0) << r.out;
@@ -210,6 +212,7 @@ TEST(CliBatching, BenchWithCallbacksRunsTheBatchingSeriesThroughCallbacks) {
   std::filesystem::remove_all(dir);
   EXPECT_EQ(j["batching"], true);
   EXPECT_EQ(j["callbacks"], true) << "the batching series used callbacks";
+  EXPECT_EQ(j["borrow_inputs"], true) << "and borrowed its inputs";
   int pool = 0, batching = 0;
   for (const auto& p : j["points"]) {
     EXPECT_EQ(p["wrong_results"], 0) << p.dump();
@@ -219,6 +222,7 @@ TEST(CliBatching, BenchWithCallbacksRunsTheBatchingSeriesThroughCallbacks) {
     if (p["arch"] == "batching") {
       ++batching;
       EXPECT_EQ(p["callbacks"], true) << p.dump();
+      EXPECT_EQ(p["borrow_inputs"], true) << p.dump();
       EXPECT_EQ(p["window"], 4) << p.dump();
       EXPECT_EQ(p["refill"], 4) << "7/8 of a window of 4, at least 1: " << p.dump();
       EXPECT_TRUE(p.contains("client_waits")) << p.dump();
@@ -233,7 +237,7 @@ TEST(CliBatching, BenchWithCallbacksRunsTheBatchingSeriesThroughCallbacks) {
   }
   EXPECT_EQ(pool, 2);
   EXPECT_EQ(batching, 2);
-  EXPECT_NE(r.out.find("batching+callbacks"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("batching+callbacks+borrowed"), std::string::npos) << r.out;
 }
 
 }  // namespace

@@ -43,10 +43,12 @@ struct BenchOptions {
 };
 
 // How a point's series is named in the table and the plot: its arch, and
-// whether its outputs went to completion callbacks (--callbacks).
+// whether its outputs went to completion callbacks (--callbacks) and its
+// inputs were borrowed (--borrow-inputs).
 std::string series_label(const WorkloadOptions& o) {
   std::string label = arch_label(o);
   if (o.batching.enabled && o.batching.callbacks) label += "+callbacks";
+  if (o.batching.enabled && o.batching.borrow) label += "+borrowed";
   return label;
 }
 
@@ -305,6 +307,7 @@ void replot(const std::string& out) {
       const std::string arch = p.at("arch");
       o.batching.enabled = arch == "batching";
       o.batching.callbacks = o.batching.enabled && p.value("callbacks", false);
+      o.batching.borrow = o.batching.enabled && p.value("borrow_inputs", false);
       o.arch = o.batching.enabled ? Arch::kPool : parse_arch(arch);
       o.batch = p.at("batch");
       o.threads = p.at("threads");

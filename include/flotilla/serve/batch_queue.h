@@ -65,17 +65,24 @@
 // Borrowed inputs (the submit()s taking a BorrowedInput): the request reads
 // its input where the caller keeps it instead of copying it at submit(), so
 // a submit() costs no copy of the input and a smaller allocation, and the
-// worker packs the batch from the caller's memory (Note [Borrowed inputs]
-// in batch_queue.cpp). The caller must keep those values alive and
+// thread that packs the batch (a worker, or step()'s or the manual-mode
+// drain's caller) reads it from the caller's memory (Note [Borrowed
+// inputs] in batch_queue.cpp). The caller must keep those values alive and
 // unchanged until the request has completed: until its handle is done()
-// (get() or wait() returned, or wait_for() returned true), or until its
-// callback has been called. A refused request (QueueFull, ShutDown, a
-// deadline already passed) and one cancelled by a cancel() that returned
-// true have completed when that call returns; a bad input is refused at
-// submit() (InvalidArgument) and never read again. The queue reads a
-// borrowed input only while packing the request's batch, never after the
-// request completes. Changing the values before then is a data race, and
-// which values run is then undefined.
+// (get() returned or threw, wait() returned, or wait_for() returned true),
+// or until its callback has been called. A refused request (QueueFull,
+// ShutDown, a deadline already passed) and one cancelled by a cancel() that
+// returned true have completed when that call returns; a bad input is
+// refused at submit() (InvalidArgument) and never read again. A dropped
+// handle does not cancel its request, and shutdown(kDrain) and the
+// destructor run what is queued: so keep a borrowed input whose handle you
+// dropped until shutdown() returns, or cancel it first. The queue reads a
+// borrowed input in submit() (its size, and with reject_nan its values:
+// the NaN check covers the values as they are then) and while packing the
+// request's batch, never after the request completes; it never writes it,
+// so one buffer may back several requests at once. Changing the values
+// before the request completes is a data race, and which values run is
+// then undefined.
 //
 // Deadlines: a queued request whose deadline passes completes with Timeout
 // when a worker next looks at the queue: at once if one is waiting for
@@ -245,6 +252,8 @@ struct BatchQueueOptions {
 // inputs, above).
 struct BorrowedInput {
   explicit BorrowedInput(std::span<const float> values) : values(values) {}
+  // A temporary vector would be gone before the queue reads it.
+  explicit BorrowedInput(std::vector<float>&&) = delete;
   std::span<const float> values;
 };
 
