@@ -6,6 +6,8 @@
 // together on a latch; the racing test repeats with a printed seed
 // (FLOTILLA_TEST_SEED replays it).
 #include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <array>
 #include <atomic>
@@ -19,6 +21,7 @@
 #include <mutex>
 #include <optional>
 #include <random>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -411,15 +414,43 @@ TEST(BatchQueueCallbackConcurrency, CallbacksChainSubmitsAndCancelsOnManyWorkers
               static_cast<unsigned long long>(m.batches), m.mean_batch());
 }
 
+// Pages of their own for a client's borrowed inputs, one per buffer, so
+// that a buffer can be made unreadable (seal) while its request is over.
+class GuardedPages {
+ public:
+  explicit GuardedPages(size_t count)
+      : page_(static_cast<size_t>(::sysconf(_SC_PAGESIZE))),
+        bytes_(count * page_),
+        base_(static_cast<char*>(
+            ::mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0))) {
+    if (base_ == MAP_FAILED) throw std::runtime_error("mmap failed");
+  }
+  ~GuardedPages() { ::munmap(base_, bytes_); }
+  GuardedPages(const GuardedPages&) = delete;
+  GuardedPages& operator=(const GuardedPages&) = delete;
+  float* page(size_t i) const { return reinterpret_cast<float*>(base_ + i * page_); }
+  // A read of a sealed page faults: the process stops with SIGSEGV.
+  void seal(size_t i) const { protect(i, PROT_NONE); }
+  void open(size_t i) const { protect(i, PROT_READ | PROT_WRITE); }
+
+ private:
+  void protect(size_t i, int prot) const {
+    if (::mprotect(base_ + i * page_, page_, prot) != 0) std::abort();
+  }
+  const size_t page_, bytes_;
+  char* const base_;
+};
+
 // Borrowed inputs under workers: each client keeps a few buffers in flight
 // as BorrowedInputs (by callback or by handle) and rewrites a buffer with a
 // new input as soon as its request has completed (the callback ran, the
 // handle's get() returned, a cancel() returned true), then submits it
 // again. The queue may read a buffer only before its request completes, so
-// every output must be the model's for what the buffer held at submit(),
-// and a read after completion is a race with the client's rewrite, which
-// TSan reports (and ASan a read of a freed one: the buffers are freed at
-// the end, while the queue still runs the other clients' requests).
+// every output must be the model's for what the buffer held at submit().
+// Each buffer has a page of its own, sealed (PROT_NONE) from its request's
+// completion until the client rewrites it: a read after completion in that
+// window stops the test with SIGSEGV in any build, and a later one races
+// the client's rewrite, which TSan reports.
 TEST(BatchQueueCallbackConcurrency, BorrowedInputsAreReadOnlyBeforeTheirRequestsComplete) {
   auto device = make_device();
   const TinyModel tiny(*device, 8, 4);
@@ -434,7 +465,7 @@ TEST(BatchQueueCallbackConcurrency, BorrowedInputsAreReadOnlyBeforeTheirRequests
   const auto in = static_cast<size_t>(tiny.in());
   std::atomic<int> wrong{0}, not_completed{0}, callbacks{0}, cancelled{0};
   struct Slot {
-    std::vector<float> buf;
+    std::span<float> buf;           // its own page of the client's GuardedPages
     std::vector<double> ref;        // the model's output for what buf holds while in flight
     std::atomic<bool> busy{false};  // in flight: its request has not completed
   };
@@ -443,11 +474,17 @@ TEST(BatchQueueCallbackConcurrency, BorrowedInputsAreReadOnlyBeforeTheirRequests
   for (int t = 0; t < clients; ++t) {
     threads.emplace_back([&, t] {
       std::mt19937_64 rng(seed + static_cast<uint64_t>(t));
+      const GuardedPages pages(window);
       std::vector<Slot> slots(window);
-      for (auto& s : slots) s.buf.resize(in);
+      for (size_t k = 0; k < slots.size(); ++k) slots[k].buf = {pages.page(k), in};
       const bool by_handle = t % 2 == 1;
       std::vector<RequestHandle> handles(window);
-      auto refill = [&](Slot& s) {  // the request of `s` has completed: reuse its buffer
+      // The request of slot k has completed and its page is sealed: let the
+      // queue's threads run a moment (a late read faults), then reuse it.
+      auto refill = [&](size_t k) {
+        std::this_thread::yield();
+        pages.open(k);
+        Slot& s = slots[k];
         for (float& x : s.buf) x = std::uniform_real_distribution<float>(-1, 1)(rng);
         s.ref = tiny.host_reference(s.buf);
       };
@@ -462,15 +499,16 @@ TEST(BatchQueueCallbackConcurrency, BorrowedInputsAreReadOnlyBeforeTheirRequests
               not_completed.fetch_add(1);
             else if (max_rel_error(y, s.ref) > 1e-5)
               wrong.fetch_add(1);
+            pages.seal(k);
           }
-          refill(s);
+          refill(k);
           handles[k] = q.submit(BorrowedInput(s.buf));
           continue;
         }
         while (s.busy.load(std::memory_order_acquire)) std::this_thread::yield();
-        refill(s);
+        refill(k);
         s.busy.store(true, std::memory_order_relaxed);
-        const uint64_t id = q.submit(BorrowedInput(s.buf), [&](const Completion& c) {
+        const uint64_t id = q.submit(BorrowedInput(s.buf), [&, k](const Completion& c) {
           callbacks.fetch_add(1);
           if (c.status == RequestStatus::kCancelled)
             cancelled.fetch_add(1);
@@ -478,6 +516,7 @@ TEST(BatchQueueCallbackConcurrency, BorrowedInputsAreReadOnlyBeforeTheirRequests
             not_completed.fetch_add(1);
           else if (max_rel_error(c.output, s.ref) > 1e-5)
             wrong.fetch_add(1);
+          pages.seal(k);  // completed: the queue must not read it any more
           s.busy.store(false, std::memory_order_release);  // the client may rewrite s.buf now
         });
         // Now and then cancel it: if that succeeds, its callback has run and
