@@ -380,9 +380,10 @@ uint64_t BatchQueue::submit(std::span<const float> input, CompletionCallback don
 // (launch_batch), before the batch runs, so before the request can
 // complete. Nothing else reads it: an expired, cancelled or refused request
 // never runs, a failed batch was packed before it failed, and a recorded
-// batch replays from the staging, not from the requests. So the caller's promise (keep
-// the values until the request has completed) covers every read, and a
-// caller may free or rewrite its buffer from the completion callback on.
+// batch replays from the staging, not from the requests. So the caller's
+// promise (keep the values until the request has completed) covers every
+// read, and a caller may free or rewrite its buffer from the completion
+// callback on.
 RequestHandle BatchQueue::submit(BorrowedInput input, std::optional<Clock::time_point> deadline) {
   return submit_handle(input.values, deadline, /*borrow=*/true);
 }

@@ -73,16 +73,13 @@ std::shared_ptr<Request> Request::make(std::span<const float> input, size_t out_
                                        Clock::time_point deadline, QueueCore* core,
                                        std::chrono::nanoseconds spin, CompletionCallback on_done,
                                        bool borrow) {
-  if (borrow) {
-    static float* const kInPlace = nullptr;  // the Request's `storage`: no copy
-    t_trailing = {0, nullptr};
-    return std::allocate_shared<Request>(WithTrailingFloats<Request>(), input, kInPlace,
-                                         out_features, deadline, core, spin, std::move(on_done));
-  }
-  t_trailing = {input.size(), nullptr};
-  // t_trailing.at is set by the allocator before the Request is built.
-  return std::allocate_shared<Request>(WithTrailingFloats<Request>(), input, t_trailing.at,
-                                       out_features, deadline, core, spin, std::move(on_done));
+  static float* const kInPlace = nullptr;  // a borrowed input's `storage`: no copy
+  t_trailing = {borrow ? 0 : input.size(), nullptr};
+  // A reference: t_trailing.at is set by the allocator before the Request
+  // is built.
+  float* const& storage = borrow ? kInPlace : t_trailing.at;
+  return std::allocate_shared<Request>(WithTrailingFloats<Request>(), input, storage, out_features,
+                                       deadline, core, spin, std::move(on_done));
 }
 
 void Request::finish(const float* row, std::exception_ptr err) {

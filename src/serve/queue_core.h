@@ -104,11 +104,12 @@ void set_after_detach_hook_for_testing(void (*hook)());
 // block a client allocates is freed by a worker, the costlier kind of free
 // (docs/PERF.md). The input is written once, in the constructor, and read by
 // the worker that packs the batch (a borrowed input, Note [Borrowed inputs]
-// in batch_queue.cpp, is not copied: the block has no room for it). The allocator also places the
-// block so that the request starts a cache line, whose first 64 bytes hold what a worker touches
-// under the core's lock (the inbox link, id, deadline, status): taking the inbox walks a list of
-// requests that other cores just wrote, one cache miss each, and every miss is time the lock is
-// held.
+// in batch_queue.cpp, is not copied: the block has no room for it). The
+// allocator also places the block so that the request starts a cache line,
+// whose first 64 bytes hold what a worker touches under the core's lock
+// (the inbox link, id, deadline, status): taking the inbox walks a list of
+// requests that other cores just wrote, one cache miss each, and every miss
+// is time the lock is held.
 struct Request : std::enable_shared_from_this<Request> {
   // Made by the submitting thread, outside the core's lock; `output` is
   // allocated here too, so the worker only copies into it.

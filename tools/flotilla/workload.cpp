@@ -288,6 +288,16 @@ void copy_output(const std::vector<float>& y, std::span<float> out) {
   std::copy(y.begin(), y.end(), out.begin());
 }
 
+// Submits `in` to `queue`, as a serve::BorrowedInput with --borrow-inputs
+// (the run's inputs outlive the queue), else copied; `rest`: submit()'s
+// other arguments (a callback).
+template <typename... Rest>
+auto submit_input(serve::BatchQueue& queue, bool borrow, std::span<const float> in,
+                  Rest&&... rest) {
+  return borrow ? queue.submit(serve::BorrowedInput(in), std::forward<Rest>(rest)...)
+                : queue.submit(in, std::forward<Rest>(rest)...);
+}
+
 // --batching: a batch-1 request through the shared BatchQueue; its workers'
 // streams serve it, so the client has none of its own.
 class BatchingClient final : public Client {
@@ -296,9 +306,7 @@ class BatchingClient final : public Client {
       : queue_(*ctx.queue), borrow_(ctx.options.batching.borrow) {}
   int stream_index() const override { return -1; }
   void request(const std::vector<float>& in, std::span<float> out) override {
-    // get() throws the request's error
-    copy_output(borrow_ ? queue_.submit(serve::BorrowedInput(in)).get() : queue_.submit(in).get(),
-                out);
+    copy_output(submit_input(queue_, borrow_, in).get(), out);  // get() throws the request's error
   }
 
  private:
@@ -506,11 +514,8 @@ void run_callback_client(const RunContext& ctx, CallbackWindow& win, size_t t, T
     counting_errors(st, [&] {
       // Two pointers: small enough for std::function to hold without a
       // heap block of its own (one malloc a request fewer).
-      auto done = [w = &win, s = &slot](const serve::Completion& c) { w->complete(*s, c); };
-      if (ctx.options.batching.borrow)  // ctx.inputs outlive the queue
-        ctx.queue->submit(serve::BorrowedInput(ctx.inputs[slot.k]), done);
-      else
-        ctx.queue->submit(ctx.inputs[slot.k], done);
+      submit_input(*ctx.queue, ctx.options.batching.borrow, ctx.inputs[slot.k],
+                   [w = &win, s = &slot](const serve::Completion& c) { w->complete(*s, c); });
       submitted = true;
     });
     if (!submitted) {  // refused before it was queued: no callback comes
@@ -689,10 +694,8 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
             const size_t k = r % ctx.inputs.size();
             r += 7;
             Pending p{{}, k, now, corrupt};
-            counting_errors(st, [&] {
-              p.handle = o.batching.borrow ? ctx.queue->submit(serve::BorrowedInput(ctx.inputs[k]))
-                                           : ctx.queue->submit(ctx.inputs[k]);
-            });
+            counting_errors(
+                st, [&] { p.handle = submit_input(*ctx.queue, o.batching.borrow, ctx.inputs[k]); });
             now = Clock::now();
             st.submit_time += now - p.t0;
             if (p.handle.valid()) pending.push_back(std::move(p));
