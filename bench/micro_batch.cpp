@@ -11,8 +11,10 @@
 // The copies are the queue's: copy_pinned up to 64 KiB, copy_bytes above.
 //   batch/recorded_copy/R/C  the same, recorded, with one copy kernel for
 //     every size: C = 1 copy_pinned (a kernel on the mapped staging), 2
-//     copy_bytes (the copy engines): which copy a batch of R rows wants.
-//   batch/recorded_threads/R/S/threads:T  T threads at once, each replaying
+//     copy_bytes (the copy engines): which copy a batch of R rows wants; 3
+//     gather_rows through a table of the rows' addresses (the copy in of a
+//     batch of InputBuffer rows, Note [Inputs the device reads in place]).
+//   batch/recorded_threads/R/S/C/threads:T  T threads at once, each replaying
 //     its own recorded batch of R rows on its own stream and waiting for it
 //     (one batch in flight per thread, as libtorch's `graph` mode with
 //     batch R): rows_per_s, summed over the threads, is what the device
@@ -20,7 +22,8 @@
 //     them, the ceiling of `flotilla run --batching` at that batch size.
 //     S is the share each thread claims on its stream for the run
 //     (Stream::claim_device_share): 1 plans GEMMs for the whole device, T
-//     for a T-th of it, as a BatchQueue of T workers does.
+//     for a T-th of it, as a BatchQueue of T workers does. C: the copy in,
+//     as above (0: the queue's rule).
 // Runs on cuda when a GPU is found, else on cpu (--backend=cpu forces it).
 // Every benchmark repeats 3 times; read the median.
 #include <benchmark/benchmark.h>
@@ -48,21 +51,41 @@ using Clock = std::chrono::steady_clock;
 Device* g_dev = nullptr;
 const flotilla::nn::Mlp* g_mlp = nullptr;
 
+// Pinned staging for `rows` rows each way; `in` ends with a table of the
+// rows' device addresses, for copy mode 3.
 struct Staging {
+  explicit Staging(int64_t rows) {
+    const auto n = static_cast<size_t>(rows);
+    const size_t in_bytes = n * static_cast<size_t>(g_mlp->in_features()) * 4;
+    in = g_dev->driver().allocate_host(in_bytes + n * sizeof(void*));
+    out = g_dev->driver().allocate_host(n * static_cast<size_t>(g_mlp->out_features()) * 4);
+    std::memset(in->host_ptr(), 0, in->size());
+    table = static_cast<char*>(in->device_ptr()) + in_bytes;
+    auto* t = reinterpret_cast<const void**>(static_cast<char*>(in->host_ptr()) + in_bytes);
+    for (size_t i = 0; i < n; ++i)
+      t[i] = static_cast<const char*>(in->device_ptr()) + i * (in_bytes / n);
+  }
   std::unique_ptr<flotilla::backend::Buffer> in, out;
+  const void* table = nullptr;
 };
 
-// copy_mode: 0 the queue's rule, 1 copy_pinned always, 2 copy_bytes always.
+// copy_mode: 0 the queue's rule, 1 copy_pinned always, 2 copy_bytes always,
+// 3 gather_rows through the staging's table (an InputBuffer's batch; the
+// copy out as in mode 0).
 void encode(Stream s, const Staging& st, int64_t rows, int64_t copy_mode) {
   const int64_t in = g_mlp->in_features(), out = g_mlp->out_features();
   const size_t in_bytes = static_cast<size_t>(rows * in) * 4,
                out_bytes = static_cast<size_t>(rows * out) * 4;
   auto copy = [copy_mode](size_t n) {
-    if (copy_mode != 0) return copy_mode == 1 ? "copy_pinned" : "copy_bytes";
+    if (copy_mode == 1 || copy_mode == 2) return copy_mode == 1 ? "copy_pinned" : "copy_bytes";
     return n <= 64 * 1024 ? "copy_pinned" : "copy_bytes";
   };
   Tensor x = Tensor::empty({rows, in}, DType::kF32, s);
-  s.dispatch(copy(in_bytes), KernelArgs().ptr(x.data()).ptr(st.in->device_ptr()).size(in_bytes));
+  if (copy_mode == 3)
+    s.dispatch("gather_rows", KernelArgs().ptr(x.data()).ptr(st.table).i64(in * 4).size(
+                                  static_cast<uint64_t>(rows)));
+  else
+    s.dispatch(copy(in_bytes), KernelArgs().ptr(x.data()).ptr(st.in->device_ptr()).size(in_bytes));
   Tensor y = g_mlp->forward(s, x);
   s.dispatch(copy(out_bytes), KernelArgs().ptr(st.out->device_ptr()).ptr(y.data()).size(out_bytes));
 }
@@ -71,10 +94,7 @@ void BM_Batch(benchmark::State& state, bool recorded) {
   const int64_t rows = state.range(0);
   const int64_t copy_mode = state.range(1);
   Stream s = g_dev->streams().at(1);
-  Staging st;
-  st.in = g_dev->driver().allocate_host(static_cast<size_t>(rows * g_mlp->in_features()) * 4);
-  st.out = g_dev->driver().allocate_host(static_cast<size_t>(rows * g_mlp->out_features()) * 4);
-  std::memset(st.in->host_ptr(), 0, st.in->size());
+  const Staging st(rows);
   Recording rec;
   encode(s, st, rows, copy_mode);  // warm-up: plans, workspaces, cached blocks
   s.synchronize();
@@ -106,13 +126,11 @@ void BM_BatchThreads(benchmark::State& state) {
   Stream s = g_dev->streams().at(1 + state.thread_index());
   // Claimed for this run only: batch/eager and batch/recorded use stream 1 too.
   const flotilla::DeviceShareClaim share = s.claim_device_share(static_cast<int>(state.range(1)));
-  Staging st;
-  st.in = g_dev->driver().allocate_host(static_cast<size_t>(rows * g_mlp->in_features()) * 4);
-  st.out = g_dev->driver().allocate_host(static_cast<size_t>(rows * g_mlp->out_features()) * 4);
-  std::memset(st.in->host_ptr(), 0, st.in->size());
-  encode(s, st, rows, 0);  // warm-up: plans, workspaces, cached blocks
+  const int64_t copy_mode = state.range(2);
+  const Staging st(rows);
+  encode(s, st, rows, copy_mode);  // warm-up: plans, workspaces, cached blocks
   s.synchronize();
-  Recording rec = s.record([&] { encode(s, st, rows, 0); });
+  Recording rec = s.record([&] { encode(s, st, rows, copy_mode); });
   int64_t n = 0;
   for (auto _ : state) {
     s.replay(rec);
@@ -166,14 +184,16 @@ int main(int argc, char** argv) {
   // [Linear for a few rows]), with the small-copy kernel the queue uses there.
   for (int64_t rows : {1, 2, 4, 8}) copies->Args({rows, 1});
   for (int64_t rows : {16, 32, 64, 128, 256, 512})
-    for (int64_t mode : {1, 2}) copies->Args({rows, mode});
+    for (int64_t mode : {1, 2, 3}) copies->Args({rows, mode});
   copies->Repetitions(3)->ReportAggregatesOnly(true)->UseRealTime()->MinTime(0.3);
   auto* threads = benchmark::RegisterBenchmark("batch/recorded_threads", &BM_BatchThreads);
   // 8 streams of 1 or 8 rows at once: per-thread streams at batch 1, and a
   // queue's small batches under 8 clients.
-  for (int64_t rows : {1, 8}) threads->Args({rows, 1});
+  for (int64_t rows : {1, 8}) threads->Args({rows, 1, 0});
   for (int64_t rows : {64, 128, 160, 192, 256, 512, 1024})
-    for (int64_t share : {1, 8}) threads->Args({rows, share});
+    for (int64_t share : {1, 8}) threads->Args({rows, share, 0});
+  // The queue's batches of InputBuffer rows: the copy in gathers.
+  for (int64_t rows : {128, 192, 256, 512}) threads->Args({rows, 8, 3});
   threads->Threads(8)->Repetitions(3)->ReportAggregatesOnly(true)->UseRealTime()->MinTime(0.3);
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();

@@ -144,15 +144,25 @@ namespace detail {
 // One batch's place in a lane: pinned staging for max_batch rows each way,
 // reused once the batch that last used it has completed.
 struct Slot {
-  std::unique_ptr<backend::Buffer> input;   // [max_batch, in] f32, host-visible
+  // [max_batch, in] f32, then at table_offset max_batch row addresses
+  // (Note [Inputs the device reads in place]); host-visible.
+  std::unique_ptr<backend::Buffer> input;
   std::unique_ptr<backend::Buffer> output;  // [max_batch, out] f32, host-visible
   Batch batch;                              // the requests in flight here
   StreamFence fence;                        // reached when the output is in staging
   std::exception_ptr error;                 // the batch failed while launching
-  // record_batches: the recorded batch of each size (index: size_bucket()),
-  // made at first use; they name this slot's staging.
+  // record_batches: the recorded batch of each size and copy in (index:
+  // size_bucket() * 2, + 1 for a gather), made at first use; they name this
+  // slot's staging.
   std::vector<Recording> recorded;
 };
+
+// Where a slot's table of row addresses starts in its input staging: after
+// max_batch rows, on a cache line.
+size_t table_offset(int64_t max_batch, int64_t in) {
+  const size_t rows_bytes = static_cast<size_t>(max_batch * in) * sizeof(float);
+  return (rows_bytes + 63) / 64 * 64;
+}
 
 // record_batches: the recorded sizes are the powers of two below max_batch,
 // and max_batch. Returns the index of the smallest one >= n, and its size.
@@ -180,6 +190,7 @@ struct Lane {
   DeviceShareClaim share;
   const backend::Pipeline* copy = nullptr;        // the driver's "copy_bytes"
   const backend::Pipeline* copy_small = nullptr;  // its "copy_pinned" (Note [One batch])
+  const backend::Pipeline* gather = nullptr;  // its "gather_rows" (Note [Inputs the device ...])
   const backend::Pipeline& copy_for(size_t bytes) const {
     return bytes <= kSmallCopyBytes ? *copy_small : *copy;
   }
@@ -216,14 +227,17 @@ BatchQueue::BatchQueue(Device& device, int64_t in_features, int64_t out_features
     auto lane = std::make_unique<detail::Lane>(device_.streams().acquire_round_robin());
     lane->copy = &device_.pipeline("copy_bytes");
     lane->copy_small = &device_.pipeline("copy_pinned");
+    lane->gather = &device_.pipeline("gather_rows");
     lane->slots.resize(static_cast<size_t>(depth));
     for (detail::Slot& slot : lane->slots) {
-      slot.input = driver.allocate_host(rows * static_cast<size_t>(in_) * sizeof(float));
+      slot.input = driver.allocate_host(detail::table_offset(options_.max_batch, in_) +
+                                        rows * sizeof(const void*));
       slot.output = driver.allocate_host(rows * static_cast<size_t>(out_) * sizeof(float));
       FL_INTERNAL_CHECK(slot.input->host_ptr() && slot.output->host_ptr(),
                         "the driver's host staging memory is not host-visible");
       if (options_.record_batches)
-        slot.recorded.resize(detail::size_bucket(options_.max_batch, options_.max_batch).first + 1);
+        slot.recorded.resize(
+            2 * (detail::size_bucket(options_.max_batch, options_.max_batch).first + 1));
     }
     lanes_.push_back(std::move(lane));
   }
@@ -310,9 +324,10 @@ BatchQueue::~BatchQueue() {
   detail::QueueCore::retire_after_shutdown();  // before core_ goes
 }
 
-std::shared_ptr<detail::Request> BatchQueue::make_request(std::span<const float> input,
+std::shared_ptr<detail::Request> BatchQueue::make_request(const InputRef& ref,
                                                           std::optional<Clock::time_point> deadline,
-                                                          CompletionCallback done, bool borrow) {
+                                                          CompletionCallback done) {
+  const std::span<const float> input = ref.values;
   if (static_cast<int64_t>(input.size()) != in_) {
     core_->recorder().invalid();
     throw InvalidArgument(::flotilla::detail::str_cat(
@@ -335,37 +350,37 @@ std::shared_ptr<detail::Request> BatchQueue::make_request(std::span<const float>
   else if (options_.default_deadline.count() > 0)
     d = clock_->now() + options_.default_deadline;
   return detail::Request::make(input, static_cast<size_t>(out_), d, core_.get(), options_.spin_wait,
-                               std::move(done), borrow);
+                               std::move(done), ref.borrow, ref.device_address);
 }
 
-RequestHandle BatchQueue::submit_handle(std::span<const float> input,
-                                        std::optional<Clock::time_point> deadline, bool borrow) {
-  auto r = make_request(input, deadline, nullptr, borrow);
+RequestHandle BatchQueue::submit_handle(const InputRef& input,
+                                        std::optional<Clock::time_point> deadline) {
+  auto r = make_request(input, deadline, nullptr);
   core_->submit(r);
   return RequestHandle(std::move(r));
 }
 
-uint64_t BatchQueue::submit_callback(std::span<const float> input, CompletionCallback done,
-                                     std::optional<Clock::time_point> deadline, bool borrow) {
+uint64_t BatchQueue::submit_callback(const InputRef& input, CompletionCallback done,
+                                     std::optional<Clock::time_point> deadline) {
   if (!done) {
     core_->recorder().invalid();
     throw InvalidArgument(
         "[BatchQueue::submit] the completion callback is empty; pass a function, or use the "
         "submit() that returns a handle");
   }
-  auto r = make_request(input, deadline, std::move(done), borrow);
+  auto r = make_request(input, deadline, std::move(done));
   core_->submit(r);
   return r->id;  // written by submit() on this thread
 }
 
 RequestHandle BatchQueue::submit(std::span<const float> input,
                                  std::optional<Clock::time_point> deadline) {
-  return submit_handle(input, deadline, /*borrow=*/false);
+  return submit_handle({input}, deadline);
 }
 
 uint64_t BatchQueue::submit(std::span<const float> input, CompletionCallback done,
                             std::optional<Clock::time_point> deadline) {
-  return submit_callback(input, std::move(done), deadline, /*borrow=*/false);
+  return submit_callback({input}, std::move(done), deadline);
 }
 
 // Note [Borrowed inputs]
@@ -385,12 +400,82 @@ uint64_t BatchQueue::submit(std::span<const float> input, CompletionCallback don
 // read, and a caller may free or rewrite its buffer from the completion
 // callback on.
 RequestHandle BatchQueue::submit(BorrowedInput input, std::optional<Clock::time_point> deadline) {
-  return submit_handle(input.values, deadline, /*borrow=*/true);
+  return submit_handle(borrowed(input), deadline);
 }
 
 uint64_t BatchQueue::submit(BorrowedInput input, CompletionCallback done,
                             std::optional<Clock::time_point> deadline) {
-  return submit_callback(input.values, std::move(done), deadline, /*borrow=*/true);
+  return submit_callback(borrowed(input), std::move(done), deadline);
+}
+
+BatchQueue::InputRef BatchQueue::borrowed(const BorrowedInput& input) const {
+  return {input.values, true, input.device_ == &device_ ? input.device_address_ : nullptr};
+}
+
+// Note [Inputs the device reads in place]
+// A worker's largest item of work at 64 clients was packing: copying each
+// request's 2 KiB input into the batch's pinned staging (with the demotion
+// of the staging, a third of its samples on the H100; docs/PERF.md). An
+// InputBuffer's rows are pinned and mapped already, so a request borrowing
+// one (its Request::device_input set) is not packed: the worker writes the
+// row's device address into the slot's table of row addresses (8 bytes,
+// not 2 KiB), copies only the other rows into staging (their addresses go
+// in the table too), and the batch's copy in is one gather_rows kernel
+// that reads every row where its address says (Note [Gathered rows] in
+// basic_kernels.cu). A batch with no such row keeps the plain copy of its
+// staging (the copy engines for large batches). Padding rows of a recorded
+// size repeat row 0's address: rows are independent and padding outputs
+// are never read. The device reads a borrowed row while the batch runs,
+// before the batch's fence, so before the request completes, which the
+// borrowed-input promise covers; a recorded batch gathers through the same
+// table, which the next batch in the slot rewrites only after this one's
+// fence. A BorrowedInput of another device's buffer, or none, is packed as
+// before (BatchQueue::borrowed drops the address).
+InputBuffer::InputBuffer() = default;
+InputBuffer::~InputBuffer() = default;
+InputBuffer::InputBuffer(InputBuffer&&) noexcept = default;
+InputBuffer& InputBuffer::operator=(InputBuffer&&) noexcept = default;
+
+InputBuffer::InputBuffer(const Device& device, std::unique_ptr<backend::Buffer> memory, size_t rows,
+                         size_t features, size_t stride)
+    : device_(&device),
+      memory_(std::move(memory)),
+      rows_(rows),
+      features_(features),
+      stride_(stride) {}
+
+const float* InputBuffer::row_ptr(size_t i, const char* api) const {
+  FL_CHECK_ARG(i < rows_, "[InputBuffer::", api, "] row ", i, " of a buffer of ", rows_,
+               " rows; pass a row below rows()");
+  return static_cast<const float*>(memory_->host_ptr()) + i * stride_;
+}
+
+std::span<float> InputBuffer::row(size_t i) {
+  return {const_cast<float*>(row_ptr(i, "row")), features_};
+}
+
+std::span<const float> InputBuffer::row(size_t i) const { return {row_ptr(i, "row"), features_}; }
+
+BorrowedInput InputBuffer::input(size_t i) const {
+  BorrowedInput in(std::span<const float>(row_ptr(i, "input"), features_));
+  in.device_ = device_;
+  in.device_address_ = static_cast<const float*>(memory_->device_ptr()) + i * stride_;
+  return in;
+}
+
+InputBuffer BatchQueue::make_input_buffer(size_t rows) const {
+  FL_CHECK_ARG(rows >= 1, "[BatchQueue::make_input_buffer] asked for 0 rows; ask for at least 1");
+  // Each row starts a cache line: rows filled by different threads share none.
+  constexpr size_t kLineFloats = 64 / sizeof(float);
+  const size_t features = static_cast<size_t>(in_);
+  const size_t stride = (features + kLineFloats - 1) / kLineFloats * kLineFloats;
+  FL_CHECK_ARG(rows <= SIZE_MAX / sizeof(float) / stride, "[BatchQueue::make_input_buffer] ", rows,
+               " rows of ", features, " values overflow the address space");
+  auto memory =
+      device_.driver("BatchQueue::make_input_buffer").allocate_host(rows * stride * sizeof(float));
+  FL_INTERNAL_CHECK(memory->host_ptr() != nullptr,
+                    "the driver's host staging memory is not host-visible");
+  return InputBuffer(device_, std::move(memory), rows, features, stride);
 }
 
 bool BatchQueue::cancel(uint64_t id) { return core_->cancel(id); }
@@ -489,13 +574,25 @@ void BatchQueue::run_batch(detail::Lane& lane) {
 // staging under 64 KiB (padding rows included: this core wrote them too) is
 // left alone. The same hint on the clients' request blocks made the
 // workers' reads faster but cost the clients more, and lost.
-void BatchQueue::encode_batch(detail::Lane& lane, detail::Slot& slot, int64_t rows) {
+void BatchQueue::encode_batch(detail::Lane& lane, detail::Slot& slot, int64_t rows, bool gather) {
   Stream stream = lane.stream;
-  const size_t in_bytes = static_cast<size_t>(rows * in_) * sizeof(float);
+  const size_t in_row = static_cast<size_t>(in_) * sizeof(float);
+  const size_t in_bytes = static_cast<size_t>(rows) * in_row;
   const size_t out_bytes = static_cast<size_t>(rows * out_) * sizeof(float);
   Tensor x = Tensor::empty({rows, in_}, DType::kF32, stream);
-  stream.dispatch(lane.copy_for(in_bytes),
-                  backend::KernelArgs().ptr(x.data()).ptr(slot.input->device_ptr()).size(in_bytes));
+  if (gather) {
+    const char* table = static_cast<const char*>(slot.input->device_ptr()) +
+                        detail::table_offset(options_.max_batch, in_);
+    stream.dispatch(*lane.gather, backend::KernelArgs()
+                                      .ptr(x.data())
+                                      .ptr(table)
+                                      .i64(static_cast<int64_t>(in_row))
+                                      .size(static_cast<uint64_t>(rows)));
+  } else {
+    stream.dispatch(
+        lane.copy_for(in_bytes),
+        backend::KernelArgs().ptr(x.data()).ptr(slot.input->device_ptr()).size(in_bytes));
+  }
   Tensor y = model_(stream, x);
   FL_CHECK_STATE(y.defined() && y.dtype() == DType::kF32 && y.rank() == 2 && y.dim(0) == rows &&
                      y.dim(1) == out_ && &y.device() == &device_,
@@ -517,29 +614,48 @@ void BatchQueue::launch_batch(detail::Lane& lane) {
   slot.error = nullptr;
   try {
     auto* packed = static_cast<char*>(slot.input->host_ptr());
-    for (int64_t i = 0; i < b; ++i)
-      std::memcpy(packed + static_cast<size_t>(i) * in_row,
-                  reqs[static_cast<size_t>(i)]->input.data(), in_row);
+    const auto* packed_dev = static_cast<const char*>(slot.input->device_ptr());
+    auto* table =
+        reinterpret_cast<const void**>(packed + detail::table_offset(options_.max_batch, in_));
+    // Note [Inputs the device reads in place]: rows with a device address go
+    // in the table as they are; the others are packed, in order, from
+    // staging row 0 on (all of them, when none has one: the plain copy).
+    size_t staged = 0;
+    for (int64_t i = 0; i < b; ++i) {
+      const detail::Request& r = *reqs[static_cast<size_t>(i)];
+      if (r.device_input) {
+        table[i] = r.device_input;
+        continue;
+      }
+      std::memcpy(packed + staged * in_row, r.input.data(), in_row);
+      table[i] = packed_dev + staged * in_row;
+      ++staged;
+    }
+    const bool gather = staged < static_cast<size_t>(b);
     const auto [bucket, rows] = options_.record_batches ? detail::size_bucket(b, options_.max_batch)
                                                         : std::pair<size_t, int64_t>(0, b);
-    std::memset(packed + static_cast<size_t>(b) * in_row, 0,
-                static_cast<size_t>(rows - b) * in_row);
+    if (gather) {
+      for (int64_t i = b; i < rows; ++i) table[i] = table[0];
+    } else {
+      std::memset(packed + static_cast<size_t>(b) * in_row, 0,
+                  static_cast<size_t>(rows - b) * in_row);
+    }
     // Note [Staging leaves the worker's cache]
-    if (const size_t packed_bytes = static_cast<size_t>(rows) * in_row;
+    if (const size_t packed_bytes = (gather ? staged : static_cast<size_t>(rows)) * in_row;
         packed_bytes >= detail::kDemoteStagingFrom)
       ::flotilla::detail::demote_to_shared_cache(packed, packed_bytes);
     if (options_.record_batches) {
-      Recording& rec = slot.recorded[bucket];
+      Recording& rec = slot.recorded[bucket * 2 + (gather ? 1 : 0)];
       if (rec.valid()) {
         stream.replay(rec);
       } else {
         // The warm-up computes this batch: record() drains the stream before
         // it records, so the output is in staging and nothing is replayed.
-        encode_batch(lane, slot, rows);
-        rec = stream.record([&, rows = rows] { encode_batch(lane, slot, rows); });
+        encode_batch(lane, slot, rows, gather);
+        rec = stream.record([&, rows = rows] { encode_batch(lane, slot, rows, gather); });
       }
     } else {
-      encode_batch(lane, slot, b);
+      encode_batch(lane, slot, b, gather);
     }
   } catch (...) {
     slot.error = std::current_exception();

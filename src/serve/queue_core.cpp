@@ -72,14 +72,14 @@ struct WithTrailingFloats {
 std::shared_ptr<Request> Request::make(std::span<const float> input, size_t out_features,
                                        Clock::time_point deadline, QueueCore* core,
                                        std::chrono::nanoseconds spin, CompletionCallback on_done,
-                                       bool borrow) {
+                                       bool borrow, const void* device_input) {
   static float* const kInPlace = nullptr;  // a borrowed input's `storage`: no copy
   t_trailing = {borrow ? 0 : input.size(), nullptr};
   // A reference: t_trailing.at is set by the allocator before the Request
   // is built.
   float* const& storage = borrow ? kInPlace : t_trailing.at;
   return std::allocate_shared<Request>(WithTrailingFloats<Request>(), input, storage, out_features,
-                                       deadline, core, spin, std::move(on_done));
+                                       deadline, core, spin, std::move(on_done), device_input);
 }
 
 void Request::finish(const float* row, std::exception_ptr err) {

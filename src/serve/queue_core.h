@@ -117,19 +117,24 @@ struct Request : std::enable_shared_from_this<Request> {
   // `output` stays empty. `borrow`: the request reads `input` where it is
   // (BorrowedInput, Note [Borrowed inputs]) and its block has no room for a
   // copy.
+  // `device_input`: for a borrowed input from an InputBuffer of the queue's
+  // device, the address the device reads it at (Note [Inputs the device
+  // reads in place] in batch_queue.cpp); else null.
   static std::shared_ptr<Request> make(std::span<const float> input, size_t out_features,
                                        Clock::time_point deadline, QueueCore* core,
                                        std::chrono::nanoseconds spin,
-                                       CompletionCallback on_done = nullptr, bool borrow = false);
+                                       CompletionCallback on_done = nullptr, bool borrow = false,
+                                       const void* device_input = nullptr);
 
   // For make() only (the allocator places it): `storage` is where make()'s
   // allocator put room for input.size() floats, set before this runs; null
   // for a borrowed input, which is then used in place.
   Request(std::span<const float> input, float* const& storage, size_t out_features,
           Clock::time_point deadline, QueueCore* core, std::chrono::nanoseconds spin,
-          CompletionCallback on_done)
+          CompletionCallback on_done, const void* device_input)
       : deadline(deadline),
         input(storage ? copy_to(input, storage) : input),
+        device_input(device_input),
         core(core),
         spin(spin),
         on_done(std::move(on_done)),
@@ -158,6 +163,9 @@ struct Request : std::enable_shared_from_this<Request> {
   // in the request's own block (Note [One allocation per request]), or, when
   // borrowed, in the caller's memory (Note [Borrowed inputs]).
   const std::span<const float> input;
+  // Where the device reads `input` in place (an InputBuffer's row), or null:
+  // the worker then copies it into the batch's staging.
+  const void* const device_input;
   // For cancel(), which may use it only under the lifetime lock and only
   // while the request is queued (Note [Cancel after the queue is gone]). A
   // weak_ptr would cost two atomic operations per request on one counter

@@ -85,9 +85,9 @@ void WorkloadOptions::validate() const {
                  "client wakes; it needs --callbacks");
     in_range("--refill", batching.refill, 0, batching.window);
   } else {
-    FL_CHECK_ARG(!batching.borrow,
-                 "[run] --borrow-inputs lets the BatchQueue read the clients' inputs in place; "
-                 "it needs --batching");
+    FL_CHECK_ARG(!batching.borrow && !batching.pinned,
+                 "[run] --borrow-inputs and --pinned-inputs let the BatchQueue read the "
+                 "clients' inputs in place; they need --batching");
     FL_CHECK_ARG(batching.window == 1,
                  "[run] --window keeps several requests in flight through the BatchQueue; "
                  "it needs --batching");
@@ -144,7 +144,8 @@ nlohmann::json WorkloadResult::to_json() const {
     j["device_share_option"] = o.batching.device_share;  // 0: the queue's streams
     j["device_share"] = device_share;  // the hint its first worker's stream planned with
     if (o.batching.callbacks) j["refill"] = o.batching.refill_or_default();
-    j["borrow_inputs"] = o.batching.borrow;
+    j["borrow_inputs"] = o.batching.borrow || o.batching.pinned;
+    j["pinned_inputs"] = o.batching.pinned;
     j["mean_batch"] = mean_batch;
     j["rejected"] = rejected;
     j["expired"] = expired;
@@ -229,6 +230,8 @@ struct RunContext {
   Mutex legacy_mu;
   // --batching: the one queue every client submits to (made after the references).
   serve::BatchQueue* queue = nullptr;
+  // --pinned-inputs: `inputs` again, in rows the queue's device reads in place.
+  const serve::InputBuffer* pinned_inputs = nullptr;
 };
 
 // One request: upload, forward, download (which waits for the stream).
@@ -247,16 +250,17 @@ class Client {
  public:
   virtual ~Client() = default;
   virtual int stream_index() const = 0;
-  virtual void request(const std::vector<float>& in, std::span<float> out) = 0;
+  // Runs ctx.inputs[k] into `out`.
+  virtual void request(size_t k, std::span<float> out) = 0;
 };
 
 class LegacyClient final : public Client {
  public:
   explicit LegacyClient(RunContext& ctx) : ctx_(ctx), stream_(ctx.device.default_stream()) {}
   int stream_index() const override { return stream_.index(); }
-  void request(const std::vector<float>& in, std::span<float> out) override {
+  void request(size_t k, std::span<float> out) override {
     MutexLock lock(ctx_.legacy_mu);
-    infer(ctx_, stream_, in, out);
+    infer(ctx_, stream_, ctx_.inputs[k], out);
   }
 
  private:
@@ -268,8 +272,8 @@ class PoolClient final : public Client {
  public:
   explicit PoolClient(RunContext& ctx) : ctx_(ctx), stream_(ctx.device.current_stream()) {}
   int stream_index() const override { return stream_.index(); }
-  void request(const std::vector<float>& in, std::span<float> out) override {
-    infer(ctx_, stream_, in, out);
+  void request(size_t k, std::span<float> out) override {
+    infer(ctx_, stream_, ctx_.inputs[k], out);
   }
 
  private:
@@ -288,30 +292,32 @@ void copy_output(const std::vector<float>& y, std::span<float> out) {
   std::copy(y.begin(), y.end(), out.begin());
 }
 
-// Submits `in` to `queue`, as a serve::BorrowedInput with --borrow-inputs
-// (the run's inputs outlive the queue), else copied; `rest`: submit()'s
-// other arguments (a callback).
+// Submits ctx.inputs[k] to the queue: from the run's InputBuffer with
+// --pinned-inputs, as a serve::BorrowedInput with --borrow-inputs (the run's
+// inputs outlive the queue), else copied; `rest`: submit()'s other
+// arguments (a callback).
 template <typename... Rest>
-auto submit_input(serve::BatchQueue& queue, bool borrow, std::span<const float> in,
-                  Rest&&... rest) {
-  return borrow ? queue.submit(serve::BorrowedInput(in), std::forward<Rest>(rest)...)
-                : queue.submit(in, std::forward<Rest>(rest)...);
+auto submit_input(const RunContext& ctx, size_t k, Rest&&... rest) {
+  serve::BatchQueue& queue = *ctx.queue;
+  if (ctx.pinned_inputs)
+    return queue.submit(ctx.pinned_inputs->input(k), std::forward<Rest>(rest)...);
+  return ctx.options.batching.borrow
+             ? queue.submit(serve::BorrowedInput(ctx.inputs[k]), std::forward<Rest>(rest)...)
+             : queue.submit(ctx.inputs[k], std::forward<Rest>(rest)...);
 }
 
 // --batching: a batch-1 request through the shared BatchQueue; its workers'
 // streams serve it, so the client has none of its own.
 class BatchingClient final : public Client {
  public:
-  explicit BatchingClient(RunContext& ctx)
-      : queue_(*ctx.queue), borrow_(ctx.options.batching.borrow) {}
+  explicit BatchingClient(RunContext& ctx) : ctx_(ctx) {}
   int stream_index() const override { return -1; }
-  void request(const std::vector<float>& in, std::span<float> out) override {
-    copy_output(submit_input(queue_, borrow_, in).get(), out);  // get() throws the request's error
+  void request(size_t k, std::span<float> out) override {
+    copy_output(submit_input(ctx_, k).get(), out);  // get() throws the request's error
   }
 
  private:
-  serve::BatchQueue& queue_;
-  const bool borrow_;
+  const RunContext& ctx_;
 };
 
 std::unique_ptr<Client> make_client(RunContext& ctx) {
@@ -396,7 +402,7 @@ double one_request(Client& client, const RunContext& ctx, size_t k, std::vector<
                    ThreadStats& st, bool corrupt = false) {
   const auto t0 = Clock::now();
   counting_errors(st, [&] {
-    client.request(ctx.inputs[k], out);
+    client.request(k, out);
     check_output(ctx, k, out, st, corrupt);
   });
   return std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
@@ -514,7 +520,7 @@ void run_callback_client(const RunContext& ctx, CallbackWindow& win, size_t t, T
     counting_errors(st, [&] {
       // Two pointers: small enough for std::function to hold without a
       // heap block of its own (one malloc a request fewer).
-      submit_input(*ctx.queue, ctx.options.batching.borrow, ctx.inputs[slot.k],
+      submit_input(ctx, slot.k,
                    [w = &win, s = &slot](const serve::Completion& c) { w->complete(*s, c); });
       submitted = true;
     });
@@ -601,6 +607,8 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
     for (int t = 0; t < o.threads; ++t)
       windows.push_back(std::make_unique<CallbackWindow>(
           ctx, static_cast<size_t>(o.batching.window), o.batching.refill_or_default()));
+  // --pinned-inputs: outlives the queue, whose requests read it.
+  std::optional<serve::InputBuffer> pinned;
   std::optional<serve::BatchQueue> queue;  // destroyed (drained) before the model
   if (o.batching.enabled) {
     serve::BatchQueueOptions qo;
@@ -619,6 +627,12 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
         dev, model.in_features(), model.out_features(),
         [&model](const Stream& s, const Tensor& x) { return model.forward(s, x); }, qo);
     ctx.queue = &*queue;
+    if (o.batching.pinned) {
+      pinned.emplace(queue->make_input_buffer(ctx.inputs.size()));
+      for (size_t k = 0; k < ctx.inputs.size(); ++k)
+        std::copy(ctx.inputs[k].begin(), ctx.inputs[k].end(), pinned->row(k).begin());
+      ctx.pinned_inputs = &*pinned;
+    }
   }
 
   const size_t n = static_cast<size_t>(o.threads);
@@ -694,8 +708,7 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
             const size_t k = r % ctx.inputs.size();
             r += 7;
             Pending p{{}, k, now, corrupt};
-            counting_errors(
-                st, [&] { p.handle = submit_input(*ctx.queue, o.batching.borrow, ctx.inputs[k]); });
+            counting_errors(st, [&] { p.handle = submit_input(ctx, k); });
             now = Clock::now();
             st.submit_time += now - p.t0;
             if (p.handle.valid()) pending.push_back(std::move(p));
@@ -921,6 +934,9 @@ void add_batching_options(CLI::App& cmd, WorkloadOptions::Batching& b) {
   cmd.add_flag("--borrow-inputs", b.borrow,
                "batching: submit inputs as serve::BorrowedInput, read in place by the queue "
                "instead of copied at submit");
+  cmd.add_flag("--pinned-inputs", b.pinned,
+               "batching: keep the inputs in a serve::InputBuffer and submit its rows, which "
+               "the device reads in place (no copy at submit, none by the workers)");
 }
 
 void add_model_options(CLI::App& cmd, WorkloadOptions& o, ModelOptionStrings& s) {

@@ -103,6 +103,10 @@ struct WorkloadOptions {
     // read in place by the queue (the inputs live for the whole run), not
     // copied at submit().
     bool borrow = false;
+    // --pinned-inputs: clients submit rows of a serve::InputBuffer holding
+    // the inputs, which the device reads in place (borrowed, and not packed
+    // by the queue's workers).
+    bool pinned = false;
     int refill_or_default() const { return refill > 0 ? refill : std::max(1, window - window / 8); }
   } batching;
 

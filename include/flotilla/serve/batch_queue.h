@@ -149,7 +149,10 @@
 
 namespace flotilla {
 class Device;
+namespace backend {
+class Buffer;
 }
+}  // namespace flotilla
 
 namespace flotilla::serve {
 
@@ -255,6 +258,54 @@ struct BorrowedInput {
   // A temporary vector would be gone before the queue reads it.
   explicit BorrowedInput(std::vector<float>&&) = delete;
   std::span<const float> values;
+
+ private:
+  friend class InputBuffer;
+  friend class BatchQueue;
+  // Set by InputBuffer::input(): the device that reads `values` in place,
+  // and the address it reads them at (null: none; the worker packs them).
+  const Device* device_ = nullptr;
+  const void* device_address_ = nullptr;
+};
+
+// Rows of host memory that a queue's device reads in place (pinned and
+// mapped on CUDA), for inputs that are written once and then submitted:
+// a server that decodes each request's input into a row of its own saves
+// the worker's copy of that row into the batch's staging (Note [Inputs the
+// device reads in place] in batch_queue.cpp). input(i) is row i as a
+// BorrowedInput, with the borrowed-input rules (above): keep the row
+// unchanged until the request that reads it has completed. Made by
+// BatchQueue::make_input_buffer; any queue on the same device reads its rows
+// in place (a queue on another device packs them like any borrowed input).
+// Must not outlive its device. Move-only. Thread safety: the rows are plain
+// memory, each starting a cache line: different threads may fill different
+// rows at once.
+class InputBuffer {
+ public:
+  InputBuffer();  // no rows
+  ~InputBuffer();
+  InputBuffer(InputBuffer&&) noexcept;
+  InputBuffer& operator=(InputBuffer&&) noexcept;
+  InputBuffer(const InputBuffer&) = delete;
+  InputBuffer& operator=(const InputBuffer&) = delete;
+
+  size_t rows() const { return rows_; }
+  // Values a row (the queue's in_features).
+  size_t row_size() const { return features_; }
+  // Row i, to fill or read. InvalidArgument if i >= rows().
+  std::span<float> row(size_t i);
+  std::span<const float> row(size_t i) const;
+  // Row i as an input the device reads in place. InvalidArgument if i >= rows().
+  BorrowedInput input(size_t i) const;
+
+ private:
+  friend class BatchQueue;
+  InputBuffer(const Device& device, std::unique_ptr<backend::Buffer> memory, size_t rows,
+              size_t features, size_t stride);
+  const float* row_ptr(size_t i, const char* api) const;
+  const Device* device_ = nullptr;
+  std::unique_ptr<backend::Buffer> memory_;
+  size_t rows_ = 0, features_ = 0, stride_ = 0;  // stride_: floats from one row to the next
 };
 
 // The caller's side of one request, like a std::future: move-only, get()
@@ -353,6 +404,9 @@ class BatchQueue {
                        std::optional<Clock::time_point> deadline = std::nullopt);
   uint64_t submit(BorrowedInput input, CompletionCallback done,
                   std::optional<Clock::time_point> deadline = std::nullopt);
+  // `rows` rows of in_features values that this queue's device reads in
+  // place (InputBuffer). Throws InvalidArgument for 0 rows, OutOfMemory.
+  InputBuffer make_input_buffer(size_t rows) const;
   // Cancels the request `id` if it is queued (not started): it completes
   // with Cancelled and this returns true. False if it had started, had
   // completed, or no request of this queue has that id. For requests of
@@ -383,16 +437,24 @@ class BatchQueue {
   std::vector<Stream> streams() const;
 
  private:
-  // Checks `input` (InvalidArgument) and makes its request; `borrow`: the
-  // request reads `input` in place (BorrowedInput).
-  std::shared_ptr<detail::Request> make_request(std::span<const float> input,
+  // A submit()'s input: copied into the request, or borrowed (read in place
+  // by the packer, or, with a device address, by the device itself).
+  struct InputRef {
+    std::span<const float> values;
+    bool borrow = false;
+    const void* device_address = nullptr;
+  };
+  // The InputRef of a BorrowedInput: its device address only if it is this
+  // queue's device's.
+  InputRef borrowed(const BorrowedInput& input) const;
+  // Checks `input` (InvalidArgument) and makes its request.
+  std::shared_ptr<detail::Request> make_request(const InputRef& input,
                                                 std::optional<Clock::time_point> deadline,
-                                                CompletionCallback done, bool borrow);
+                                                CompletionCallback done);
   // The submit()s' common body.
-  RequestHandle submit_handle(std::span<const float> input,
-                              std::optional<Clock::time_point> deadline, bool borrow);
-  uint64_t submit_callback(std::span<const float> input, CompletionCallback done,
-                           std::optional<Clock::time_point> deadline, bool borrow);
+  RequestHandle submit_handle(const InputRef& input, std::optional<Clock::time_point> deadline);
+  uint64_t submit_callback(const InputRef& input, CompletionCallback done,
+                           std::optional<Clock::time_point> deadline);
   void worker_loop(detail::Lane& lane);
   // Claims options_.device_share on the lanes' streams (Note [The queue's
   // share of the device]).
@@ -404,8 +466,10 @@ class BatchQueue {
   // Launches and completes the batch in the free slot (manual mode).
   void run_batch(detail::Lane& lane);
   // Encodes the copy in, the forward of `rows` rows and the copy out for
-  // `slot`'s staging on the lane's stream (eagerly, or inside a recording).
-  void encode_batch(detail::Lane& lane, detail::Slot& slot, int64_t rows);
+  // `slot`'s staging on the lane's stream (eagerly, or inside a recording);
+  // `gather`: the copy in gathers the rows through the slot's table (Note
+  // [Inputs the device reads in place]).
+  void encode_batch(detail::Lane& lane, detail::Slot& slot, int64_t rows, bool gather);
 
   Device& device_;
   const int64_t in_, out_;

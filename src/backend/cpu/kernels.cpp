@@ -4,6 +4,8 @@
 //   fill_f32      out                  value (f)   elements
 //   copy_bytes    dst, src             -           bytes
 //   copy_pinned   dst, src             -           bytes (the same here; on CUDA a kernel)
+//   gather_rows   dst, table           row bytes   rows: row i of dst = row_bytes bytes at
+//                                      (i)         table[i] (an array of n addresses)
 //   add_f32       a, b, out            -           elements
 //   scale_f32     a, out               factor (f)  elements
 //   checksum_u32  a, out (uint64)      -           32-bit words; out = wrapping sum
@@ -40,6 +42,16 @@ void fill_f32(const KernelArgs& a) {
 void copy_bytes(const KernelArgs& a) {
   need(a, "copy_bytes", 2, 0);
   if (a.n) std::memmove(a.ptrs[0], a.ptrs[1], a.n);
+}
+
+void gather_rows(const KernelArgs& a) {
+  need(a, "gather_rows", 2, 1);
+  FL_CHECK_ARG(a.scalars[0].i >= 0, "[kernel gather_rows] row_bytes is ", a.scalars[0].i,
+               "; it must not be negative");
+  auto* dst = static_cast<char*>(a.ptrs[0]);
+  auto* const* table = static_cast<const void* const*>(a.ptrs[1]);
+  const auto row = static_cast<size_t>(a.scalars[0].i);
+  for (uint64_t i = 0; i < a.n; ++i) std::memcpy(dst + i * row, table[i], row);
 }
 
 void add_f32(const KernelArgs& a) {
@@ -81,6 +93,7 @@ void add_basic_kernels(KernelTable& table) {
   table.emplace("fill_f32", &fill_f32);
   table.emplace("copy_bytes", &copy_bytes);
   table.emplace("copy_pinned", &copy_bytes);
+  table.emplace("gather_rows", &gather_rows);
   table.emplace("add_f32", &add_f32);
   table.emplace("scale_f32", &scale_f32);
   table.emplace("checksum_u32", &checksum_u32);

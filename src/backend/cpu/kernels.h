@@ -16,7 +16,8 @@ namespace flotilla::backend::cpu {
 using KernelFn = void (*)(const KernelArgs& args);
 using KernelTable = std::unordered_map<std::string, KernelFn>;
 
-// fill_f32, copy_bytes, add_f32, scale_f32, checksum_u32, sleep_us, trap.
+// fill_f32, copy_bytes, copy_pinned, gather_rows, add_f32, scale_f32, checksum_u32, sleep_us,
+// trap.
 void add_basic_kernels(KernelTable& table);
 // The ops' kernels (linear_f32, add_bcast_f32, ...: kernels_nn.cpp).
 void add_nn_kernels(KernelTable& table);

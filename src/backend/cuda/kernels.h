@@ -150,7 +150,7 @@ class LaunchContext {
 using KernelFn = void (*)(const KernelArgs& args, LaunchContext& ctx);
 using KernelTable = std::unordered_map<std::string, KernelFn>;
 
-// fill_f32, copy_bytes, copy_pinned, add_f32, scale_f32, checksum_u32, sleep_us, trap
+// fill_f32, copy_bytes, copy_pinned, gather_rows, add_f32, scale_f32, checksum_u32, sleep_us, trap
 // (basic_kernels.cu). On CUDA, `trap` faults the device: it becomes lost for
 // the rest of the process (Note [Sticky errors]); run it in a child process.
 void add_basic_kernels(KernelTable& table);
