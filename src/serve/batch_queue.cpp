@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <set>
+#include <utility>
 
 #include "flotilla/common/cache_hint.h"
 #include "flotilla/common/error.h"
@@ -433,8 +434,24 @@ BatchQueue::InputRef BatchQueue::borrowed(const BorrowedInput& input) const {
 // before (BatchQueue::borrowed drops the address).
 InputBuffer::InputBuffer() = default;
 InputBuffer::~InputBuffer() = default;
-InputBuffer::InputBuffer(InputBuffer&&) noexcept = default;
-InputBuffer& InputBuffer::operator=(InputBuffer&&) noexcept = default;
+// A moved-from buffer has no rows (its row() and input() throw).
+InputBuffer::InputBuffer(InputBuffer&& o) noexcept
+    : device_(std::exchange(o.device_, nullptr)),
+      memory_(std::move(o.memory_)),
+      rows_(std::exchange(o.rows_, 0)),
+      features_(std::exchange(o.features_, 0)),
+      stride_(std::exchange(o.stride_, 0)) {}
+
+InputBuffer& InputBuffer::operator=(InputBuffer&& o) noexcept {
+  if (this != &o) {
+    device_ = std::exchange(o.device_, nullptr);
+    memory_ = std::move(o.memory_);
+    rows_ = std::exchange(o.rows_, 0);
+    features_ = std::exchange(o.features_, 0);
+    stride_ = std::exchange(o.stride_, 0);
+  }
+  return *this;
+}
 
 InputBuffer::InputBuffer(const Device& device, std::unique_ptr<backend::Buffer> memory, size_t rows,
                          size_t features, size_t stride)
@@ -632,6 +649,7 @@ void BatchQueue::launch_batch(detail::Lane& lane) {
       ++staged;
     }
     const bool gather = staged < static_cast<size_t>(b);
+    if (gather) core_->recorder().read_in_place(static_cast<uint64_t>(b) - staged);
     const auto [bucket, rows] = options_.record_batches ? detail::size_bucket(b, options_.max_batch)
                                                         : std::pair<size_t, int64_t>(0, b);
     if (gather) {

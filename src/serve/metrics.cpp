@@ -79,6 +79,7 @@ void MetricsRecorder::fill(BatchQueueMetrics& m) const {
   constexpr auto relaxed = std::memory_order_relaxed;
   m.invalid = invalid_.load(relaxed);
   m.callback_exceptions = callback_exceptions_.load(relaxed);
+  m.read_in_place = read_in_place_.load(relaxed);
   m.completed = completed_.load(relaxed);
   m.rejected = rejected_.load(relaxed);
   m.expired = expired_.load(relaxed);
@@ -146,6 +147,7 @@ nlohmann::json BatchQueueMetrics::to_json() const {
           {"shut_down", shut_down},
           {"invalid", invalid},
           {"callback_exceptions", callback_exceptions},
+          {"read_in_place", read_in_place},
           {"batches", batches},
           {"batched_requests", batched_requests},
           {"mean_batch", mean_batch()},
@@ -172,6 +174,9 @@ std::string BatchQueueMetrics::to_prometheus(std::string_view prefix_view) const
   header(o, p + "_callback_exceptions_total", "counter",
          "Completion callbacks that threw (caught).");
   o << p << "_callback_exceptions_total " << callback_exceptions << '\n';
+  header(o, p + "_read_in_place_total", "counter",
+         "Requests whose input the device read in place (InputBuffer rows).");
+  o << p << "_read_in_place_total " << read_in_place << '\n';
   header(o, p + "_requests_total", "counter", "Requests completed, by outcome.");
   const std::pair<const char*, uint64_t> outcomes[] = {
       {"completed", completed}, {"rejected", rejected}, {"expired", expired},

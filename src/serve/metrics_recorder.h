@@ -42,6 +42,8 @@ class MetricsRecorder {
 
   void invalid() { invalid_.fetch_add(1, std::memory_order_relaxed); }
   void callback_exception() { callback_exceptions_.fetch_add(1, std::memory_order_relaxed); }
+  // A batch ran `n` requests whose input the device read in place.
+  void read_in_place(uint64_t n) { read_in_place_.fetch_add(n, std::memory_order_relaxed); }
   // `n` requests reached a final status (not kQueued / kRunning).
   void outcome(RequestStatus status, uint64_t n = 1);
   // A batch of `waits.size()` requests ran (or failed) in `compute`.
@@ -55,7 +57,7 @@ class MetricsRecorder {
   // Relaxed: counts, read by fill() (a reader that has seen a request
   // complete, through its handle, also sees it counted).
   std::atomic<uint64_t> invalid_{0}, completed_{0}, rejected_{0}, expired_{0}, cancelled_{0},
-      failed_{0}, shut_down_{0}, callback_exceptions_{0};
+      failed_{0}, shut_down_{0}, callback_exceptions_{0}, read_in_place_{0};
 
   mutable Mutex mu_;  // guards the batch statistics below
   std::vector<uint64_t> batch_sizes_ FL_GUARDED_BY(mu_);

@@ -554,6 +554,101 @@ TEST(BatchQueueCallbackConcurrency, BorrowedInputsAreReadOnlyBeforeTheirRequests
               static_cast<unsigned long long>(m.batches), m.mean_batch());
 }
 
+// InputBuffer rows under workers: as above, but each client's slots are rows
+// of its own InputBuffer, which the device reads in place while the batch
+// runs (Note [Inputs the device reads in place]). The client rewrites a row
+// as soon as its request has completed, so a read by the device after the
+// completion (a fence taken too early, a table entry left over from an
+// earlier batch) runs on the next values: a wrong output in any build, and
+// a race with the rewrite that TSan reports. Every request that ran must
+// have been read in place.
+TEST(BatchQueueCallbackConcurrency, InputBufferRowsAreReadOnlyBeforeTheirRequestsComplete) {
+  auto device = make_device();
+  const TinyModel tiny(*device, 8, 4);
+  const uint64_t seed = test_seed();
+  BatchQueueOptions o;
+  o.workers = 3;
+  o.max_batch = 8;
+  o.pipeline_depth = 2;
+  o.capacity = 4096;
+  o.record_batches = true;
+  BatchQueue q(*device, tiny.in(), tiny.out(), tiny.model(), o);
+  const int clients = 6, window = 4, per_client = scaled(400, 60);
+  std::atomic<int> wrong{0}, not_completed{0}, callbacks{0}, cancelled{0};
+  struct Slot {
+    std::vector<double> ref;        // the model's output for what the row holds while in flight
+    std::atomic<bool> busy{false};  // in flight: its request has not completed
+  };
+  std::latch start(clients);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < clients; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937_64 rng(seed + static_cast<uint64_t>(t));
+      InputBuffer rows = q.make_input_buffer(window);
+      std::vector<Slot> slots(window);
+      const bool by_handle = t % 2 == 1;
+      std::vector<RequestHandle> handles(window);
+      auto refill = [&](size_t k) {
+        for (float& x : rows.row(k)) x = std::uniform_real_distribution<float>(-1, 1)(rng);
+        slots[k].ref = tiny.host_reference(rows.row(k));
+      };
+      auto check = [&](RequestHandle& h, size_t k) {
+        std::vector<float> y;
+        if (outcome_of(h, &y) != Outcome::kCompleted)
+          not_completed.fetch_add(1);
+        else if (max_rel_error(y, slots[k].ref) > 1e-5)
+          wrong.fetch_add(1);
+      };
+      start.arrive_and_wait();
+      for (int n = 0; n < per_client; ++n) {
+        const auto k = static_cast<size_t>(n % window);
+        Slot& s = slots[k];
+        if (by_handle) {
+          if (handles[k].valid()) check(handles[k], k);
+          refill(k);
+          handles[k] = q.submit(rows.input(k));
+          continue;
+        }
+        while (s.busy.load(std::memory_order_acquire)) std::this_thread::yield();
+        refill(k);
+        s.busy.store(true, std::memory_order_relaxed);
+        const uint64_t id = q.submit(rows.input(k), [&, k](const Completion& c) {
+          callbacks.fetch_add(1);
+          if (c.status == RequestStatus::kCancelled)
+            cancelled.fetch_add(1);
+          else if (c.status != RequestStatus::kCompleted)
+            not_completed.fetch_add(1);
+          else if (max_rel_error(c.output, slots[k].ref) > 1e-5)
+            wrong.fetch_add(1);
+          slots[k].busy.store(false, std::memory_order_release);  // the row is the client's again
+        });
+        if (rng() % 8 == 0 && q.cancel(id)) {
+          EXPECT_FALSE(s.busy.load(std::memory_order_acquire));
+        }
+      }
+      for (size_t k = 0; k < slots.size(); ++k) {
+        if (by_handle && handles[k].valid()) check(handles[k], k);
+        while (slots[k].busy.load(std::memory_order_acquire)) std::this_thread::yield();
+      }
+      // Every request of this client has completed: its rows go, while the
+      // other clients' requests still run.
+    });
+  }
+  for (auto& th : threads) th.join();
+  q.shutdown();
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_EQ(not_completed.load(), 0);
+  EXPECT_EQ(callbacks.load(), clients / 2 * per_client) << "every callback ran exactly once";
+  const auto m = q.metrics();
+  EXPECT_EQ(m.submitted, static_cast<uint64_t>(clients * per_client));
+  EXPECT_EQ(m.completed + m.cancelled, m.submitted);
+  EXPECT_EQ(m.cancelled, static_cast<uint64_t>(cancelled.load()));
+  EXPECT_EQ(m.read_in_place, m.completed) << "every request that ran was read in place";
+  std::printf("requests=%llu cancelled=%d batches=%llu mean_batch=%.2f\n",
+              static_cast<unsigned long long>(m.submitted), cancelled.load(),
+              static_cast<unsigned long long>(m.batches), m.mean_batch());
+}
+
 // The header promises that a refusal's callback runs in submit() itself, and
 // a cancellation's in the cancel() that decided it: on the deciding thread,
 // before that call returns. So a client may rely on it (free what the

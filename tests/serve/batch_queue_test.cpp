@@ -263,6 +263,134 @@ TEST_F(BatchQueueTest, RecordedBatchesOfBorrowedInputsAreRight) {
   }
 }
 
+// ---- Inputs the device reads in place (InputBuffer) ------------------------------------
+
+// Would catch: an InputBuffer row packed by the worker (read_in_place stays
+// 0), read at submit (the rewrite before step() would not show), the gather
+// table pointing at the wrong rows (outputs of other requests), a mixed
+// batch's staged rows out of place, or recorded padding rows reading
+// garbage: rows of one buffer, copied inputs and plain borrowed ones share
+// each batch, eagerly and then replayed.
+TEST_F(BatchQueueTest, InputBufferRowsAreReadInPlaceByTheDevice) {
+  for (const bool record : {false, true}) {
+    SCOPED_TRACE(record ? "recorded" : "eager");
+    auto o = manual(8, 0us);
+    o.record_batches = record;
+    BatchQueue q(*device_, kIn, kOut, counted(), o);
+    InputBuffer rows = q.make_input_buffer(6);
+    uint64_t in_place = 0;
+    int next = 0;
+    for (int round = 0; round < 3; ++round) {
+      // Sizes 7 (4 rows of the buffer, 2 copies, 1 borrowed), 3 (buffer
+      // rows only, recorded as 4: a padding row) and 1.
+      for (const int n : {7, 3, 1}) {
+        std::vector<RequestHandle> hs;
+        std::vector<int> want;  // the input each request must run on
+        std::vector<float> plain;
+        const int from_buffer = std::min(n, 4);
+        for (int i = 0; i < n; ++i, ++next) {
+          if (i < from_buffer) {
+            const auto row = static_cast<size_t>((round + i) % 6);  // distinct in a batch
+            const auto x = input(next);
+            std::copy(x.begin(), x.end(), rows.row(row).begin());
+            hs.push_back(q.submit(rows.input(row)));
+            // Rewritten before step(): the device reads the row when the
+            // batch runs, so the request runs on the new values.
+            const auto later = input(1000 + next);
+            std::copy(later.begin(), later.end(), rows.row(row).begin());
+            want.push_back(1000 + next);
+          } else if (i == n - 1 && n == 7) {
+            plain = input(next);
+            hs.push_back(q.submit(BorrowedInput(plain)));
+            want.push_back(next);
+          } else {
+            hs.push_back(q.submit(input(next)));
+            want.push_back(next);
+          }
+        }
+        EXPECT_EQ(q.step(), static_cast<size_t>(n)) << "one batch of " << n;
+        in_place += static_cast<uint64_t>(from_buffer);
+        for (int i = 0; i < n; ++i)
+          expect_output(hs[static_cast<size_t>(i)], want[static_cast<size_t>(i)]);
+      }
+    }
+    const auto m = q.metrics();
+    EXPECT_EQ(m.read_in_place, in_place) << "every buffer row was read by the device";
+    EXPECT_EQ(m.completed, static_cast<uint64_t>(next));
+    EXPECT_EQ(m.to_json().at("read_in_place"), in_place);
+    EXPECT_NE(m.to_prometheus().find("\nflotilla_batch_queue_read_in_place_total " +
+                                     std::to_string(in_place) + "\n"),
+              std::string::npos);
+  }
+}
+
+// Would catch: a row's address used on a device it does not belong to (the
+// queue must pack another device's buffer like any borrowed input), and an
+// InputBuffer whose rows share cache lines or ignore their bounds.
+TEST_F(BatchQueueTest, InputBufferRowsAreCheckedAndAnotherDevicesArePacked) {
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(4, 0us));
+  EXPECT_THROW((void)q.make_input_buffer(0), InvalidArgument);
+  InputBuffer rows = q.make_input_buffer(3);
+  EXPECT_EQ(rows.rows(), 3u);
+  EXPECT_EQ(rows.row_size(), static_cast<size_t>(kIn));
+  EXPECT_EQ(rows.row(2).size(), static_cast<size_t>(kIn));
+  const auto stride = reinterpret_cast<uintptr_t>(rows.row(1).data()) -
+                      reinterpret_cast<uintptr_t>(rows.row(0).data());
+  EXPECT_EQ(stride % 64, 0u) << "each row starts a cache line";
+  EXPECT_GE(stride, static_cast<size_t>(kIn) * sizeof(float));
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(rows.row(0).data()) % 64, 0u);
+  EXPECT_THROW((void)rows.row(3), InvalidArgument);
+  EXPECT_THROW((void)rows.input(3), InvalidArgument);
+  const InputBuffer& const_rows = rows;
+  EXPECT_THROW((void)const_rows.row(3), InvalidArgument);
+  InputBuffer moved = std::move(rows);
+  EXPECT_EQ(moved.rows(), 3u);
+  EXPECT_EQ(rows.rows(), 0u);  // NOLINT(bugprone-use-after-move): moved-from is empty
+  EXPECT_THROW((void)rows.input(0), InvalidArgument);
+
+  // A buffer of another device (a second cpu device) is not this queue's to
+  // read in place: its rows are packed, and still run right.
+  auto other_device = make_device();
+  BatchQueue other(*other_device, kIn, kOut, counted(), manual(4, 0us));
+  InputBuffer foreign = other.make_input_buffer(2);
+  std::vector<RequestHandle> hs;
+  for (int i = 0; i < 2; ++i) {
+    const auto x = input(i);
+    std::copy(x.begin(), x.end(), foreign.row(static_cast<size_t>(i)).begin());
+    hs.push_back(q.submit(foreign.input(static_cast<size_t>(i))));
+  }
+  const auto x = input(2);
+  std::copy(x.begin(), x.end(), moved.row(0).begin());
+  hs.push_back(q.submit(moved.input(0)));
+  EXPECT_EQ(q.step(), 3u);
+  for (int i = 0; i < 3; ++i) expect_output(hs[static_cast<size_t>(i)], i);
+  EXPECT_EQ(q.metrics().read_in_place, 1u) << "only the queue's own device's row";
+}
+
+// Would catch: a short InputBuffer row or a NaN in one slipping past
+// submit()'s checks (a buffer of another queue's width), and a refused one
+// counted as read in place.
+TEST_F(BatchQueueTest, InputBufferRowsOfTheWrongWidthOrWithNaNAreRefused) {
+  auto o = manual(4, 0us);
+  o.reject_nan = true;
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  BatchQueue wider(*device_, kIn + 1, kOut, counted(), manual(4, 0us));
+  InputBuffer wide = wider.make_input_buffer(1);
+  EXPECT_THROW((void)q.submit(wide.input(0)), InvalidArgument);
+  InputBuffer rows = q.make_input_buffer(1);
+  const auto x = input(0);
+  std::copy(x.begin(), x.end(), rows.row(0).begin());
+  rows.row(0)[1] = std::nanf("");
+  bool called = false;
+  EXPECT_THROW((void)q.submit(rows.input(0), [&](const Completion&) { called = true; }),
+               InvalidArgument);
+  EXPECT_FALSE(called);
+  EXPECT_EQ(q.step(), 0u);
+  const auto m = q.metrics();
+  EXPECT_EQ(m.invalid, 2u);
+  EXPECT_EQ(m.read_in_place, 0u);
+}
+
 TEST_F(BatchQueueTest, ZeroMaxDelayRunsWhatIsThere) {
   BatchQueue q(*device_, kIn, kOut, counted(), manual(8, 0us));
   auto h = q.submit(input(0));

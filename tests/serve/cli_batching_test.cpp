@@ -79,27 +79,30 @@ TEST(CliBatching, CallbacksCheckEveryOutputAndKeepTheWindowFull) {
 }
 
 // --borrow-inputs: the clients' inputs are read in place (BorrowedInput) on
-// every client path: closed loop, windows, callbacks. Every output is still
+// every client path: closed loop, windows, callbacks; --pinned-inputs: from
+// an InputBuffer, read in place by the device. Every output is still
 // checked, and a corrupted one still fails the run.
 TEST(CliBatching, BorrowedInputsAreCheckedOnEveryClientPath) {
-  for (const char* path : {"", " --window 8", " --callbacks --window 8"}) {
-    const auto r = run_cli(std::string("run --batching --borrow-inputs --threads 4 --requests 400 "
-                                       "--queue-workers 2 --json") +
-                               path,
-                           "2>/dev/null");
-    ASSERT_EQ(r.exit_code, 0) << path << ": " << r.out;
-    const auto j = nlohmann::json::parse(r.out);
-    EXPECT_EQ(j["borrow_inputs"], true) << path;
-    EXPECT_EQ(j["requests"], 400) << path;
-    EXPECT_GE(j["checks"].get<int>(), 400) << path;
-    EXPECT_EQ(j["wrong_results"], 0) << path;
-    EXPECT_EQ(j["errors"], 0) << path;
-    const auto bad = run_cli(std::string("run --batching --borrow-inputs --threads 4 --requests "
-                                         "100 --corrupt-every 10 --json") +
-                                 path,
-                             "2>/dev/null");
-    EXPECT_EQ(bad.exit_code, 1) << "a wrong result must fail the run" << path << ": " << bad.out;
-    EXPECT_EQ(nlohmann::json::parse(bad.out)["wrong_results"], 10) << path;
+  for (const std::string how : {"--borrow-inputs", "--pinned-inputs"}) {
+    for (const char* path : {"", " --window 8", " --callbacks --window 8"}) {
+      const auto r = run_cli(
+          "run --batching " + how + " --threads 4 --requests 400 --queue-workers 2 --json" + path,
+          "2>/dev/null");
+      ASSERT_EQ(r.exit_code, 0) << how << path << ": " << r.out;
+      const auto j = nlohmann::json::parse(r.out);
+      EXPECT_EQ(j["borrow_inputs"], true) << how << path;
+      EXPECT_EQ(j["pinned_inputs"], how == "--pinned-inputs") << how << path;
+      EXPECT_EQ(j["requests"], 400) << how << path;
+      EXPECT_GE(j["checks"].get<int>(), 400) << how << path;
+      EXPECT_EQ(j["wrong_results"], 0) << how << path;
+      EXPECT_EQ(j["errors"], 0) << how << path;
+      const auto bad = run_cli(
+          "run --batching " + how + " --threads 4 --requests 100 --corrupt-every 10 --json" + path,
+          "2>/dev/null");
+      EXPECT_EQ(bad.exit_code, 1) << "a wrong result must fail the run" << how << path << ": "
+                                  << bad.out;
+      EXPECT_EQ(nlohmann::json::parse(bad.out)["wrong_results"], 10) << how << path;
+    }
   }
 }
 
@@ -153,7 +156,7 @@ TEST(CliBatching, BadOptionsEndWithOneLine) {
         "run --batching --callbacks --window 8 --refill -1", "run --batching --device-share -1",
         "run --batching --device-share 257", "run --device-share 2", "bench --callbacks",
         "bench --window 4", "bench --device-share 4", "run --borrow-inputs",
-        "bench --borrow-inputs"}) {
+        "bench --borrow-inputs", "run --pinned-inputs", "bench --pinned-inputs"}) {
     const auto r = run_cli(args, "2>&1");
     EXPECT_NE(r.exit_code, 0) << args;
     int lines = 0;
@@ -238,6 +241,34 @@ TEST(CliBatching, BenchWithCallbacksRunsTheBatchingSeriesThroughCallbacks) {
   EXPECT_EQ(pool, 2);
   EXPECT_EQ(batching, 2);
   EXPECT_NE(r.out.find("batching+callbacks+borrowed"), std::string::npos) << r.out;
+}
+
+// --pinned-inputs: the batching series reads its inputs from an InputBuffer;
+// bench.json says so and the table names the series "+pinned".
+TEST(CliBatching, BenchWithPinnedInputsLabelsItsSeries) {
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("fl_bench_pinned_" + std::to_string(::getpid()));
+  const auto r = run_cli(
+      "bench --backend cpu --batching --pinned-inputs --threads-list 1,2 --batches 1 --archs pool "
+      "--max-batch 8 --queue-workers 1 --seconds-per-point 0.2 --no-plot --out '" +
+          dir.string() + "'",
+      "2>/dev/null");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  std::ifstream in(dir / "bench.json");
+  ASSERT_TRUE(in) << "no bench.json in " << dir;
+  const auto j = nlohmann::json::parse(in);
+  EXPECT_EQ(j["pinned_inputs"], true);
+  int batching = 0;
+  for (const auto& p : j["points"]) {
+    EXPECT_EQ(p["wrong_results"], 0) << p.dump();
+    EXPECT_EQ(p["errors"], 0) << p.dump();
+    if (p["arch"] != "batching") continue;
+    ++batching;
+    EXPECT_EQ(p["pinned_inputs"], true) << p.dump();
+  }
+  EXPECT_EQ(batching, 2);
+  EXPECT_NE(r.out.find("batching+pinned"), std::string::npos) << r.out;
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

@@ -44,11 +44,15 @@ struct BenchOptions {
 
 // How a point's series is named in the table and the plot: its arch, and
 // whether its outputs went to completion callbacks (--callbacks) and its
-// inputs were borrowed (--borrow-inputs).
+// inputs were borrowed (--borrow-inputs) or read in place by the device
+// (--pinned-inputs).
 std::string series_label(const WorkloadOptions& o) {
   std::string label = arch_label(o);
   if (o.batching.enabled && o.batching.callbacks) label += "+callbacks";
-  if (o.batching.enabled && o.batching.borrow) label += "+borrowed";
+  if (o.batching.enabled && o.batching.pinned)
+    label += "+pinned";
+  else if (o.batching.enabled && o.batching.borrow)
+    label += "+borrowed";
   return label;
 }
 
@@ -175,12 +179,12 @@ void run_bench(const BenchOptions& b) {
                "[bench] --threads-list, --batches and --archs must not be empty");
   const WorkloadOptions::Batching no_batching;
   const WorkloadOptions::Batching& queue_opts = b.base.batching;
-  FL_CHECK_ARG(
-      b.batching || (!queue_opts.callbacks && queue_opts.refill == 0 &&
-                     queue_opts.window == no_batching.window &&
-                     queue_opts.device_share == no_batching.device_share && !queue_opts.borrow),
-      "[bench] --callbacks, --refill, --window, --device-share and --borrow-inputs set "
-      "up the batching series; add --batching, or drop them");
+  FL_CHECK_ARG(b.batching || (!queue_opts.callbacks && queue_opts.refill == 0 &&
+                              queue_opts.window == no_batching.window &&
+                              queue_opts.device_share == no_batching.device_share &&
+                              !queue_opts.borrow && !queue_opts.pinned),
+               "[bench] --callbacks, --refill, --window, --device-share, --borrow-inputs and "
+               "--pinned-inputs set up the batching series; add --batching, or drop them");
   std::vector<Arch> archs;
   for (const auto& a : b.archs) archs.push_back(parse_arch(a));
   WorkloadOptions base = b.base;
@@ -260,6 +264,8 @@ void run_bench(const BenchOptions& b) {
                       {"callbacks", b.batching && base.batching.callbacks},
                       // and the queue read their inputs in place (--borrow-inputs)
                       {"borrow_inputs", b.batching && base.batching.borrow},
+                      // or the device read them in place (--pinned-inputs)
+                      {"pinned_inputs", b.batching && base.batching.pinned},
                       {"points", nlohmann::json::array()}};
   bool failed = false;
   for (const auto& p : points) {
@@ -308,6 +314,7 @@ void replot(const std::string& out) {
       o.batching.enabled = arch == "batching";
       o.batching.callbacks = o.batching.enabled && p.value("callbacks", false);
       o.batching.borrow = o.batching.enabled && p.value("borrow_inputs", false);
+      o.batching.pinned = o.batching.enabled && p.value("pinned_inputs", false);
       o.arch = o.batching.enabled ? Arch::kPool : parse_arch(arch);
       o.batch = p.at("batch");
       o.threads = p.at("threads");

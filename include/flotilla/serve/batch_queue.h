@@ -282,7 +282,7 @@ struct BorrowedInput {
 // rows at once.
 class InputBuffer {
  public:
-  InputBuffer();  // no rows
+  InputBuffer();  // no rows; so is a moved-from one
   ~InputBuffer();
   InputBuffer(InputBuffer&&) noexcept;
   InputBuffer& operator=(InputBuffer&&) noexcept;

@@ -57,6 +57,9 @@ struct BatchQueueMetrics {
   // Completion callbacks that threw (caught; their requests still count
   // once above, by their status).
   uint64_t callback_exceptions = 0;
+  // Requests that ran whose input the device read in place (rows of an
+  // InputBuffer of the queue's device); the workers packed the others.
+  uint64_t read_in_place = 0;
 
   // batch_sizes[b] = batches that ran with b requests (index 0 unused).
   std::vector<uint64_t> batch_sizes;
