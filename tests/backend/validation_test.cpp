@@ -6,6 +6,8 @@
 // nothing else, so the object stays usable (checked by finishing the work).
 #include <atomic>
 #include <chrono>
+#include <cstring>
+#include <random>
 #include <thread>
 
 #include "backend/backend_test_util.h"
@@ -324,6 +326,113 @@ TEST(CpuDriverShutdown, AbandonedWaitFailsInsteadOfHanging) {
   EXPECT_EQ(cb->status(), CommandBufferStatus::kError);
   ASSERT_NE(cb->error(), nullptr);
   EXPECT_THROW(std::rethrow_exception(cb->error()), ShutDown);
+}
+
+// Runs one kernel on the CPU driver and waits; fails the test if its
+// command buffer did not complete.
+void run_kernel(backend::Driver& drv, backend::Queue& q, const char* name, const KernelArgs& args) {
+  auto cb = q.new_command_buffer();
+  auto& enc = cb->compute_encoder();
+  enc.dispatch(drv.pipeline(name), args);
+  enc.end_encoding();
+  cb->commit();
+  cb->wait_until_completed();
+  ASSERT_EQ(cb->status(), CommandBufferStatus::kCompleted) << name;
+}
+
+// Would catch: a CPU gather_rows that reads the table in the wrong order or
+// reads rows from the wrong place (scrambled, with a row repeated), stops
+// early or writes past the last row, rounds or truncates a row that is not
+// a multiple of 16 bytes, assumes aligned sources or destinations, or
+// cannot read a driver's host staging (allocate_host) as well as its
+// device memory: the batch queue's copy in of InputBuffer rows on CPU.
+TEST(CpuKernels, GatherRowsCopiesEveryRowInTableOrder) {
+  auto drv = make_cpu_driver();
+  auto q = drv->new_queue();
+  std::mt19937_64 rng(20240611);
+  constexpr size_t kPool = 24, kStride = 4352, kGuard = 64;
+  auto host_rows = drv->allocate_host(kPool * kStride);
+  auto dev_rows = drv->allocate(kPool * kStride);
+  for (auto* b : {host_rows.get(), dev_rows.get()}) {
+    auto* p = static_cast<uint8_t*>(b->host_ptr());
+    for (size_t i = 0; i < kPool * kStride; ++i) p[i] = static_cast<uint8_t>(rng());
+  }
+  struct Case {
+    size_t row_bytes, src_off, dst_off;
+  };
+  for (const Case c : {Case{2048, 0, 0}, Case{4144, 0, 0}, Case{2047, 0, 0}, Case{2048, 4, 0},
+                       Case{2048, 0, 4}, Case{13, 3, 1}}) {
+    for (size_t rows : {size_t{1}, size_t{7}, size_t{300}}) {
+      SCOPED_TRACE(::testing::Message()
+                   << "row_bytes " << c.row_bytes << ", source offset " << c.src_off
+                   << ", destination offset " << c.dst_off << ", rows " << rows);
+      // Row i reads source pick[i]: below kPool a host row, else a device
+      // row; scrambled, and the last row repeats the first.
+      std::vector<size_t> pick(rows);
+      for (auto& p : pick) p = static_cast<size_t>(rng() % (2 * kPool));
+      if (rows > 1) pick.back() = pick.front();
+      auto table = drv->allocate_host(rows * sizeof(void*));
+      auto** t = static_cast<const void**>(table->host_ptr());
+      std::vector<const uint8_t*> want(rows);
+      for (size_t i = 0; i < rows; ++i) {
+        const auto& from = pick[i] < kPool ? host_rows : dev_rows;
+        const size_t at = (pick[i] % kPool) * kStride + c.src_off;
+        t[i] = static_cast<const uint8_t*>(from->device_ptr()) + at;
+        want[i] = static_cast<const uint8_t*>(from->host_ptr()) + at;
+      }
+      auto dst = drv->allocate(c.dst_off + rows * c.row_bytes + kGuard);
+      auto* base = static_cast<uint8_t*>(dst->host_ptr());
+      std::memset(base, 0xCD, dst->size());
+      run_kernel(*drv, *q, "gather_rows",
+                 KernelArgs()
+                     .ptr(base + c.dst_off)
+                     .ptr(table->device_ptr())
+                     .i64(static_cast<int64_t>(c.row_bytes))
+                     .size(rows));
+      const uint8_t* out = base + c.dst_off;
+      for (size_t i = 0; i < rows; ++i)
+        ASSERT_EQ(std::memcmp(out + i * c.row_bytes, want[i], c.row_bytes), 0)
+            << "row " << i << " (source " << pick[i] << ")";
+      for (size_t i = 0; i < c.dst_off; ++i)
+        ASSERT_EQ(base[i], 0xCD) << "wrote before the first row";
+      for (size_t i = 0; i < kGuard; ++i)
+        ASSERT_EQ(out[rows * c.row_bytes + i], 0xCD) << "wrote past the last row";
+    }
+  }
+}
+
+// Would catch: a gather of 0 rows (or of rows of 0 bytes) that writes a
+// row or reads its table, one that refuses the null pointers every kernel
+// accepts for n = 0, and a negative row size taken as a huge one instead of
+// failing its command buffer.
+TEST(CpuKernels, GatherRowsOfNothingWritesNothingAndANegativeRowFails) {
+  auto drv = make_cpu_driver();
+  auto q = drv->new_queue();
+  auto src = drv->allocate_host(2048);
+  std::memset(src->host_ptr(), 0x11, 2048);
+  auto table = drv->allocate_host(sizeof(void*));
+  *static_cast<const void**>(table->host_ptr()) = src->device_ptr();
+  auto dst = drv->allocate(4096);
+  auto* out = static_cast<uint8_t*>(dst->host_ptr());
+  std::memset(out, 0xCD, 4096);
+  run_kernel(*drv, *q, "gather_rows",
+             KernelArgs().ptr(dst->device_ptr()).ptr(table->device_ptr()).i64(2048).size(0));
+  run_kernel(*drv, *q, "gather_rows", KernelArgs().ptr(nullptr).ptr(nullptr).i64(2048).size(0));
+  run_kernel(*drv, *q, "gather_rows",
+             KernelArgs().ptr(dst->device_ptr()).ptr(table->device_ptr()).i64(0).size(1));
+  for (size_t i = 0; i < 4096; ++i) ASSERT_EQ(out[i], 0xCD) << "byte " << i;
+
+  auto cb = q->new_command_buffer();
+  auto& enc = cb->compute_encoder();
+  enc.dispatch(drv->pipeline("gather_rows"),
+               KernelArgs().ptr(dst->device_ptr()).ptr(table->device_ptr()).i64(-1).size(1));
+  enc.end_encoding();
+  cb->commit();
+  cb->wait_until_completed();
+  EXPECT_EQ(cb->status(), CommandBufferStatus::kError);
+  ASSERT_NE(cb->error(), nullptr);
+  EXPECT_THROW(std::rethrow_exception(cb->error()), InvalidArgument);
+  for (size_t i = 0; i < 4096; ++i) ASSERT_EQ(out[i], 0xCD) << "byte " << i;
 }
 
 }  // namespace

@@ -114,6 +114,140 @@ TEST(CudaKernels, CopyPinnedCopiesEveryDirectionAndAlignment) {
   }
 }
 
+// One case of gather_rows: `row_bytes` a row, each source at `src_off`
+// bytes past a 16-byte boundary (every third row at +4 instead when
+// `mixed`), the destination at `dst_off`.
+struct GatherCase {
+  size_t row_bytes, src_off, dst_off;
+  bool mixed;
+};
+
+// Would catch: a gather that reads the table in the wrong order or from the
+// wrong row (scrambled, with a row repeated), drops rows past the first grid
+// (300 rows > 32 blocks x 8 warps: the grid-stride loop), takes the 16-byte
+// path for a misaligned source, destination or length (or decides it once
+// for every row), drops the tail of a row longer than one round of the warp
+// (4144 bytes) or past its last 16-byte piece (2047 bytes), cannot read
+// pinned host rows (they must be read through their mapped addresses), reads
+// the table from host memory the device cannot see, or writes past the last
+// row.
+TEST(CudaKernels, GatherRowsCopiesEveryRowFromHostAndDeviceInTableOrder) {
+  FL_SKIP_WITHOUT_GPU();
+  auto dev = make_cuda();
+  Stream s = dev->current_stream();
+  std::mt19937_64 rng(cuda_test_seed());
+  constexpr size_t kPool = 40;      // source rows of each kind
+  constexpr size_t kStride = 4352;  // bytes from one source row to the next (16-byte aligned)
+  constexpr size_t kGuard = 64;     // poisoned bytes past the last row
+  auto host_rows = dev->driver().allocate_host(kPool * kStride);
+  Mirrored dev_rows(*dev, kPool * kStride);
+  auto* h = static_cast<uint8_t*>(host_rows->host_ptr());
+  for (size_t i = 0; i < kPool * kStride; ++i) {
+    h[i] = static_cast<uint8_t>(rng());
+    dev_rows.host<uint8_t>()[i] = static_cast<uint8_t>(rng());
+  }
+  dev_rows.upload(s);  // the mirror keeps what the device rows hold
+  s.synchronize();
+  const GatherCase cases[] = {
+      {2048, 0, 0, false},  // the 16-byte path, one round of the warp
+      {4144, 0, 0, false},  // the 16-byte path, three rounds, the last partial
+      {16, 0, 0, false},    // one 16-byte piece: one lane works
+      {2047, 0, 0, false},  // the byte path: the length
+      {2048, 4, 0, false},  // the byte path: the source
+      {2048, 0, 4, false},  // the byte path: the destination
+      {2048, 0, 0, true},   // either path, row by row
+  };
+  for (const GatherCase& c : cases) {
+    for (size_t rows : {size_t{1}, size_t{7}, size_t{300}}) {
+      for (bool table_on_device : {false, true}) {
+        SCOPED_TRACE(::testing::Message()
+                     << "row_bytes " << c.row_bytes << ", source offset " << c.src_off
+                     << ", destination offset " << c.dst_off << (c.mixed ? ", mixed" : "")
+                     << ", rows " << rows << ", table on the "
+                     << (table_on_device ? "device" : "host (mapped)"));
+        // Row i reads source pick[i]: below kPool a host row, else a device
+        // row; scrambled, and the last row repeats the first.
+        std::vector<size_t> pick(rows);
+        for (auto& p : pick) p = static_cast<size_t>(rng() % (2 * kPool));
+        if (rows > 1) pick.back() = pick.front();
+        std::vector<const void*> addr(rows);
+        std::vector<const uint8_t*> want(rows);
+        for (size_t i = 0; i < rows; ++i) {
+          const size_t off = c.mixed && i % 3 == 1 ? 4 : c.src_off;
+          const size_t at = (pick[i] % kPool) * kStride + off;
+          if (pick[i] < kPool) {
+            addr[i] = static_cast<const uint8_t*>(host_rows->device_ptr()) + at;
+            want[i] = h + at;
+          } else {
+            addr[i] = static_cast<const uint8_t*>(dev_rows.dev()) + at;
+            want[i] = dev_rows.host<uint8_t>() + at;
+          }
+        }
+        auto table_host = dev->driver().allocate_host(rows * sizeof(void*));
+        std::memcpy(table_host->host_ptr(), addr.data(), rows * sizeof(void*));
+        std::unique_ptr<backend::Buffer> table_dev;
+        const void* table = table_host->device_ptr();
+        if (table_on_device) {
+          table_dev = dev->driver().allocate(rows * sizeof(void*));
+          s.dispatch("copy_bytes", KernelArgs()
+                                       .ptr(table_dev->device_ptr())
+                                       .ptr(table_host->host_ptr())
+                                       .size(rows * sizeof(void*)));
+          table = table_dev->device_ptr();
+        }
+        const size_t bytes = c.dst_off + rows * c.row_bytes + kGuard;
+        Mirrored dst(*dev, bytes);
+        std::memset(dst.host(), 0xCD, bytes);
+        dst.upload(s);
+        s.synchronize();  // download() poisons the host copy the upload reads
+        s.dispatch("gather_rows", KernelArgs()
+                                      .ptr(static_cast<uint8_t*>(dst.dev()) + c.dst_off)
+                                      .ptr(table)
+                                      .i64(static_cast<int64_t>(c.row_bytes))
+                                      .size(rows));
+        dst.download(s);
+        const uint8_t* out = dst.host<uint8_t>() + c.dst_off;
+        size_t wrong_rows = 0;
+        for (size_t i = 0; i < rows; ++i)
+          if (std::memcmp(out + i * c.row_bytes, want[i], c.row_bytes) != 0) {
+            if (wrong_rows++ == 0)
+              ADD_FAILURE() << "row " << i << " (source " << pick[i] << ") differs";
+          }
+        EXPECT_EQ(wrong_rows, 0u);
+        for (size_t i = 0; i < c.dst_off; ++i)
+          ASSERT_EQ(dst.host<uint8_t>()[i], 0xCD) << "wrote before the first row";
+        for (size_t i = 0; i < kGuard; ++i)
+          ASSERT_EQ(out[rows * c.row_bytes + i], 0xCD) << "wrote past the last row";
+      }
+    }
+  }
+  EXPECT_EQ(dev->driver().device_error(), nullptr);
+}
+
+// Would catch: a gather of 0 rows (or of rows of 0 bytes) that launches
+// anyway and writes a row, or reads its table, or refuses null pointers
+// that the other kernels accept for n = 0.
+TEST(CudaKernels, GatherRowsOfNothingWritesNothing) {
+  FL_SKIP_WITHOUT_GPU();
+  auto dev = make_cuda();
+  Stream s = dev->current_stream();
+  auto src = dev->driver().allocate_host(2048);
+  std::memset(src->host_ptr(), 0x11, 2048);
+  auto table = dev->driver().allocate_host(sizeof(void*));
+  const void* row = src->device_ptr();
+  std::memcpy(table->host_ptr(), &row, sizeof row);
+  Mirrored dst(*dev, 4096);
+  std::memset(dst.host(), 0xCD, 4096);
+  dst.upload(s);
+  s.synchronize();  // download() poisons the host copy the upload reads
+  s.dispatch("gather_rows", KernelArgs().ptr(dst.dev()).ptr(table->device_ptr()).i64(2048).size(0));
+  s.dispatch("gather_rows", KernelArgs().ptr(nullptr).ptr(nullptr).i64(2048).size(0));
+  s.dispatch("gather_rows", KernelArgs().ptr(dst.dev()).ptr(table->device_ptr()).i64(0).size(1));
+  dst.download(s);  // throws if any of them failed its work
+  for (size_t i = 0; i < 4096; ++i) ASSERT_EQ(dst.host<uint8_t>()[i], 0xCD) << "byte " << i;
+  EXPECT_EQ(dev->driver().device_error(), nullptr);
+}
+
 TEST(CudaKernels, ZeroLengthKernelsDoNothing) {
   FL_SKIP_WITHOUT_GPU();
   auto dev = make_cuda();
@@ -166,8 +300,8 @@ TEST(CudaKernels, HasEveryBasicKernelOfTheCpuDriver) {
   auto cuda = make_cuda();
   auto names = cuda->driver().pipeline_names();
   std::set<std::string> have(names.begin(), names.end());
-  for (const char* k : {"fill_f32", "copy_bytes", "copy_pinned", "add_f32", "scale_f32",
-                        "checksum_u32", "sleep_us", "trap"})
+  for (const char* k : {"fill_f32", "copy_bytes", "copy_pinned", "gather_rows", "add_f32",
+                        "scale_f32", "checksum_u32", "sleep_us", "trap"})
     EXPECT_TRUE(have.count(k)) << k;
   EXPECT_THROW(cuda->pipeline("no_such_kernel"), InvalidArgument);
 }
