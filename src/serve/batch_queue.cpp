@@ -554,7 +554,8 @@ void BatchQueue::run_batch(detail::Lane& lane) {
 }
 
 // Note [One batch]
-// Pack every input into the slot's pinned staging buffer, one asynchronous
+// Pack every input into the slot's pinned staging buffer (InputBuffer rows
+// excepted: Note [Inputs the device reads in place]), one asynchronous
 // copy into one [B, in] tensor, one forward, one asynchronous copy of
 // [B, out] back into pinned staging, then a fence (which commits). Any error
 // while launching (the model threw, a wrong output, a device failure) is

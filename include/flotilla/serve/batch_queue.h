@@ -17,7 +17,8 @@
 // request, then up to max_delay (by the clock, from the oldest request's
 // arrival) for company, up to max_batch; completes the expired ones; packs
 // the inputs into a pinned staging buffer (allocated once, pipeline_depth
-// per worker), copies them with one asynchronous copy into one [B, in]
+// per worker; InputBuffer rows are not packed but gathered by the device
+// where they are), copies them with one asynchronous copy into one [B, in]
 // tensor on its stream, runs one forward, copies [B, out] back with one
 // asynchronous copy into pinned staging, and takes a fence; when the fence
 // is reached it scatters the rows. With record_batches, the copies and the
