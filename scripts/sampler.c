@@ -120,8 +120,7 @@ __attribute__((destructor)) static void sampler_stop(void) {
   uintptr_t* keys = malloc(sizeof(uintptr_t) * (total ? total : 1));
   size_t m = 0;
   for (int i = 0; i < n; ++i)
-    for (int k = 0; k < samples[i].n; ++k)
-      keys[m++] = (uintptr_t)samples[i].pc[k] * 2 + (k > 0);
+    for (int k = 0; k < samples[i].n; ++k) keys[m++] = (uintptr_t)samples[i].pc[k] * 2 + (k > 0);
   qsort(keys, m, sizeof *keys, cmp_key);
   size_t u = 0;
   for (size_t i = 0; i < m; ++i)

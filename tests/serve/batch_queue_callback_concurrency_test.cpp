@@ -441,142 +441,62 @@ class GuardedPages {
   char* const base_;
 };
 
-// Borrowed inputs under workers: each client keeps a few buffers in flight
-// as BorrowedInputs (by callback or by handle) and rewrites a buffer with a
-// new input as soon as its request has completed (the callback ran, the
-// handle's get() returned, a cancel() returned true), then submits it
-// again. The queue may read a buffer only before its request completes, so
-// every output must be the model's for what the buffer held at submit().
-// Each buffer has a page of its own, sealed (PROT_NONE) from its request's
-// completion until the client rewrites it: a read after completion in that
-// window stops the test with SIGSEGV in any build, and a later one races
-// the client's rewrite, which TSan reports.
-TEST(BatchQueueCallbackConcurrency, BorrowedInputsAreReadOnlyBeforeTheirRequestsComplete) {
-  auto device = make_device();
-  const TinyModel tiny(*device, 8, 4);
-  const uint64_t seed = test_seed();
-  BatchQueueOptions o;
-  o.workers = 3;
-  o.max_batch = 8;
-  o.pipeline_depth = 2;
-  o.capacity = 4096;
-  BatchQueue q(*device, tiny.in(), tiny.out(), tiny.model(), o);
-  const int clients = 6, window = 4, per_client = scaled(400, 60);
-  const auto in = static_cast<size_t>(tiny.in());
-  std::atomic<int> wrong{0}, not_completed{0}, callbacks{0}, cancelled{0};
-  struct Slot {
-    std::span<float> buf;           // its own page of the client's GuardedPages
-    std::vector<double> ref;        // the model's output for what buf holds while in flight
-    std::atomic<bool> busy{false};  // in flight: its request has not completed
-  };
-  std::latch start(clients);
-  std::vector<std::thread> threads;
-  for (int t = 0; t < clients; ++t) {
-    threads.emplace_back([&, t] {
-      std::mt19937_64 rng(seed + static_cast<uint64_t>(t));
-      const GuardedPages pages(window);
-      std::vector<Slot> slots(window);
-      for (size_t k = 0; k < slots.size(); ++k) slots[k].buf = {pages.page(k), in};
-      const bool by_handle = t % 2 == 1;
-      std::vector<RequestHandle> handles(window);
-      // The request of slot k has completed and its page is sealed: let the
-      // queue's threads run a moment (a late read faults), then reuse it.
-      auto refill = [&](size_t k) {
-        std::this_thread::yield();
-        pages.open(k);
-        Slot& s = slots[k];
-        for (float& x : s.buf) x = std::uniform_real_distribution<float>(-1, 1)(rng);
-        s.ref = tiny.host_reference(s.buf);
-      };
-      start.arrive_and_wait();
-      for (int n = 0; n < per_client; ++n) {
-        const auto k = static_cast<size_t>(n % window);
-        Slot& s = slots[k];
-        if (by_handle) {
-          if (handles[k].valid()) {
-            std::vector<float> y;
-            if (outcome_of(handles[k], &y) != Outcome::kCompleted)
-              not_completed.fetch_add(1);
-            else if (max_rel_error(y, s.ref) > 1e-5)
-              wrong.fetch_add(1);
-            pages.seal(k);
-          }
-          refill(k);
-          handles[k] = q.submit(BorrowedInput(s.buf));
-          continue;
-        }
-        while (s.busy.load(std::memory_order_acquire)) std::this_thread::yield();
-        refill(k);
-        s.busy.store(true, std::memory_order_relaxed);
-        const uint64_t id = q.submit(BorrowedInput(s.buf), [&, k](const Completion& c) {
-          callbacks.fetch_add(1);
-          if (c.status == RequestStatus::kCancelled)
-            cancelled.fetch_add(1);
-          else if (c.status != RequestStatus::kCompleted)
-            not_completed.fetch_add(1);
-          else if (max_rel_error(c.output, s.ref) > 1e-5)
-            wrong.fetch_add(1);
-          pages.seal(k);  // completed: the queue must not read it any more
-          s.busy.store(false, std::memory_order_release);  // the client may rewrite s.buf now
-        });
-        // Now and then cancel it: if that succeeds, its callback has run and
-        // the buffer is the client's again at once.
-        if (rng() % 8 == 0 && q.cancel(id)) {
-          EXPECT_FALSE(s.busy.load(std::memory_order_acquire));
-        }
-      }
-      for (size_t k = 0; k < slots.size(); ++k) {
-        if (by_handle && handles[k].valid()) {
-          std::vector<float> y;
-          if (outcome_of(handles[k], &y) != Outcome::kCompleted)
-            not_completed.fetch_add(1);
-          else if (max_rel_error(y, slots[k].ref) > 1e-5)
-            wrong.fetch_add(1);
-        }
-        while (slots[k].busy.load(std::memory_order_acquire)) std::this_thread::yield();
-      }
-      // Every request of this client has completed: its buffers go, while
-      // the other clients' requests still run.
-    });
+// Where a client of the read-before-completion tests below keeps the
+// inputs of its `window` slots: a page of its own for each, sealed while
+// the queue must not read it (BorrowedInputs), or rows of an InputBuffer.
+class PagedInputs {
+ public:
+  PagedInputs(BatchQueue& q, size_t window)
+      : pages_(window), in_(static_cast<size_t>(q.in_features())) {}
+  std::span<float> row(size_t k) const { return {pages_.page(k), in_}; }
+  BorrowedInput input(size_t k) const { return BorrowedInput(row(k)); }
+  // The request of slot k has completed: a read of its page faults from now
+  // until the client opens it to write the next input (after letting the
+  // queue's threads run a moment).
+  void completed(size_t k) const { pages_.seal(k); }
+  void before_write(size_t k) const {
+    std::this_thread::yield();
+    pages_.open(k);
   }
-  for (auto& th : threads) th.join();
-  q.shutdown();
-  EXPECT_EQ(wrong.load(), 0);
-  EXPECT_EQ(not_completed.load(), 0);
-  const int by_callback = clients / 2 * per_client;
-  EXPECT_EQ(callbacks.load(), by_callback) << "every callback ran exactly once";
-  const auto m = q.metrics();
-  EXPECT_EQ(m.submitted, static_cast<uint64_t>(clients * per_client));
-  EXPECT_EQ(m.completed + m.cancelled, m.submitted);
-  EXPECT_EQ(m.cancelled, static_cast<uint64_t>(cancelled.load()));
-  std::printf("requests=%llu cancelled=%d batches=%llu mean_batch=%.2f\n",
-              static_cast<unsigned long long>(m.submitted), cancelled.load(),
-              static_cast<unsigned long long>(m.batches), m.mean_batch());
-}
 
-// InputBuffer rows under workers: as above, but each client's slots are rows
-// of its own InputBuffer, which the device reads in place while the batch
-// runs (Note [Inputs the device reads in place]). The client rewrites a row
-// as soon as its request has completed, so a read by the device after the
-// completion (a fence taken too early, a table entry left over from an
-// earlier batch) runs on the next values: a wrong output in any build, and
-// a race with the rewrite that TSan reports. Every request that ran must
-// have been read in place.
-TEST(BatchQueueCallbackConcurrency, InputBufferRowsAreReadOnlyBeforeTheirRequestsComplete) {
-  auto device = make_device();
-  const TinyModel tiny(*device, 8, 4);
+ private:
+  const GuardedPages pages_;
+  const size_t in_;
+};
+
+class BufferInputs {
+ public:
+  BufferInputs(BatchQueue& q, size_t window) : rows_(q.make_input_buffer(window)) {}
+  std::span<float> row(size_t k) { return rows_.row(k); }
+  BorrowedInput input(size_t k) const { return rows_.input(k); }
+  void completed(size_t) const {}
+  void before_write(size_t) const {}
+
+ private:
+  InputBuffer rows_;
+};
+
+struct ReadBeforeCompletion {
+  int wrong = 0, not_completed = 0, callbacks = 0, cancelled = 0;
+};
+
+// Clients under workers, each keeping `window` inputs in flight (Inputs: its
+// slots' memory) by callback (even clients) or by handle (odd ones), and
+// rewriting a slot with a new input as soon as its request has completed
+// (the callback ran, the handle's get() returned, a cancel() returned true),
+// then submitting it again; now and then a callback client cancels. The
+// queue may read an input only before its request completes, so every
+// output must be the model's for what the slot held at submit(): a read
+// after the rewrite gives a wrong output in any build, and one that races
+// the rewrite is reported by TSan. Returns the counts; checks that every
+// request completed once.
+template <typename Inputs>
+ReadBeforeCompletion clients_rewriting_completed_inputs(BatchQueue& q, const TinyModel& tiny,
+                                                        int clients, int window, int per_client) {
   const uint64_t seed = test_seed();
-  BatchQueueOptions o;
-  o.workers = 3;
-  o.max_batch = 8;
-  o.pipeline_depth = 2;
-  o.capacity = 4096;
-  o.record_batches = true;
-  BatchQueue q(*device, tiny.in(), tiny.out(), tiny.model(), o);
-  const int clients = 6, window = 4, per_client = scaled(400, 60);
   std::atomic<int> wrong{0}, not_completed{0}, callbacks{0}, cancelled{0};
   struct Slot {
-    std::vector<double> ref;        // the model's output for what the row holds while in flight
+    std::vector<double> ref;        // the model's output for what the slot holds while in flight
     std::atomic<bool> busy{false};  // in flight: its request has not completed
   };
   std::latch start(clients);
@@ -584,13 +504,14 @@ TEST(BatchQueueCallbackConcurrency, InputBufferRowsAreReadOnlyBeforeTheirRequest
   for (int t = 0; t < clients; ++t) {
     threads.emplace_back([&, t] {
       std::mt19937_64 rng(seed + static_cast<uint64_t>(t));
-      InputBuffer rows = q.make_input_buffer(window);
-      std::vector<Slot> slots(window);
+      Inputs inputs(q, static_cast<size_t>(window));
+      std::vector<Slot> slots(static_cast<size_t>(window));
       const bool by_handle = t % 2 == 1;
-      std::vector<RequestHandle> handles(window);
+      std::vector<RequestHandle> handles(static_cast<size_t>(window));
       auto refill = [&](size_t k) {
-        for (float& x : rows.row(k)) x = std::uniform_real_distribution<float>(-1, 1)(rng);
-        slots[k].ref = tiny.host_reference(rows.row(k));
+        inputs.before_write(k);
+        for (float& x : inputs.row(k)) x = std::uniform_real_distribution<float>(-1, 1)(rng);
+        slots[k].ref = tiny.host_reference(inputs.row(k));
       };
       auto check = [&](RequestHandle& h, size_t k) {
         std::vector<float> y;
@@ -604,15 +525,18 @@ TEST(BatchQueueCallbackConcurrency, InputBufferRowsAreReadOnlyBeforeTheirRequest
         const auto k = static_cast<size_t>(n % window);
         Slot& s = slots[k];
         if (by_handle) {
-          if (handles[k].valid()) check(handles[k], k);
+          if (handles[k].valid()) {
+            check(handles[k], k);
+            inputs.completed(k);
+          }
           refill(k);
-          handles[k] = q.submit(rows.input(k));
+          handles[k] = q.submit(inputs.input(k));
           continue;
         }
         while (s.busy.load(std::memory_order_acquire)) std::this_thread::yield();
         refill(k);
         s.busy.store(true, std::memory_order_relaxed);
-        const uint64_t id = q.submit(rows.input(k), [&, k](const Completion& c) {
+        const uint64_t id = q.submit(inputs.input(k), [&, k](const Completion& c) {
           callbacks.fetch_add(1);
           if (c.status == RequestStatus::kCancelled)
             cancelled.fetch_add(1);
@@ -620,8 +544,11 @@ TEST(BatchQueueCallbackConcurrency, InputBufferRowsAreReadOnlyBeforeTheirRequest
             not_completed.fetch_add(1);
           else if (max_rel_error(c.output, slots[k].ref) > 1e-5)
             wrong.fetch_add(1);
-          slots[k].busy.store(false, std::memory_order_release);  // the row is the client's again
+          inputs.completed(k);  // the queue must not read it any more
+          slots[k].busy.store(false, std::memory_order_release);  // the client may rewrite it now
         });
+        // If a cancel succeeds, its callback has run and the slot is the
+        // client's again at once.
         if (rng() % 8 == 0 && q.cancel(id)) {
           EXPECT_FALSE(s.busy.load(std::memory_order_acquire));
         }
@@ -630,23 +557,60 @@ TEST(BatchQueueCallbackConcurrency, InputBufferRowsAreReadOnlyBeforeTheirRequest
         if (by_handle && handles[k].valid()) check(handles[k], k);
         while (slots[k].busy.load(std::memory_order_acquire)) std::this_thread::yield();
       }
-      // Every request of this client has completed: its rows go, while the
-      // other clients' requests still run.
+      // Every request of this client has completed: its inputs go, while
+      // the other clients' requests still run.
     });
   }
   for (auto& th : threads) th.join();
   q.shutdown();
-  EXPECT_EQ(wrong.load(), 0);
-  EXPECT_EQ(not_completed.load(), 0);
   EXPECT_EQ(callbacks.load(), clients / 2 * per_client) << "every callback ran exactly once";
   const auto m = q.metrics();
   EXPECT_EQ(m.submitted, static_cast<uint64_t>(clients * per_client));
   EXPECT_EQ(m.completed + m.cancelled, m.submitted);
   EXPECT_EQ(m.cancelled, static_cast<uint64_t>(cancelled.load()));
-  EXPECT_EQ(m.read_in_place, m.completed) << "every request that ran was read in place";
   std::printf("requests=%llu cancelled=%d batches=%llu mean_batch=%.2f\n",
               static_cast<unsigned long long>(m.submitted), cancelled.load(),
               static_cast<unsigned long long>(m.batches), m.mean_batch());
+  return {wrong.load(), not_completed.load(), callbacks.load(), cancelled.load()};
+}
+
+BatchQueueOptions three_workers(bool record) {
+  BatchQueueOptions o;
+  o.workers = 3;
+  o.max_batch = 8;
+  o.pipeline_depth = 2;
+  o.capacity = 4096;
+  o.record_batches = record;
+  return o;
+}
+
+// Borrowed inputs (Note [Borrowed inputs]), each on a page of its own that
+// is sealed (PROT_NONE) from its request's completion until the client
+// rewrites it: a read after completion in that window stops the test with
+// SIGSEGV in any build, and a later one races the client's rewrite.
+TEST(BatchQueueCallbackConcurrency, BorrowedInputsAreReadOnlyBeforeTheirRequestsComplete) {
+  auto device = make_device();
+  const TinyModel tiny(*device, 8, 4);
+  BatchQueue q(*device, tiny.in(), tiny.out(), tiny.model(), three_workers(false));
+  const auto r = clients_rewriting_completed_inputs<PagedInputs>(q, tiny, 6, 4, scaled(400, 60));
+  EXPECT_EQ(r.wrong, 0);
+  EXPECT_EQ(r.not_completed, 0);
+}
+
+// InputBuffer rows, which the device reads in place while the batch runs
+// (Note [Inputs the device reads in place]), recorded: a read by the
+// device after the completion (a fence taken too early, a table entry left
+// over from an earlier batch) runs on the next values. Every request that
+// ran must have been read in place.
+TEST(BatchQueueCallbackConcurrency, InputBufferRowsAreReadOnlyBeforeTheirRequestsComplete) {
+  auto device = make_device();
+  const TinyModel tiny(*device, 8, 4);
+  BatchQueue q(*device, tiny.in(), tiny.out(), tiny.model(), three_workers(true));
+  const auto r = clients_rewriting_completed_inputs<BufferInputs>(q, tiny, 6, 4, scaled(400, 60));
+  EXPECT_EQ(r.wrong, 0);
+  EXPECT_EQ(r.not_completed, 0);
+  const auto m = q.metrics();
+  EXPECT_EQ(m.read_in_place, m.completed) << "every request that ran was read in place";
 }
 
 // The header promises that a refusal's callback runs in submit() itself, and

@@ -166,18 +166,29 @@ TEST(CliBatching, BadOptionsEndWithOneLine) {
   }
 }
 
-TEST(CliBatching, BenchAddsABatchingSeries) {
-  const auto dir =
-      std::filesystem::temp_directory_path() / ("fl_bench_batching_" + std::to_string(::getpid()));
-  const auto r = run_cli(
-      "bench --batching --threads-list 1,4 --batches 1 --archs pool "
-      "--seconds-per-point 0.2 --no-plot --out '" +
-          dir.string() + "'",
-      "2>/dev/null");
-  ASSERT_EQ(r.exit_code, 0) << r.out;
+// Runs `flotilla bench ARGS --no-plot --out DIR` into a fresh directory:
+// `r` gets its exit code (checked: 0) and its table; returns its bench.json
+// (null if it wrote none, which fails the test too).
+nlohmann::json run_bench(const std::string& name, const std::string& args, Result& r) {
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("fl_bench_" + name + "_" + std::to_string(::getpid()));
+  r = run_cli("bench " + args + " --no-plot --out '" + dir.string() + "'", "2>/dev/null");
   std::ifstream in(dir / "bench.json");
-  const auto j = nlohmann::json::parse(in);
+  nlohmann::json j =
+      in ? nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false) : nlohmann::json();
   std::filesystem::remove_all(dir);
+  EXPECT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_TRUE(j.is_object()) << "no bench.json from: bench " << args;
+  return j;
+}
+
+TEST(CliBatching, BenchAddsABatchingSeries) {
+  Result r;
+  const auto j = run_bench("batching",
+                           "--batching --threads-list 1,4 --batches 1 --archs pool "
+                           "--seconds-per-point 0.2",
+                           r);
+  ASSERT_TRUE(j.is_object());
   EXPECT_EQ(j["batching"], true);
   int pool = 0, batching = 0;
   for (const auto& p : j["points"]) {
@@ -200,19 +211,13 @@ TEST(CliBatching, BenchAddsABatchingSeries) {
 // bench.json says which points used callbacks (and borrowed inputs), and so
 // does the table.
 TEST(CliBatching, BenchWithCallbacksRunsTheBatchingSeriesThroughCallbacks) {
-  const auto dir =
-      std::filesystem::temp_directory_path() / ("fl_bench_callbacks_" + std::to_string(::getpid()));
-  const auto r = run_cli(
-      "bench --backend cpu --batching --callbacks --window 4 --borrow-inputs --threads-list 1,2 "
-      "--batches 1 --archs pool --max-batch 8 --queue-workers 1 --seconds-per-point 0.2 "
-      "--no-plot --out '" +
-          dir.string() + "'",
-      "2>/dev/null");
-  ASSERT_EQ(r.exit_code, 0) << r.out;
-  std::ifstream in(dir / "bench.json");
-  ASSERT_TRUE(in) << "no bench.json in " << dir;
-  const auto j = nlohmann::json::parse(in);
-  std::filesystem::remove_all(dir);
+  Result r;
+  const auto j = run_bench(
+      "callbacks",
+      "--backend cpu --batching --callbacks --window 4 --borrow-inputs --threads-list 1,2 "
+      "--batches 1 --archs pool --max-batch 8 --queue-workers 1 --seconds-per-point 0.2",
+      r);
+  ASSERT_TRUE(j.is_object());
   EXPECT_EQ(j["batching"], true);
   EXPECT_EQ(j["callbacks"], true) << "the batching series used callbacks";
   EXPECT_EQ(j["borrow_inputs"], true) << "and borrowed its inputs";
@@ -246,17 +251,13 @@ TEST(CliBatching, BenchWithCallbacksRunsTheBatchingSeriesThroughCallbacks) {
 // --pinned-inputs: the batching series reads its inputs from an InputBuffer;
 // bench.json says so and the table names the series "+pinned".
 TEST(CliBatching, BenchWithPinnedInputsLabelsItsSeries) {
-  const auto dir =
-      std::filesystem::temp_directory_path() / ("fl_bench_pinned_" + std::to_string(::getpid()));
-  const auto r = run_cli(
-      "bench --backend cpu --batching --pinned-inputs --threads-list 1,2 --batches 1 --archs pool "
-      "--max-batch 8 --queue-workers 1 --seconds-per-point 0.2 --no-plot --out '" +
-          dir.string() + "'",
-      "2>/dev/null");
-  ASSERT_EQ(r.exit_code, 0) << r.out;
-  std::ifstream in(dir / "bench.json");
-  ASSERT_TRUE(in) << "no bench.json in " << dir;
-  const auto j = nlohmann::json::parse(in);
+  Result r;
+  const auto j =
+      run_bench("pinned",
+                "--backend cpu --batching --pinned-inputs --threads-list 1,2 --batches 1 "
+                "--archs pool --max-batch 8 --queue-workers 1 --seconds-per-point 0.2",
+                r);
+  ASSERT_TRUE(j.is_object());
   EXPECT_EQ(j["pinned_inputs"], true);
   int batching = 0;
   for (const auto& p : j["points"]) {
@@ -268,7 +269,6 @@ TEST(CliBatching, BenchWithPinnedInputsLabelsItsSeries) {
   }
   EXPECT_EQ(batching, 2);
   EXPECT_NE(r.out.find("batching+pinned"), std::string::npos) << r.out;
-  std::filesystem::remove_all(dir);
 }
 
 }  // namespace
