@@ -2,6 +2,8 @@
 // README stays true.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include "flotilla/flotilla.h"
 
 namespace flotilla {
@@ -29,6 +31,15 @@ TEST(ReadmeExample, RunsAsWritten) {
   ASSERT_EQ(row.size(), out.size());
   for (size_t i = 0; i < out.size(); ++i)
     EXPECT_NEAR(row[i], out[i], 1e-5f * (1 + std::abs(out[i])));
+  std::vector<float> row2 = queue.submit(serve::BorrowedInput(input)).get();
+  serve::InputBuffer rows = queue.make_input_buffer(64);
+  std::copy(input.begin(), input.end(), rows.row(0).begin());
+  std::vector<float> row3 = queue.submit(rows.input(0)).get();
+  for (const auto* r : {&row2, &row3}) {
+    ASSERT_EQ(r->size(), out.size());
+    for (size_t i = 0; i < out.size(); ++i)
+      EXPECT_NEAR((*r)[i], out[i], 1e-5f * (1 + std::abs(out[i])));
+  }
 
   Event done(dev);
   done.record(s);
