@@ -191,7 +191,8 @@ struct Lane {
   DeviceShareClaim share;
   const backend::Pipeline* copy = nullptr;        // the driver's "copy_bytes"
   const backend::Pipeline* copy_small = nullptr;  // its "copy_pinned" (Note [One batch])
-  const backend::Pipeline* gather = nullptr;  // its "gather_rows" (Note [Inputs the device ...])
+  // Its "gather_rows" (Note [Inputs the device reads in place]).
+  const backend::Pipeline* gather = nullptr;
   const backend::Pipeline& copy_for(size_t bytes) const {
     return bytes <= kSmallCopyBytes ? *copy_small : *copy;
   }
