@@ -194,82 +194,8 @@ TEST(CudaConcurrency, EventsHandedBetweenThreadsOrderTheirStreams) {
   EXPECT_EQ(tally.checks.load(), static_cast<uint64_t>(kPairs * kRounds));
 }
 
-// Recorded batches on CUDA (CUDA graphs; Note [Recorded batches]): many
-// clients, several workers each recording on its own stream while the
-// others replay, batches of every size; every output equals the eager
-// batch-1 forward. Would catch: a graph reading another slot's staging, a
-// capture picking up another thread's work, memory a graph writes being
-// handed out again, padding rows leaking.
-TEST(CudaServe, RecordedBatchesOfTheSeedMlpEqualUnbatched) {
-  FL_SKIP_WITHOUT_GPU();
-  auto dev = Device::create("cuda", 0, Config::from_env());
-  Stream up = dev->default_stream();
-  const nn::Mlp mlp(nn::MlpWeights::seed(), DType::kF32, up);
-  const int64_t in = mlp.in_features(), out = mlp.out_features();
-  constexpr int kInputs = 64;
-  std::vector<std::vector<float>> xs, refs;
-  for (int i = 0; i < kInputs; ++i) {
-    xs.push_back(nn::random_uniform(static_cast<size_t>(in), 500 + i));
-    Tensor x = Tensor::from_host(xs.back(), {1, in}, DType::kF32, up);
-    refs.push_back(mlp.forward(up, x).to_host(up));
-  }
-  std::atomic<uint64_t> wrong{0}, done{0};
-  {
-    serve::BatchQueueOptions o;
-    o.workers = 3;
-    o.max_batch = 64;
-    o.pipeline_depth = 2;
-    o.record_batches = true;
-    o.capacity = 4096;
-    o.when_full = serve::OverflowPolicy::kBlock;
-    serve::BatchQueue q(
-        *dev, in, out, [&mlp](const Stream& s, const Tensor& x) { return mlp.forward(s, x); }, o);
-    // BatchQueueOptions::device_share 0: the queue claims a third of the
-    // device on each of its 3 workers' streams (GEMMs of 64 to 512 rows are
-    // planned for it; the batches here are mostly smaller).
-    for (const Stream& s : q.streams()) EXPECT_EQ(s.device_share(), 3);
-    std::vector<std::thread> clients;
-    for (int c = 0; c < 16; ++c)
-      clients.emplace_back([&, c] {
-        std::mt19937 rng(static_cast<unsigned>(c));
-        for (int round = 0; round < 60; ++round) {
-          // Windows of 1..24 requests: batch sizes vary across all buckets.
-          const int window = 1 + static_cast<int>(rng() % 24);
-          std::vector<std::pair<int, serve::RequestHandle>> hs;
-          for (int k = 0; k < window; ++k) {
-            const int i = static_cast<int>(rng() % kInputs);
-            hs.emplace_back(i, q.submit(xs[static_cast<size_t>(i)]));
-          }
-          for (auto& [i, h] : hs) {
-            std::vector<float> y;
-            try {
-              y = h.get();
-            } catch (...) {
-              wrong.fetch_add(1);
-              continue;
-            }
-            const auto& ref = refs[static_cast<size_t>(i)];
-            double worst = 0;
-            for (size_t k = 0; k < y.size(); ++k)
-              worst = std::max(worst, std::abs(static_cast<double>(y[k]) - ref[k]) /
-                                          std::max(1e-3, std::abs(static_cast<double>(ref[k]))));
-            if (y.size() != ref.size() || worst > 1e-4) wrong.fetch_add(1);
-            done.fetch_add(1);
-          }
-        }
-      });
-    for (auto& t : clients) t.join();
-    const auto m = q.metrics();
-    std::printf("recorded batches: %llu requests, mean batch %.2f\n",
-                static_cast<unsigned long long>(m.completed), m.mean_batch());
-  }
-  EXPECT_EQ(wrong.load(), 0u);
-  EXPECT_GT(done.load(), 0u);
-  EXPECT_EQ(dev->allocator().stats().held_bytes, 0u);  // the queue's recordings are gone
-}
-
 // A model and inputs with their unbatched (batch-1, eager) outputs, for the
-// InputBuffer tests below.
+// CudaServe tests below.
 struct Reference {
   Reference(Device& dev, const nn::MlpWeights& w, int inputs, uint64_t seed)
       : mlp(w, DType::kF32, dev.default_stream()), in(mlp.in_features()), out(mlp.out_features()) {
@@ -310,6 +236,73 @@ struct Reference {
   int64_t in, out;
   std::vector<std::vector<float>> xs, refs;
 };
+
+// Recorded batches on CUDA (CUDA graphs; Note [Recorded batches]): many
+// clients, several workers each recording on its own stream while the
+// others replay, batches of every size; every output equals the eager
+// batch-1 forward. Would catch: a graph reading another slot's staging, a
+// capture picking up another thread's work, memory a graph writes being
+// handed out again, padding rows leaking.
+TEST(CudaServe, RecordedBatchesOfTheSeedMlpEqualUnbatched) {
+  FL_SKIP_WITHOUT_GPU();
+  auto dev = Device::create("cuda", 0, Config::from_env());
+  constexpr int kInputs = 64;
+  const Reference ref(*dev, nn::MlpWeights::seed(), kInputs, 500);
+  const auto& xs = ref.xs;
+  const auto& refs = ref.refs;
+  std::atomic<uint64_t> wrong{0}, done{0};
+  {
+    serve::BatchQueueOptions o;
+    o.workers = 3;
+    o.max_batch = 64;
+    o.pipeline_depth = 2;
+    o.record_batches = true;
+    o.capacity = 4096;
+    o.when_full = serve::OverflowPolicy::kBlock;
+    serve::BatchQueue q(*dev, ref.in, ref.out, ref.model(), o);
+    // BatchQueueOptions::device_share 0: the queue claims a third of the
+    // device on each of its 3 workers' streams (GEMMs of 64 to 512 rows are
+    // planned for it; the batches here are mostly smaller).
+    for (const Stream& s : q.streams()) EXPECT_EQ(s.device_share(), 3);
+    std::vector<std::thread> clients;
+    for (int c = 0; c < 16; ++c)
+      clients.emplace_back([&, c] {
+        std::mt19937 rng(static_cast<unsigned>(c));
+        for (int round = 0; round < 60; ++round) {
+          // Windows of 1..24 requests: batch sizes vary across all buckets.
+          const int window = 1 + static_cast<int>(rng() % 24);
+          std::vector<std::pair<int, serve::RequestHandle>> hs;
+          for (int k = 0; k < window; ++k) {
+            const int i = static_cast<int>(rng() % kInputs);
+            hs.emplace_back(i, q.submit(xs[static_cast<size_t>(i)]));
+          }
+          for (auto& [i, h] : hs) {
+            std::vector<float> y;
+            try {
+              y = h.get();
+            } catch (...) {
+              wrong.fetch_add(1);
+              continue;
+            }
+            const auto& want = refs[static_cast<size_t>(i)];
+            double worst = 0;
+            for (size_t k = 0; k < y.size(); ++k)
+              worst = std::max(worst, std::abs(static_cast<double>(y[k]) - want[k]) /
+                                          std::max(1e-3, std::abs(static_cast<double>(want[k]))));
+            if (y.size() != want.size() || worst > 1e-4) wrong.fetch_add(1);
+            done.fetch_add(1);
+          }
+        }
+      });
+    for (auto& t : clients) t.join();
+    const auto m = q.metrics();
+    std::printf("recorded batches: %llu requests, mean batch %.2f\n",
+                static_cast<unsigned long long>(m.completed), m.mean_batch());
+  }
+  EXPECT_EQ(wrong.load(), 0u);
+  EXPECT_GT(done.load(), 0u);
+  EXPECT_EQ(dev->allocator().stats().held_bytes, 0u);  // the queue's recordings are gone
+}
 
 // InputBuffer rows on CUDA (Note [Inputs the device reads in place]), in
 // manual mode, eager and recorded: batches of 1, 3, 8, 9, 64 and 200 that
