@@ -219,12 +219,13 @@ void QueueCore::insert_fifo(std::shared_ptr<Request> r) {
   if (r->deadline != Clock::kNever) deadlines_.emplace(r->deadline, r->id);
   if (fifo_.empty() || fifo_.back()->id < r->id) {
     fifo_.push_back(std::move(r));
-    return;
+  } else {
+    // Overtaken between its id and its push (Note [Inbox]): rare, and near the back.
+    auto it = fifo_.end();
+    while (it != fifo_.begin() && (*(it - 1))->id > r->id) --it;
+    fifo_.insert(it, std::move(r));
   }
-  // Overtaken between its id and its push (Note [Inbox]): rare, and near the back.
-  auto it = fifo_.end();
-  while (it != fifo_.begin() && (*(it - 1))->id > r->id) --it;
-  fifo_.insert(it, std::move(r));
+  fifo_changed();
 }
 
 void QueueCore::take_inbox() {
@@ -286,6 +287,64 @@ void QueueCore::splice(Request* oldest, bool counted) {
     detached_.fetch_sub(1, std::memory_order_seq_cst);
     if (quiesce_.load(std::memory_order_seq_cst) > 0) splice_cv_.notify_all();
   }
+}
+
+bool QueueCore::take_direct(Request* oldest, Batch& batch, Clock::time_point now, bool force) {
+  // Note [Batches straight from the inbox]
+  if (fifo_hint_.load(std::memory_order_relaxed) != 0 ||
+      stopping_hint_.load(std::memory_order_acquire))
+    return false;
+  const auto max_batch = static_cast<size_t>(options_.max_batch);
+  size_t n = 0;
+  Clock::time_point first = Clock::kNever;
+  for (const Request* r = oldest; r != nullptr; r = r->inbox_next) {
+    if (++n > max_batch || r->deadline != Clock::kNever) return false;
+    first = std::min(first, r->enqueued);
+  }
+  if (!force && n < max_batch && now < first + options_.max_delay) return false;
+  batch.requests.clear();
+  batch.picked_at = now;
+  bool in_order = true;
+  uint64_t last = 0;
+  for (Request* r = oldest; r != nullptr;) {
+    Request* const next = r->inbox_next;
+    r->inbox_next = nullptr;
+    // A detached request is in neither the FIFO nor the deadline set, where
+    // cancel, expiry and shutdown(kCancel) look: it is kQueued, and this is
+    // the one move out of it.
+    const bool won = r->move(RequestStatus::kQueued, RequestStatus::kRunning);
+    FL_INTERNAL_CHECK(won, "request ", r->id, " taken from the inbox was not queued");
+    in_order = in_order && r->id > last;
+    last = r->id;
+    batch.requests.push_back(std::move(r->inbox_ref));
+    r = next;
+  }
+  // Overtaken between its id and its push (Note [Inbox]): the batch keeps id order.
+  if (!in_order)
+    std::sort(batch.requests.begin(), batch.requests.end(),
+              [](const auto& a, const auto& b) { return a->id < b->id; });
+  // queued_ counts these still: how many were queued at once.
+  const size_t depth = queued_.load(std::memory_order_relaxed);
+  size_t seen = max_queued_.load(std::memory_order_relaxed);
+  while (depth > seen &&
+         !max_queued_.compare_exchange_weak(seen, depth, std::memory_order_relaxed)) {
+  }
+  // seq_cst, both: a kBlock submitter raises blocked_hint_ and then looks at
+  // queued_; one of the two sees the other, and a submitter that may have
+  // missed this room is woken under mu_, where it waits.
+  queued_.fetch_sub(n, std::memory_order_seq_cst);
+  if (blocked_hint_.load(std::memory_order_seq_cst) > 0) {
+    MutexLock lock(mu_);
+    room_made();
+  }
+  // Note [Inbox walks outside the lock]: a cancel() waiting for detached
+  // lists waits under mu_, so it is woken under mu_ too.
+  detached_.fetch_sub(1, std::memory_order_seq_cst);
+  if (quiesce_.load(std::memory_order_seq_cst) > 0) {
+    MutexLock lock(mu_);
+    splice_cv_.notify_all();
+  }
+  return true;
 }
 
 void QueueCore::take_everything() {
@@ -383,17 +442,20 @@ void QueueCore::submit_slow(const std::shared_ptr<Request>& r, Clock::time_point
           "callback on a worker, or in step()): waiting for room there could wait for itself, "
           "so it does not wait (OverflowPolicy::kBlock applies to other threads); submit from "
           "another thread, or raise capacity");
-    ++blocked_;
+    set_blocked(blocked_ + 1);
     bool room = false;
     for (;;) {
+      // seq_cst, as the count of blocked submitters above: a take_direct()
+      // that made room either is seen here or sees them (Note [Batches
+      // straight from the inbox]).
       const bool ok = clock_->wait_until(mu_, space_cv_, deadline, [&]() FL_REQUIRES(mu_) {
-        return stopping_ || queued_.load(std::memory_order_relaxed) < options_.capacity;
+        return stopping_ || queued_.load(std::memory_order_seq_cst) < options_.capacity;
       });
       if (!ok || stopping_) break;
       room = reserve_room();
       if (room) break;  // else a fast-path submit took the room first: wait on
     }
-    --blocked_;
+    set_blocked(blocked_ - 1);
     take_inbox();
     r->enqueued = clock_->now();
     if (stopping_) {
@@ -443,6 +505,7 @@ std::shared_ptr<Request> QueueCore::remove(uint64_t id) {
 std::shared_ptr<Request> QueueCore::remove(std::deque<std::shared_ptr<Request>>::iterator it) {
   std::shared_ptr<Request> r = std::move(*it);
   fifo_.erase(it);
+  fifo_changed();
   left_fifo(1);
   if (r->deadline != Clock::kNever) deadlines_.erase({r->deadline, r->id});
   return r;
@@ -526,6 +589,7 @@ void QueueCore::pick(Batch& batch, Clock::time_point now) {
     FL_INTERNAL_CHECK(won, "request ", r->id, " in the FIFO was not queued");
     batch.requests.push_back(std::move(r));
   }
+  fifo_changed();
   // Once for the batch: queued_ is the line every submitter changes, and
   // each change here would be a cache miss with the lock held.
   left_fifo(taken);
@@ -658,6 +722,12 @@ bool QueueCore::take_ready_body(Batch& batch, bool force) {
   // Note [Inbox walks outside the lock]
   bool counted = false;
   Request* const detached = detach_inbox(counted);
+  if (detached != nullptr && take_direct(detached, batch, now, force)) return true;
+  // Nothing taken and nothing in the FIFO (so no deadline to expire): no
+  // lock to take either.
+  if (!counted && fifo_hint_.load(std::memory_order_relaxed) == 0 &&
+      !stopping_hint_.load(std::memory_order_acquire))
+    return false;
   MutexLock lock(mu_, kSpinFirst);
   splice(detached, counted);
   take_inbox();  // what arrived since, or all of it if a cancel held detaching off
@@ -714,6 +784,7 @@ void QueueCore::stop(ShutdownMode mode) {
 void QueueCore::stop_body(ShutdownMode mode) {
   MutexLock lock(mu_);
   stopping_ = true;
+  stopping_hint_.store(true, std::memory_order_release);
   // Close the inbox and take what it holds: later pushes fail and take the
   // slow path, which sees stopping_ (Note [Inbox]).
   move_to_fifo(inbox_head_.exchange(kInboxClosed, std::memory_order_seq_cst));
@@ -726,6 +797,7 @@ void QueueCore::stop_body(ShutdownMode mode) {
       fifo_.pop_front();
       cancel_on_shutdown(std::move(r));
     }
+    fifo_changed();
     deadlines_.clear();
   }
   bump_events();
@@ -764,7 +836,7 @@ void QueueCore::fill(BatchQueueMetrics& m) const {
   m.max_batch = options_.max_batch;
   m.workers = options_.workers;
   m.depth = queued_.load(std::memory_order_relaxed);  // the FIFO and the inbox
-  m.max_depth = max_depth_;
+  m.max_depth = std::max(max_depth_, max_queued_.load(std::memory_order_relaxed));
   m.submitted = next_id_.load(std::memory_order_relaxed) - 1;
   recorder_.fill(m);  // lock order: mu_, then the recorder's leaf mutex
 }

@@ -369,6 +369,12 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   // Puts the requests detach_inbox() returned into the FIFO (or, after
   // shutdown(kCancel), cancels them), then lowers detached_ if `counted`.
   void splice(Request* oldest, bool counted) FL_REQUIRES(mu_);
+  // Note [Batches straight from the inbox]: makes `batch` of the whole list
+  // detach_inbox() returned (counted), without mu_, when nothing else is
+  // queued and the list is a ready batch of requests without deadlines;
+  // false (the list untouched) otherwise.
+  bool take_direct(Request* oldest, Batch& batch, Clock::time_point now, bool force)
+      FL_EXCLUDES(mu_);
   // For a caller that needs every queued request in the FIFO (cancel):
   // stops new detaches, waits for the ones under way, and takes the inbox.
   void take_everything() FL_REQUIRES(mu_);
@@ -392,6 +398,14 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   std::shared_ptr<Request> remove(std::deque<std::shared_ptr<Request>>::iterator it)
       FL_REQUIRES(mu_);
   void room_made() FL_REQUIRES(mu_);
+  // After every change to the FIFO: its size for take_direct().
+  void fifo_changed() FL_REQUIRES(mu_) {
+    fifo_hint_.store(fifo_.size(), std::memory_order_relaxed);
+  }
+  void set_blocked(int n) FL_REQUIRES(mu_) {
+    blocked_ = n;
+    blocked_hint_.store(n, std::memory_order_seq_cst);
+  }
   void set_leader(bool on) FL_REQUIRES(mu_) {
     leader_ = on;
     leader_hint_.store(on, std::memory_order_release);
@@ -439,6 +453,14 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   CondVar splice_cv_;  // detached_ fell while quiesce_ was raised
   // shutdown(kCancel) began: a detached list is cancelled as it is spliced.
   bool cancel_on_splice_ FL_GUARDED_BY(mu_) = false;
+  // Copies for take_direct(), which runs without mu_ (Note [Batches
+  // straight from the inbox]); each written under mu_ with what it copies.
+  std::atomic<size_t> fifo_hint_{0};        // fifo_.size()
+  std::atomic<bool> stopping_hint_{false};  // stopping_
+  std::atomic<int> blocked_hint_{0};        // blocked_ (seq_cst: see take_direct)
+  // The most requests queued at once that take_direct() saw (queued_ as it
+  // took a list); max_depth reports the larger of this and max_depth_.
+  std::atomic<size_t> max_queued_{0};
   std::atomic<uint64_t> next_id_{1};  // every submit takes one: submitted = next_id_ - 1
   // Requests queued (FIFO + inbox); reserve_room() keeps it <= capacity.
   std::atomic<size_t> queued_{0};
