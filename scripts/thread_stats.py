@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 # Per-thread-group CPU and context switches of a flotilla run (docs/PERF.md,
 # "Where a worker's time goes"). Usage: thread_stats.py MODE -- flotilla run ...
+# Cores: CPU time; runnable: time waiting on a run queue (schedstat), per second.
 # MODE: base; nice5 / nice19 (client threads at that nice value); wnice (workers
 # and CUDA completion threads at nice -10); fifo (workers SCHED_FIFO, needs the
 # privilege). Samples /proc over [1.0, 2.5] s after the 64th client thread starts.
@@ -32,7 +33,9 @@ def sample():
             v = int(re.search(r'^voluntary_ctxt_switches:\s+(\d+)', s, re.M).group(1))
             nv = int(re.search(r'^nonvoluntary_ctxt_switches:\s+(\d+)', s, re.M).group(1))
         except Exception: continue
-        d[t] = (name, cpu, v, nv)
+        try: rq = int(open(f'{base}/{t}/schedstat').read().split()[1]) / 1e9
+        except Exception: rq = 0.0
+        d[t] = (name, cpu, v, nv, rq)
     return d
 done = set()
 t0 = time.time()
@@ -57,8 +60,9 @@ out = p.stdout.read(); p.wait()
 agg = {}
 for t in b:
     if t not in a: continue
-    g = group(b[t][0]); e = agg.setdefault(g, [0, 0.0, 0, 0])
+    g = group(b[t][0]); e = agg.setdefault(g, [0, 0.0, 0, 0, 0.0])
     e[0] += 1; e[1] += b[t][1]-a[t][1]; e[2] += b[t][2]-a[t][2]; e[3] += b[t][3]-a[t][3]
+    e[4] += b[t][4]-a[t][4]
 dt = tb - ta
 r = None
 for l in out.splitlines():
@@ -66,5 +70,5 @@ for l in out.splitlines():
 line = f'{mode:7s} '
 if r: line += f"rps {r['requests_per_s']/1e3:.1f}k p99 {r['p99_us']:.0f} mb {r.get('mean_batch',0):.1f} wrong {r['wrong_results']} err {r['errors']} |"
 for g, e in sorted(agg.items()):
-    line += f" {g}: n{e[0]} cores {e[1]/dt:.2f} vol/s {e[2]/dt/1e3:.1f}k inv/s {e[3]/dt/1e3:.1f}k;"
+    line += f" {g}: n{e[0]} cores {e[1]/dt:.2f} runnable {e[4]/dt:.2f} vol/s {e[2]/dt/1e3:.1f}k inv/s {e[3]/dt/1e3:.1f}k;"
 print(line, flush=True)

@@ -96,10 +96,14 @@ void Request::wait_done() const {
 namespace {
 std::atomic<void (*)()> g_before_push{nullptr};   // set_before_push_hook_for_testing
 std::atomic<void (*)()> g_after_detach{nullptr};  // set_after_detach_hook_for_testing
+std::atomic<void (*)()> g_room_refused{nullptr};  // set_room_refused_hook_for_testing
+std::atomic<void (*)()> g_took_direct{nullptr};   // set_took_direct_hook_for_testing
 }  // namespace
 
 void set_before_push_hook_for_testing(void (*hook)()) { g_before_push.store(hook); }
 void set_after_detach_hook_for_testing(void (*hook)()) { g_after_detach.store(hook); }
+void set_room_refused_hook_for_testing(void (*hook)()) { g_room_refused.store(hook); }
+void set_took_direct_hook_for_testing(void (*hook)()) { g_took_direct.store(hook); }
 
 QueueCore::QueueCore(const BatchQueueOptions& options, std::shared_ptr<Clock> clock,
                      size_t out_features)
@@ -193,6 +197,14 @@ bool QueueCore::reserve_room() {
   while (q < options_.capacity) {
     if (queued_.compare_exchange_weak(q, q + 1, std::memory_order_relaxed)) return true;
   }
+  return false;
+}
+
+bool QueueCore::reserve_room_fast() {
+  // Note [Room in one step]
+  if (queued_.fetch_add(1, std::memory_order_relaxed) < options_.capacity) return true;
+  if (auto* hook = g_room_refused.load(std::memory_order_relaxed)) hook();
+  queued_.fetch_sub(1, std::memory_order_relaxed);
   return false;
 }
 
@@ -302,6 +314,7 @@ bool QueueCore::take_direct(Request* oldest, Batch& batch, Clock::time_point now
     first = std::min(first, r->enqueued);
   }
   if (!force && n < max_batch && now < first + options_.max_delay) return false;
+  if (auto* hook = g_took_direct.load(std::memory_order_relaxed)) hook();
   batch.requests.clear();
   batch.picked_at = now;
   bool in_order = true;
@@ -324,7 +337,8 @@ bool QueueCore::take_direct(Request* oldest, Batch& batch, Clock::time_point now
     std::sort(batch.requests.begin(), batch.requests.end(),
               [](const auto& a, const auto& b) { return a->id < b->id; });
   // queued_ counts these still: how many were queued at once.
-  const size_t depth = queued_.load(std::memory_order_relaxed);
+  const size_t depth = std::min(queued_.load(std::memory_order_relaxed),
+                                options_.capacity);  // Note [Room in one step]
   size_t seen = max_queued_.load(std::memory_order_relaxed);
   while (depth > seen &&
          !max_queued_.compare_exchange_weak(seen, depth, std::memory_order_relaxed)) {
@@ -382,7 +396,7 @@ void QueueCore::submit(const std::shared_ptr<Request>& r) {
   const Clock::time_point now = clock_->now();
   r->enqueued = now;
   // The fast path (Note [Inbox]): room, a live queue and a future deadline.
-  if (r->deadline > now && reserve_room()) {
+  if (r->deadline > now && reserve_room_fast()) {
     r->id = next_id_.fetch_add(1, std::memory_order_relaxed);
     if (auto* hook = g_before_push.load(std::memory_order_relaxed)) hook();
     if (push_inbox(r)) {
@@ -835,7 +849,9 @@ void QueueCore::fill(BatchQueueMetrics& m) const {
   m.capacity = options_.capacity;
   m.max_batch = options_.max_batch;
   m.workers = options_.workers;
-  m.depth = queued_.load(std::memory_order_relaxed);  // the FIFO and the inbox
+  // The FIFO, the inbox and the lists workers took from it; a submit's
+  // moment over capacity is not a queued request (Note [Room in one step]).
+  m.depth = std::min(queued_.load(std::memory_order_relaxed), options_.capacity);
   m.max_depth = std::max(max_depth_, max_queued_.load(std::memory_order_relaxed));
   m.submitted = next_id_.load(std::memory_order_relaxed) - 1;
   recorder_.fill(m);  // lock order: mu_, then the recorder's leaf mutex

@@ -6,11 +6,13 @@
 // Each Request has an atomic status. It is made kQueued (or, when refused at
 // submit, already final). Leaving kQueued is a compare-and-swap to kRunning
 // (a worker picked it), kCancelled (its handle or shutdown(kCancel)) or
-// kExpired (its deadline), and every such move is made under the core's
-// mutex together with removing the request from the FIFO and the deadline
-// set: so the FIFO holds exactly the kQueued requests, and the depth is
-// exact. Leaving kRunning is a compare-and-swap to kCompleted or kFailed by
-// the worker that picked it. Whoever wins a swap is the one party that
+// kExpired (its deadline), and every such move of a request in the FIFO is
+// made under the core's mutex together with removing it from the FIFO and
+// the deadline set: so the FIFO holds exactly the kQueued requests that are
+// in it. (A queued request may also be in the inbox or in a list a worker
+// took from it; only that worker moves it, to kRunning, or puts it in the
+// FIFO: Note [Batches straight from the inbox].) Leaving kRunning is a compare-and-swap to
+// kCompleted or kFailed by the worker that picked it. Whoever wins a swap is the one party that
 // completes the request (finish(): once, checked); every loser sees the swap
 // fail and leaves the request alone. No path ends without a swap or a final
 // initial status, so every submitted request completes exactly once.
@@ -63,6 +65,50 @@
 // microseconds), and the leader, which never detaches, is woken by the
 // submits themselves (Note [Inbox]). A request taken and spliced by a
 // worker may be overtaken by a later one that another worker spliced first.
+//
+// Note [Batches straight from the inbox]
+// With 64 clients on the H100, workers waited for mu_ a quarter of their
+// time (take_ready: 2.05 of 8 workers' seconds per second, the lock held
+// 52 % of the time, putting each request into the FIFO and picking it out
+// again: docs/PERF.md, "Batches straight from the inbox"). So a worker
+// with a batch in flight that takes a list from the inbox (Note [Inbox
+// walks outside the lock]) makes its batch of that list without mu_ when
+// nothing else is queued (fifo_hint_ is 0), the queue is not stopping, the
+// list fits in max_batch, none of its requests has a deadline (expiry
+// needs the deadline set) and the batch is ready (max_batch, max_delay or
+// force). Each request then moves kQueued -> kRunning by its compare-and-
+// swap, which always wins: a detached request is in neither the FIFO nor
+// the deadline set, where cancel, expiry and shutdown(kCancel) look; the
+// batch is sorted by id if a submitter was overtaken (Note [Inbox]). Then
+// the room is given back and detached_ lowered, as splice() would, with the
+// two wake-ups that need mu_ taken only when someone waits: a kBlock
+// submitter (blocked_hint_, seq_cst against queued_) or a cancel() waiting
+// for detached lists (quiesce_). A cancel() of such a request finds it
+// running and returns false, as for any picked request. A shutdown(kCancel)
+// that comes after the worker looked at stopping_hint_ lets the list run
+// (the worker took it from the inbox before the inbox closed); one that
+// came before sends it through splice(), which cancels it. Lists that do
+// not qualify go through the FIFO as before. The hints are read without
+// mu_: a stale one only sends a list the locked way, or lets a list run
+// before requests another worker is just putting in the FIFO (ordering
+// between workers' lists was never strict).
+//
+// Note [Room in one step]
+// A fast-path submit takes its room with one fetch_add instead of a
+// compare-and-swap loop on queued_, the line every client changes: the
+// loop retried under contention. A submit that finds the queue full gives
+// the room back and takes the slow path, which decides under mu_ with the
+// exact compare-and-swap (reserve_room). queued_ may read up to the number
+// of such submitters over capacity for the moment between their add and
+// their subtract; such a count is never a queued request, so the queue
+// never holds more than capacity, and depth reads at most capacity. Two
+// things can see that moment. A slow-path submit whose compare-and-swap
+// comes in it, with the queue exactly at capacity, may be refused. A kBlock
+// submitter woken in it sees a full queue and sleeps on; that loses no
+// room: the submitter whose count it saw goes on to the slow path, which
+// takes the room under mu_ (its deadline was still ahead when it read the
+// clock, so it is not refused for that; a shutdown wakes every blocked
+// submitter), unless another submit took it first, as could happen anyway.
 #pragma once
 
 #include <atomic>
@@ -94,6 +140,12 @@ void set_before_push_hook_for_testing(void (*hook)());
 // FIFO (null: nothing): holds a taker in that window (Note [Inbox walks
 // outside the lock]). Set it while no queue is in use.
 void set_after_detach_hook_for_testing(void (*hook)());
+// Tests only: called by a fast-path submit that found the queue full, after
+// its fetch_add and before it gives it back (Note [Room in one step]).
+void set_room_refused_hook_for_testing(void (*hook)());
+// Tests only: called once for each batch take_ready() makes straight from
+// the inbox (Note [Batches straight from the inbox]), on the taking thread.
+void set_took_direct_hook_for_testing(void (*hook)());
 
 // Note [One allocation per request]
 // A request, its shared_ptr's control block and its copy of the input are one
@@ -354,6 +406,9 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   void submit_slow(const std::shared_ptr<Request>& r, Clock::time_point now) FL_EXCLUDES(mu_);
   // Counts one more queued request if that stays within capacity.
   bool reserve_room();
+  // The same in one fetch_add, for submit()'s fast path; a false is
+  // decided again by reserve_room() under mu_ (Note [Room in one step]).
+  bool reserve_room_fast();
   // `n` requests left the FIFO.
   void left_fifo(size_t n);
   // Pushes `r` (with its id) onto the inbox; false once the inbox is closed

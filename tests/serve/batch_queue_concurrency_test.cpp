@@ -61,6 +61,12 @@ TEST(BatchQueueConcurrency, EveryRequestCompletesExactlyOnceUnderRaces) {
     const ShutdownMode mode = (round / 2) % 2 ? ShutdownMode::kCancel : ShutdownMode::kDrain;
     o.max_batch = 1 + static_cast<int>(rng() % 6);
     o.max_delay = std::chrono::microseconds(std::array{0, 50, 200}[rng() % 3]);
+    // Rounds without deadlines, and with no max_delay: a list taken from
+    // the inbox with no deadline in it becomes a batch without the FIFO
+    // (Note [Batches straight from the inbox]), racing the cancels, the
+    // kBlock waits and the shutdown.
+    const bool deadlines = round % 5 != 3;
+    if (!deadlines) o.max_delay = 0us;
     o.capacity = 3 + rng() % 10;
     // Spinning waits (Note [Spinning workers]) and recorded batches change
     // the hand-offs; they must lose nothing either.
@@ -101,7 +107,7 @@ TEST(BatchQueueConcurrency, EveryRequestCompletesExactlyOnceUnderRaces) {
           s.marked = r() % 20 == 0 && !o.record_batches;
           if (s.marked) s.input[0] = kFailMark;
           std::optional<Clock::time_point> deadline;
-          switch (r() % 4) {
+          switch (deadlines ? r() % 4 : 0) {
             case 1: deadline = q.deadline_in(std::chrono::microseconds(r() % 200)); break;
             case 2: deadline = q.deadline_in(std::chrono::microseconds(r() % 20)); break;
             default: break;
@@ -171,6 +177,130 @@ TEST(BatchQueueConcurrency, EveryRequestCompletesExactlyOnceUnderRaces) {
     EXPECT_GT(totals[o], 0u) << "outcome " << outcome_name(o) << " never occurred: the race "
                              << "did not exercise it";
   EXPECT_EQ(totals[Outcome::kOther], 0u);
+}
+
+// Note [Batches straight from the inbox]: a worker with a batch in flight
+// makes a batch of the list it takes from the inbox without the FIFO. Here
+// clients without deadlines race such workers with cancels (right after a
+// submit, and later) and kBlock waits for room, and a shutdown of either
+// kind ends each round: every request completes exactly once, with the
+// right output when it ran; a cancel() that returned true never ran; and
+// one that returned false was not cancelled by it. The hook counts the
+// straight batches: the test fails if the races never took that path.
+std::atomic<int> g_direct_batches{0};
+void count_direct_batch() { g_direct_batches.fetch_add(1, std::memory_order_relaxed); }
+
+TEST(BatchQueueConcurrency, BatchesStraightFromTheInboxCompleteEveryRequestExactlyOnce) {
+  auto device = make_device();
+  const TinyModel tiny(*device, 8, 4);
+  const uint64_t seed = test_seed();
+  const int rounds = scaled(24, 6);
+  const int clients = 4;
+  const int per_client = scaled(400, 100);
+  const int n = clients * per_client;
+  detail::set_took_direct_hook_for_testing(&count_direct_batch);
+  g_direct_batches = 0;
+  for (int round = 0; round < rounds; ++round) {
+    SCOPED_TRACE(::testing::Message() << "round " << round << " seed " << seed);
+    std::mt19937_64 rng(seed * 1000033 + static_cast<uint64_t>(round));
+    std::vector<std::atomic<int>> completions(static_cast<size_t>(n) + 1);  // by id
+    BatchQueueOptions o;
+    o.workers = 1 + round % 3;
+    o.pipeline_depth = 2;
+    o.capacity = 8 + rng() % 64;
+    // A list longer than max_batch goes through the FIFO: most rounds let
+    // every list fit, the others mix both paths.
+    o.max_batch = round % 4 == 3 ? 1 + static_cast<int>(rng() % 16) : static_cast<int>(o.capacity);
+    o.max_delay = 0us;
+    o.when_full = round % 2 ? OverflowPolicy::kBlock : OverflowPolicy::kReject;
+    const ShutdownMode mode = (round / 2) % 2 ? ShutdownMode::kCancel : ShutdownMode::kDrain;
+    o.on_complete = [&](uint64_t id, RequestStatus) {
+      if (id >= 1 && id <= static_cast<uint64_t>(n))  // relaxed: read after the joins
+        completions[id].fetch_add(1, std::memory_order_relaxed);
+    };
+    BatchQueue q(*device, tiny.in(), tiny.out(), tiny.model(), o);
+    struct Client {
+      std::vector<Sent> sent;
+      std::vector<int> cancel_said;  // -1: not cancelled; else what cancel() returned
+    };
+    std::vector<Client> cs(clients);
+    std::atomic<int> submitted{0};  // acquire/release: the closer waits on it
+    const int close_after = static_cast<int>(rng() % static_cast<uint64_t>(n));
+    const uint64_t client_seed = rng();
+    std::latch start(clients + 1);
+    std::vector<std::thread> ts;
+    for (int c = 0; c < clients; ++c) {
+      ts.emplace_back([&, c] {
+        std::mt19937_64 r(client_seed + static_cast<uint64_t>(c));
+        Client& me = cs[static_cast<size_t>(c)];
+        std::vector<size_t> later;
+        start.arrive_and_wait();
+        for (int i = 0; i < per_client; ++i) {
+          // A window of 8 in flight, as a serving client keeps: the queue
+          // is not always full, so lists fit and the FIFO empties.
+          if (i >= 8)
+            while (!me.sent[static_cast<size_t>(i - 8)].handle.done()) std::this_thread::yield();
+          Sent s;
+          s.input = random_vector(r, static_cast<size_t>(tiny.in()));
+          s.handle = q.submit(s.input);
+          submitted.fetch_add(1, std::memory_order_release);
+          int said = -1;
+          const auto action = r() % 10;
+          if (action == 0) said = s.handle.cancel() ? 1 : 0;
+          if (action == 1) later.push_back(me.sent.size());
+          me.sent.push_back(std::move(s));
+          me.cancel_said.push_back(said);
+        }
+        for (size_t k : later) me.cancel_said[k] = me.sent[k].handle.cancel() ? 1 : 0;
+      });
+    }
+    std::thread closer([&] {
+      start.arrive_and_wait();
+      while (submitted.load(std::memory_order_acquire) < close_after) std::this_thread::yield();
+      q.shutdown(mode);
+    });
+    for (auto& t : ts) t.join();
+    closer.join();
+
+    uint64_t ran = 0;
+    for (Client& c : cs)
+      for (size_t k = 0; k < c.sent.size(); ++k) {
+        Sent& s = c.sent[k];
+        ASSERT_TRUE(s.handle.done()) << "request " << s.handle.id() << " after shutdown";
+        EXPECT_EQ(completions[s.handle.id()].load(), 1) << "request " << s.handle.id();
+        std::vector<float> y;
+        std::string msg;
+        const Outcome out = outcome_of(s.handle, &y, &msg);
+        if (c.cancel_said[k] == 1) {
+          EXPECT_EQ(out, Outcome::kCancelled) << msg;
+        }
+        if (c.cancel_said[k] == 0 && out == Outcome::kCancelled) {
+          EXPECT_EQ(mode, ShutdownMode::kCancel) << "cancel() said no, yet: " << msg;
+          EXPECT_NE(msg.find("shutdown"), std::string::npos) << msg;
+        }
+        if (out == Outcome::kCompleted) {
+          ++ran;
+          EXPECT_LT(max_rel_error(y, tiny.host_reference(s.input)), 1e-5);
+        } else {
+          EXPECT_TRUE(out == Outcome::kCancelled || out == Outcome::kQueueFull ||
+                      out == Outcome::kShutDown)
+              << outcome_name(out) << ": " << msg;
+        }
+      }
+    const auto m = q.metrics();
+    EXPECT_EQ(m.submitted, static_cast<uint64_t>(n));
+    EXPECT_EQ(m.completed, ran);
+    EXPECT_EQ(m.submitted,
+              m.completed + m.rejected + m.expired + m.cancelled + m.failed + m.shut_down);
+    EXPECT_EQ(m.depth, 0u);
+    EXPECT_LE(m.max_depth, o.capacity);
+    if (o.when_full == OverflowPolicy::kBlock) {
+      EXPECT_EQ(m.rejected, 0u);
+    }
+  }
+  detail::set_took_direct_hook_for_testing(nullptr);
+  std::printf("batches taken straight from the inbox: %d\n", g_direct_batches.load());
+  EXPECT_GT(g_direct_batches.load(), rounds) << "the races never took the straight path";
 }
 
 // A producer faster than the device: the queue never holds more than its

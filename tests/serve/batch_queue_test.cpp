@@ -595,6 +595,140 @@ TEST_F(BatchQueueTest, ShutdownCancelCancelsRequestsAWorkerHasTakenFromTheInbox)
   EXPECT_EQ(m.depth, 0u);
 }
 
+// Note [Batches straight from the inbox] (queue_core.h): step(), like a
+// worker with a batch in flight, makes a ready batch of the list it took
+// from the inbox without putting it in the FIFO when nothing else is
+// queued. That batch is in id order even when a submitter was overtaken at
+// its push (without the sort, b ran first), and max_depth counts its
+// requests though they were never in the FIFO (without that, it read 0).
+TEST_F(BatchQueueTest, ABatchTakenStraightFromTheInboxIsInIdOrder) {
+  std::vector<uint64_t> order;  // ids completed, in order (manual mode: one thread)
+  BatchQueueOptions o = manual(4, 0us);
+  o.on_complete = [&](uint64_t id, RequestStatus) { order.push_back(id); };
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  RequestHandle a;
+  {
+    PushHold hold;
+    std::thread held([&] {
+      PushHold::hold_my_next();
+      a = q.submit(input(0));
+    });
+    hold.wait_held();  // a has its id; b overtakes it
+    RequestHandle b = q.submit(input(1));
+    hold.release();
+    held.join();
+    ASSERT_LT(a.id(), b.id());
+    EXPECT_EQ(q.step(), 2u);
+    EXPECT_EQ(calls_.load(), 1) << "one batch";
+    ASSERT_EQ(order.size(), 2u);
+    EXPECT_EQ(order[0], a.id()) << "a keeps its place ahead of b";
+    EXPECT_EQ(order[1], b.id());
+    expect_output(a, 0);
+    expect_output(b, 1);
+  }
+  const auto m = q.metrics();
+  EXPECT_EQ(m.max_depth, 2u) << "both were queued at once";
+  EXPECT_EQ(m.depth, 0u);
+  EXPECT_EQ(m.completed, 2u);
+}
+
+// Waits up to 10 s for `flag`; false if it never came.
+bool eventually(const std::atomic<bool>& flag) {
+  for (int i = 0; i < 1000 && !flag.load(); ++i) std::this_thread::sleep_for(10ms);
+  return flag.load();
+}
+
+// The room a batch taken straight from the inbox gives back must wake a
+// kBlock submitter waiting for it: that batch takes no lock on its way, and
+// without the wake-up the submitter (no deadline) waited for ever.
+TEST_F(BatchQueueTest, RoomFromABatchTakenStraightFromTheInboxWakesABlockedSubmitter) {
+  auto o = manual(2, 0us);
+  o.capacity = 1;
+  o.when_full = OverflowPolicy::kBlock;
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  RequestHandle a, b;
+  std::atomic<bool> returned{false};
+  PushHold hold;
+  std::thread holder([&] {
+    PushHold::hold_my_next();
+    a = q.submit(input(0));
+  });
+  hold.wait_held();  // a holds the room, and is not in the inbox yet
+  std::thread blocked([&] {
+    b = q.submit(input(1));
+    returned = true;
+  });
+  std::this_thread::sleep_for(20ms);
+  EXPECT_FALSE(returned.load()) << "submit must block while the queue is full";
+  hold.release();
+  holder.join();  // a is in the inbox; the FIFO is empty
+  EXPECT_EQ(q.step(), 1u) << "a, straight from the inbox";
+  const bool woke = eventually(returned);
+  EXPECT_TRUE(woke) << "the blocked submitter was not woken when a's room came back";
+  if (!woke) q.shutdown(ShutdownMode::kCancel);  // wakes it, with ShutDown
+  blocked.join();
+  expect_output(a, 0);
+  if (woke) {
+    EXPECT_EQ(q.step(), 1u);
+    expect_output(b, 1);
+  }
+}
+
+// Note [Room in one step]: a fast-path submit that finds the queue full has
+// counted itself in queued_ until it gives that back. A kBlock submitter
+// woken in that moment sees a full queue and sleeps on, and the room goes
+// to the submit that gave its count back, on its slow path; when that
+// request runs, the blocked submitter gets its turn. Nothing is lost: with
+// the count not given back, f was refused (QueueFull in a queue that had
+// room) and the blocked submitter waited for ever.
+TEST_F(BatchQueueTest, ACountGivenBackByAFullFastPathLosesNoRoom) {
+  auto o = manual(2, 0us);
+  o.capacity = 1;
+  o.when_full = OverflowPolicy::kBlock;
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  RequestHandle a = q.submit(input(0));  // the queue is full
+  RequestHandle f, b;
+  std::atomic<bool> returned{false}, f_returned{false};
+  RoomRefusedHold hold;
+  std::thread refused([&] {
+    RoomRefusedHold::hold_my_next();
+    f = q.submit(input(2));
+    f_returned = true;
+  });
+  hold.wait_held();  // f's count is in queued_: 2 of capacity 1
+  std::thread blocked([&] {
+    b = q.submit(input(1));
+    returned = true;
+  });
+  std::this_thread::sleep_for(20ms);
+  EXPECT_FALSE(returned.load()) << "submit must block while the queue is full";
+  EXPECT_EQ(q.step(), 1u) << "a";  // its room is made while f's count is still in
+  expect_output(a, 0);
+  hold.release();
+  if (!eventually(f_returned)) {
+    ADD_FAILURE() << "f did not get the room a left";
+    q.shutdown(ShutdownMode::kCancel);  // wakes both, with ShutDown
+    refused.join();
+    blocked.join();
+    return;
+  }
+  refused.join();  // f took the room on its slow path
+  EXPECT_EQ(f.status(), RequestStatus::kQueued);
+  EXPECT_EQ(q.step(), 1u) << "f";
+  expect_output(f, 2);
+  const bool woke = eventually(returned);
+  EXPECT_TRUE(woke) << "the blocked submitter was not woken when f's room came back";
+  if (!woke) q.shutdown(ShutdownMode::kCancel);  // wakes it, with ShutDown
+  blocked.join();
+  if (woke) {
+    EXPECT_EQ(q.step(), 1u);
+    expect_output(b, 1);
+  }
+  const auto m = q.metrics();
+  EXPECT_EQ(m.rejected, 0u);
+  EXPECT_LE(m.max_depth, 1u);
+}
+
 // ---- Batched equals unbatched ------------------------------------------------------
 
 TEST_F(BatchQueueTest, BatchedOutputsEqualUnbatchedOnesRequestByRequest) {

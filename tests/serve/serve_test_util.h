@@ -82,6 +82,9 @@ using PushHold = HookHold<&detail::set_before_push_hook_for_testing>;
 // taking the inbox without the queue's lock and putting its requests in the
 // FIFO (Note [Inbox walks outside the lock]).
 using DetachHold = HookHold<&detail::set_after_detach_hook_for_testing>;
+// Holds a fast-path submit that found the queue full with its count still
+// added (Note [Room in one step]).
+using RoomRefusedHold = HookHold<&detail::set_room_refused_hook_for_testing>;
 
 // A private cpu device with the environment's settings (so the sanitizer
 // lanes' FLOTILLA_ALLOCATOR_CACHING=0 applies).
