@@ -638,6 +638,18 @@ bool eventually(const std::atomic<bool>& flag) {
   return flag.load();
 }
 
+// Joins `blocked`, a thread blocked in q.submit() that sets `returned`
+// once it returns; fails with `what` if that does not come within 10 s,
+// and then ends the wait with a shutdown. True if it came.
+bool join_when_woken(BatchQueue& q, const std::atomic<bool>& returned, std::thread& blocked,
+                     const char* what) {
+  const bool woke = eventually(returned);
+  EXPECT_TRUE(woke) << what;
+  if (!woke) q.shutdown(ShutdownMode::kCancel);  // wakes it, with ShutDown
+  blocked.join();
+  return woke;
+}
+
 // The room a batch taken straight from the inbox gives back must wake a
 // kBlock submitter waiting for it: that batch takes no lock on its way, and
 // without the wake-up the submitter (no deadline) waited for ever.
@@ -663,10 +675,8 @@ TEST_F(BatchQueueTest, RoomFromABatchTakenStraightFromTheInboxWakesABlockedSubmi
   hold.release();
   holder.join();  // a is in the inbox; the FIFO is empty
   EXPECT_EQ(q.step(), 1u) << "a, straight from the inbox";
-  const bool woke = eventually(returned);
-  EXPECT_TRUE(woke) << "the blocked submitter was not woken when a's room came back";
-  if (!woke) q.shutdown(ShutdownMode::kCancel);  // wakes it, with ShutDown
-  blocked.join();
+  const bool woke = join_when_woken(q, returned, blocked,
+                                    "the blocked submitter was not woken when a's room came back");
   expect_output(a, 0);
   if (woke) {
     EXPECT_EQ(q.step(), 1u);
@@ -716,10 +726,8 @@ TEST_F(BatchQueueTest, ACountGivenBackByAFullFastPathLosesNoRoom) {
   EXPECT_EQ(f.status(), RequestStatus::kQueued);
   EXPECT_EQ(q.step(), 1u) << "f";
   expect_output(f, 2);
-  const bool woke = eventually(returned);
-  EXPECT_TRUE(woke) << "the blocked submitter was not woken when f's room came back";
-  if (!woke) q.shutdown(ShutdownMode::kCancel);  // wakes it, with ShutDown
-  blocked.join();
+  const bool woke = join_when_woken(q, returned, blocked,
+                                    "the blocked submitter was not woken when f's room came back");
   if (woke) {
     EXPECT_EQ(q.step(), 1u);
     expect_output(b, 1);
