@@ -11,11 +11,12 @@
 // the deadline set: so the FIFO holds exactly the kQueued requests that are
 // in it. (A queued request may also be in the inbox or in a list a worker
 // took from it; only that worker moves it, to kRunning, or puts it in the
-// FIFO: Note [Batches straight from the inbox].) Leaving kRunning is a compare-and-swap to
-// kCompleted or kFailed by the worker that picked it. Whoever wins a swap is the one party that
-// completes the request (finish(): once, checked); every loser sees the swap
-// fail and leaves the request alone. No path ends without a swap or a final
-// initial status, so every submitted request completes exactly once.
+// FIFO: Note [Batches straight from the inbox].) Leaving kRunning is a
+// compare-and-swap to kCompleted or kFailed by the worker that picked it.
+// Whoever wins a swap is the one party that completes the request
+// (finish(): once, checked); every loser sees the swap fail and leaves the
+// request alone. No path ends without a swap or a final initial status, so
+// every submitted request completes exactly once.
 //
 // Note [Batch leader]
 // Of the idle workers, one at a time is the leader: it waits for a first
