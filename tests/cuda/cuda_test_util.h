@@ -63,8 +63,10 @@ class Mirrored {
   void upload(Stream s) const {
     s.dispatch("copy_bytes", backend::KernelArgs().ptr(dev()).ptr(host_->host_ptr()).size(bytes_));
   }
-  // Poisons the host copy, encodes device -> host, synchronizes `s`.
+  // Waits for `s` (an upload encoded before may still read the host copy),
+  // poisons the host copy, encodes device -> host, synchronizes `s`.
   void download(Stream s) const {
+    s.synchronize();
     std::memset(host_->host_ptr(), 0xA5, bytes_);
     s.dispatch("copy_bytes", backend::KernelArgs().ptr(host_->host_ptr()).ptr(dev()).size(bytes_));
     s.synchronize();
