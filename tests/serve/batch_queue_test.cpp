@@ -25,6 +25,14 @@ class BatchQueueTest : public QueueTest {
   BatchQueueOptions manual(int max_batch = 4, std::chrono::microseconds max_delay = 100us) {
     return QueueTest::manual(max_batch, max_delay);
   }
+  // Manual mode, max_batch 2, no max_delay, `capacity`, kBlock: for the
+  // tests of submitters waiting for room.
+  BatchQueueOptions blocking(size_t capacity) {
+    BatchQueueOptions o = manual(2, 0us);
+    o.capacity = capacity;
+    o.when_full = OverflowPolicy::kBlock;
+    return o;
+  }
   // One worker thread, `depth` batches in flight, ManualClock, max_batch 2,
   // no max_delay: for the pipelined-lane tests.
   BatchQueueOptions one_worker(int depth) {
@@ -654,10 +662,7 @@ bool join_when_woken(BatchQueue& q, const std::atomic<bool>& returned, std::thre
 // kBlock submitter waiting for it: that batch takes no lock on its way, and
 // without the wake-up the submitter (no deadline) waited for ever.
 TEST_F(BatchQueueTest, RoomFromABatchTakenStraightFromTheInboxWakesABlockedSubmitter) {
-  auto o = manual(2, 0us);
-  o.capacity = 1;
-  o.when_full = OverflowPolicy::kBlock;
-  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  BatchQueue q(*device_, kIn, kOut, counted(), blocking(1));
   RequestHandle a, b;
   std::atomic<bool> returned{false};
   PushHold hold;
@@ -692,10 +697,7 @@ TEST_F(BatchQueueTest, RoomFromABatchTakenStraightFromTheInboxWakesABlockedSubmi
 // the count not given back, f was refused (QueueFull in a queue that had
 // room) and the blocked submitter waited for ever.
 TEST_F(BatchQueueTest, ACountGivenBackByAFullFastPathLosesNoRoom) {
-  auto o = manual(2, 0us);
-  o.capacity = 1;
-  o.when_full = OverflowPolicy::kBlock;
-  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  BatchQueue q(*device_, kIn, kOut, counted(), blocking(1));
   RequestHandle a = q.submit(input(0));  // the queue is full
   RequestHandle f, b;
   std::atomic<bool> returned{false}, f_returned{false};
@@ -1193,10 +1195,7 @@ TEST_F(BatchQueueTest, RejectPolicyCompletesTheOverflowWithQueueFull) {
 }
 
 TEST_F(BatchQueueTest, BlockPolicyWaitsUntilTheDeadlineThenTimesOut) {
-  auto o = manual(2, 0us);
-  o.capacity = 2;
-  o.when_full = OverflowPolicy::kBlock;
-  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  BatchQueue q(*device_, kIn, kOut, counted(), blocking(2));
   auto a = q.submit(input(0));
   auto b = q.submit(input(1));
   RequestHandle blocked;
@@ -1218,10 +1217,7 @@ TEST_F(BatchQueueTest, BlockPolicyWaitsUntilTheDeadlineThenTimesOut) {
 }
 
 TEST_F(BatchQueueTest, BlockPolicyGetsRoomWhenABatchIsPicked) {
-  auto o = manual(2, 0us);
-  o.capacity = 2;
-  o.when_full = OverflowPolicy::kBlock;
-  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  BatchQueue q(*device_, kIn, kOut, counted(), blocking(2));
   auto a = q.submit(input(0));
   auto b = q.submit(input(1));
   RequestHandle c;
@@ -1236,10 +1232,7 @@ TEST_F(BatchQueueTest, BlockPolicyGetsRoomWhenABatchIsPicked) {
 }
 
 TEST_F(BatchQueueTest, BlockedSubmitterGetsShutDownWhenTheQueueStops) {
-  auto o = manual(2, 0us);
-  o.capacity = 1;
-  o.when_full = OverflowPolicy::kBlock;
-  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  BatchQueue q(*device_, kIn, kOut, counted(), blocking(1));
   auto a = q.submit(input(0));
   RequestHandle c;
   std::thread t([&] { c = q.submit(input(1)); });
