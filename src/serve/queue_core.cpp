@@ -110,7 +110,16 @@ QueueCore::QueueCore(const BatchQueueOptions& options, std::shared_ptr<Clock> cl
     : options_(options),
       clock_(std::move(clock)),
       out_features_(out_features),
-      recorder_(options.metrics_window, options.max_batch) {}
+      recorder_(options.metrics_window, options.max_batch) {
+  // Note [Submit's cache line]: what a submit touches stays on one line
+  // (inbox_head_ starts it, leader_spinning_ is its last field), with no
+  // field of the workers' line on it; a reordering of the fields fails here.
+  const auto line = [](const void* p) { return reinterpret_cast<uintptr_t>(p) / kLine; };
+  FL_INTERNAL_CHECK(line(&inbox_head_) == line(&leader_spinning_) &&
+                        line(&detached_) != line(&inbox_head_) &&
+                        line(&events_hint_) != line(&inbox_head_),
+                    "QueueCore's submit line is split or shared (Note [Submit's cache line])");
+}
 
 namespace {
 // Callback requests this thread made final under a core's mu_, waiting for

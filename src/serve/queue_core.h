@@ -474,41 +474,63 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   const BatchQueueOptions options_;
   const std::shared_ptr<Clock> clock_;
   const size_t out_features_;
-  MetricsRecorder recorder_;
 
-  // Guards the FIFO, the deadlines and the flags below. Taken by every batch
-  // and by submits that need a decision (Note [Inbox]); the hot paths take it
-  // with kSpinFirst.
-  mutable Mutex mu_;
-  std::deque<std::shared_ptr<Request>> fifo_ FL_GUARDED_BY(mu_);  // kQueued only, ids ascending
-  std::set<std::pair<Clock::time_point, uint64_t>> deadlines_ FL_GUARDED_BY(mu_);
-  // Note [Inbox]: submits that need no decision (room, a live queue, a
-  // future deadline) push onto the inbox, a lock-free stack of requests
-  // linked through Request::inbox_next, with one compare-and-swap; no lock
-  // is taken on that path, so 64 submitting threads on 16 cores never wait
-  // for a preempted lock holder. Whoever takes mu_ moves the inbox into the
-  // FIFO first (take_inbox), so under mu_ the FIFO is complete. Ids come from
-  // an atomic counter; a submitter may be overtaken between its id and its
-  // push, so take_inbox puts each request at its id's place (almost always
-  // the back), and the FIFO stays in id order. stop() swaps the head for
-  // kInboxClosed under mu_; a push that finds it fails and the submit takes
-  // the slow path, which refuses it (ShutDown): nothing is left in a closed
-  // inbox. A leader about to wait sets leader_waiting_ and then looks at the
-  // inbox once more; a fast submit pushes and then reads leader_waiting_
-  // (all seq_cst): one of the two sees the other, so no request sleeps in
-  // the inbox while the leader sleeps (a woken leader is notified under mu_).
+  // Note [Submit's cache line]
+  // Every fast-path submit changes queued_, next_id_ and inbox_head_ and
+  // reads the leader's flags; 64 clients on 16 cores do it millions of
+  // times a second, so each of those lines moves from core to core on
+  // nearly every submit. They used to lie on three lines, each shared with
+  // fields the workers write per batch (detached_, max_depth_, fifo_hint_,
+  // events_hint_): three transfers a submit, and the workers' writes took
+  // the lines away between submits (QueueCore::submit and push_inbox were
+  // 45 % of a client's samples on the H100: docs/PERF.md). Now what a submit
+  // touches is one line, which it takes once for its three read-modify-
+  // writes; what the workers write per batch is on a line of its own, and
+  // mu_ with what it guards on another. kLine is 128: Intel's adjacent-line
+  // prefetcher moves lines in pairs.
+  static constexpr size_t kLine = 128;
+
+  // The submit line. Note [Inbox]: submits that need no decision (room, a
+  // live queue, a future deadline) push onto the inbox, a lock-free stack of
+  // requests linked through Request::inbox_next, with one compare-and-swap;
+  // no lock is taken on that path, so 64 submitting threads on 16 cores
+  // never wait for a preempted lock holder. Whoever takes mu_ moves the inbox
+  // into the FIFO first (take_inbox), so under mu_ the FIFO is complete. Ids
+  // come from an atomic counter; a submitter may be overtaken between its id
+  // and its push, so take_inbox puts each request at its id's place (almost
+  // always the back), and the FIFO stays in id order. stop() swaps the head
+  // for kInboxClosed under mu_; a push that finds it fails and the submit
+  // takes the slow path, which refuses it (ShutDown): nothing is left in a
+  // closed inbox. A leader about to wait sets leader_waiting_ and then looks
+  // at the inbox once more; a fast submit pushes and then reads
+  // leader_waiting_ (all seq_cst): one of the two sees the other, so no
+  // request sleeps in the inbox while the leader sleeps (a woken leader is
+  // notified under mu_).
   static constexpr uintptr_t kInboxClosed = 1;
-  std::atomic<uintptr_t> inbox_head_{0};  // a Request*, 0 (empty) or kInboxClosed
+  alignas(kLine) std::atomic<uintptr_t> inbox_head_{0};  // a Request*, 0 (empty) or kInboxClosed
+  std::atomic<uint64_t> next_id_{1};  // every submit takes one: submitted = next_id_ - 1
+  // Requests queued (FIFO + inbox); reserve_room() keeps it <= capacity.
+  std::atomic<size_t> queued_{0};
+  // When the waiting leader's timed wait ends (kNever: none is waiting).
+  // Written under mu_ by the leader; read by slow-path submits under mu_ and
+  // by fast-path submits without it (relaxed: a stale value only wakes the
+  // leader early, or leaves it to its timed wait).
+  std::atomic<Clock::time_point> leader_wake_{Clock::kNever};
+  std::atomic<bool> leader_waiting_{false};
+  // The waiting leader saw an empty FIFO: it waits for a first request, and
+  // any submit must wake it (else its wait ends only by a deadline).
+  std::atomic<bool> leader_waits_first_{false};
+  // The leader is spinning for a submit (Note [Spinning workers]).
+  std::atomic<bool> leader_spinning_{false};
+
+  // The workers' line (Note [Submit's cache line]).
   // Note [Inbox walks outside the lock]: the inbox lists workers have taken
   // and not yet put into the FIFO, and the callers (cancel) waiting for
   // them, who hold new detaches off meanwhile. seq_cst, both: a detacher
   // raises detached_ and then reads quiesce_; a waiter raises quiesce_ and
   // then reads detached_; one of the two sees the other.
-  std::atomic<int> detached_{0};
+  alignas(kLine) std::atomic<int> detached_{0};
   std::atomic<int> quiesce_{0};
-  CondVar splice_cv_;  // detached_ fell while quiesce_ was raised
-  // shutdown(kCancel) began: a detached list is cancelled as it is spliced.
-  bool cancel_on_splice_ FL_GUARDED_BY(mu_) = false;
   // Copies for take_direct(), which runs without mu_ (Note [Batches
   // straight from the inbox]); each written under mu_ with what it copies.
   std::atomic<size_t> fifo_hint_{0};        // fifo_.size()
@@ -517,34 +539,33 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   // The most requests queued at once that take_direct() saw (queued_ as it
   // took a list); max_depth reports the larger of this and max_depth_.
   std::atomic<size_t> max_queued_{0};
-  std::atomic<uint64_t> next_id_{1};  // every submit takes one: submitted = next_id_ - 1
-  // Requests queued (FIFO + inbox); reserve_room() keeps it <= capacity.
-  std::atomic<size_t> queued_{0};
-  std::atomic<bool> leader_waiting_{false};
-  // The waiting leader saw an empty FIFO: it waits for a first request, and
-  // any submit must wake it (else its wait ends only by a deadline).
-  std::atomic<bool> leader_waits_first_{false};
-  // The leader is spinning for a submit (Note [Spinning workers]).
-  std::atomic<bool> leader_spinning_{false};
   // A copy of leader_ for workers spinning for the leadership; written under
   // mu_ (release), read without it.
   std::atomic<bool> leader_hint_{false};
+  // A copy of events_ for the leader's spin (spin_wait), which runs without
+  // mu_; written under mu_ (release), read with acquire.
+  std::atomic<uint64_t> events_hint_{0};
+
+  // Guards the FIFO, the deadlines and the flags below. Taken by every batch
+  // and by submits that need a decision (Note [Inbox]); the hot paths take it
+  // with kSpinFirst.
+  alignas(kLine) mutable Mutex mu_;
+  std::deque<std::shared_ptr<Request>> fifo_ FL_GUARDED_BY(mu_);  // kQueued only, ids ascending
+  std::set<std::pair<Clock::time_point, uint64_t>> deadlines_ FL_GUARDED_BY(mu_);
+  CondVar splice_cv_;  // detached_ fell while quiesce_ was raised
+  // shutdown(kCancel) began: a detached list is cancelled as it is spliced.
+  bool cancel_on_splice_ FL_GUARDED_BY(mu_) = false;
   size_t max_depth_ FL_GUARDED_BY(mu_) = 0;
   bool stopping_ FL_GUARDED_BY(mu_) = false;
   bool leader_ FL_GUARDED_BY(mu_) = false;  // a worker is collecting (Note [Batch leader])
   uint64_t events_ FL_GUARDED_BY(mu_) = 0;  // bumped by submit and stop: ends the leader's wait
-  // A copy of events_ for the leader's spin (spin_wait), which runs without
-  // mu_; written under mu_ (release), read with acquire.
-  std::atomic<uint64_t> events_hint_{0};
-  // When the waiting leader's timed wait ends (kNever: none is waiting).
-  // Written under mu_ by the leader; read by slow-path submits under mu_ and
-  // by fast-path submits without it (relaxed: a stale value only wakes the
-  // leader early, or leaves it to its timed wait).
-  std::atomic<Clock::time_point> leader_wake_{Clock::kNever};
-  int blocked_ FL_GUARDED_BY(mu_) = 0;  // submitters waiting for room (kBlock)
-  CondVar work_cv_;                     // the leader waits for requests, max_delay or a deadline
-  CondVar idle_cv_;                     // workers wait to become the leader
-  CondVar space_cv_;                    // kBlock submitters wait for room
+  int blocked_ FL_GUARDED_BY(mu_) = 0;      // submitters waiting for room (kBlock)
+  CondVar work_cv_;   // the leader waits for requests, max_delay or a deadline
+  CondVar idle_cv_;   // workers wait to become the leader
+  CondVar space_cv_;  // kBlock submitters wait for room
+
+  // Written by the workers per batch (its own lines: Note [Submit's cache line]).
+  alignas(kLine) MetricsRecorder recorder_;
 };
 
 }  // namespace flotilla::serve::detail
