@@ -1,8 +1,13 @@
 #include "workload.h"
 
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -224,7 +229,7 @@ struct RunContext {
   const WorkloadOptions& options;
   std::vector<std::vector<float>> inputs;      // [distinct][batch * in]
   std::vector<std::vector<float>> references;  // [distinct][batch * out]
-  std::vector<double> reference_scale;         // [distinct]: max |reference value|
+  std::vector<std::vector<float>> tolerances;  // [distinct][batch * out]: --batching's bounds
   // The legacy architecture's one process-wide lock: held for each whole
   // request, it serialises all use of the default stream (it guards no field).
   Mutex legacy_mu;
@@ -329,21 +334,50 @@ std::unique_ptr<Client> make_client(RunContext& ctx) {
   FL_INTERNAL_CHECK(false, "unknown arch");
 }
 
-// --batching's check: every value within 1e-5 of the reference's magnitude
-// (|a - b| <= 1e-5 (|b| + max |b|), `scale` = max |b|); batched rows differ
-// from batch-1 ones by about 1e-7 on the seed's MLP, whose outputs are about 0.2.
-bool close_to_reference(std::span<const float> out, std::span<const float> ref, double scale) {
-  // In float, without an early exit and with an int to collect failures, so
-  // the loop vectorises (it runs for every output, on the queue's workers
-  // with --callbacks; a wrong one is the rare case). g++ left the loop scalar
-  // while it and-ed a bool: a quarter of the workers' time at 64 clients.
-  const auto s = static_cast<float>(scale);
+// --batching's check: every value within 1e-5 of the reference's magnitude,
+// |a - b| <= 1e-5 (|b| + max |b|), the bound precomputed per value
+// (`tolerance`, made once per reference by tolerance_of); batched rows
+// differ from batch-1 ones by about 1e-7 on the seed's MLP, whose outputs
+// are about 0.2. It runs for every output, on the queue's workers with
+// --callbacks, which set the pace at 64 clients: in float, without an early
+// exit and with an int to collect failures, so the loop vectorises (g++ left
+// it scalar while it and-ed a bool: a quarter of the workers' time), and in
+// an AVX2 copy where the processor has it (the check was still 19 % of the
+// workers' samples on the H100 with SSE2 and the bound computed per value:
+// docs/PERF.md). Counts the values out of bounds; NaN counts.
+inline __attribute__((always_inline)) int count_far(const float* out, const float* ref,
+                                                    const float* tol, size_t n) {
   int bad = 0;
-  for (size_t i = 0; i < out.size(); ++i) {
-    const float a = out[i], b = ref[i];
-    bad |= !(std::abs(a - b) <= 1e-5f * (std::abs(b) + s));  // NaN fails too
-  }
-  return bad == 0;
+  for (size_t i = 0; i < n; ++i) bad |= !(std::abs(out[i] - ref[i]) <= tol[i]);
+  return bad;
+}
+#if defined(__x86_64__)
+__attribute__((target("avx2"))) int count_far_avx2(const float* out, const float* ref,
+                                                   const float* tol, size_t n) {
+  return count_far(out, ref, tol, n);
+}
+#endif
+int count_far_default(const float* out, const float* ref, const float* tol, size_t n) {
+  return count_far(out, ref, tol, n);
+}
+
+bool close_to_reference(std::span<const float> out, std::span<const float> ref,
+                        std::span<const float> tolerance) {
+#if defined(__x86_64__)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return count_far_avx2(out.data(), ref.data(), tolerance.data(), out.size()) == 0;
+#endif
+  return count_far_default(out.data(), ref.data(), tolerance.data(), out.size()) == 0;
+}
+
+// The bounds of close_to_reference for `ref`: 1e-5 (|b| + max |b|) per value,
+// in float, as the check computed them inline before.
+std::vector<float> tolerance_of(std::span<const float> ref) {
+  float scale = 0;
+  for (float v : ref) scale = std::max(scale, std::abs(v));
+  std::vector<float> tol(ref.size());
+  for (size_t i = 0; i < ref.size(); ++i) tol[i] = 1e-5f * (std::abs(ref[i]) + scale);
+  return tol;
 }
 
 struct ThreadStats {
@@ -362,10 +396,10 @@ struct ThreadStats {
 // (by 1: a 1-ulp change would pass the tolerance).
 bool output_ok(const RunContext& ctx, size_t k, std::span<const float> out, bool corrupt) {
   if (out.size() != ctx.references[k].size()) return false;
-  if (!corrupt) return close_to_reference(out, ctx.references[k], ctx.reference_scale[k]);
+  if (!corrupt) return close_to_reference(out, ctx.references[k], ctx.tolerances[k]);
   std::vector<float> copy(out.begin(), out.end());
   copy[0] += 1.0f;
-  return close_to_reference(copy, ctx.references[k], ctx.reference_scale[k]);
+  return close_to_reference(copy, ctx.references[k], ctx.tolerances[k]);
 }
 
 // Checks the output of inputs[k] against its reference; counts a wrong one.
@@ -450,20 +484,39 @@ struct CallbackWindow {
     slot.error = c.error;
     slot.wrong = !c.error && !output_ok(ctx, slot.k, c.output, slot.corrupt);
     slot.busy.store(false, std::memory_order_release);
-    const int left = in_flight.fetch_sub(1, std::memory_order_acq_rel) - 1;
-    if (left == low_water || left == 0) in_flight.notify_one();
+    // seq_cst, with the read of `sleeping` after it: see wait_for_at_most().
+    const int left = in_flight.fetch_sub(1, std::memory_order_seq_cst) - 1;
+    if ((left == low_water || left == 0) && sleeping.load(std::memory_order_seq_cst))
+      (void)syscall(SYS_futex, futex_word(), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
   }
-  // Blocks until at most `n` requests are in flight.
+  // Blocks until at most `n` requests are in flight: a futex sleep on the
+  // counter itself. The client raises `sleeping` and then reads the count; a
+  // callback lowers the count and then reads `sleeping` (all seq_cst): one
+  // of the two sees the other, so a wake-up is never lost, and the futex
+  // refuses to sleep once the count moved. Not std::atomic::wait, whose
+  // libstdc++ version calls sched_yield a dozen times before it sleeps: 10 %
+  // of the clients' samples at 64 x 64 on the H100 (docs/PERF.md).
   void wait_for_at_most(int n) {
     for (int v = in_flight.load(std::memory_order_acquire); v > n;
-         v = in_flight.load(std::memory_order_acquire))
-      in_flight.wait(v, std::memory_order_acquire);
+         v = in_flight.load(std::memory_order_acquire)) {
+      sleeping.store(true, std::memory_order_seq_cst);
+      v = in_flight.load(std::memory_order_seq_cst);
+      if (v > n)  // EAGAIN (the count moved) and EINTR just look again
+        (void)syscall(SYS_futex, futex_word(), FUTEX_WAIT_PRIVATE, v, nullptr, nullptr, 0);
+      sleeping.store(false, std::memory_order_relaxed);
+    }
   }
 
   const RunContext& ctx;
   std::vector<Slot> slots;
   const int low_water;  // a full window wakes its client here
   std::atomic<int> in_flight{0};
+  std::atomic<bool> sleeping{false};  // the client is (about to be) asleep on in_flight
+
+ private:
+  static_assert(sizeof(std::atomic<int>) == sizeof(int) && std::atomic<int>::is_always_lock_free,
+                "a futex needs the atomic count to be a plain 32-bit word");
+  int* futex_word() { return reinterpret_cast<int*>(&in_flight); }
 };
 
 // Records one completed request's latency in `st`; every 64th also counts
@@ -596,9 +649,7 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
     ctx.inputs.push_back(nn::random_uniform(in_n, o.seed * 1000003 + static_cast<uint64_t>(k)));
     ctx.references.emplace_back(out_n);
     infer(ctx, s0, ctx.inputs.back(), ctx.references.back());  // one thread: the reference
-    double scale = 0;
-    for (float v : ctx.references.back()) scale = std::max(scale, static_cast<double>(std::abs(v)));
-    ctx.reference_scale.push_back(scale);
+    ctx.tolerances.push_back(tolerance_of(ctx.references.back()));
   }
   // --callbacks: each client's window; they outlive the queue (its last
   // callbacks run as it drains).
