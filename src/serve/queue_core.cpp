@@ -98,7 +98,13 @@ std::atomic<void (*)()> g_before_push{nullptr};   // set_before_push_hook_for_te
 std::atomic<void (*)()> g_after_detach{nullptr};  // set_after_detach_hook_for_testing
 std::atomic<void (*)()> g_room_refused{nullptr};  // set_room_refused_hook_for_testing
 std::atomic<void (*)()> g_took_direct{nullptr};   // set_took_direct_hook_for_testing
+std::atomic<void (*)()> g_freed{nullptr};         // set_request_freed_hook_for_testing
 }  // namespace
+
+Request::~Request() {
+  if (auto* hook = g_freed.load(std::memory_order_relaxed)) hook();
+}
+void set_request_freed_hook_for_testing(void (*hook)()) { g_freed.store(hook); }
 
 void set_before_push_hook_for_testing(void (*hook)()) { g_before_push.store(hook); }
 void set_after_detach_hook_for_testing(void (*hook)()) { g_after_detach.store(hook); }
@@ -760,7 +766,8 @@ bool QueueCore::take_ready_body(Batch& batch, bool force) {
 }
 
 void QueueCore::complete_batch(Batch& batch, std::exception_ptr error, const float* rows,
-                               Clock::time_point done_at) {
+                               Clock::time_point done_at,
+                               std::vector<std::shared_ptr<Request>>* released) {
   const size_t n = batch.requests.size();
   const RequestStatus to = error ? RequestStatus::kFailed : RequestStatus::kCompleted;
   // Counted before any handle sees its result, as finish() does one by one.
@@ -791,10 +798,15 @@ void QueueCore::complete_batch(Batch& batch, std::exception_ptr error, const flo
       done_at = clock_->now();
       read_at = i;
     }
+    const bool callback = r.on_done != nullptr;  // complete_now() clears it
     complete_now(r, to, error ? nullptr : rows + i * out_features_, error, done_at);
     // Note [Who frees a request]: let go of it now, while its client is
-    // still waking up, not after the whole batch.
-    batch.requests[i].reset();
+    // still waking up, not after the whole batch; a callback request, which
+    // this batch alone holds, goes to `released` when there is one.
+    if (callback && released != nullptr)
+      released->push_back(std::move(batch.requests[i]));
+    else
+      batch.requests[i].reset();
   }
   batch.requests.clear();
 }

@@ -144,6 +144,10 @@ void set_after_detach_hook_for_testing(void (*hook)());
 // Tests only: called by a fast-path submit that found the queue full, after
 // its fetch_add and before it gives it back (Note [Room in one step]).
 void set_room_refused_hook_for_testing(void (*hook)());
+// Tests only: called as each request is destroyed (its memory freed), on
+// the thread that lets go of it last (Note [Frees while the device works]
+// in batch_queue.cpp). Set it while no queue is in use.
+void set_request_freed_hook_for_testing(void (*hook)());
 // Tests only: called once for each batch take_ready() makes straight from
 // the inbox (Note [Batches straight from the inbox]), on the taking thread.
 void set_took_direct_hook_for_testing(void (*hook)());
@@ -229,6 +233,10 @@ struct Request : std::enable_shared_from_this<Request> {
   // (Note [Completion callbacks]); empty for a handle's request.
   CompletionCallback on_done;
 
+  ~Request();  // calls the freed hook (set_request_freed_hook_for_testing)
+  Request(const Request&) = delete;
+  Request& operator=(const Request&) = delete;
+
   bool move(RequestStatus from, RequestStatus to) {
     return status.compare_exchange_strong(from, to, std::memory_order_acq_rel,
                                           std::memory_order_acquire);
@@ -270,7 +278,10 @@ struct Request : std::enable_shared_from_this<Request> {
 // a hundred rows a batch, a client woken by an early row used to be done
 // with its handle before the worker let go, and the worker then freed most
 // of the requests, into other threads' arenas (17 % of the workers' time on
-// the H100 with 64 clients, docs/PERF.md).
+// the H100 with 64 clients, docs/PERF.md). A callback request has no
+// handle, so its batch always frees it: a worker hands those to its lane
+// instead, which frees them while its next batch runs on the device (Note
+// [Frees while the device works] in batch_queue.cpp).
 struct Batch {
   std::vector<std::shared_ptr<Request>> requests;
   Clock::time_point picked_at{};
@@ -367,8 +378,12 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   // `error`. Clears batch.requests. `done_at`: when the batch's outputs
   // were in, the first rows' Completion::completed_at (it is read again for
   // a callback at least kClockEveryRows rows after the last read).
+  // `released`: where the batch's callback requests go once completed, for
+  // the caller to let go of later (Note [Frees while the device works] in
+  // batch_queue.cpp); null: let go of each at once.
   void complete_batch(Batch& batch, std::exception_ptr error, const float* rows,
-                      Clock::time_point done_at);
+                      Clock::time_point done_at,
+                      std::vector<std::shared_ptr<Request>>* released = nullptr);
   static constexpr size_t kClockEveryRows = 16;
 
   // Stops submits; kCancel completes every queued request with Cancelled.

@@ -250,6 +250,59 @@ TEST_F(BatchQueueCallbackTest, WithWorkersACompletedCallbackRunsOnAWorkerThread)
   EXPECT_EQ(q.metrics().completed, 1u);
 }
 
+// ---- Frees (Note [Frees while the device works] in batch_queue.cpp) --------------------
+
+// Counts requests destroyed while it lives (set_request_freed_hook_for_testing).
+class FreedCount {
+ public:
+  FreedCount() {
+    count_.store(0);
+    detail::set_request_freed_hook_for_testing([] { count_.fetch_add(1); });
+  }
+  ~FreedCount() { detail::set_request_freed_hook_for_testing(nullptr); }
+  int operator()() const { return count_.load(); }
+
+ private:
+  static inline std::atomic<int> count_{0};
+};
+
+// A worker keeps completed callback requests to free while its next batch
+// runs on the device; once it has nothing in flight it frees them before it
+// waits for requests, so an idle queue holds none, and none is freed twice.
+TEST_F(BatchQueueCallbackTest, AnIdleWorkerHasFreedEveryCompletedCallbackRequest) {
+  const FreedCount freed;
+  constexpr int kRequests = 3000;
+  BatchQueueOptions o = threaded(2, 8);
+  o.pipeline_depth = 2;
+  o.capacity = kRequests;  // room for all: none is refused
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  std::atomic<int> ran{0};
+  const std::vector<float> x = input(0);
+  for (int i = 0; i < kRequests; ++i)
+    q.submit(x, [&](const Completion& c) {
+      EXPECT_EQ(c.status, RequestStatus::kCompleted);
+      ran.fetch_add(1);
+    });
+  for (int i = 0; i < 3000 && (ran.load() < kRequests || freed() < kRequests); ++i)
+    std::this_thread::sleep_for(10ms);
+  EXPECT_EQ(ran.load(), kRequests);
+  EXPECT_EQ(freed(), kRequests) << "an idle queue still holds completed callback requests";
+  q.shutdown();
+  EXPECT_EQ(freed(), kRequests) << "after shutdown(): a request left unfreed, or freed twice";
+}
+
+// Manual mode frees a batch's callback requests before step() returns.
+TEST_F(BatchQueueCallbackTest, StepReturnsWithItsBatchsCallbackRequestsFreed) {
+  const FreedCount freed;
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(4));
+  int ran = 0;
+  for (int i = 0; i < 3; ++i) q.submit(input(i), [&](const Completion&) { ++ran; });
+  EXPECT_EQ(freed(), 0);
+  EXPECT_EQ(q.step(), 3u);
+  EXPECT_EQ(ran, 3);
+  EXPECT_EQ(freed(), 3);
+}
+
 // Completion::completed_at is the queue's clock, read once per 16 rows of a
 // batch (not per request), so at most 15 callbacks before the callback's own
 // start; and, for a refusal or a cancellation, when its callback runs. Each
