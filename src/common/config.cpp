@@ -108,6 +108,9 @@ Config Config::from_env() {
     c.cuda_max_connections = parse_int("FLOTILLA_CUDA_MAX_CONNECTIONS", v, 0, 32);
   if (const char* v = get("FLOTILLA_CUDA_COMPLETION_THREADS"))
     c.cuda_completion_threads = parse_int("FLOTILLA_CUDA_COMPLETION_THREADS", v, 0, 64);
+  if (const char* v = get("FLOTILLA_CUDA_COMPLETION_SLEEP_US"))
+    c.cuda_completion_sleep =
+        std::chrono::microseconds(parse_int("FLOTILLA_CUDA_COMPLETION_SLEEP_US", v, 0, 1000));
   if (const char* v = get("FLOTILLA_ALLOCATOR_CACHING"))
     c.allocator_caching = parse_bool("FLOTILLA_ALLOCATOR_CACHING", v);
   c.validate();
@@ -128,6 +131,9 @@ void Config::validate() const {
   FL_CHECK_ARG(cuda_completion_threads >= 0,
                "[Config] cuda_completion_threads=", cuda_completion_threads,
                " must be 0 (auto) or positive");
+  FL_CHECK_ARG(cuda_completion_sleep.count() >= 0 && cuda_completion_sleep.count() <= 1000,
+               "[Config] cuda_completion_sleep=", cuda_completion_sleep.count(),
+               " us is out of range; use 0 (spin) to 1000 us");
   FL_CHECK_ARG(event_pool_size >= 0, "[Config] event_pool_size must not be negative");
 }
 

@@ -91,9 +91,11 @@ TEST(CudaDriver, TwoThreadsRacingToCommitOneBufferOneWins) {
   }
 }
 
-TEST(CudaDriver, HandlersRunOnceInCommitOrderOffTheCallersThreadAfterTheWork) {
-  FL_SKIP_WITHOUT_GPU();
-  auto dev = make_cuda();
+// 200 buffers on one queue, the first held up by a sleep kernel: every
+// handler runs once, in commit order, on a completion thread, after its
+// buffer's work, whatever the completion threads' polling (`c`).
+void expect_handlers_once_in_commit_order_after_the_work(const Config& c) {
+  auto dev = make_cuda(c);
   auto& drv = dev->driver();
   auto q = drv.new_queue();
   const auto& fill = drv.pipeline("fill_f32");
@@ -144,6 +146,20 @@ TEST(CudaDriver, HandlersRunOnceInCommitOrderOffTheCallersThreadAfterTheWork) {
   EXPECT_EQ(saw_result.load(), kBuffers);
   // The throwing handler was counted, and nothing after it was lost.
   EXPECT_EQ(drv.stats().handler_errors - errors_before, 1u);
+}
+
+TEST(CudaDriver, HandlersRunOnceInCommitOrderOffTheCallersThreadAfterTheWork) {
+  FL_SKIP_WITHOUT_GPU();
+  expect_handlers_once_in_commit_order_after_the_work(Config{});
+}
+
+// Config::cuda_completion_sleep: threads that sleep between polls still
+// complete every buffer, once and in order.
+TEST(CudaDriver, CompletionThreadsThatSleepBetweenPollsStillRunEveryHandlerOnceInOrder) {
+  FL_SKIP_WITHOUT_GPU();
+  Config c;
+  c.cuda_completion_sleep = std::chrono::microseconds(20);
+  expect_handlers_once_in_commit_order_after_the_work(c);
 }
 
 TEST(CudaDriver, AHandlerMayEncodeAndCommitMoreWork) {

@@ -32,9 +32,13 @@ class ScopedEnv {
   std::optional<std::string> old_;
 };
 
-const char* const kVars[] = {"FLOTILLA_POOL_SIZE",   "FLOTILLA_POLICY",
-                             "FLOTILLA_SYNC_MODE",   "FLOTILLA_ENCODING_LOCK",
-                             "FLOTILLA_CPU_THREADS", "FLOTILLA_ALLOCATOR_CACHING"};
+const char* const kVars[] = {"FLOTILLA_POOL_SIZE",
+                             "FLOTILLA_POLICY",
+                             "FLOTILLA_SYNC_MODE",
+                             "FLOTILLA_ENCODING_LOCK",
+                             "FLOTILLA_CPU_THREADS",
+                             "FLOTILLA_ALLOCATOR_CACHING",
+                             "FLOTILLA_CUDA_COMPLETION_SLEEP_US"};
 
 // Clears the FLOTILLA_* variables for each test (CI sets some, such as
 // FLOTILLA_ALLOCATOR_CACHING) and restores them afterwards.
@@ -65,6 +69,8 @@ TEST_F(ConfigTest, DefaultsWithoutVariables) {
   EXPECT_EQ(c.encoding_lock, d.encoding_lock);
   EXPECT_EQ(c.cpu_exec_threads, d.cpu_exec_threads);
   EXPECT_EQ(c.allocator_caching, d.allocator_caching);
+  EXPECT_EQ(c.cuda_completion_sleep, d.cuda_completion_sleep);
+  EXPECT_EQ(d.cuda_completion_sleep.count(), 0) << "completion threads spin by default";
 }
 
 TEST_F(ConfigTest, ReadsEveryVariable) {
@@ -74,6 +80,7 @@ TEST_F(ConfigTest, ReadsEveryVariable) {
   ScopedEnv d("FLOTILLA_ENCODING_LOCK", "on");
   ScopedEnv e("FLOTILLA_CPU_THREADS", "3");
   ScopedEnv f("FLOTILLA_ALLOCATOR_CACHING", "off");
+  ScopedEnv g("FLOTILLA_CUDA_COMPLETION_SLEEP_US", "20");
   const Config cfg = Config::from_env();
   EXPECT_EQ(cfg.pool_size, 8);
   EXPECT_EQ(cfg.policy, StreamPolicy::kExclusive);
@@ -81,6 +88,7 @@ TEST_F(ConfigTest, ReadsEveryVariable) {
   EXPECT_EQ(cfg.encoding_lock, EncodingLockMode::kOn);
   EXPECT_EQ(cfg.cpu_exec_threads, 3);
   EXPECT_FALSE(cfg.allocator_caching);
+  EXPECT_EQ(cfg.cuda_completion_sleep, std::chrono::microseconds(20));
 }
 
 // Each bad value throws InvalidArgument whose message names the variable and
@@ -114,7 +122,9 @@ INSTANTIATE_TEST_SUITE_P(
                       BadValue{"FLOTILLA_ENCODING_LOCK", "maybe"},
                       BadValue{"FLOTILLA_CPU_THREADS", "-1"},
                       BadValue{"FLOTILLA_CPU_THREADS", "many"},
-                      BadValue{"FLOTILLA_ALLOCATOR_CACHING", "yes please"}),
+                      BadValue{"FLOTILLA_ALLOCATOR_CACHING", "yes please"},
+                      BadValue{"FLOTILLA_CUDA_COMPLETION_SLEEP_US", "1001"},
+                      BadValue{"FLOTILLA_CUDA_COMPLETION_SLEEP_US", "-5"}),
     [](const ::testing::TestParamInfo<BadValue>& info) {
       std::string name = std::string(info.param.var + 9) + "_" + std::to_string(info.index);
       return name;
@@ -142,6 +152,8 @@ TEST(ConfigValidate, RejectsOutOfRangeFields) {
   bad([](Config& c) { c.cpu_exec_threads = -2; });
   bad([](Config& c) { c.exclusive_wait = std::chrono::milliseconds(-1); });
   bad([](Config& c) { c.event_pool_size = -1; });
+  bad([](Config& c) { c.cuda_completion_sleep = std::chrono::microseconds(1001); });
+  bad([](Config& c) { c.cuda_completion_sleep = std::chrono::microseconds(-1); });
   EXPECT_NO_THROW(Config{}.validate());
 }
 

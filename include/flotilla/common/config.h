@@ -69,6 +69,12 @@ struct Config {
   // Completion threads per CUDA device (they observe finished command
   // buffers and run handlers). 0: auto (2 with 8+ cores, else 1).
   int cuda_completion_threads = 0;
+  // How long a completion thread sleeps between polls that find nothing
+  // done while buffers are pending (Note [Completion threads]). 0, the
+  // default: it spins, a core per thread under load, and sees a completion
+  // within a microsecond; a few microseconds give most of that core back to
+  // the host's other threads for as much latency. 0..1000.
+  std::chrono::microseconds cuda_completion_sleep{0};
 
   // Events.
   int event_pool_size = 64;  // events kept for reuse per device
@@ -78,7 +84,8 @@ struct Config {
 
   // Reads FLOTILLA_POOL_SIZE, FLOTILLA_POLICY, FLOTILLA_SYNC_MODE,
   // FLOTILLA_ENCODING_LOCK, FLOTILLA_CPU_THREADS, FLOTILLA_ALLOCATOR_CACHING,
-  // FLOTILLA_CUDA_MAX_CONNECTIONS, FLOTILLA_CUDA_COMPLETION_THREADS
+  // FLOTILLA_CUDA_MAX_CONNECTIONS, FLOTILLA_CUDA_COMPLETION_THREADS,
+  // FLOTILLA_CUDA_COMPLETION_SLEEP_US
   // over the defaults. Bad values throw InvalidArgument naming the variable.
   static Config from_env();
 

@@ -1,6 +1,7 @@
 #include "backend/cuda/completion.h"
 
 #include <cuda_runtime_api.h>
+#include <sys/prctl.h>
 
 #include <string>
 
@@ -24,8 +25,8 @@ constexpr auto kIdleSpin = std::chrono::microseconds(200);
 
 }  // namespace
 
-CompletionThread::CompletionThread(DeviceCore& device, int number)
-    : device_(device), number_(number) {
+CompletionThread::CompletionThread(DeviceCore& device, int number, std::chrono::microseconds sleep)
+    : device_(device), number_(number), sleep_(sleep) {
   thread_ = std::thread([this] { run(); });
 }
 
@@ -158,6 +159,9 @@ void CompletionThread::run() {
   // Events of this device are queried from here; the result is ignored
   // (a failure shows up as the queries' own errors).
   (void)cudaSetDevice(device_.index());
+  // A sleep of a few microseconds would otherwise last the default 50 us
+  // timer slack longer.
+  if (sleep_.count() > 0) (void)prctl(PR_SET_TIMERSLACK, 1000UL, 0UL, 0UL, 0UL);
   std::vector<std::shared_ptr<QueueCore>> working;
   auto poked = [this] { return poke_.load(std::memory_order_acquire); };
   for (;;) {
@@ -170,7 +174,9 @@ void CompletionThread::run() {
     }
     if (progressed) continue;
     if (!working.empty()) {
-      if (device_.words().enabled()) {
+      if (sleep_.count() > 0) {
+        std::this_thread::sleep_for(sleep_);  // Config::cuda_completion_sleep
+      } else if (device_.words().enabled()) {
         // Polling is a few loads of host memory: pause only briefly.
         for (int k = 0; k < 8; ++k) cpu_relax();
       } else {

@@ -13,9 +13,12 @@
 // forbidden and which would stall the stream).
 //
 // Latency versus CPU: while any buffer is pending the thread polls, pausing
-// briefly between unproductive rounds; with nothing pending it
-// spins a further 200 us for new work (back-to-back round trips never pay a
-// wake-up), then sleeps on a condition variable until a submit wakes it.
+// briefly between unproductive rounds (or, with Config::
+// cuda_completion_sleep, sleeping that long: the core goes to the host's
+// other threads, and a completion is seen up to that much later); with
+// nothing pending it spins a further 200 us for new work (back-to-back
+// round trips never pay a wake-up), then sleeps on a condition variable
+// until a submit wakes it.
 //
 // Device loss: once the device is marked lost, every pending and later
 // buffer of the thread's queues is finished at once with the DeviceLost
@@ -25,6 +28,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -38,7 +42,8 @@ class QueueCore;
 
 class CompletionThread {
  public:
-  CompletionThread(DeviceCore& device, int number);
+  // `sleep`: Config::cuda_completion_sleep (0: spin between polls).
+  CompletionThread(DeviceCore& device, int number, std::chrono::microseconds sleep);
   ~CompletionThread() { stop(); }
   CompletionThread(const CompletionThread&) = delete;
   CompletionThread& operator=(const CompletionThread&) = delete;
@@ -60,6 +65,7 @@ class CompletionThread {
 
   DeviceCore& device_;
   const int number_;
+  const std::chrono::microseconds sleep_;
   Mutex mu_;
   CondVar cv_;
   std::vector<std::shared_ptr<QueueCore>> incoming_ FL_GUARDED_BY(mu_);

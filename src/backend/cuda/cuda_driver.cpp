@@ -131,7 +131,8 @@ CudaDriver::CudaDriver(int index, const Config& config) : pid_(getpid()) {
     pipelines_.emplace(name, std::make_unique<CudaPipeline>(name, fn));
   std::vector<CompletionThread*> raw;
   for (int i = 0; i < completion_threads(config); ++i) {
-    completion_.push_back(std::make_unique<CompletionThread>(*dev_, i));
+    completion_.push_back(
+        std::make_unique<CompletionThread>(*dev_, i, config.cuda_completion_sleep));
     raw.push_back(completion_.back().get());
   }
   dev_->set_completion_threads(std::move(raw));
