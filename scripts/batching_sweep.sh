@@ -11,7 +11,8 @@
 #   for side-by-side figures. Leading VAR=value words set the run's
 #   environment: `1ct: FLOTILLA_CUDA_COMPLETION_THREADS=1 --threads 64`.
 # Environment: BACKEND (default cuda), SECONDS_PER_RUN (default 2), REPEATS
-#   (default 1).
+#   (default 1), RUN_TIMEOUT (seconds after which a run is killed and counts
+#   as failed; default 0: never).
 set -u -o pipefail
 bin=$1
 configs=$2
@@ -34,7 +35,7 @@ for ((rep = 1; rep <= repeats; rep++)); do
       envs+=("${words[0]}")
       words=("${words[@]:1}")
     done
-    json=$(env "${envs[@]}" "$bin" run --backend "$backend" $mode --seconds "$secs" --json \
+    json=$(timeout "${RUN_TIMEOUT:-0}" env "${envs[@]}" "$bin" run --backend "$backend" $mode --seconds "$secs" --json \
       --no-progress "${words[@]}" 2>/dev/null | tail -1)
     echo "{\"label\":\"$label\",\"repeat\":$rep,\"opts\":\"${opts# }\",\"result\":${json:-null}}"
   done <"$configs"
