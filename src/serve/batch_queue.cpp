@@ -211,15 +211,18 @@ struct Lane {
   // the fence is not reached (so a finished batch is not kept waiting), and
   // at once beyond kKeepReleased (memory stays bounded when the device is
   // always done first) or when the lane has nothing in flight (before the
-  // worker waits for requests, and before it exits). Manual mode frees at
-  // once: step() returns with its batch's requests freed. Nothing reads a
+  // worker waits for requests, and before it exits). So it pays with
+  // pipeline_depth 2 or more, where a worker waits for one batch's fence
+  // with the next one launched; with depth 1 the lane is empty after each
+  // batch, and the frees come before the next take, as before. Manual mode
+  // frees at once: step() returns with its batch's requests freed. Nothing reads a
   // completed request but its handle, which callback requests have none of,
   // so freeing later changes no outcome. The worker's alone.
   std::vector<std::shared_ptr<Request>> released;
   static constexpr size_t kKeepReleased = 512;
 
   // Frees released requests while `fence` is not reached, checking it every
-  // few frees, and all of them if there are more than `keep`.
+  // eight frees, and then down to `keep` (so all of them with 0).
   void free_released(const StreamFence& fence, size_t keep) {
     while (!released.empty() && (released.size() > keep || !fence.reached()))
       for (int k = 0; k < 8 && !released.empty(); ++k) released.pop_back();
@@ -255,6 +258,10 @@ BatchQueue::BatchQueue(Device& device, int64_t in_features, int64_t out_features
     lane->copy_small = &device_.pipeline("copy_pinned");
     lane->gather = &device_.pipeline("gather_rows");
     lane->slots.resize(static_cast<size_t>(depth));
+    // Note [Frees while the device works]: a lane holds at most this many
+    // (kKeepReleased after free_released, then one batch), so completing a
+    // batch never allocates, and so never throws half-way.
+    if (options_.workers > 0) lane->released.reserve(detail::Lane::kKeepReleased + rows);
     for (detail::Slot& slot : lane->slots) {
       slot.input = driver.allocate_host(detail::table_offset(options_.max_batch, in_) +
                                         rows * sizeof(const void*));

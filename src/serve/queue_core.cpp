@@ -117,14 +117,19 @@ QueueCore::QueueCore(const BatchQueueOptions& options, std::shared_ptr<Clock> cl
       clock_(std::move(clock)),
       out_features_(out_features),
       recorder_(options.metrics_window, options.max_batch) {
-  // Note [Submit's cache line]: what a submit touches stays on one line
-  // (inbox_head_ starts it, leader_spinning_ is its last field), with no
-  // field of the workers' line on it; a reordering of the fields fails here.
-  const auto line = [](const void* p) { return reinterpret_cast<uintptr_t>(p) / kLine; };
-  FL_INTERNAL_CHECK(line(&inbox_head_) == line(&leader_spinning_) &&
-                        line(&detached_) != line(&inbox_head_) &&
-                        line(&events_hint_) != line(&inbox_head_),
-                    "QueueCore's submit line is split or shared (Note [Submit's cache line])");
+  // Note [Submit's cache line]: the queue is placed on a kLine boundary, and
+  // the seven fields of the submit line are contiguous, in their declared
+  // order, from the start of their group: a field moved into or out of the
+  // group, or a group that lost its alignment, fails here.
+  const auto at = [this](const void* p) {
+    return reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(this);
+  };
+  const uintptr_t line = at(&inbox_head_);
+  FL_INTERNAL_CHECK(reinterpret_cast<uintptr_t>(this) % kLine == 0 && line % kLine == 0 &&
+                        at(&next_id_) == line + 8 && at(&queued_) == line + 16 &&
+                        at(&leader_wake_) == line + 24 && at(&leader_waiting_) == line + 32 &&
+                        at(&leader_waits_first_) == line + 33 && at(&leader_spinning_) == line + 34,
+                    "QueueCore's submit line is not as Note [Submit's cache line] says");
 }
 
 namespace {

@@ -344,7 +344,7 @@ std::unique_ptr<Client> make_client(RunContext& ctx) {
 // it scalar while it and-ed a bool: a quarter of the workers' time), and in
 // an AVX2 copy where the processor has it (the check was still 19 % of the
 // workers' samples on the H100 with SSE2 and the bound computed per value:
-// docs/PERF.md). Counts the values out of bounds; NaN counts.
+// docs/PERF.md). Non-zero if a value is out of bounds (NaN is).
 inline __attribute__((always_inline)) int count_far(const float* out, const float* ref,
                                                     const float* tol, size_t n) {
   int bad = 0;

@@ -18,8 +18,9 @@ namespace {
 thread_local const CompletionThread* tls_current = nullptr;
 
 // Note [Completion threads]: the pause between unproductive polls (with
-// completion events; with completion words it is a few spin-loop hints), and
-// how long an idle thread waits for new work before it sleeps.
+// completion events; with completion words it is a few spin-loop hints;
+// with Config::cuda_completion_sleep, that sleep instead), and how long an
+// idle thread waits for new work before it sleeps.
 constexpr auto kPollPause = std::chrono::microseconds(1);
 constexpr auto kIdleSpin = std::chrono::microseconds(200);
 

@@ -18,7 +18,8 @@
 // other threads, and a completion is seen up to that much later); with
 // nothing pending it spins a further 200 us for new work (back-to-back
 // round trips never pay a wake-up), then sleeps on a condition variable
-// until a submit wakes it.
+// until a submit wakes it. A thread asleep between polls sees a newly
+// active queue, a stop or a device loss when its sleep ends (at most 1 ms).
 //
 // Device loss: once the device is marked lost, every pending and later
 // buffer of the thread's queues is finished at once with the DeviceLost
