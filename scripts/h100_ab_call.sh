@@ -2,9 +2,10 @@
 # One device call for before/after figures and their evidence, for a session
 # with little device time: builds A, B and (if given) C in parallel (the
 # flotilla binary; the last build also the GPU test binaries named in
-# TEST_TARGETS), runs the last build's GPU tests (TEST_CMD), the libtorch
-# peer once, then every configuration of CONFIGS_FILE on each build, and
-# those of EXTRA_CONFIGS_FILE (if given) on the last build only, REPEATS
+# TEST_TARGETS), runs the last build's GPU tests (TEST_CMD), then every
+# configuration of CONFIGS_FILE on each build, and those of
+# EXTRA_CONFIGS_FILE (if given) on the last build only (with the libtorch
+# peer once, after the first round), REPEATS
 # rounds with the builds interleaved in each (batching_sweep.sh's format;
 # a run is killed after RUN_TIMEOUT s, so a hang costs one run, not the
 # call). Medians print per build and configuration; every log goes to $OUT.
@@ -67,19 +68,22 @@ say "built $builds"
 say "build $last's GPU tests: exit $?"
 grep -E "^\[  (PASSED|FAILED|SKIPPED) |tests? ran|FAILED" "$OUT/tests.log" | head -20
 
-bash "$R/.peer/run_libtorch.sh" 1 >"$OUT/libtorch.log" 2>&1
-say "libtorch peer done"
-grep -E "graph +threads= *(1|8) " "$OUT/libtorch.log"
-
 sweep() {  # sweep VERSION CONFIGS
   RUN_TIMEOUT=${RUN_TIMEOUT:-30} REPEATS=1 SECONDS_PER_RUN=${SECONDS_PER_RUN:-2} \
     "$R/scripts/batching_sweep.sh" /tmp/ab-build-$1/flotilla "$2" |
     sed "s/^{\"label\":\"/{\"label\":\"$1-/" >>"$OUT/ab.jsonl"
 }
+# The peer runs after the first round, so a call cut short by its time
+# limit still brings back one round beside it.
 for ((rep = 1; rep <= ${REPEATS:-3}; rep++)); do
   for v in $builds; do sweep $v "$CONFIGS_FILE"; done
   [ -n "${EXTRA_CONFIGS_FILE:-}" ] && sweep $last "$EXTRA_CONFIGS_FILE"
   say "round $rep done"
+  if [ $rep = 1 ]; then
+    bash "$R/.peer/run_libtorch.sh" 1 >"$OUT/libtorch.log" 2>&1
+    say "libtorch peer done"
+    grep -E "graph +threads= *(1|8) " "$OUT/libtorch.log"
+  fi
 done
 "$R/scripts/sweep_summary.py" "$OUT/ab.jsonl" --sort-by-config | tee "$OUT/ab.txt"
 say "done"
