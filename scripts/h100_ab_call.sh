@@ -11,7 +11,8 @@
 # call). Medians print per build and configuration; every log goes to $OUT.
 #
 # Usage (on the GPU machine, from a checkout that carries .snap/a.tar,
-# .snap/b.tar and optionally .snap/c.tar, `git archive` of the commits;
+# .snap/b.tar and optionally .snap/c.tar, `git archive` of the commits, or
+# .snap/bin/a/, .snap/bin/b/ (and c/) with binaries built elsewhere (below);
 # .deps/deps.tar.gz from `scripts/gpu_check.sh pack-deps`; and .peer/ from
 # ../shared/peer):
 #   CONFIGS_FILE=scripts/....txt OUT=dir scripts/h100_ab_call.sh
@@ -46,21 +47,42 @@ build() {  # build VERSION TARGETS...
     -DFLOTILLA_CUDA=ON -DFLOTILLA_BUILD_BENCH=OFF -DPKG_CONFIG_EXECUTABLE=$D/usr/bin/pkg-config \
     >"$OUT/build-$v.log" 2>&1 && ninja -C /tmp/ab-build-$v "$@" >>"$OUT/build-$v.log" 2>&1
 }
-pids=()
-for v in $builds; do
-  if [ $v = $last ]; then
-    build $v flotilla ${TEST_TARGETS:-cuda_concurrency_test} &
+# Binaries built elsewhere (.snap/bin/VERSION/: flotilla and tests/cuda/...,
+# built on Debian 12 with -static-libstdc++ -static-libgcc) save the build's
+# device time: they need the carried Debian libraries and the machine's
+# cuBLASLt. If the last one does not run here, it is built here instead,
+# alone (no A/B then).
+prebuilt=0
+if [ -d "$R/.snap/bin" ]; then
+  lt=$(find /usr/local/cuda* /usr/lib /opt -name 'libcublasLt.so.13*' 2>/dev/null | head -1)
+  [ -n "$lt" ] && export LD_LIBRARY_PATH=$(dirname "$lt"):$LD_LIBRARY_PATH
+  for v in $builds; do mkdir -p /tmp/ab-build-$v && cp -r "$R/.snap/bin/$v/." /tmp/ab-build-$v/; done
+  if /tmp/ab-build-$last/flotilla info >"$OUT/build-$last.log" 2>&1; then
+    prebuilt=1
+    say "prebuilt binaries run here (cuBLASLt: ${lt:-none found})"
   else
-    build $v flotilla &
+    say "prebuilt binaries do not run here; building $last alone"
+    ldd /tmp/ab-build-$last/flotilla | grep -i "not found"
+    builds=$last
   fi
-  pids+=($!)
-done
-i=0
-for v in $builds; do
-  wait "${pids[$i]}" || { say "build $v FAILED"; tail -20 "$OUT/build-$v.log"; exit 1; }
-  i=$((i + 1))
-done
-say "built $builds"
+fi
+if [ $prebuilt = 0 ]; then
+  pids=()
+  for v in $builds; do
+    if [ $v = $last ]; then
+      build $v flotilla ${TEST_TARGETS:-cuda_concurrency_test} &
+    else
+      build $v flotilla &
+    fi
+    pids+=($!)
+  done
+  i=0
+  for v in $builds; do
+    wait "${pids[$i]}" || { say "build $v FAILED"; tail -20 "$OUT/build-$v.log"; exit 1; }
+    i=$((i + 1))
+  done
+  say "built $builds"
+fi
 
 (cd /tmp/ab-build-$last &&
   eval "timeout 300 ${TEST_CMD:-tests/cuda/cuda_concurrency_test --gtest_filter='CudaServe.*'}") \
