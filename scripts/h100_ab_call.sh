@@ -48,7 +48,7 @@ build() {  # build VERSION TARGETS...
     >"$OUT/build-$v.log" 2>&1 && ninja -C /tmp/ab-build-$v "$@" >>"$OUT/build-$v.log" 2>&1
 }
 # Binaries built elsewhere (.snap/bin/VERSION/: flotilla and tests/cuda/...,
-# built on Debian 12 with -static-libstdc++ -static-libgcc) save the build's
+# built on Debian 12: they need libstdc++ from GCC 12 or later) save the build's
 # device time: they need the carried Debian libraries and the machine's
 # cuBLASLt. If the last one does not run here, it is built here instead,
 # alone (no A/B then).
