@@ -215,9 +215,9 @@ struct Lane {
   // pipeline_depth 2 or more, where a worker waits for one batch's fence
   // with the next one launched; with depth 1 the lane is empty after each
   // batch, and the frees come before the next take, as before. Manual mode
-  // frees at once: step() returns with its batch's requests freed. Nothing reads a
-  // completed request but its handle, which callback requests have none of,
-  // so freeing later changes no outcome. The worker's alone.
+  // frees at once: step() returns with its batch's requests freed. Nothing
+  // reads a completed request but its handle, which callback requests have
+  // none of, so freeing later changes no outcome. The worker's alone.
   std::vector<std::shared_ptr<Request>> released;
   static constexpr size_t kKeepReleased = 512;
 
