@@ -1,27 +1,13 @@
 #include "flotilla/common/done_flag.h"
 
-#include <linux/futex.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#include <climits>
 #include <ctime>
+
+#include "flotilla/common/futex.h"
 
 namespace flotilla {
 
-static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t) &&
-                  std::atomic<uint32_t>::is_always_lock_free,
-              "a futex needs the atomic word to be a plain 32-bit word");
-
-namespace {
-
-uint32_t* futex_word(std::atomic<uint32_t>& w) { return reinterpret_cast<uint32_t*>(&w); }
-
-}  // namespace
-
 void DoneFlag::set() noexcept {
-  if (word_.exchange(kSet, std::memory_order_acq_rel) == kSleeping)
-    (void)syscall(SYS_futex, futex_word(word_), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+  if (word_.exchange(kSet, std::memory_order_acq_rel) == kSleeping) detail::futex_wake_all(word_);
 }
 
 void DoneFlag::sleep(const std::chrono::steady_clock::time_point* deadline) const noexcept {
@@ -37,7 +23,7 @@ void DoneFlag::sleep(const std::chrono::steady_clock::time_point* deadline) cons
   }
   // Relative timeout; EAGAIN (the word changed), EINTR and ETIMEDOUT all
   // just return: the caller looks at the word again.
-  (void)syscall(SYS_futex, futex_word(word_), FUTEX_WAIT_PRIVATE, kSleeping, timeout, nullptr, 0);
+  detail::futex_wait(word_, kSleeping, timeout);
 }
 
 bool DoneFlag::wait_until(const std::chrono::steady_clock::time_point* deadline) const noexcept {

@@ -1,13 +1,8 @@
 #include "workload.h"
 
-#include <linux/futex.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -21,6 +16,7 @@
 #include <vector>
 
 #include "flotilla/common/error.h"
+#include "flotilla/common/futex.h"
 #include "flotilla/common/sync.h"
 #include "flotilla/common/thread_name.h"
 #include "flotilla/runtime/device.h"
@@ -487,7 +483,7 @@ struct CallbackWindow {
     // seq_cst, with the read of `sleeping` after it: see wait_for_at_most().
     const int left = in_flight.fetch_sub(1, std::memory_order_seq_cst) - 1;
     if ((left == low_water || left == 0) && sleeping.load(std::memory_order_seq_cst))
-      (void)syscall(SYS_futex, futex_word(), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+      detail::futex_wake_all(in_flight);
   }
   // Blocks until at most `n` requests are in flight: a futex sleep on the
   // counter itself. The client raises `sleeping` and then reads the count; a
@@ -501,8 +497,7 @@ struct CallbackWindow {
          v = in_flight.load(std::memory_order_acquire)) {
       sleeping.store(true, std::memory_order_seq_cst);
       v = in_flight.load(std::memory_order_seq_cst);
-      if (v > n)  // EAGAIN (the count moved) and EINTR just look again
-        (void)syscall(SYS_futex, futex_word(), FUTEX_WAIT_PRIVATE, v, nullptr, nullptr, 0);
+      if (v > n) detail::futex_wait(in_flight, v);  // returns at once if the count moved
       sleeping.store(false, std::memory_order_relaxed);
     }
   }
@@ -512,11 +507,6 @@ struct CallbackWindow {
   const int low_water;  // a full window wakes its client here
   std::atomic<int> in_flight{0};
   std::atomic<bool> sleeping{false};  // the client is (about to be) asleep on in_flight
-
- private:
-  static_assert(sizeof(std::atomic<int>) == sizeof(int) && std::atomic<int>::is_always_lock_free,
-                "a futex needs the atomic count to be a plain 32-bit word");
-  int* futex_word() { return reinterpret_cast<int*>(&in_flight); }
 };
 
 // Records one completed request's latency in `st`; every 64th also counts
