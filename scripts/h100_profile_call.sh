@@ -5,17 +5,23 @@
 # whose .snap/flotilla.tar is `git archive HEAD`): OUT=dir CONFIGS_FILE=path
 # scripts/h100_profile_call.sh. Writes $OUT/flotilla (the binary, for
 # addr2line here), $OUT/prof-LABEL.txt and $OUT/runs.jsonl. Environment:
-# SECONDS_PER_RUN (default 4), SAMPLER_US (default 200).
+# SECONDS_PER_RUN (default 4), SAMPLER_US (default 200), PREBUILT_BIN (a
+# flotilla binary built elsewhere, e.g. .snap/bin/b/flotilla from
+# scripts/prepare_ab_call.sh with PREBUILT=1: no build, no .snap/flotilla.tar).
 set -u
 R=$PWD
-mkdir -p /tmp/src && tar -xf $R/.snap/flotilla.tar -C /tmp/src
-cd /tmp/src
-t0=$SECONDS
-cmake -S . -B /tmp/fb -G Ninja -DCMAKE_BUILD_TYPE=Release -DFLOTILLA_CUDA=ON \
-  -DFLOTILLA_BUILD_TESTS=OFF > /tmp/build.log 2>&1 && ninja -C /tmp/fb flotilla >> /tmp/build.log 2>&1 ||
-  { tail -30 /tmp/build.log; exit 1; }
-echo "build ok in $((SECONDS - t0)) s"
-gcc -O2 -shared -fPIC -o /tmp/sampler.so scripts/sampler.c -ldl || exit 1
+if [ -n "${PREBUILT_BIN:-}" ]; then
+  mkdir -p /tmp/fb && cp "$PREBUILT_BIN" /tmp/fb/flotilla || exit 1
+else
+  mkdir -p /tmp/src && tar -xf $R/.snap/flotilla.tar -C /tmp/src
+  cd /tmp/src
+  t0=$SECONDS
+  cmake -S . -B /tmp/fb -G Ninja -DCMAKE_BUILD_TYPE=Release -DFLOTILLA_CUDA=ON \
+    -DFLOTILLA_BUILD_TESTS=OFF > /tmp/build.log 2>&1 && ninja -C /tmp/fb flotilla >> /tmp/build.log 2>&1 ||
+    { tail -30 /tmp/build.log; exit 1; }
+  echo "build ok in $((SECONDS - t0)) s"
+fi
+gcc -O2 -shared -fPIC -o /tmp/sampler.so $R/scripts/sampler.c -ldl || exit 1
 cp /tmp/fb/flotilla $OUT/flotilla
 secs=${SECONDS_PER_RUN:-4}
 while IFS= read -r line; do

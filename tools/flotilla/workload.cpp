@@ -1,5 +1,7 @@
 #include "workload.h"
 
+#include <sys/resource.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -132,6 +134,9 @@ nlohmann::json WorkloadResult::to_json() const {
                       {"errors", errors},
                       {"streams_used", streams_used},
                       {"first_error", first_error},
+                      {"cpu_cores", cpu_cores},
+                      {"cpu_us_per_request", cpu_us_per_request},
+                      {"host_cores", host_cores},
                       // outputs went to completion callbacks (--callbacks; batching only)
                       {"callbacks", o.batching.enabled && o.batching.callbacks}};
   if (o.batching.enabled) {
@@ -187,6 +192,9 @@ WorkloadResult WorkloadResult::from_json(const nlohmann::json& j, const Workload
   r.errors = j.at("errors");
   r.streams_used = j.at("streams_used");
   r.first_error = j.at("first_error");
+  r.cpu_cores = j.value("cpu_cores", 0.0);
+  r.cpu_us_per_request = j.value("cpu_us_per_request", 0.0);
+  r.host_cores = j.value("host_cores", 0);
   r.mean_batch = j.value("mean_batch", 0.0);
   r.rejected = j.value("rejected", uint64_t{0});
   r.expired = j.value("expired", uint64_t{0});
@@ -436,6 +444,19 @@ double one_request(Client& client, const RunContext& ctx, size_t k, std::vector<
     check_output(ctx, k, out, st, corrupt);
   });
   return std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+}
+
+// The CPU time (user and system) of every thread of this process so far, in
+// seconds: over the timed span, it says how many cores a run kept busy and
+// what a request cost the host, whoever (clients, queue workers, the
+// backend's threads) spent it.
+double process_cpu_seconds() {
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  const auto s = [](const timeval& t) {
+    return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_usec) / 1e6;
+  };
+  return s(ru.ru_utime) + s(ru.ru_stime);
 }
 
 double percentile(std::vector<float>& v, double p) {
@@ -788,6 +809,7 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
   for (size_t t = 0; t < n; ++t) threads.emplace_back(body, t);
   start.arrive_and_wait();
   const auto t0 = Clock::now();
+  const double cpu0 = process_cpu_seconds();
   {
     Progress progress(o.progress);
     const auto deadline =
@@ -807,6 +829,7 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
   }
   for (auto& th : threads) th.join();
   const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  const double cpu_seconds = process_cpu_seconds() - cpu0;
   dev.synchronize();
 
   std::vector<float> all;
@@ -830,6 +853,10 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
   result.seconds = seconds;
   result.requests_per_s = seconds > 0 ? static_cast<double>(result.requests) / seconds : 0;
   result.samples_per_s = seconds > 0 ? static_cast<double>(result.samples) / seconds : 0;
+  result.cpu_cores = seconds > 0 ? cpu_seconds / seconds : 0;
+  result.cpu_us_per_request =
+      result.requests > 0 ? cpu_seconds * 1e6 / static_cast<double>(result.requests) : 0;
+  result.host_cores = static_cast<int>(std::thread::hardware_concurrency());
   double sum = 0;
   for (float v : all) sum += v;
   result.mean_us = all.empty() ? 0 : sum / static_cast<double>(all.size());

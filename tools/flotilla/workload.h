@@ -133,6 +133,11 @@ struct WorkloadResult {
   int streams_used = 0;        // distinct streams that served the client threads
   std::string device_name;     // the device's description
   std::string first_error;
+  // The process's CPU time over the timed span (every thread: clients, queue
+  // workers, the backend's own), per second (cores kept busy) and per
+  // completed request (µs); and the host's core count, to read them against.
+  double cpu_cores = 0, cpu_us_per_request = 0;
+  int host_cores = 0;
   // With --batching (the queue's metrics, warmup included).
   double mean_batch = 0;
   uint64_t rejected = 0, expired = 0, cancelled = 0;
