@@ -14,6 +14,7 @@
 #include "flotilla/common/thread_name.h"
 #include "flotilla/runtime/device.h"
 #include "serve/queue_core.h"
+#include "serve/recorded_sizes.h"
 
 namespace flotilla::serve {
 
@@ -163,18 +164,6 @@ struct Slot {
 size_t table_offset(int64_t max_batch, int64_t in) {
   const size_t rows_bytes = static_cast<size_t>(max_batch * in) * sizeof(float);
   return (rows_bytes + 63) / 64 * 64;
-}
-
-// record_batches: the recorded sizes are the powers of two below max_batch,
-// and max_batch. Returns the index of the smallest one >= n, and its size.
-std::pair<size_t, int64_t> size_bucket(int64_t n, int64_t max_batch) {
-  size_t i = 0;
-  int64_t rows = 1;
-  while (rows < n) {
-    rows *= 2;
-    ++i;
-  }
-  return {i, std::min(rows, max_batch)};
 }
 
 // Note [Staging leaves the worker's cache]: staging of at least this many
@@ -606,7 +595,8 @@ void BatchQueue::run_batch(detail::Lane& lane) {
 // of R rows are recorded once per slot and size (Stream::record) and then
 // replayed: on CUDA one graph launch instead of five or more launches, which
 // is most of a small batch's host time. A batch of B rows runs as the
-// smallest recorded size R >= B, with rows B..R of the staging zeroed (rows
+// smallest recorded size R >= B (Note [Recorded sizes] in
+// recorded_sizes.h), with rows B..R of the staging zeroed (rows
 // are independent, so the padding changes no result; its outputs are not
 // read). The first batch of a size runs eagerly (that run is its result,
 // not replayed) and is then recorded, so that lazily made resources

@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "flotilla/nn/mlp.h"
+#include "serve/recorded_sizes.h"
 #include "serve/serve_test_util.h"
 
 namespace flotilla::serve::test {
@@ -844,6 +845,77 @@ TEST_F(BatchQueueTest, RecordedBatchesEqualUnbatchedOnesAtEverySize) {
   // Buckets 1, 2, 4, 8: each run once eagerly and once to record.
   EXPECT_EQ(calls_.load(), 8);
   EXPECT_EQ(q.metrics().completed, static_cast<uint64_t>(next));
+}
+
+// Note [Recorded sizes]. Would catch: a size below its batch (rows cut
+// off), padding past 1.25x above 64 rows (the device's work wasted), a gap
+// or a repeat in the indices (slot.recorded is sized by the last one and
+// indexed by them), two sizes under one index (a replay of the wrong size),
+// or a size past max_batch (the staging holds max_batch rows).
+TEST(RecordedSizes, AreTightContiguousAndEndAtMaxBatch) {
+  using flotilla::serve::detail::size_bucket;
+  EXPECT_EQ(size_bucket(1, 1024), (std::pair<size_t, int64_t>{0, 1}));
+  EXPECT_EQ(size_bucket(3, 1024), (std::pair<size_t, int64_t>{2, 4}));
+  EXPECT_EQ(size_bucket(64, 1024), (std::pair<size_t, int64_t>{6, 64}));
+  EXPECT_EQ(size_bucket(65, 1024), (std::pair<size_t, int64_t>{7, 80}));
+  EXPECT_EQ(size_bucket(128, 1024), (std::pair<size_t, int64_t>{10, 128}));
+  EXPECT_EQ(size_bucket(129, 1024), (std::pair<size_t, int64_t>{11, 160}));
+  EXPECT_EQ(size_bucket(185, 1024), (std::pair<size_t, int64_t>{12, 192}));
+  EXPECT_EQ(size_bucket(297, 1024), (std::pair<size_t, int64_t>{15, 320}));
+  EXPECT_EQ(size_bucket(1024, 1024), (std::pair<size_t, int64_t>{22, 1024}));
+  for (int64_t max_batch : {1, 5, 64, 65, 100, 300, 1000, 1024, 4096}) {
+    size_t last_index = 0;
+    int64_t last_rows = 0;
+    for (int64_t n = 1; n <= max_batch; ++n) {
+      const auto [index, rows] = size_bucket(n, max_batch);
+      ASSERT_GE(rows, n) << "n=" << n << " max_batch=" << max_batch;
+      ASSERT_LE(rows, max_batch) << "n=" << n;
+      if (n > 64) {
+        ASSERT_LE(rows * 4, n * 5) << "n=" << n << " padded to " << rows;
+      }
+      if (n > 1) {
+        ASSERT_TRUE(index == last_index || index == last_index + 1)
+            << "n=" << n << " index " << index << " after " << last_index;
+        ASSERT_EQ(index == last_index, rows == last_rows) << "n=" << n;
+      } else {
+        ASSERT_EQ(index, 0u);
+      }
+      last_index = index;
+      last_rows = rows;
+    }
+    EXPECT_EQ(last_rows, max_batch);
+    EXPECT_EQ(size_bucket(max_batch, max_batch).first, last_index);
+  }
+}
+
+// Note [Recorded sizes] in a queue: batches above 64 rows run padded to the
+// next of four sizes an octave, each recorded once. Would catch: a batch
+// run at a power of two (the model sees 128 rows for 65), a size recorded
+// twice, or a wrong row in a padded batch.
+TEST_F(BatchQueueTest, RecordedBatchesAbove64RowsRunAtTheNextQuarterOctave) {
+  auto o = manual(100, 0us);
+  o.record_batches = true;
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  int next = 0;
+  // 65 (as 80, recorded), 80 (replayed), 81 (as 96, recorded), 100 (as 100,
+  // max_batch, recorded), 70 (replayed as 80).
+  const std::pair<int, int64_t> runs[] = {{65, 80}, {80, 80}, {81, 96}, {100, 100}, {70, 80}};
+  for (const auto& [size, padded] : runs) {
+    std::vector<RequestHandle> hs;
+    const int first = next;
+    for (int i = 0; i < size; ++i) hs.push_back(q.submit(input(next++)));
+    const int calls_before = calls_.load();
+    const int64_t rows_before = rows_.load();
+    EXPECT_EQ(q.step(), static_cast<size_t>(size));
+    const int calls = calls_.load() - calls_before;
+    if (calls != 0) {  // a new size: run once eagerly and once to record, both padded
+      EXPECT_EQ(calls, 2) << "size " << size;
+      EXPECT_EQ(rows_.load() - rows_before, 2 * padded) << "size " << size;
+    }
+    for (int i = 0; i < size; ++i) expect_output(hs[static_cast<size_t>(i)], first + i);
+  }
+  EXPECT_EQ(calls_.load(), 6) << "80, 96 and 100 recorded once each";
+  EXPECT_EQ(rows_.load(), 2 * (80 + 96 + 100));
 }
 
 // Would catch: a failed recording that poisons its slot or its size.

@@ -222,8 +222,11 @@ struct BatchQueueOptions {
   // Record each batch size's work once and replay it (Stream::record; on
   // CUDA a graph: one launch per batch instead of one per kernel and copy;
   // Note [Recorded batches] in batch_queue.cpp). Batches are padded with
-  // zero rows to a recorded size (powers of two up to max_batch, and
-  // max_batch). The model must then encode and allocate only on the stream
+  // zero rows to a recorded size: the powers of two up to 64, then four
+  // sizes an octave (80, 96, 112, 128, 160, ...: at most 25 % padding), and
+  // max_batch; each size is recorded per worker slot when first used, and
+  // keeps the model's intermediates of its rows. The model must then encode
+  // and allocate only on the stream
   // it is given, treat rows independently, and depend on nothing but x (a
   // replay repeats exactly what was recorded).
   bool record_batches = false;
