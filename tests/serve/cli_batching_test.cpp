@@ -78,6 +78,32 @@ TEST(CliBatching, CallbacksCheckEveryOutputAndKeepTheWindowFull) {
   EXPECT_LE(j["p50_us"].get<double>(), j["max_us"].get<double>());
 }
 
+// --warmup-seconds: each client runs its loop before the clock starts, on
+// every client path; those outputs are checked and counted, not timed.
+// Would catch: a warm-up that never ran (checks no more than the timed
+// requests and the two closed-loop warm-up requests a client), one counted
+// as timed (requests past --requests), or one that left requests in flight
+// into the timed run (a window's slots still busy: the run hangs or loses
+// a request).
+TEST(CliBatching, WarmupSecondsRunChecksAndStayOutOfTheFigures) {
+  for (const std::string how : {"", "--window 8", "--callbacks --window 8"}) {
+    const auto r = run_cli("run --batching " + how +
+                               " --threads 3 --requests 300 --warmup-seconds 0.3 "
+                               "--max-batch 16 --queue-workers 2 --json",
+                           "2>/dev/null");
+    ASSERT_EQ(r.exit_code, 0) << how << ": " << r.out;
+    const auto j = nlohmann::json::parse(r.out);
+    EXPECT_EQ(j["warmup_seconds"], 0.3) << how;
+    EXPECT_EQ(j["requests"], 300) << how;
+    EXPECT_EQ(j["wrong_results"], 0) << how;
+    EXPECT_EQ(j["errors"], 0) << how;
+    EXPECT_GT(j["checks"].get<int>(), 300 + 3 * 2) << how << ": the warm-up ran no request";
+  }
+  const auto bad = run_cli("run --batching --requests 10 --warmup-seconds -1", "2>&1");
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.out.find("--warmup-seconds"), std::string::npos) << bad.out;
+}
+
 // --borrow-inputs: the clients' inputs are read in place (BorrowedInput) on
 // every client path: closed loop, windows, callbacks; --pinned-inputs: from
 // an InputBuffer, read in place by the device. Every output is still

@@ -59,6 +59,10 @@ void add_run_command(CLI::App& app) {
                                    "requests in all, over the threads (default 1000)");
   auto* seconds = cmd->add_option("--seconds", o->seconds, "run for this long instead");
   requests->excludes(seconds);
+  cmd->add_option("--warmup-seconds", o->warmup_seconds,
+                  "each client runs this long before the clock starts (outputs checked, not "
+                  "timed): first uses, such as recording each batch size, stay out of the figures")
+      ->capture_default_str();
   cmd->add_option("--batch", o->batch, "samples per request")->capture_default_str();
   cmd->add_option("--arch", *arch,
                   "legacy (Figure 1 made safe: one stream, one lock) or pool (a stream per "

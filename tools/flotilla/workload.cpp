@@ -59,6 +59,8 @@ void WorkloadOptions::validate() const {
   FL_CHECK_ARG(distinct_inputs >= 1 && distinct_inputs <= 1024,
                "[run] distinct inputs must be in 1..1024");
   FL_CHECK_ARG(warmup >= 0, "[run] warmup must not be negative");
+  FL_CHECK_ARG(warmup_seconds >= 0 && warmup_seconds <= 3600 && std::isfinite(warmup_seconds),
+               "[run] --warmup-seconds must be in 0..3600, not ", warmup_seconds);
   FL_CHECK_ARG(corrupt_every >= 0, "[run] --corrupt-every must not be negative");
   FL_CHECK_ARG(crash_after >= 0, "[run] --crash-after must not be negative");
   FL_CHECK_ARG(timeout_s >= 0 && std::isfinite(timeout_s),
@@ -120,6 +122,7 @@ nlohmann::json WorkloadResult::to_json() const {
                       {"requests", requests},
                       {"samples", samples},
                       {"seconds", seconds},
+                      {"warmup_seconds", o.warmup_seconds},
                       {"requests_per_s", requests_per_s},
                       {"samples_per_s", samples_per_s},
                       {"p50_us", p50_us},
@@ -716,8 +719,82 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
     try {
       client = make_client(ctx);
       st.stream = client->stream_index();
+      // The client's loop in its mode, drawing tickets from `tickets` until it
+      // gives none, into `s` and `done`: the warm-up's and the timed run's.
+      const auto drive = [&](ThreadStats& s, std::atomic<uint64_t>& done, auto&& tickets) {
+        const size_t window = static_cast<size_t>(o.batching.window);
+        bool corrupt = false;
+        if (o.batching.callbacks) {
+          run_callback_client(ctx, *windows[t], t, s, done, tickets);
+        } else if (window == 1) {
+          for (uint64_t r = t; tickets(corrupt); r += 7) {
+            const double us = one_request(*client, ctx, r % ctx.inputs.size(), out, s, corrupt);
+            s.latency_us.push_back(static_cast<float>(us));
+            done.fetch_add(1, std::memory_order_relaxed);
+          }
+        } else {  // --window: keep `window` requests in flight through the queue
+          struct Pending {
+            serve::RequestHandle handle;
+            size_t k;
+            Clock::time_point t0;
+            bool corrupt;
+          };
+          std::deque<Pending> pending;
+          bool more = true;
+          // One clock read ends each phase and starts the next (three per
+          // request): at a million requests a second the harness's own clock
+          // reads showed in profiles.
+          auto now = Clock::now();
+          for (uint64_t r = t;;) {
+            while (more && pending.size() < window) {
+              more = tickets(corrupt);
+              if (!more) break;
+              const size_t k = r % ctx.inputs.size();
+              r += 7;
+              Pending p{{}, k, now, corrupt};
+              counting_errors(s, [&] { p.handle = submit_input(ctx, k); });
+              now = Clock::now();
+              s.submit_time += now - p.t0;
+              if (p.handle.valid()) pending.push_back(std::move(p));
+            }
+            if (pending.empty()) break;
+            Pending p = std::move(pending.front());
+            pending.pop_front();
+            const auto t_get = now;
+            auto t_got = t_get;
+            counting_errors(s, [&] {
+              std::vector<float> y = p.handle.get();  // throws the request's error
+              t_got = Clock::now();
+              check_row_size(y, out_n);
+              check_output(ctx, p.k, y, s, p.corrupt);  // in place: no copy per request
+            });
+            now = Clock::now();
+            s.get_time += t_got - t_get;
+            s.check_time += now - t_got;
+            record_latency(
+                s,
+                static_cast<float>(std::chrono::duration<double, std::micro>(t_got - p.t0).count()),
+                done);
+          }
+        }
+      };
       for (int w = 0; w < o.warmup; ++w)
         one_request(*client, ctx, (t + static_cast<size_t>(w)) % ctx.inputs.size(), out, st);
+      if (o.warmup_seconds > 0) {  // --warmup-seconds: checked, counted, not timed
+        ThreadStats warm;
+        std::atomic<uint64_t> warm_done{0};
+        const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                              std::chrono::duration<double>(o.warmup_seconds));
+        drive(warm, warm_done, [&](bool& corrupt) {
+          corrupt = false;
+          return Clock::now() < until;
+        });
+        st.checks += warm.checks;
+        st.wrong += warm.wrong;
+        st.violations += warm.violations;
+        st.errors += warm.errors;
+        if (st.first_error.empty()) st.first_error = warm.first_error;
+      }
       counted_down = true;
       start.arrive_and_wait();
       st.latency_us.reserve(o.requests > 0 ? static_cast<size_t>(o.requests) / n + 1 : 4096);
@@ -740,61 +817,7 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
         if (o.crash_after > 0 && ticket + 1 == static_cast<uint64_t>(o.crash_after)) std::abort();
         return true;
       };
-      const size_t window = static_cast<size_t>(o.batching.window);
-      bool corrupt = false;
-      if (o.batching.callbacks) {
-        run_callback_client(ctx, *windows[t], t, st, completed, next);
-      } else if (window == 1) {
-        for (uint64_t r = t; next(corrupt); r += 7) {
-          const double us = one_request(*client, ctx, r % ctx.inputs.size(), out, st, corrupt);
-          st.latency_us.push_back(static_cast<float>(us));
-          completed.fetch_add(1, std::memory_order_relaxed);
-        }
-      } else {  // --window: keep `window` requests in flight through the queue
-        struct Pending {
-          serve::RequestHandle handle;
-          size_t k;
-          Clock::time_point t0;
-          bool corrupt;
-        };
-        std::deque<Pending> pending;
-        bool more = true;
-        // One clock read ends each phase and starts the next (three per
-        // request): at a million requests a second the harness's own clock
-        // reads showed in profiles.
-        auto now = Clock::now();
-        for (uint64_t r = t;;) {
-          while (more && pending.size() < window) {
-            more = next(corrupt);
-            if (!more) break;
-            const size_t k = r % ctx.inputs.size();
-            r += 7;
-            Pending p{{}, k, now, corrupt};
-            counting_errors(st, [&] { p.handle = submit_input(ctx, k); });
-            now = Clock::now();
-            st.submit_time += now - p.t0;
-            if (p.handle.valid()) pending.push_back(std::move(p));
-          }
-          if (pending.empty()) break;
-          Pending p = std::move(pending.front());
-          pending.pop_front();
-          const auto t_get = now;
-          auto t_got = t_get;
-          counting_errors(st, [&] {
-            std::vector<float> y = p.handle.get();  // throws the request's error
-            t_got = Clock::now();
-            check_row_size(y, out_n);
-            check_output(ctx, p.k, y, st, p.corrupt);  // in place: no copy per request
-          });
-          now = Clock::now();
-          st.get_time += t_got - t_get;
-          st.check_time += now - t_got;
-          record_latency(
-              st,
-              static_cast<float>(std::chrono::duration<double, std::micro>(t_got - p.t0).count()),
-              completed);
-        }
-      }
+      drive(st, completed, next);
     } catch (const Error& e) {  // the client could not be made (e.g. no free stream)
       ++st.errors;
       if (st.first_error.empty()) st.first_error = e.what();
@@ -912,7 +935,7 @@ namespace {
 
 double default_timeout(const WorkloadOptions& o) {
   if (o.timeout_s > 0) return o.timeout_s;
-  return o.requests > 0 ? 900.0 : 3 * o.seconds + 120.0;
+  return (o.requests > 0 ? 900.0 : 3 * o.seconds + 120.0) + 3 * o.warmup_seconds;
 }
 
 WorkloadResult crashed(const nn::MlpWeights& weights, const WorkloadOptions& o,

@@ -56,10 +56,14 @@ struct WorkloadOptions {
   int batch = 1;             // samples per request
   int distinct_inputs = 16;  // inputs cycled through (each with its reference output)
   int warmup = 2;            // requests per thread before the clock starts (checked, not timed)
-  uint64_t seed = 1;         // of the inputs
-  bool progress = true;      // a progress line on stderr every second
-  bool isolate = true;       // run in a forked child (a crash is counted, not fatal)
-  double timeout_s = 0;      // child watchdog; 0: from seconds/requests
+  // Then each client runs its timed loop this long before the clock starts
+  // (--warmup-seconds; checked, not timed): first uses (with
+  // --record-batches, each batch size's recording) fall outside the figures.
+  double warmup_seconds = 0;
+  uint64_t seed = 1;     // of the inputs
+  bool progress = true;  // a progress line on stderr every second
+  bool isolate = true;   // run in a forked child (a crash is counted, not fatal)
+  double timeout_s = 0;  // child watchdog; 0: from seconds/requests
   // Test hook (hidden --corrupt-every N): flips a bit in the output of every
   // Nth timed request before the check, to prove the check can fail.
   int corrupt_every = 0;
