@@ -225,10 +225,14 @@ struct BatchQueueOptions {
   // zero rows to a recorded size: the powers of two up to 64, then four
   // sizes an octave (80, 96, 112, 128, 160, ...: at most 25 % padding), and
   // max_batch; each size is recorded per worker slot when first used, and
-  // keeps the model's intermediates of its rows. The model must then encode
-  // and allocate only on the stream
-  // it is given, treat rows independently, and depend on nothing but x (a
-  // replay repeats exactly what was recorded).
+  // keeps the model's intermediates of its rows. A batch that records runs
+  // eagerly and then records (its worker drains its stream), so latencies
+  // are higher until the sizes in use are recorded: warm the queue up with
+  // representative traffic before serving or timing it (on the H100, 64
+  // clients' p99 doubled over 2 s runs without a warm-up; docs/PERF.md).
+  // The model must then encode and allocate only on the stream it is given,
+  // treat rows independently, and depend on nothing but x (a replay repeats
+  // exactly what was recorded).
   bool record_batches = false;
   // How many streams run the queue's batches at once, claimed on each
   // worker's stream while the queue lives (Stream::claim_device_share; the
