@@ -56,7 +56,7 @@ TEST(CliRun, FourThreadsTwoHundredRequestsAllRight) {
   EXPECT_EQ(j["streams_used"], 4) << "4 pool threads should get 4 streams";
   EXPECT_GT(j["requests_per_s"].get<double>(), 0);
   EXPECT_LE(j["p50_us"].get<double>(), j["p99_us"].get<double>());
-  // The host's CPU use over the timed span: 200 CPU forwards cost something,
+  // The process's CPU use over the timed span: 200 CPU forwards cost something,
   // and a process cannot keep more cores busy than the host has (half a
   // core of slack for the clocks' granularity).
   const int host_cores = j.at("host_cores").get<int>();

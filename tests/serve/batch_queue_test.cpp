@@ -890,8 +890,8 @@ TEST(RecordedSizes, AreTightContiguousAndEndAtMaxBatch) {
 
 // Note [Recorded sizes] in a queue: batches above 64 rows run padded to the
 // next of four sizes an octave, each recorded once. Would catch: a batch
-// run at a power of two (the model sees 128 rows for 65), a size recorded
-// twice, or a wrong row in a padded batch.
+// run at a power of two (the model sees 128 rows for 65, here capped at max_batch, 100), a size
+// recorded twice, or a wrong row in a padded batch.
 TEST_F(BatchQueueTest, RecordedBatchesAbove64RowsRunAtTheNextQuarterOctave) {
   auto o = manual(100, 0us);
   o.record_batches = true;

@@ -61,7 +61,8 @@ void add_run_command(CLI::App& app) {
   requests->excludes(seconds);
   cmd->add_option("--warmup-seconds", o->warmup_seconds,
                   "each client runs this long before the clock starts (outputs checked, not "
-                  "timed): first uses, such as recording each batch size, stay out of the figures")
+                  "timed): first uses, such as recording each batch size, stay out of the timed "
+                  "figures (the queue's own metrics, such as mean_batch, include them)")
       ->capture_default_str();
   cmd->add_option("--batch", o->batch, "samples per request")->capture_default_str();
   cmd->add_option("--arch", *arch,

@@ -391,6 +391,9 @@ struct ThreadStats {
   std::vector<float> latency_us;  // timed requests only
   uint64_t checks = 0, wrong = 0, violations = 0, errors = 0;
   uint64_t waits = 0;  // --callbacks: sleeps with a full window
+  // False for --warmup-seconds' stats: its latencies are not kept (at
+  // millions of requests a second they would grow by megabytes a second).
+  bool timed = true;
   // --window: the client thread's own time per phase (submit() calls, get()
   // calls including waiting, copying and checking outputs), summed.
   std::chrono::nanoseconds submit_time{0}, get_time{0}, check_time{0};
@@ -536,6 +539,7 @@ struct CallbackWindow {
 // Records one completed request's latency in `st`; every 64th also counts
 // 64 more in `completed`, the progress line's count.
 void record_latency(ThreadStats& st, float us, std::atomic<uint64_t>& completed) {
+  if (!st.timed) return;
   st.latency_us.push_back(us);
   if (st.latency_us.size() % 64 == 0) completed.fetch_add(64, std::memory_order_relaxed);
 }
@@ -729,7 +733,7 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
         } else if (window == 1) {
           for (uint64_t r = t; tickets(corrupt); r += 7) {
             const double us = one_request(*client, ctx, r % ctx.inputs.size(), out, s, corrupt);
-            s.latency_us.push_back(static_cast<float>(us));
+            if (s.timed) s.latency_us.push_back(static_cast<float>(us));
             done.fetch_add(1, std::memory_order_relaxed);
           }
         } else {  // --window: keep `window` requests in flight through the queue
@@ -782,6 +786,7 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
         one_request(*client, ctx, (t + static_cast<size_t>(w)) % ctx.inputs.size(), out, st);
       if (o.warmup_seconds > 0) {  // --warmup-seconds: checked, counted, not timed
         ThreadStats warm;
+        warm.timed = false;
         std::atomic<uint64_t> warm_done{0};
         const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                               std::chrono::duration<double>(o.warmup_seconds));
@@ -851,8 +856,8 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
     }
   }
   for (auto& th : threads) th.join();
+  const double cpu_seconds = process_cpu_seconds() - cpu0;  // first: no CPU after the clock
   const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-  const double cpu_seconds = process_cpu_seconds() - cpu0;
   dev.synchronize();
 
   std::vector<float> all;

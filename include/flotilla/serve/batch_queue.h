@@ -224,7 +224,7 @@ struct BatchQueueOptions {
   // Note [Recorded batches] in batch_queue.cpp). Batches are padded with
   // zero rows to a recorded size: the powers of two up to 64, then four
   // sizes an octave (80, 96, 112, 128, 160, ...: at most 25 % padding), and
-  // max_batch; each size is recorded per worker slot when first used, and
+  // max_batch; each size is recorded per worker slot and input kind when first used, and
   // keeps the model's intermediates of its rows. A batch that records runs
   // eagerly and then records (its worker drains its stream), so latencies
   // are higher until the sizes in use are recorded: warm the queue up with
