@@ -231,6 +231,28 @@ TEST(CliBatching, BenchAddsABatchingSeries) {
   EXPECT_NE(r.out.find("batching"), std::string::npos) << r.out;
 }
 
+// --warmup-seconds applies to every point of both series, and bench.json
+// says so. Would catch: the option dropped on the way to the points (their
+// checks then no more than their timed requests and two closed-loop
+// warm-up requests a client).
+TEST(CliBatching, BenchWarmsEveryPointUp) {
+  Result r;
+  const auto j = run_bench("warmup",
+                           "--batching --threads-list 2 --batches 1 --archs pool "
+                           "--seconds-per-point 0.2 --warmup-seconds 0.2",
+                           r);
+  ASSERT_TRUE(j.is_object());
+  EXPECT_EQ(j["warmup_seconds"], 0.2);
+  int points = 0;
+  for (const auto& p : j["points"]) {
+    ++points;
+    EXPECT_EQ(p["warmup_seconds"], 0.2) << p.dump();
+    EXPECT_EQ(p["wrong_results"], 0) << p.dump();
+    EXPECT_GT(p["checks"].get<int64_t>(), p["requests"].get<int64_t>() + 2 * 2) << p.dump();
+  }
+  EXPECT_EQ(points, 2) << "a pool point and a batching point";
+}
+
 // --callbacks (and --window) set up the batching series only: its points
 // hand their outputs to completion callbacks, while the pool points run as
 // without the flags (they used to refuse them, so the bench could not run).

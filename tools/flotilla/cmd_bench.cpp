@@ -256,6 +256,7 @@ void run_bench(const BenchOptions& b) {
                       {"model_shape", first.model_shape},
                       {"dtype", to_string(base.dtype)},
                       {"seconds_per_point", b.seconds_per_point},
+                      {"warmup_seconds", base.warmup_seconds},
                       {"threads", b.threads},
                       {"batches", b.batches},
                       {"archs", b.archs},
@@ -356,6 +357,10 @@ void add_bench_command(CLI::App& app) {
       ->delimiter(',')
       ->capture_default_str();
   cmd->add_option("--seconds-per-point", b->seconds_per_point, "seconds each point runs")
+      ->capture_default_str();
+  cmd->add_option("--warmup-seconds", b->base.warmup_seconds,
+                  "each point's clients run this long before its clock starts (checked, not "
+                  "timed), as flotilla run's")
       ->capture_default_str();
   cmd->add_option("--out", b->out, "directory for bench.json, bench.png, bench.dat, bench.gp")
       ->capture_default_str();
