@@ -65,6 +65,11 @@ void BatchQueueOptions::validate() const {
                "; use 1 (one batch in flight per worker) to 64");
   FL_CHECK_ARG(!record_batches || max_batch <= (1 << 20), "[BatchQueueOptions] max_batch is ",
                max_batch, "; record_batches supports up to 1048576");
+  FL_CHECK_ARG(record_steps >= 1 && record_steps <= detail::kMaxStepsPerOctave &&
+                   (record_steps & (record_steps - 1)) == 0,
+               "[BatchQueueOptions] record_steps is ", record_steps,
+               "; use a power of two from 1 to ", detail::kMaxStepsPerOctave,
+               " (recorded sizes in each octave above ", detail::kPowersUpTo, " rows)");
   FL_CHECK_ARG(device_share >= 0 && device_share <= 256, "[BatchQueueOptions] device_share is ",
                device_share, "; use 0 (the number of streams the workers get) or 1 to 256");
   FL_CHECK_ARG(spin_wait.count() >= 0 && spin_wait.count() <= 1000000,
@@ -259,7 +264,9 @@ BatchQueue::BatchQueue(Device& device, int64_t in_features, int64_t out_features
                         "the driver's host staging memory is not host-visible");
       if (options_.record_batches)
         slot.recorded.resize(
-            2 * (detail::size_bucket(options_.max_batch, options_.max_batch).first + 1));
+            2 * (detail::size_bucket(options_.max_batch, options_.max_batch, options_.record_steps)
+                     .first +
+                 1));
     }
     lanes_.push_back(std::move(lane));
   }
@@ -676,8 +683,9 @@ void BatchQueue::launch_batch(detail::Lane& lane) {
     }
     const bool gather = staged < static_cast<size_t>(b);
     if (gather) core_->recorder().read_in_place(static_cast<uint64_t>(b) - staged);
-    const auto [bucket, rows] = options_.record_batches ? detail::size_bucket(b, options_.max_batch)
-                                                        : std::pair<size_t, int64_t>(0, b);
+    const auto [bucket, rows] =
+        options_.record_batches ? detail::size_bucket(b, options_.max_batch, options_.record_steps)
+                                : std::pair<size_t, int64_t>(0, b);
     if (gather) {
       for (int64_t i = b; i < rows; ++i) table[i] = table[0];
     } else {

@@ -15,22 +15,30 @@ namespace flotilla::serve::detail {
 // all R rows' work: the gather, three GEMMs, the copy back. Up to 64 rows
 // the sizes are the powers of two: a small batch's time is its launches and
 // the weights' reads, whatever its rows. Above 64 each octave (P, 2P] is cut
-// in four steps of P/4 (80, 96, 112, 128, 160, ..., 256, 320, ...), so R is
-// at most 1.25 B (about 1.1 B on average) instead of up to 2 B: with 64
+// in BatchQueueOptions::record_steps steps of P/steps (the default, four:
+// 80, 96, 112, 128, 160, ..., 256, 320, ...), so R is at most
+// (1 + 1/steps) B (four: 1.25 B, about 1.1 B on average) instead of up to
+// 2 B: with 64
 // clients on the H100 the device, not the host, was the limit (kernels
 // running all the time, the workers waiting on their fences, 10.5 of 16
 // cores busy; docs/PERF.md), and batches of about 190 and 300 rows ran as
 // 256 and 512. The last size is max_batch. Each size is recorded once per
 // slot and input kind, when first used: a recording keeps the model's
 // intermediates of R rows, so a queue of many workers that sees every size
-// holds up to 2 x (sizes) x (workers x pipeline_depth) of them.
+// holds up to 2 x (sizes) x (workers x pipeline_depth) of them. More steps
+// pad less and record more sizes (with max_batch 1024: 11 sizes with one
+// step, 23 with four, 39 with eight).
 constexpr int64_t kPowersUpTo = 64;
-constexpr int64_t kStepsPerOctave = 4;
+constexpr int64_t kDefaultStepsPerOctave = 4;
+constexpr int64_t kMaxStepsPerOctave = 64;  // a step of 64 / steps rows stays whole
 
 // Returns the index of the smallest recorded size >= n (1 <= n <=
-// max_batch) and that size. Indices run from 0 without gaps, in the order
-// of the sizes; the largest is size_bucket(max_batch, max_batch).first.
-inline std::pair<size_t, int64_t> size_bucket(int64_t n, int64_t max_batch) {
+// max_batch) and that size, with `steps` sizes an octave above kPowersUpTo
+// (a power of two, 1..kMaxStepsPerOctave). Indices run from 0 without gaps,
+// in the order of the sizes; the largest is size_bucket(max_batch,
+// max_batch, steps).first.
+inline std::pair<size_t, int64_t> size_bucket(int64_t n, int64_t max_batch,
+                                              int64_t steps = kDefaultStepsPerOctave) {
   size_t i = 0;
   int64_t rows = 1;
   while (rows < n && rows < kPowersUpTo) {
@@ -38,14 +46,14 @@ inline std::pair<size_t, int64_t> size_bucket(int64_t n, int64_t max_batch) {
     ++i;
   }
   if (rows >= n) return {i, std::min(rows, max_batch)};
-  // n > kPowersUpTo: the octave (p, 2p] that holds n, in kStepsPerOctave steps.
+  // n > kPowersUpTo: the octave (p, 2p] that holds n, in `steps` steps.
   int64_t p = kPowersUpTo;
   while (2 * p < n) {
     p *= 2;
-    i += kStepsPerOctave;
+    i += static_cast<size_t>(steps);
   }
-  const int64_t step = p / kStepsPerOctave;
-  const int64_t q = (n - p + step - 1) / step;  // 1 .. kStepsPerOctave
+  const int64_t step = p / steps;
+  const int64_t q = (n - p + step - 1) / step;  // 1 .. steps
   return {i + static_cast<size_t>(q), std::min(p + q * step, max_batch)};
 }
 

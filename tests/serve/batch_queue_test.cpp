@@ -848,7 +848,7 @@ TEST_F(BatchQueueTest, RecordedBatchesEqualUnbatchedOnesAtEverySize) {
 }
 
 // Note [Recorded sizes]. Would catch: a size below its batch (rows cut
-// off), padding past 1.25x above 64 rows (the device's work wasted), a gap
+// off), padding past 1 + 1/steps above 64 rows (the device's work wasted), a gap
 // or a repeat in the indices (slot.recorded is sized by the last one and
 // indexed by them), two sizes under one index (a replay of the wrong size),
 // or a size past max_batch (the staging holds max_batch rows).
@@ -863,28 +863,39 @@ TEST(RecordedSizes, AreTightContiguousAndEndAtMaxBatch) {
   EXPECT_EQ(size_bucket(185, 1024), (std::pair<size_t, int64_t>{12, 192}));
   EXPECT_EQ(size_bucket(297, 1024), (std::pair<size_t, int64_t>{15, 320}));
   EXPECT_EQ(size_bucket(1024, 1024), (std::pair<size_t, int64_t>{22, 1024}));
-  for (int64_t max_batch : {1, 5, 64, 65, 100, 300, 1000, 1024, 4096}) {
-    size_t last_index = 0;
-    int64_t last_rows = 0;
-    for (int64_t n = 1; n <= max_batch; ++n) {
-      const auto [index, rows] = size_bucket(n, max_batch);
-      ASSERT_GE(rows, n) << "n=" << n << " max_batch=" << max_batch;
-      ASSERT_LE(rows, max_batch) << "n=" << n;
-      if (n > 64) {
-        ASSERT_LE(rows * 4, n * 5) << "n=" << n << " padded to " << rows;
+  // Eight steps: 72, 80, ..., 128, 144, ..., 256, 288, ...; one: the powers of two.
+  EXPECT_EQ(size_bucket(65, 1024, 8), (std::pair<size_t, int64_t>{7, 72}));
+  EXPECT_EQ(size_bucket(185, 1024, 8), (std::pair<size_t, int64_t>{18, 192}));
+  EXPECT_EQ(size_bucket(297, 1024, 8), (std::pair<size_t, int64_t>{24, 320}));
+  EXPECT_EQ(size_bucket(257, 1024, 8), (std::pair<size_t, int64_t>{23, 288}));
+  EXPECT_EQ(size_bucket(1024, 1024, 8), (std::pair<size_t, int64_t>{38, 1024}));
+  EXPECT_EQ(size_bucket(297, 1024, 1), (std::pair<size_t, int64_t>{9, 512}));
+  EXPECT_EQ(size_bucket(1024, 1024, 1), (std::pair<size_t, int64_t>{10, 1024}));
+  for (int64_t steps : {1, 2, 4, 8, 64}) {
+    for (int64_t max_batch : {1, 5, 64, 65, 100, 300, 1000, 1024, 4096}) {
+      size_t last_index = 0;
+      int64_t last_rows = 0;
+      for (int64_t n = 1; n <= max_batch; ++n) {
+        const auto [index, rows] = size_bucket(n, max_batch, steps);
+        ASSERT_GE(rows, n) << "n=" << n << " max_batch=" << max_batch << " steps=" << steps;
+        ASSERT_LE(rows, max_batch) << "n=" << n << " steps=" << steps;
+        if (n > 64) {
+          ASSERT_LE(rows * steps, n * (steps + 1))
+              << "n=" << n << " padded to " << rows << " steps=" << steps;
+        }
+        if (n > 1) {
+          ASSERT_TRUE(index == last_index || index == last_index + 1)
+              << "n=" << n << " index " << index << " after " << last_index << " steps=" << steps;
+          ASSERT_EQ(index == last_index, rows == last_rows) << "n=" << n << " steps=" << steps;
+        } else {
+          ASSERT_EQ(index, 0u);
+        }
+        last_index = index;
+        last_rows = rows;
       }
-      if (n > 1) {
-        ASSERT_TRUE(index == last_index || index == last_index + 1)
-            << "n=" << n << " index " << index << " after " << last_index;
-        ASSERT_EQ(index == last_index, rows == last_rows) << "n=" << n;
-      } else {
-        ASSERT_EQ(index, 0u);
-      }
-      last_index = index;
-      last_rows = rows;
+      EXPECT_EQ(last_rows, max_batch);
+      EXPECT_EQ(size_bucket(max_batch, max_batch, steps).first, last_index);
     }
-    EXPECT_EQ(last_rows, max_batch);
-    EXPECT_EQ(size_bucket(max_batch, max_batch).first, last_index);
   }
 }
 
@@ -916,6 +927,36 @@ TEST_F(BatchQueueTest, RecordedBatchesAbove64RowsRunAtTheNextQuarterOctave) {
   }
   EXPECT_EQ(calls_.load(), 6) << "80, 96 and 100 recorded once each";
   EXPECT_EQ(rows_.load(), 2 * (80 + 96 + 100));
+}
+
+// BatchQueueOptions::record_steps reaches the sizes. Would catch: the
+// option ignored (65 rows would run as 80 with the default four steps) or
+// the slot's recordings sized for the default (eight steps have more sizes:
+// the last, 200, would index past them).
+TEST_F(BatchQueueTest, RecordStepsSetsTheSizesAbove64Rows) {
+  auto o = manual(200, 0us);
+  o.record_batches = true;
+  o.record_steps = 8;
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  int next = 0;
+  // 65 as 72, 73 as 80, 190 as 192, 200 (max_batch): each recorded once.
+  for (const int size : {65, 73, 190, 200}) {
+    std::vector<RequestHandle> hs;
+    const int first = next;
+    for (int i = 0; i < size; ++i) hs.push_back(q.submit(input(next++)));
+    EXPECT_EQ(q.step(), static_cast<size_t>(size));
+    for (int i = 0; i < size; ++i) expect_output(hs[static_cast<size_t>(i)], first + i);
+  }
+  EXPECT_EQ(calls_.load(), 8);
+  EXPECT_EQ(rows_.load(), 2 * (72 + 80 + 192 + 200));
+
+  o.record_steps = 3;
+  try {
+    BatchQueue bad(*device_, kIn, kOut, counted(), o);
+    ADD_FAILURE() << "record_steps 3 was accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("record_steps is 3"), std::string::npos) << e.what();
+  }
 }
 
 // Would catch: a failed recording that poisons its slot or its size.

@@ -57,6 +57,24 @@ TEST(CliBatching, RunMergesRequestsAndEveryOutputIsRight) {
   EXPECT_LE(j["mean_batch"].get<double>(), 16.0);
 }
 
+// --record-batches with --record-steps reaches the queue: batches above 64
+// rows run at the finer sizes, every output checked. Would catch: the option
+// dropped on the way (the JSON echoes what the queue was given) or a padded
+// row handed to a client.
+TEST(CliBatching, RecordedBatchesAtEightStepsAnOctaveAreRight) {
+  const auto r = run_cli(
+      "run --batching --record-batches --record-steps 8 --threads 8 --window 32 --callbacks "
+      "--max-batch 256 --queue-workers 2 --requests 3000 --json",
+      "2>/dev/null");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["record_batches"], true);
+  EXPECT_EQ(j["record_steps"], 8);
+  EXPECT_EQ(j["wrong_results"], 0);
+  EXPECT_EQ(j["errors"], 0);
+  EXPECT_GE(j["checks"].get<int>(), 3000);
+}
+
 TEST(CliBatching, CallbacksCheckEveryOutputAndKeepTheWindowFull) {
   const auto r = run_cli(
       "run --batching --callbacks --threads 4 --window 16 --requests 2000 --max-batch 32 "
@@ -182,7 +200,9 @@ TEST(CliBatching, BadOptionsEndWithOneLine) {
         "run --batching --callbacks --window 8 --refill -1", "run --batching --device-share -1",
         "run --batching --device-share 257", "run --device-share 2", "bench --callbacks",
         "bench --window 4", "bench --device-share 4", "run --borrow-inputs",
-        "bench --borrow-inputs", "run --pinned-inputs", "bench --pinned-inputs"}) {
+        "bench --borrow-inputs", "run --pinned-inputs", "bench --pinned-inputs",
+        "run --batching --record-batches --record-steps 3",
+        "run --batching --record-batches --record-steps 128", "run --batching --record-steps 8"}) {
     const auto r = run_cli(args, "2>&1");
     EXPECT_NE(r.exit_code, 0) << args;
     int lines = 0;

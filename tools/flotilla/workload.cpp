@@ -85,6 +85,12 @@ void WorkloadOptions::validate() const {
     in_range("--pipeline-depth", batching.pipeline_depth, 1, 64);
     in_range("--spin-us", batching.spin_us, 0, 1000000);
     in_range("--device-share", batching.device_share, 0, 256);
+    in_range("--record-steps", batching.record_steps, 1, 64);
+    FL_CHECK_ARG((batching.record_steps & (batching.record_steps - 1)) == 0,
+                 "[run] --record-steps must be a power of two (1, 2, 4, ..., 64), not ",
+                 batching.record_steps);
+    FL_CHECK_ARG(batching.record || batching.record_steps == 4,
+                 "[run] --record-steps sets the recorded batch sizes; it needs --record-batches");
     FL_CHECK_ARG(batching.refill == 0 || batching.callbacks,
                  "[run] --refill is how many of a full window's requests complete before its "
                  "client wakes; it needs --callbacks");
@@ -150,6 +156,7 @@ nlohmann::json WorkloadResult::to_json() const {
     j["pipeline_depth"] = o.batching.pipeline_depth;
     j["spin_us"] = o.batching.spin_us;
     j["record_batches"] = o.batching.record;
+    if (o.batching.record) j["record_steps"] = o.batching.record_steps;
     j["device_share_option"] = o.batching.device_share;  // 0: the queue's streams
     j["device_share"] = device_share;  // the hint its first worker's stream planned with
     if (o.batching.callbacks) j["refill"] = o.batching.refill_or_default();
@@ -687,6 +694,7 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
     qo.pipeline_depth = o.batching.pipeline_depth;
     qo.spin_wait = std::chrono::microseconds(o.batching.spin_us);
     qo.record_batches = o.batching.record;
+    qo.record_steps = o.batching.record_steps;
     qo.device_share = o.batching.device_share;
     // Room for every client's window: no client waits for room.
     qo.capacity = std::max<size_t>(
@@ -1020,6 +1028,10 @@ void add_batching_options(CLI::App& cmd, WorkloadOptions::Batching& b) {
       ->capture_default_str();
   cmd.add_flag("--record-batches", b.record,
                "batching: record each batch size once and replay it (a CUDA graph on cuda)");
+  cmd.add_option("--record-steps", b.record_steps,
+                 "batching, with --record-batches: recorded sizes in each octave above 64 rows "
+                 "(a power of two, 1 to 64): more pad batches less and record more sizes")
+      ->capture_default_str();
   cmd.add_flag("--callbacks", b.callbacks,
                "batching: outputs go to completion callbacks (checked on the queue's workers) "
                "instead of handles the clients wait on");

@@ -234,6 +234,12 @@ struct BatchQueueOptions {
   // treat rows independently, and depend on nothing but x (a replay repeats
   // exactly what was recorded).
   bool record_batches = false;
+  // With record_batches: the recorded sizes in each octave above 64 rows
+  // (1, 2, 4, 8, 16, 32 or 64; Note [Recorded sizes]). More pad less (at
+  // most 1/record_steps of the batch) and record more sizes, each once per
+  // slot and input kind (max_batch 1024: 11 sizes with 1, 23 with 4, 39
+  // with 8).
+  int record_steps = 4;
   // How many streams run the queue's batches at once, claimed on each
   // worker's stream while the queue lives (Stream::claim_device_share; the
   // streams are the device's pooled ones, shared with its other users, who
