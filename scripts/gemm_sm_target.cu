@@ -7,6 +7,8 @@
 // GPU to itself) and 8 streams each replaying a graph of chains (aggregate
 // rows/s: the BatchQueue's regime, 8 workers sharing the GPU).
 //   nvcc -O2 -std=c++17 -o /tmp/gs scripts/gemm_sm_target.cu -lcublasLt && /tmp/gs [M...]
+// GS_TARGETS="0 66 33 16" (SM counts; -1: TF32 on the whole device) sets the
+// targets tried; the default is the whole device, 1/2 ... 1/32 of it, TF32.
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
@@ -110,15 +112,26 @@ int main(int argc, char** argv) {
   }
   std::printf("device SMs: %d\n", sms);
   std::printf("%5s %6s | %-44s | %10s | %12s %6s\n", "M", "target", "per layer: tile/split",
-              "1 stream", "8 streams", "vs 0");
+              "1 stream", "8 streams", "vs 1st");
   std::vector<int> ms = {16, 32, 64, 128, 192, 256, 384, 512, 1024};
   if (argc > 1) {  // the batch sizes to try, e.g. 1 2 4 8
     ms.clear();
     for (int i = 1; i < argc; ++i) ms.push_back(std::atoi(argv[i]));
   }
+  std::vector<int> targets = {0, sms / 2, sms / 4, sms / 8, sms / 16, sms / 32, -1};
+  if (const char* env = std::getenv("GS_TARGETS")) {
+    targets.clear();
+    for (const char* p = env; *p;) {
+      char* end = nullptr;
+      const long t = std::strtol(p, &end, 10);
+      if (end == p) break;
+      targets.push_back(static_cast<int>(t));
+      p = end;
+    }
+  }
   for (int m : ms) {
     double base = 0;
-    for (int target : {0, sms / 2, sms / 4, sms / 8, sms / 16, sms / 32, -1}) {
+    for (int target : targets) {
       const bool tf32 = target < 0;
       Plan ps[3];
       char desc[128];
@@ -132,7 +145,7 @@ int main(int argc, char** argv) {
                              algo_attr(ps[l].algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM));
       }
       const double one = rate(ps, 1), eight = rate(ps, kStreams);
-      if (target == 0) base = eight;
+      if (base == 0) base = eight;  // the first target tried (0 by default)
       std::printf("%5d %6s | %-44s | %7.1f us | %9.2fM/s %5.2fx\n", m,
                   tf32 ? "tf32" : std::to_string(target).c_str(), desc, 1e6 / one, eight * m / 1e6,
                   eight / base);

@@ -11,7 +11,7 @@
 # call). Medians print per build and configuration; every log goes to $OUT.
 #
 # Usage (on the GPU machine, from a checkout that carries .snap/a.tar,
-# .snap/b.tar and optionally .snap/c.tar, `git archive` of the commits, or
+# .snap/b.tar and optionally .snap/c.tar (or only .snap/b.tar: one build), `git archive` of the commits, or
 # .snap/bin/a/, .snap/bin/b/ (and c/) with binaries built elsewhere (below);
 # .deps/deps.tar.gz from `scripts/gpu_check.sh pack-deps`; and .peer/ from
 # ../shared/peer):
@@ -36,8 +36,13 @@ export CMAKE_PREFIX_PATH="$D/usr;$L/cmake;$D/usr/share/cmake"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
 echo "host: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p')"
 
-builds="a b"
-[ -f "$R/.snap/c.tar" ] && builds="a b c"
+# The builds present (one alone, b, runs CONFIGS_FILE on one binary: probes
+# without a comparison).
+builds=""
+for v in a b c; do
+  [ -f "$R/.snap/$v.tar" ] || [ -d "$R/.snap/bin/$v" ] && builds="${builds:+$builds }$v"
+done
+[ -n "$builds" ] || { echo "no .snap/{a,b,c}.tar or .snap/bin/{a,b,c}/"; exit 1; }
 last=${builds##* }
 build() {  # build VERSION TARGETS...
   local v=$1
