@@ -68,26 +68,20 @@ unsigned blocks_for(uint64_t n, const LaunchContext& ctx) {
 // heuristic's (deterministic: the same on every run of one device and
 // library), and the target is part of the plan's key.
 //
-// Only where it was measured to help: f32, and 64 to 1024 rows. Measured on
+// Only where it was measured to help: f32, and 64 to 512 rows. Measured on
 // the H100 (scripts/gemm_sm_target.cu; docs/PERF.md, "GEMMs for a share of
 // the device"), the MLP's three f32 layers, 8 streams replaying graphs of
 // them at once, target 16 SMs (132 / 8) against the whole device: 1.50x the
-// rows/s at 64 rows, 1.67x at 128 and 256, 1.45x at 192. Above 384 rows the
-// plans for 16 SMs lose to those for half the device (66 SMs), which pick
-// bigger tiles: 1.06x at 448 rows, 1.13x and 1.12x at 512 (two sessions),
-// 1.15x and 1.14x at 1024 against the whole device's plan, 0.99x at 768
-// (seventeenth session, docs/PERF.md "GEMM plans above 384 rows"); so from
-// 385 to 1024 rows the target is half the device (or the share, when that is
-// more). Out of that window it loses or is mixed: at 1 to 3 rows the
-// targeted plans take 2-3x as long (38.9 against 11.9 us for the chain at 2
-// rows; 8 closed-loop clients of a 4-worker queue fell from 192k to 149k
-// req/s), at 32 rows a target of 33 or 66 SMs lost 12-14 %; above 1024 rows
-// nothing was measured. One stream alone gets slower too (256 rows: 96
-// against 72 us per chain): a hint for concurrent callers only.
+// rows/s at 64 rows, 1.67x at 128 and 256, 1.45x at 192, 1.07x at 512. Out
+// of that window it loses or is mixed: at 1 to 3 rows the targeted plans take
+// 2-3x as long (38.9 against 11.9 us for the chain at 2 rows; 8 closed-loop
+// clients of a 4-worker queue fell from 192k to 149k req/s), at 32 rows a
+// target of 33 or 66 SMs lost 12-14 %, at 1024 rows the targets went 0.92x
+// to 1.17x. One stream alone gets slower too (256 rows: 96 against 72 us per
+// chain): a hint for concurrent callers only.
 int gemm_sm_target(int sm_count, int share, int64_t rows, int dtype) {
-  if (share <= 1 || sm_count <= 0 || dtype != 0 || rows < 64 || rows > 1024) return 0;
-  const int per_share = std::max(1, sm_count / share);
-  return rows <= 384 ? per_share : std::max(per_share, sm_count / 2);
+  if (share <= 1 || sm_count <= 0 || dtype != 0 || rows < 64 || rows > 512) return 0;
+  return std::max(1, sm_count / share);
 }
 
 // ---- Element conversions -------------------------------------------------------------
