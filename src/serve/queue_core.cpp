@@ -99,6 +99,7 @@ std::atomic<void (*)()> g_after_detach{nullptr};  // set_after_detach_hook_for_t
 std::atomic<void (*)()> g_room_refused{nullptr};  // set_room_refused_hook_for_testing
 std::atomic<void (*)()> g_took_direct{nullptr};   // set_took_direct_hook_for_testing
 std::atomic<void (*)()> g_freed{nullptr};         // set_request_freed_hook_for_testing
+std::atomic<void (*)()> g_split_list{nullptr};    // set_split_list_hook_for_testing
 }  // namespace
 
 Request::~Request() {
@@ -110,6 +111,7 @@ void set_before_push_hook_for_testing(void (*hook)()) { g_before_push.store(hook
 void set_after_detach_hook_for_testing(void (*hook)()) { g_after_detach.store(hook); }
 void set_room_refused_hook_for_testing(void (*hook)()) { g_room_refused.store(hook); }
 void set_took_direct_hook_for_testing(void (*hook)()) { g_took_direct.store(hook); }
+void set_split_list_hook_for_testing(void (*hook)()) { g_split_list.store(hook); }
 
 QueueCore::QueueCore(const BatchQueueOptions& options, std::shared_ptr<Clock> clock,
                      size_t out_features)
@@ -330,10 +332,17 @@ bool QueueCore::take_direct(Request* oldest, Batch& batch, Clock::time_point now
   size_t n = 0;
   Clock::time_point first = Clock::kNever;
   for (const Request* r = oldest; r != nullptr; r = r->inbox_next) {
-    if (++n > max_batch || r->deadline != Clock::kNever) return false;
+    // Note [Lists longer than a batch]: up to kSplitLists batches' worth.
+    if (++n > kSplitLists * max_batch || r->deadline != Clock::kNever) return false;
     first = std::min(first, r->enqueued);
   }
   if (!force && n < max_batch && now < first + options_.max_delay) return false;
+  // Note [Lists longer than a batch]
+  Request* rest = nullptr;
+  if (n > max_batch) {
+    oldest = split_oldest(oldest, n, max_batch, rest);
+    n = max_batch;
+  }
   if (auto* hook = g_took_direct.load(std::memory_order_relaxed)) hook();
   batch.requests.clear();
   batch.picked_at = now;
@@ -356,6 +365,17 @@ bool QueueCore::take_direct(Request* oldest, Batch& batch, Clock::time_point now
   if (!in_order)
     std::sort(batch.requests.begin(), batch.requests.end(),
               [](const auto& a, const auto& b) { return a->id < b->id; });
+  // The rest stay queued: back into the inbox, before detached_ is lowered
+  // (a cancel waiting for detached lists then finds them there), or, once
+  // the inbox has closed, into the FIFO the locked way (which cancels them
+  // after shutdown(kCancel)).
+  if (rest != nullptr) {
+    if (!return_to_inbox(rest)) {
+      MutexLock lock(mu_);
+      splice(rest, /*counted=*/false);
+    }
+    if (auto* hook = g_split_list.load(std::memory_order_relaxed)) hook();
+  }
   // queued_ counts these still: how many were queued at once.
   const size_t depth = std::min(queued_.load(std::memory_order_relaxed),
                                 options_.capacity);  // Note [Room in one step]
@@ -377,6 +397,49 @@ bool QueueCore::take_direct(Request* oldest, Batch& batch, Clock::time_point now
   if (quiesce_.load(std::memory_order_seq_cst) > 0) {
     MutexLock lock(mu_);
     splice_cv_.notify_all();
+  }
+  return true;
+}
+
+Request* QueueCore::split_oldest(Request* list, size_t n, size_t keep, Request*& rest) {
+  // The list is mostly in id order, but a list returned to the inbox comes
+  // back after requests pushed since, and a submitter may be overtaken
+  // between its id and its push (Note [Inbox]): pick the oldest by id.
+  thread_local std::vector<Request*> all;
+  all.clear();
+  all.reserve(n);
+  for (Request* r = list; r != nullptr; r = r->inbox_next) all.push_back(r);
+  const auto by_id = [](const Request* a, const Request* b) { return a->id < b->id; };
+  std::nth_element(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(keep), all.end(), by_id);
+  const auto link = [](std::vector<Request*>::iterator from, std::vector<Request*>::iterator to) {
+    for (auto it = from; it != to; ++it) (*it)->inbox_next = it + 1 != to ? *(it + 1) : nullptr;
+    return from != to ? *from : nullptr;
+  };
+  rest = link(all.begin() + static_cast<std::ptrdiff_t>(keep), all.end());
+  return link(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(keep));
+}
+
+bool QueueCore::return_to_inbox(Request* list) {
+  Request* tail = list;
+  while (tail->inbox_next != nullptr) tail = tail->inbox_next;
+  uintptr_t head = inbox_head_.load(std::memory_order_relaxed);
+  do {
+    if (head == kInboxClosed) return false;
+    tail->inbox_next = reinterpret_cast<Request*>(head);
+    // seq_cst, as a submit's push: orders it before the read of
+    // leader_waiting_ below (Note [Inbox]).
+  } while (!inbox_head_.compare_exchange_weak(head, reinterpret_cast<uintptr_t>(list),
+                                              std::memory_order_seq_cst,
+                                              std::memory_order_relaxed));
+  // Wake a sleeping leader, as a submit would: these requests are queued
+  // and nobody may come to the inbox for them otherwise until this worker
+  // comes back.
+  if (leader_waiting_.load(std::memory_order_seq_cst) &&
+      !leader_spinning_.load(std::memory_order_seq_cst) &&
+      leader_waiting_.exchange(false, std::memory_order_seq_cst)) {
+    MutexLock lock(mu_);
+    bump_events();
+    work_cv_.notify_one();
   }
   return true;
 }

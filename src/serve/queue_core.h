@@ -74,10 +74,11 @@
 // again: docs/PERF.md, "Batches straight from the inbox"). So a worker
 // with a batch in flight that takes a list from the inbox (Note [Inbox
 // walks outside the lock]) makes its batch of that list without mu_ when
-// nothing else is queued (fifo_hint_ is 0), the queue is not stopping, the
-// list fits in max_batch, none of its requests has a deadline (expiry
-// needs the deadline set) and the batch is ready (max_batch, max_delay or
-// force). Each request then moves kQueued -> kRunning by its compare-and-
+// nothing else is queued (fifo_hint_ is 0), the queue is not stopping,
+// none of its requests has a deadline (expiry needs the deadline set) and
+// the batch is ready (max_batch, max_delay or force); of a list longer
+// than max_batch, of its oldest max_batch (Note [Lists longer than a
+// batch]). Each request then moves kQueued -> kRunning by its compare-and-
 // swap, which always wins: a detached request is in neither the FIFO nor
 // the deadline set, where cancel, expiry and shutdown(kCancel) look; the
 // batch is sorted by id if a submitter was overtaken (Note [Inbox]). Then
@@ -94,6 +95,29 @@
 // before requests another worker is just putting in the FIFO (ordering
 // between workers' lists was never strict).
 //
+// Note [Lists longer than a batch]
+// A list taken from the inbox with more than max_batch requests went
+// through the FIFO (above), and the FIFO, once it held anything, sent every
+// later list there too, until it emptied. Under a backlog longer than
+// max_batch that mode lasted: on the H100, 64 clients keeping 96 requests
+// each in flight ran 2.3-2.6M req/s with max_batch 512 against 5.1M with
+// 1024, at p99 7-8 ms, 7.5 of 16 cores busy, the workers queueing for mu_
+// (docs/PERF.md); and with max_batch 1024, more in flight than 96 gave
+// less. So a worker makes its batch of such a list's oldest max_batch
+// requests (by id) straight away, and pushes the rest back onto the inbox,
+// where they stay queued: their room and place in queued_ are kept, and
+// cancel, expiry and shutdown see them as any request in the inbox (they
+// have no deadlines; a cancel waiting for detached lists finds them there,
+// as the push comes before detached_ is lowered). The next list taken
+// holds them again, behind newer requests: so a long list is always split
+// by id, not by position. If the inbox has closed meanwhile (shutdown),
+// they are spliced into the FIFO the locked way, which cancels them after
+// shutdown(kCancel). The push wakes a sleeping leader as a submit does.
+// Each list taken is walked whole (detach_inbox reverses it), so a request
+// returned k times is walked k + 1 times: a list of more than kSplitLists
+// batches (a backlog far beyond max_batch, where the FIFO's one insert and
+// one pick per request cost less) goes through the FIFO as before.
+
 // Note [Room in one step]
 // A fast-path submit takes its room with one fetch_add instead of a
 // compare-and-swap loop on queued_, the line every client changes: the
@@ -151,6 +175,10 @@ void set_request_freed_hook_for_testing(void (*hook)());
 // Tests only: called once for each batch take_ready() makes straight from
 // the inbox (Note [Batches straight from the inbox]), on the taking thread.
 void set_took_direct_hook_for_testing(void (*hook)());
+// Tests only: called once for each list take_ready() split (Note [Lists
+// longer than a batch]), after the rest went back to the inbox (or, once it
+// had closed, into the FIFO), on the taking thread.
+void set_split_list_hook_for_testing(void (*hook)());
 
 // Note [One allocation per request]
 // A request, its shared_ptr's control block and its copy of the input are one
@@ -319,6 +347,10 @@ struct Batch {
 // that destroys the queue does not free the core under the callbacks parked
 // after it (Note [A queue destroyed on the deciding thread] in
 // batch_queue.cpp).
+// Note [Lists longer than a batch]: the longest list take_direct() splits,
+// in batches (max_batch requests).
+inline constexpr size_t kSplitLists = 8;
+
 class QueueCore : public std::enable_shared_from_this<QueueCore> {
  public:
   // Note [A worker's own submit]
@@ -440,12 +472,19 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   // Puts the requests detach_inbox() returned into the FIFO (or, after
   // shutdown(kCancel), cancels them), then lowers detached_ if `counted`.
   void splice(Request* oldest, bool counted) FL_REQUIRES(mu_);
-  // Note [Batches straight from the inbox]: makes `batch` of the whole list
+  // Note [Batches straight from the inbox]: makes `batch` of the list
   // detach_inbox() returned (counted), without mu_, when nothing else is
-  // queued and the list is a ready batch of requests without deadlines;
-  // false (the list untouched) otherwise.
+  // queued and the list is a ready batch of requests without deadlines
+  // (of its oldest max_batch, the rest returned to the inbox: Note [Lists
+  // longer than a batch]); false (the list untouched) otherwise.
   bool take_direct(Request* oldest, Batch& batch, Clock::time_point now, bool force)
       FL_EXCLUDES(mu_);
+  // Splits the n-request `list` into its `keep` oldest (by id; returned,
+  // linked through inbox_next) and the others (`rest`).
+  static Request* split_oldest(Request* list, size_t n, size_t keep, Request*& rest);
+  // Pushes a detached list back onto the inbox and wakes a sleeping leader;
+  // false (the list untouched) if the inbox has closed.
+  bool return_to_inbox(Request* list) FL_EXCLUDES(mu_);
   // For a caller that needs every queued request in the FIFO (cancel):
   // stops new detaches, waits for the ones under way, and takes the inbox.
   void take_everything() FL_REQUIRES(mu_);

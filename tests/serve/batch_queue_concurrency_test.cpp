@@ -189,6 +189,9 @@ TEST(BatchQueueConcurrency, EveryRequestCompletesExactlyOnceUnderRaces) {
 // straight batches: the test fails if the races never took that path.
 std::atomic<int> g_direct_batches{0};
 void count_direct_batch() { g_direct_batches.fetch_add(1, std::memory_order_relaxed); }
+// Note [Lists longer than a batch]: lists split, the rest returned.
+std::atomic<int> g_split_lists{0};
+void count_split_list() { g_split_lists.fetch_add(1, std::memory_order_relaxed); }
 
 TEST(BatchQueueConcurrency, BatchesStraightFromTheInboxCompleteEveryRequestExactlyOnce) {
   auto device = make_device();
@@ -199,7 +202,9 @@ TEST(BatchQueueConcurrency, BatchesStraightFromTheInboxCompleteEveryRequestExact
   const int per_client = scaled(400, 100);
   const int n = clients * per_client;
   detail::set_took_direct_hook_for_testing(&count_direct_batch);
+  detail::set_split_list_hook_for_testing(&count_split_list);
   g_direct_batches = 0;
+  g_split_lists = 0;
   for (int round = 0; round < rounds; ++round) {
     SCOPED_TRACE(::testing::Message() << "round " << round << " seed " << seed);
     std::mt19937_64 rng(seed * 1000033 + static_cast<uint64_t>(round));
@@ -208,8 +213,9 @@ TEST(BatchQueueConcurrency, BatchesStraightFromTheInboxCompleteEveryRequestExact
     o.workers = 1 + round % 3;
     o.pipeline_depth = 2;
     o.capacity = 8 + rng() % 64;
-    // A list longer than max_batch goes through the FIFO: most rounds let
-    // every list fit, the others mix both paths.
+    // A list longer than max_batch is split (Note [Lists longer than a
+    // batch]), and one longer than kSplitLists batches goes through the
+    // FIFO: most rounds let every list fit, the others mix the paths.
     o.max_batch = round % 4 == 3 ? 1 + static_cast<int>(rng() % 16) : static_cast<int>(o.capacity);
     o.max_delay = 0us;
     o.when_full = round % 2 ? OverflowPolicy::kBlock : OverflowPolicy::kReject;
@@ -299,8 +305,11 @@ TEST(BatchQueueConcurrency, BatchesStraightFromTheInboxCompleteEveryRequestExact
     }
   }
   detail::set_took_direct_hook_for_testing(nullptr);
-  std::printf("batches taken straight from the inbox: %d\n", g_direct_batches.load());
+  detail::set_split_list_hook_for_testing(nullptr);
+  std::printf("batches taken straight from the inbox: %d, of split lists: %d\n",
+              g_direct_batches.load(), g_split_lists.load());
   EXPECT_GT(g_direct_batches.load(), rounds) << "the races never took the straight path";
+  EXPECT_GT(g_split_lists.load(), 0) << "the races never split a list";
 }
 
 // A producer faster than the device: the queue never holds more than its

@@ -641,6 +641,71 @@ TEST_F(BatchQueueTest, ABatchTakenStraightFromTheInboxIsInIdOrder) {
   EXPECT_EQ(m.completed, 2u);
 }
 
+// Note [Lists longer than a batch] (queue_core.h): step(), like a worker
+// with a batch in flight, makes its batch of the oldest max_batch requests
+// of a longer list without the FIFO and returns the rest to the inbox,
+// where they stay queued, cancellable, and run in order in the next
+// steps; a list of more than kSplitLists batches goes through the FIFO.
+// Would catch: a long list sent to the FIFO (no straight batches: the
+// sticky locked mode that collapsed max_batch 512 on the H100), the rest
+// lost or run twice, a batch of the wrong requests (the newest, or out of
+// id order), the rest not cancellable, or depth miscounted.
+std::atomic<int> g_straight{0};
+std::atomic<int> g_splits{0};
+void count_straight() { g_straight.fetch_add(1); }
+void count_split() { g_splits.fetch_add(1); }
+
+TEST_F(BatchQueueTest, AListLongerThanABatchRunsItsOldestStraightAndKeepsTheRestQueued) {
+  std::vector<uint64_t> order;  // ids that ran, in order (manual mode: one thread)
+  BatchQueueOptions o = manual(4, 0us);
+  o.on_complete = [&](uint64_t id, RequestStatus st) {
+    if (st == RequestStatus::kCompleted) order.push_back(id);
+  };
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  detail::set_took_direct_hook_for_testing(&count_straight);
+  detail::set_split_list_hook_for_testing(&count_split);
+  g_straight = 0;
+  g_splits = 0;
+  std::vector<RequestHandle> hs;
+  for (int i = 0; i < 10; ++i) hs.push_back(q.submit(input(i)));
+  EXPECT_EQ(q.step(), 4u);
+  EXPECT_EQ(q.metrics().depth, 6u);
+  for (int i = 10; i < 12; ++i) hs.push_back(q.submit(input(i)));  // behind the returned ones
+  EXPECT_EQ(q.step(), 4u);
+  EXPECT_EQ(g_splits.load(), 2) << "10 and then 8 requests: each list split";
+  // Returned twice, still queued: a cancel finds it (and moves the inbox
+  // into the FIFO, Note [Inbox walks outside the lock]).
+  EXPECT_TRUE(hs[9].cancel());
+  EXPECT_EQ(q.step(), 3u);
+  EXPECT_EQ(q.step(), 0u);
+  const int straight_short = g_straight.load();
+
+  // 40 requests are more than kSplitLists (8) batches of 4: the FIFO.
+  for (int i = 12; i < 52; ++i) hs.push_back(q.submit(input(i)));
+  for (int k = 0; k < 10; ++k) EXPECT_EQ(q.step(), 4u);
+  detail::set_took_direct_hook_for_testing(nullptr);
+  detail::set_split_list_hook_for_testing(nullptr);
+  EXPECT_EQ(straight_short, 2) << "the two split lists; the last 3 came from the FIFO";
+  EXPECT_EQ(g_straight.load(), 2) << "the 40 went through the FIFO";
+  EXPECT_EQ(g_splits.load(), 2);
+
+  std::vector<uint64_t> expected;
+  for (size_t i = 0; i < hs.size(); ++i)
+    if (i != 9) expected.push_back(hs[i].id());
+  EXPECT_EQ(order, expected) << "oldest first, each once, the cancelled one never";
+  for (int i = 0; i < static_cast<int>(hs.size()); ++i) {
+    if (i == 9) {
+      EXPECT_EQ(outcome_of(hs[9]), Outcome::kCancelled);
+    } else {
+      expect_output(hs[static_cast<size_t>(i)], i);
+    }
+  }
+  const auto m = q.metrics();
+  EXPECT_EQ(m.depth, 0u);
+  EXPECT_EQ(m.completed, 51u);
+  EXPECT_EQ(m.cancelled, 1u);
+}
+
 // Waits up to 10 s for `flag`; false if it never came.
 bool eventually(const std::atomic<bool>& flag) {
   for (int i = 0; i < 1000 && !flag.load(); ++i) std::this_thread::sleep_for(10ms);
