@@ -193,16 +193,27 @@ TEST(CliBatching, CatchesACorruptedOutput) {
 }
 
 TEST(CliBatching, BadOptionsEndWithOneLine) {
-  for (const char* args :
-       {"run --batching --batch 4", "run --batching --max-batch 0",
-        "run --batching --max-delay-us -1", "run --batching --queue-workers 0", "run --callbacks",
-        "run --batching --refill 2", "run --batching --callbacks --window 8 --refill 9",
-        "run --batching --callbacks --window 8 --refill -1", "run --batching --device-share -1",
-        "run --batching --device-share 257", "run --device-share 2", "bench --callbacks",
-        "bench --window 4", "bench --device-share 4", "run --borrow-inputs",
-        "bench --borrow-inputs", "run --pinned-inputs", "bench --pinned-inputs",
-        "run --batching --record-batches --record-steps 3",
-        "run --batching --record-batches --record-steps 128", "run --batching --record-steps 8"}) {
+  for (const char* args : {"run --batching --batch 4",
+                           "run --batching --max-batch 0",
+                           "run --batching --max-delay-us -1",
+                           "run --batching --queue-workers 0",
+                           "run --callbacks",
+                           "run --batching --refill 2",
+                           "run --batching --callbacks --window 8 --refill 9",
+                           "run --batching --callbacks --window 8 --refill -1",
+                           "run --batching --device-share -1",
+                           "run --batching --device-share 257",
+                           "run --device-share 2",
+                           "bench --callbacks",
+                           "bench --window 4",
+                           "bench --device-share 4",
+                           "run --borrow-inputs",
+                           "bench --borrow-inputs",
+                           "run --pinned-inputs",
+                           "bench --pinned-inputs",
+                           "run --batching --record-batches --record-steps 3",
+                           "run --batching --record-batches --record-steps 128",
+                           "run --batching --record-steps 8"}) {
     const auto r = run_cli(args, "2>&1");
     EXPECT_NE(r.exit_code, 0) << args;
     int lines = 0;
