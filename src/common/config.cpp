@@ -111,6 +111,9 @@ Config Config::from_env() {
   if (const char* v = get("FLOTILLA_CUDA_COMPLETION_SLEEP_US"))
     c.cuda_completion_sleep =
         std::chrono::microseconds(parse_int("FLOTILLA_CUDA_COMPLETION_SLEEP_US", v, 0, 1000));
+  if (const char* v = get("FLOTILLA_CUDA_WAIT_SPIN_US"))
+    c.cuda_wait_spin =
+        std::chrono::microseconds(parse_int("FLOTILLA_CUDA_WAIT_SPIN_US", v, 0, 10000));
   if (const char* v = get("FLOTILLA_ALLOCATOR_CACHING"))
     c.allocator_caching = parse_bool("FLOTILLA_ALLOCATOR_CACHING", v);
   c.validate();
@@ -134,6 +137,9 @@ void Config::validate() const {
   FL_CHECK_ARG(cuda_completion_sleep.count() >= 0 && cuda_completion_sleep.count() <= 1000,
                "[Config] cuda_completion_sleep=", cuda_completion_sleep.count(),
                " us is out of range; use 0 (spin) to 1000 us");
+  FL_CHECK_ARG(cuda_wait_spin.count() >= 0 && cuda_wait_spin.count() <= 10000,
+               "[Config] cuda_wait_spin=", cuda_wait_spin.count(),
+               " us is out of range; use 0 (sleep at once) to 10000 us");
   FL_CHECK_ARG(event_pool_size >= 0, "[Config] event_pool_size must not be negative");
 }
 

@@ -38,7 +38,8 @@ const char* const kVars[] = {"FLOTILLA_POOL_SIZE",
                              "FLOTILLA_ENCODING_LOCK",
                              "FLOTILLA_CPU_THREADS",
                              "FLOTILLA_ALLOCATOR_CACHING",
-                             "FLOTILLA_CUDA_COMPLETION_SLEEP_US"};
+                             "FLOTILLA_CUDA_COMPLETION_SLEEP_US",
+                             "FLOTILLA_CUDA_WAIT_SPIN_US"};
 
 // Clears the FLOTILLA_* variables for each test (CI sets some, such as
 // FLOTILLA_ALLOCATOR_CACHING) and restores them afterwards.
@@ -71,6 +72,8 @@ TEST_F(ConfigTest, DefaultsWithoutVariables) {
   EXPECT_EQ(c.allocator_caching, d.allocator_caching);
   EXPECT_EQ(c.cuda_completion_sleep, d.cuda_completion_sleep);
   EXPECT_EQ(d.cuda_completion_sleep.count(), 0) << "completion threads spin by default";
+  EXPECT_EQ(c.cuda_wait_spin, d.cuda_wait_spin);
+  EXPECT_EQ(d.cuda_wait_spin.count(), 100);
 }
 
 TEST_F(ConfigTest, ReadsEveryVariable) {
@@ -81,6 +84,7 @@ TEST_F(ConfigTest, ReadsEveryVariable) {
   ScopedEnv e("FLOTILLA_CPU_THREADS", "3");
   ScopedEnv f("FLOTILLA_ALLOCATOR_CACHING", "off");
   ScopedEnv g("FLOTILLA_CUDA_COMPLETION_SLEEP_US", "20");
+  ScopedEnv h("FLOTILLA_CUDA_WAIT_SPIN_US", "7");
   const Config cfg = Config::from_env();
   EXPECT_EQ(cfg.pool_size, 8);
   EXPECT_EQ(cfg.policy, StreamPolicy::kExclusive);
@@ -89,6 +93,7 @@ TEST_F(ConfigTest, ReadsEveryVariable) {
   EXPECT_EQ(cfg.cpu_exec_threads, 3);
   EXPECT_FALSE(cfg.allocator_caching);
   EXPECT_EQ(cfg.cuda_completion_sleep, std::chrono::microseconds(20));
+  EXPECT_EQ(cfg.cuda_wait_spin, std::chrono::microseconds(7));
 }
 
 // Each bad value throws InvalidArgument whose message names the variable and
@@ -124,7 +129,8 @@ INSTANTIATE_TEST_SUITE_P(
                       BadValue{"FLOTILLA_CPU_THREADS", "many"},
                       BadValue{"FLOTILLA_ALLOCATOR_CACHING", "yes please"},
                       BadValue{"FLOTILLA_CUDA_COMPLETION_SLEEP_US", "1001"},
-                      BadValue{"FLOTILLA_CUDA_COMPLETION_SLEEP_US", "-5"}),
+                      BadValue{"FLOTILLA_CUDA_COMPLETION_SLEEP_US", "-5"},
+                      BadValue{"FLOTILLA_CUDA_WAIT_SPIN_US", "10001"}),
     [](const ::testing::TestParamInfo<BadValue>& info) {
       std::string name = std::string(info.param.var + 9) + "_" + std::to_string(info.index);
       return name;
@@ -153,6 +159,7 @@ TEST(ConfigValidate, RejectsOutOfRangeFields) {
   bad([](Config& c) { c.exclusive_wait = std::chrono::milliseconds(-1); });
   bad([](Config& c) { c.event_pool_size = -1; });
   bad([](Config& c) { c.cuda_completion_sleep = std::chrono::microseconds(1001); });
+  bad([](Config& c) { c.cuda_wait_spin = std::chrono::microseconds(-1); });
   bad([](Config& c) { c.cuda_completion_sleep = std::chrono::microseconds(-1); });
   EXPECT_NO_THROW(Config{}.validate());
 }

@@ -77,6 +77,12 @@ struct Config {
   // with 64 clients, 5 us cost 5 % of requests/s (docs/PERF.md), so the
   // default spins.
   std::chrono::microseconds cuda_completion_sleep{0};
+  // How long a thread waiting for a CUDA command buffer (a fence, a
+  // synchronize) spins on its flag before it sleeps until the completion
+  // thread wakes it. Spinning sees a completion at once; sleeping costs a
+  // futex wake-up, a few microseconds, and gives the core to the host's
+  // other threads. 0..10000; default 100.
+  std::chrono::microseconds cuda_wait_spin{100};
 
   // Events.
   int event_pool_size = 64;  // events kept for reuse per device

@@ -19,9 +19,6 @@ StreamHandle make_stream(DeviceCore& device) {
   return StreamHandle(s);
 }
 
-// A waiter spins this long on the finished flag before sleeping: a small
-// op's round trip is a few microseconds, a futex sleep and wake-up more.
-constexpr auto kWaitSpin = std::chrono::microseconds(100);
 
 }  // namespace
 
@@ -362,7 +359,12 @@ void CudaCommandBuffer::wait_until_completed() {
   if (auto broken = check_wait(status()))
     violation(broken->rule, "wait_until_completed", broken->message);
   if (finished_.load(std::memory_order_acquire)) return;
-  if (spin_until([&] { return finished_.load(std::memory_order_acquire); }, kWaitSpin)) return;
+  // A waiter spins Config::cuda_wait_spin on the finished flag before
+  // sleeping: a small op's round trip is a few microseconds, a futex sleep
+  // and wake-up more.
+  if (spin_until([&] { return finished_.load(std::memory_order_acquire); },
+                 device_.wait_spin()))
+    return;
   MutexLock lock(mu_);
   done_cv_.wait(mu_, [&] { return finished_.load(std::memory_order_acquire); });
 }

@@ -171,8 +171,8 @@ void CompletionWords::give(Word w) noexcept {
 
 // ---- DeviceCore -----------------------------------------------------------------------
 
-DeviceCore::DeviceCore(int index, const Config&)
-    : index_(index), label_(detail::str_cat("cuda:", index)) {
+DeviceCore::DeviceCore(int index, const Config& config)
+    : index_(index), label_(detail::str_cat("cuda:", index)), wait_spin_(config.cuda_wait_spin) {
   DeviceGuard guard(index_);
   // Creates the primary context now rather than at the first launch.
   FL_CUDA_CHECK_DEV(*this, cudaFree(nullptr));

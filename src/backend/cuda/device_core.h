@@ -129,6 +129,8 @@ class DeviceCore {
   int index() const { return index_; }
   const std::string& label() const { return label_; }  // "cuda:0"
   int sm_count() const { return sm_count_; }
+  // Config::cuda_wait_spin: how long a command buffer's waiter spins.
+  std::chrono::microseconds wait_spin() const { return wait_spin_; }
 
   // ---- Failure ----------------------------------------------------------------
   bool lost() const { return lost_.load(std::memory_order_acquire); }
@@ -191,6 +193,7 @@ class DeviceCore {
   const int index_;
   const std::string label_;
   int sm_count_ = 0;
+  const std::chrono::microseconds wait_spin_;
 
   mutable Mutex mu_;
   std::exception_ptr error_ FL_GUARDED_BY(mu_);
