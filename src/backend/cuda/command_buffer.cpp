@@ -19,7 +19,6 @@ StreamHandle make_stream(DeviceCore& device) {
   return StreamHandle(s);
 }
 
-
 }  // namespace
 
 // ---- QueueCore ---------------------------------------------------------------------
@@ -362,8 +361,7 @@ void CudaCommandBuffer::wait_until_completed() {
   // A waiter spins Config::cuda_wait_spin on the finished flag before
   // sleeping: a small op's round trip is a few microseconds, a futex sleep
   // and wake-up more.
-  if (spin_until([&] { return finished_.load(std::memory_order_acquire); },
-                 device_.wait_spin()))
+  if (spin_until([&] { return finished_.load(std::memory_order_acquire); }, device_.wait_spin()))
     return;
   MutexLock lock(mu_);
   done_cv_.wait(mu_, [&] { return finished_.load(std::memory_order_acquire); });
