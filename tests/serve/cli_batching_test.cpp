@@ -29,6 +29,22 @@ Result run_cli(const std::string& args, const std::string& redirect) {
   return flotilla::test::run_cli_binary(FLOTILLA_CLI, args, redirect);
 }
 
+// Runs `flotilla ARGS --json` (stderr dropped): its exit code must be 0;
+// returns the JSON object it printed.
+nlohmann::json run_json(const std::string& args) {
+  const auto r = run_cli(args + " --json", "2>/dev/null");
+  EXPECT_EQ(r.exit_code, 0) << r.out;
+  return r.exit_code == 0 ? nlohmann::json::parse(r.out) : nlohmann::json::object();
+}
+
+// A run's outputs were all checked and right: no wrong result, no error,
+// and at least `requests` checks.
+void expect_every_output_right(const nlohmann::json& j, int requests) {
+  EXPECT_EQ(j.value("wrong_results", -1), 0);
+  EXPECT_EQ(j.value("errors", -1), 0);
+  EXPECT_GE(j.value("checks", 0), requests);
+}
+
 TEST(CliBatching, RunMergesRequestsAndEveryOutputIsRight) {
   const auto r = run_cli(
       "run --batching --threads 8 --requests 400 --max-batch 16 --max-delay-us 2000 "
@@ -62,31 +78,21 @@ TEST(CliBatching, RunMergesRequestsAndEveryOutputIsRight) {
 // dropped on the way (the JSON echoes what the queue was given) or a padded
 // row handed to a client.
 TEST(CliBatching, RecordedBatchesAtEightStepsAnOctaveAreRight) {
-  const auto r = run_cli(
+  const auto j = run_json(
       "run --batching --record-batches --record-steps 8 --threads 8 --window 32 --callbacks "
-      "--max-batch 256 --queue-workers 2 --requests 3000 --json",
-      "2>/dev/null");
-  ASSERT_EQ(r.exit_code, 0) << r.out;
-  const auto j = nlohmann::json::parse(r.out);
-  EXPECT_EQ(j["record_batches"], true);
-  EXPECT_EQ(j["record_steps"], 8);
-  EXPECT_EQ(j["wrong_results"], 0);
-  EXPECT_EQ(j["errors"], 0);
-  EXPECT_GE(j["checks"].get<int>(), 3000);
+      "--max-batch 256 --queue-workers 2 --requests 3000");
+  EXPECT_EQ(j.value("record_batches", false), true);
+  EXPECT_EQ(j.value("record_steps", 0), 8);
+  expect_every_output_right(j, 3000);
 }
 
 TEST(CliBatching, CallbacksCheckEveryOutputAndKeepTheWindowFull) {
-  const auto r = run_cli(
+  const auto j = run_json(
       "run --batching --callbacks --threads 4 --window 16 --requests 2000 --max-batch 32 "
-      "--queue-workers 2 --json",
-      "2>/dev/null");
-  ASSERT_EQ(r.exit_code, 0) << r.out;
-  const auto j = nlohmann::json::parse(r.out);
+      "--queue-workers 2");
   EXPECT_EQ(j["callbacks"], true);
   EXPECT_EQ(j["requests"], 2000) << "every submitted request comes back once";
-  EXPECT_EQ(j["wrong_results"], 0);
-  EXPECT_EQ(j["errors"], 0);
-  EXPECT_GE(j["checks"].get<int>(), 2000);
+  expect_every_output_right(j, 2000);
   EXPECT_EQ(j["client_check_us"], 0.0) << "the callbacks check, on the workers";
   EXPECT_GT(j["mean_batch"].get<double>(), 1.0) << "4 clients x 16 in flight: real batches";
   EXPECT_EQ(j["refill"], 14) << "by default a full window's client wakes when 7/8 are free";
