@@ -94,12 +94,13 @@ void Request::wait_done() const {
 }
 
 namespace {
-std::atomic<void (*)()> g_before_push{nullptr};   // set_before_push_hook_for_testing
-std::atomic<void (*)()> g_after_detach{nullptr};  // set_after_detach_hook_for_testing
-std::atomic<void (*)()> g_room_refused{nullptr};  // set_room_refused_hook_for_testing
-std::atomic<void (*)()> g_took_direct{nullptr};   // set_took_direct_hook_for_testing
-std::atomic<void (*)()> g_freed{nullptr};         // set_request_freed_hook_for_testing
-std::atomic<void (*)()> g_split_list{nullptr};    // set_split_list_hook_for_testing
+std::atomic<void (*)()> g_before_push{nullptr};    // set_before_push_hook_for_testing
+std::atomic<void (*)()> g_after_detach{nullptr};   // set_after_detach_hook_for_testing
+std::atomic<void (*)()> g_room_refused{nullptr};   // set_room_refused_hook_for_testing
+std::atomic<void (*)()> g_took_direct{nullptr};    // set_took_direct_hook_for_testing
+std::atomic<void (*)()> g_freed{nullptr};          // set_request_freed_hook_for_testing
+std::atomic<void (*)()> g_split_list{nullptr};     // set_split_list_hook_for_testing
+std::atomic<void (*)()> g_before_return{nullptr};  // set_before_return_hook_for_testing
 }  // namespace
 
 Request::~Request() {
@@ -112,6 +113,7 @@ void set_after_detach_hook_for_testing(void (*hook)()) { g_after_detach.store(ho
 void set_room_refused_hook_for_testing(void (*hook)()) { g_room_refused.store(hook); }
 void set_took_direct_hook_for_testing(void (*hook)()) { g_took_direct.store(hook); }
 void set_split_list_hook_for_testing(void (*hook)()) { g_split_list.store(hook); }
+void set_before_return_hook_for_testing(void (*hook)()) { g_before_return.store(hook); }
 
 QueueCore::QueueCore(const BatchQueueOptions& options, std::shared_ptr<Clock> clock,
                      size_t out_features)
@@ -405,18 +407,26 @@ Request* QueueCore::split_oldest(Request* list, size_t n, size_t keep, Request*&
   // The list is mostly in id order, but a list returned to the inbox comes
   // back after requests pushed since, and a submitter may be overtaken
   // between its id and its push (Note [Inbox]): pick the oldest by id.
+  // Sorted whole (the list is mostly in order already): the batch oldest
+  // first, and the rest linked newest first, the inbox's own order, so that
+  // the next list taken (oldest_first) holds them in id order, ahead of
+  // what was pushed since: a splice of that list into the FIFO then appends
+  // each request instead of searching back for its place.
   thread_local std::vector<Request*> all;
   all.clear();
   all.reserve(n);
   for (Request* r = list; r != nullptr; r = r->inbox_next) all.push_back(r);
-  const auto by_id = [](const Request* a, const Request* b) { return a->id < b->id; };
-  std::nth_element(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(keep), all.end(), by_id);
-  const auto link = [](std::vector<Request*>::iterator from, std::vector<Request*>::iterator to) {
-    for (auto it = from; it != to; ++it) (*it)->inbox_next = it + 1 != to ? *(it + 1) : nullptr;
-    return from != to ? *from : nullptr;
-  };
-  rest = link(all.begin() + static_cast<std::ptrdiff_t>(keep), all.end());
-  return link(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(keep));
+  std::sort(all.begin(), all.end(),
+            [](const Request* a, const Request* b) { return a->id < b->id; });
+  const auto mid = all.begin() + static_cast<std::ptrdiff_t>(keep);
+  for (auto it = all.begin(); it != mid; ++it)
+    (*it)->inbox_next = it + 1 != mid ? *(it + 1) : nullptr;
+  rest = nullptr;
+  for (auto it = mid; it != all.end(); ++it) {  // oldest first, each pushed on top
+    (*it)->inbox_next = rest;
+    rest = *it;
+  }
+  return keep > 0 ? all.front() : nullptr;
 }
 
 bool QueueCore::return_to_inbox(Request* list) {
@@ -424,8 +434,14 @@ bool QueueCore::return_to_inbox(Request* list) {
   while (tail->inbox_next != nullptr) tail = tail->inbox_next;
   uintptr_t head = inbox_head_.load(std::memory_order_relaxed);
   do {
-    if (head == kInboxClosed) return false;
+    if (head == kInboxClosed) {
+      // Untouched, as the caller splices it: the tail must not lead into
+      // requests the shutdown has taken from the inbox since a failed try.
+      tail->inbox_next = nullptr;
+      return false;
+    }
     tail->inbox_next = reinterpret_cast<Request*>(head);
+    if (auto* hook = g_before_return.load(std::memory_order_relaxed)) hook();
     // seq_cst, as a submit's push: orders it before the read of
     // leader_waiting_ below (Note [Inbox]).
   } while (!inbox_head_.compare_exchange_weak(head, reinterpret_cast<uintptr_t>(list),

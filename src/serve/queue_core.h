@@ -108,11 +108,15 @@
 // where they stay queued: their room and place in queued_ are kept, and
 // cancel, expiry and shutdown see them as any request in the inbox (they
 // have no deadlines; a cancel waiting for detached lists finds them there,
-// as the push comes before detached_ is lowered). The next list taken
-// holds them again, behind newer requests: so a long list is always split
-// by id, not by position. If the inbox has closed meanwhile (shutdown),
-// they are spliced into the FIFO the locked way, which cancels them after
-// shutdown(kCancel). The push wakes a sleeping leader as a submit does.
+// as the push comes before detached_ is lowered). They go back newest
+// first, the inbox's own order, so the next list taken holds them in id
+// order ahead of what was pushed since; the split sorts by id all the
+// same (a submitter may be overtaken at its push, Note [Inbox]). If the
+// inbox has closed meanwhile (shutdown), they are spliced into the FIFO
+// the locked way, which cancels them after shutdown(kCancel); their tail,
+// linked to the head a failed try read, is cut first, or the splice would
+// walk on into requests the shutdown took. The push wakes a sleeping
+// leader as a submit does.
 // Each list taken is walked whole (detach_inbox reverses it), so a request
 // returned k times is walked k + 1 times: a list of more than kSplitLists
 // batches (a backlog far beyond max_batch, where the FIFO's one insert and
@@ -179,6 +183,10 @@ void set_took_direct_hook_for_testing(void (*hook)());
 // longer than a batch]), after the rest went back to the inbox (or, once it
 // had closed, into the FIFO), on the taking thread.
 void set_split_list_hook_for_testing(void (*hook)());
+// Tests only: called by each try of a split list's return to the inbox,
+// after its tail was linked to the head it read and before its
+// compare-and-swap (Note [Lists longer than a batch]).
+void set_before_return_hook_for_testing(void (*hook)());
 
 // Note [One allocation per request]
 // A request, its shared_ptr's control block and its copy of the input are one

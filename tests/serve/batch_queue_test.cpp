@@ -706,6 +706,97 @@ TEST_F(BatchQueueTest, AListLongerThanABatchRunsItsOldestStraightAndKeepsTheRest
   EXPECT_EQ(m.cancelled, 1u);
 }
 
+// Note [Lists longer than a batch]: a shutdown(kCancel) closes the inbox
+// while a step() returns the rest of a split list. The hook lets a request
+// H in at the return's first try (which fails and links the rest's tail to
+// H), then holds the second until the shutdown has taken H and closed the
+// inbox. Would catch: the tail left linked to H (the splice that cancels
+// the rest walks on into H, which the shutdown took: a crash, or H
+// finished twice), or the rest lost or run.
+BatchQueue* g_returning_queue = nullptr;
+std::vector<float> g_late_input;
+RequestHandle g_late;
+std::thread g_shutter;
+int g_return_tries = 0;
+void on_return_try() {  // on the step()'s thread
+  if (++g_return_tries == 1) {
+    g_late = g_returning_queue->submit(g_late_input);
+  } else if (g_return_tries == 2) {
+    g_shutter = std::thread([] { g_returning_queue->shutdown(ShutdownMode::kCancel); });
+    while (!g_returning_queue->is_shut_down()) std::this_thread::yield();
+  }
+}
+
+TEST_F(BatchQueueTest, TheRestOfASplitListIsCancelledOnceWhenTheInboxClosesAsItReturns) {
+  BatchQueueOptions o = manual(4, 0us);
+  std::vector<std::atomic<int>> finished(16);  // by id
+  o.on_complete = [&](uint64_t id, RequestStatus) {
+    if (id < finished.size()) finished[id].fetch_add(1);
+  };
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  std::vector<RequestHandle> hs;
+  for (int i = 0; i < 10; ++i) hs.push_back(q.submit(input(i)));
+  g_returning_queue = &q;
+  g_late_input = input(10);
+  g_return_tries = 0;
+  detail::set_before_return_hook_for_testing(&on_return_try);
+  EXPECT_EQ(q.step(), 4u) << "the oldest 4 ran";
+  detail::set_before_return_hook_for_testing(nullptr);
+  g_shutter.join();
+  EXPECT_EQ(g_return_tries, 2);
+  for (int i = 0; i < 4; ++i) expect_output(hs[static_cast<size_t>(i)], i);
+  for (int i = 4; i < 10; ++i) {
+    std::string msg;
+    EXPECT_EQ(outcome_of(hs[static_cast<size_t>(i)], nullptr, &msg), Outcome::kCancelled) << i;
+    EXPECT_NE(msg.find("shutdown"), std::string::npos) << msg;
+  }
+  ASSERT_TRUE(g_late.done());
+  EXPECT_EQ(outcome_of(g_late), Outcome::kCancelled);
+  for (uint64_t id = 1; id <= 11; ++id) EXPECT_EQ(finished[id].load(), 1) << "request " << id;
+  const auto m = q.metrics();
+  EXPECT_EQ(m.completed, 4u);
+  EXPECT_EQ(m.cancelled, 7u);
+  EXPECT_EQ(m.depth, 0u);
+  g_late = RequestHandle();
+  g_returning_queue = nullptr;
+}
+
+// Note [Lists longer than a batch]: a cancel() of a request in the rest of
+// a list being split waits for the worker (the list is detached), and then
+// finds the request back in the inbox. The cancel starts just before the
+// rest's return. Would catch: detached_ lowered before the return (the
+// cancel looks in an empty inbox and FIFO, says no, and the request runs),
+// or a cancel that does not wait.
+RequestHandle* g_to_cancel = nullptr;
+std::thread g_canceller;
+std::atomic<int> g_cancel_said{-1};
+void cancel_while_split() {            // before the rest's return, on the step()'s thread
+  if (g_canceller.joinable()) return;  // a later try
+  g_canceller = std::thread([] { g_cancel_said = g_to_cancel->cancel() ? 1 : 0; });
+  std::this_thread::sleep_for(30ms);
+  EXPECT_EQ(g_cancel_said.load(), -1) << "cancel() must wait for the detached list";
+}
+
+TEST_F(BatchQueueTest, ACancelDuringASplitFindsTheRestBackInTheInbox) {
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(4, 0us));
+  std::vector<RequestHandle> hs;
+  for (int i = 0; i < 10; ++i) hs.push_back(q.submit(input(i)));
+  g_to_cancel = &hs[7];
+  g_cancel_said = -1;
+  detail::set_before_return_hook_for_testing(&cancel_while_split);
+  EXPECT_EQ(q.step(), 4u);
+  detail::set_before_return_hook_for_testing(nullptr);
+  g_canceller.join();
+  EXPECT_EQ(g_cancel_said.load(), 1) << "the request was queued all along";
+  EXPECT_EQ(outcome_of(hs[7]), Outcome::kCancelled);
+  EXPECT_EQ(q.step(), 4u);
+  EXPECT_EQ(q.step(), 1u);
+  for (int i = 0; i < 10; ++i)
+    if (i != 7) expect_output(hs[static_cast<size_t>(i)], i);
+  EXPECT_EQ(rows_.load(), 9) << "the cancelled request never ran";
+  g_to_cancel = nullptr;
+}
+
 // Waits up to 10 s for `flag`; false if it never came.
 bool eventually(const std::atomic<bool>& flag) {
   for (int i = 0; i < 1000 && !flag.load(); ++i) std::this_thread::sleep_for(10ms);
