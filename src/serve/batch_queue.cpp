@@ -2,6 +2,7 @@
 
 #include <sys/prctl.h>
 
+#include <bit>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -66,7 +67,7 @@ void BatchQueueOptions::validate() const {
   FL_CHECK_ARG(!record_batches || max_batch <= (1 << 20), "[BatchQueueOptions] max_batch is ",
                max_batch, "; record_batches supports up to 1048576");
   FL_CHECK_ARG(record_steps >= 1 && record_steps <= detail::kMaxStepsPerOctave &&
-                   (record_steps & (record_steps - 1)) == 0,
+                   std::has_single_bit(static_cast<unsigned>(record_steps)),
                "[BatchQueueOptions] record_steps is ", record_steps,
                "; use a power of two from 1 to ", detail::kMaxStepsPerOctave,
                " (recorded sizes in each octave above ", detail::kPowersUpTo, " rows)");

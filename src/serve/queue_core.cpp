@@ -404,14 +404,12 @@ bool QueueCore::take_direct(Request* oldest, Batch& batch, Clock::time_point now
 }
 
 Request* QueueCore::split_oldest(Request* list, size_t n, size_t keep, Request*& rest) {
-  // The list is mostly in id order, but a list returned to the inbox comes
-  // back after requests pushed since, and a submitter may be overtaken
-  // between its id and its push (Note [Inbox]): pick the oldest by id.
-  // Sorted whole (the list is mostly in order already): the batch oldest
-  // first, and the rest linked newest first, the inbox's own order, so that
-  // the next list taken (oldest_first) holds them in id order, ahead of
-  // what was pushed since: a splice of that list into the FIFO then appends
-  // each request instead of searching back for its place.
+  // Sorted whole by id (the list is mostly in order already; a submitter
+  // may be overtaken between its id and its push, Note [Inbox]): the batch
+  // oldest first, and the rest linked newest first, the inbox's own order,
+  // so that the next list taken (oldest_first) holds them in id order,
+  // ahead of what was pushed since: a splice of that list into the FIFO
+  // then appends each request instead of searching back for its place.
   thread_local std::vector<Request*> all;
   all.clear();
   all.reserve(n);
@@ -447,16 +445,10 @@ bool QueueCore::return_to_inbox(Request* list) {
   } while (!inbox_head_.compare_exchange_weak(head, reinterpret_cast<uintptr_t>(list),
                                               std::memory_order_seq_cst,
                                               std::memory_order_relaxed));
-  // Wake a sleeping leader, as a submit would: these requests are queued
-  // and nobody may come to the inbox for them otherwise until this worker
-  // comes back.
-  if (leader_waiting_.load(std::memory_order_seq_cst) &&
-      !leader_spinning_.load(std::memory_order_seq_cst) &&
-      leader_waiting_.exchange(false, std::memory_order_seq_cst)) {
-    MutexLock lock(mu_);
-    bump_events();
-    work_cv_.notify_one();
-  }
+  // Wake a sleeping leader, whatever it waits for: these requests are
+  // queued and nobody may come to the inbox for them otherwise until this
+  // worker comes back.
+  wake_sleeping_leader([] { return true; });
   return true;
 }
 
@@ -504,20 +496,13 @@ void QueueCore::submit(const std::shared_ptr<Request>& r) {
       // the time it sleeps until; otherwise its timed wait (max_delay) ends by
       // itself. What decides is the leader's own view (leader_waits_first_,
       // set as it looked at the FIFO), not the count this submit saw when it
-      // took its room: another request may have been picked since. The
-      // exchange lets one submitter wake it, not every one that saw it
-      // waiting. A spinning leader needs no wake-up: it watches the inbox
-      // (Note [Spinning workers]).
-      if (leader_waiting_.load(std::memory_order_seq_cst) &&
-          !leader_spinning_.load(std::memory_order_seq_cst) &&
-          (leader_waits_first_.load(std::memory_order_seq_cst) ||
-           queued_.load(std::memory_order_relaxed) >= static_cast<size_t>(options_.max_batch) ||
-           r->deadline < leader_wake_.load(std::memory_order_relaxed)) &&
-          leader_waiting_.exchange(false, std::memory_order_seq_cst)) {
-        MutexLock lock(mu_);
-        bump_events();
-        work_cv_.notify_one();  // only the leader waits there
-      }
+      // took its room: another request may have been picked since. A
+      // spinning leader needs no wake-up (Note [Spinning workers]).
+      wake_sleeping_leader([&] {
+        return leader_waits_first_.load(std::memory_order_seq_cst) ||
+               queued_.load(std::memory_order_relaxed) >= static_cast<size_t>(options_.max_batch) ||
+               r->deadline < leader_wake_.load(std::memory_order_relaxed);
+      });
       return;
     }
     left_fifo(1);  // the inbox is closed: give the room back; the slow path refuses it

@@ -528,6 +528,21 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
     leader_ = on;
     leader_hint_.store(on, std::memory_order_release);
   }
+  // Note [Inbox]: after a push onto the inbox (seq_cst), wakes the leader
+  // if it sleeps waiting for work (not spinning: it watches the inbox) and
+  // `may_change()` says the push may change its decision; the exchange lets
+  // one pusher wake it, not every one that saw it waiting. Only the leader
+  // waits on work_cv_.
+  template <typename MayChange>
+  void wake_sleeping_leader(MayChange may_change) FL_EXCLUDES(mu_) {
+    if (leader_waiting_.load(std::memory_order_seq_cst) &&
+        !leader_spinning_.load(std::memory_order_seq_cst) && may_change() &&
+        leader_waiting_.exchange(false, std::memory_order_seq_cst)) {
+      MutexLock lock(mu_);
+      bump_events();
+      work_cv_.notify_one();
+    }
+  }
   void bump_events() FL_REQUIRES(mu_) {
     ++events_;
     events_hint_.store(events_, std::memory_order_release);

@@ -18,11 +18,10 @@ namespace flotilla::serve::detail {
 // in BatchQueueOptions::record_steps steps of P/steps (the default, four:
 // 80, 96, 112, 128, 160, ..., 256, 320, ...), so R is at most
 // (1 + 1/steps) B (four: 1.25 B, about 1.1 B on average) instead of up to
-// 2 B: with 64
-// clients on the H100 the device, not the host, was the limit (kernels
-// running all the time, the workers waiting on their fences, 10.5 of 16
-// cores busy; docs/PERF.md), and batches of about 190 and 300 rows ran as
-// 256 and 512. The last size is max_batch. Each size is recorded once per
+// 2 B: with 64 clients on the H100 the device, not the host, was the limit
+// (kernels running all the time, the workers waiting on their fences, 10.5
+// of 16 cores busy; docs/PERF.md), and batches of about 190 and 300 rows
+// ran as 256 and 512. The last size is max_batch. Each size is recorded once per
 // slot and input kind, when first used: a recording keeps the model's
 // intermediates of R rows, so a queue of many workers that sees every size
 // holds up to 2 x (sizes) x (workers x pipeline_depth) of them. More steps

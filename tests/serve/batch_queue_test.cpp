@@ -95,7 +95,7 @@ TEST_F(BatchQueueTest, MaxDelayHoldsTheFirstRequestForCompanyThenRuns) {
 TEST_F(BatchQueueTest, AFullBatchRunsAtOnceAndTheRestWaits) {
   BatchQueue q(*device_, kIn, kOut, counted(), manual(4, 100us));
   std::vector<RequestHandle> hs;
-  for (int i = 0; i < 6; ++i) hs.push_back(q.submit(input(i)));
+  submit_inputs(q, 0, 6, hs);
   EXPECT_EQ(q.step(), 4u);
   EXPECT_EQ(q.step(), 0u) << "2 left, not full, max_delay not reached";
   clock_->advance(100us);
@@ -667,10 +667,10 @@ TEST_F(BatchQueueTest, AListLongerThanABatchRunsItsOldestStraightAndKeepsTheRest
   g_straight = 0;
   g_splits = 0;
   std::vector<RequestHandle> hs;
-  for (int i = 0; i < 10; ++i) hs.push_back(q.submit(input(i)));
+  submit_inputs(q, 0, 10, hs);
   EXPECT_EQ(q.step(), 4u);
   EXPECT_EQ(q.metrics().depth, 6u);
-  for (int i = 10; i < 12; ++i) hs.push_back(q.submit(input(i)));  // behind the returned ones
+  submit_inputs(q, 10, 2, hs);  // behind the returned ones
   EXPECT_EQ(q.step(), 4u);
   EXPECT_EQ(g_splits.load(), 2) << "10 and then 8 requests: each list split";
   // Returned twice, still queued: a cancel finds it (and moves the inbox
@@ -681,7 +681,7 @@ TEST_F(BatchQueueTest, AListLongerThanABatchRunsItsOldestStraightAndKeepsTheRest
   const int straight_short = g_straight.load();
 
   // 40 requests are more than kSplitLists (8) batches of 4: the FIFO.
-  for (int i = 12; i < 52; ++i) hs.push_back(q.submit(input(i)));
+  submit_inputs(q, 12, 40, hs);
   for (int k = 0; k < 10; ++k) EXPECT_EQ(q.step(), 4u);
   detail::set_took_direct_hook_for_testing(nullptr);
   detail::set_split_list_hook_for_testing(nullptr);
@@ -735,7 +735,7 @@ TEST_F(BatchQueueTest, TheRestOfASplitListIsCancelledOnceWhenTheInboxClosesAsItR
   };
   BatchQueue q(*device_, kIn, kOut, counted(), o);
   std::vector<RequestHandle> hs;
-  for (int i = 0; i < 10; ++i) hs.push_back(q.submit(input(i)));
+  submit_inputs(q, 0, 10, hs);
   g_returning_queue = &q;
   g_late_input = input(10);
   g_return_tries = 0;
@@ -780,7 +780,7 @@ void cancel_while_split() {            // before the rest's return, on the step(
 TEST_F(BatchQueueTest, ACancelDuringASplitFindsTheRestBackInTheInbox) {
   BatchQueue q(*device_, kIn, kOut, counted(), manual(4, 0us));
   std::vector<RequestHandle> hs;
-  for (int i = 0; i < 10; ++i) hs.push_back(q.submit(input(i)));
+  submit_inputs(q, 0, 10, hs);
   g_to_cancel = &hs[7];
   g_cancel_said = -1;
   detail::set_before_return_hook_for_testing(&cancel_while_split);
@@ -902,7 +902,7 @@ TEST_F(BatchQueueTest, BatchedOutputsEqualUnbatchedOnesRequestByRequest) {
   BatchQueue q(*device_, kIn, kOut, counted(), manual(8, 0us));
   const int n = 19;  // batches of 8, 8, 3
   std::vector<RequestHandle> hs;
-  for (int i = 0; i < n; ++i) hs.push_back(q.submit(input(i)));
+  submit_inputs(q, 0, n, hs);
   while (q.step() > 0) {
   }
   EXPECT_EQ(calls_.load(), 3);
@@ -963,7 +963,7 @@ TEST_F(BatchQueueTest, ABatchIsOneCopyInOneForwardOneCopyOut) {
   BatchQueue q(*device_, kIn, kOut, counted(), manual(8, 0us));
   Stream s = q.streams().at(0);
   std::vector<RequestHandle> hs;
-  for (int i = 0; i < 8; ++i) hs.push_back(q.submit(input(i)));
+  submit_inputs(q, 0, 8, hs);
   const uint64_t k0 = s.kernels_encoded();
   EXPECT_EQ(q.step(), 8u);
   EXPECT_EQ(s.kernels_encoded() - k0, 2 + model_kernels);
@@ -986,7 +986,8 @@ TEST_F(BatchQueueTest, RecordedBatchesEqualUnbatchedOnesAtEverySize) {
   for (int size : {1, 2, 3, 5, 8, 3, 1, 7}) {
     std::vector<RequestHandle> hs;
     const int first = next;
-    for (int i = 0; i < size; ++i) hs.push_back(q.submit(input(next++)));
+    submit_inputs(q, first, size, hs);
+    next += size;
     const int calls_before = calls_.load();
     const uint64_t k0 = s.kernels_encoded();
     EXPECT_EQ(q.step(), static_cast<size_t>(size));
@@ -1070,7 +1071,8 @@ TEST_F(BatchQueueTest, RecordedBatchesAbove64RowsRunAtTheNextQuarterOctave) {
   for (const auto& [size, padded] : runs) {
     std::vector<RequestHandle> hs;
     const int first = next;
-    for (int i = 0; i < size; ++i) hs.push_back(q.submit(input(next++)));
+    submit_inputs(q, first, size, hs);
+    next += size;
     const int calls_before = calls_.load();
     const int64_t rows_before = rows_.load();
     EXPECT_EQ(q.step(), static_cast<size_t>(size));
@@ -1099,7 +1101,8 @@ TEST_F(BatchQueueTest, RecordStepsSetsTheSizesAbove64Rows) {
   for (const int size : {65, 73, 190, 200}) {
     std::vector<RequestHandle> hs;
     const int first = next;
-    for (int i = 0; i < size; ++i) hs.push_back(q.submit(input(next++)));
+    submit_inputs(q, first, size, hs);
+    next += size;
     EXPECT_EQ(q.step(), static_cast<size_t>(size));
     for (int i = 0; i < size; ++i) expect_output(hs[static_cast<size_t>(i)], first + i);
   }
@@ -1451,7 +1454,7 @@ TEST_F(BatchQueueTest, RejectPolicyCompletesTheOverflowWithQueueFull) {
   o.capacity = 3;
   BatchQueue q(*device_, kIn, kOut, counted(), o);
   std::vector<RequestHandle> hs;
-  for (int i = 0; i < 5; ++i) hs.push_back(q.submit(input(i)));
+  submit_inputs(q, 0, 5, hs);
   EXPECT_EQ(hs[3].status(), RequestStatus::kRejected);
   EXPECT_EQ(outcome_of(hs[4]), Outcome::kQueueFull);
   EXPECT_EQ(q.metrics().depth, 3u);
@@ -1519,7 +1522,7 @@ TEST_F(BatchQueueTest, ShutdownDrainRunsWhatIsQueued) {
   o.workers = 2;
   BatchQueue q(*device_, kIn, kOut, counted(), o);
   std::vector<RequestHandle> hs;
-  for (int i = 0; i < 6; ++i) hs.push_back(q.submit(input(i)));
+  submit_inputs(q, 0, 6, hs);
   q.shutdown(ShutdownMode::kDrain);  // max_delay (1 s on a clock that never moves) is waived
   for (int i = 0; i < 6; ++i) expect_output(hs[static_cast<size_t>(i)], i);
   EXPECT_EQ(rows_.load(), 6);
@@ -1536,7 +1539,7 @@ TEST_F(BatchQueueTest, ShutdownCancelCompletesQueuedRequestsWithCancelled) {
   o.workers = 2;
   BatchQueue q(*device_, kIn, kOut, counted(), o);
   std::vector<RequestHandle> hs;
-  for (int i = 0; i < 3; ++i) hs.push_back(q.submit(input(i)));
+  submit_inputs(q, 0, 3, hs);
   q.shutdown(ShutdownMode::kCancel);
   for (auto& h : hs) EXPECT_EQ(outcome_of(h), Outcome::kCancelled);
   EXPECT_EQ(calls_.load(), 0);
@@ -1547,7 +1550,7 @@ TEST_F(BatchQueueTest, ManualModeDrainsOnShutdownAndTheDestructorDrains) {
   std::vector<RequestHandle> hs;
   {
     BatchQueue q(*device_, kIn, kOut, counted(), manual(2, 1000000us));
-    for (int i = 0; i < 5; ++i) hs.push_back(q.submit(input(i)));
+    submit_inputs(q, 0, 5, hs);
   }
   for (int i = 0; i < 5; ++i) expect_output(hs[static_cast<size_t>(i)], i);
   EXPECT_EQ(calls_.load(), 3);
@@ -1627,7 +1630,7 @@ TEST_F(BatchQueueTest, MetricsAsStructJsonAndPrometheus) {
   o.capacity = 5;
   BatchQueue q(*device_, kIn, kOut, counted(), o);
   std::vector<RequestHandle> hs;
-  for (int i = 0; i < 6; ++i) hs.push_back(q.submit(input(i)));  // the 6th: QueueFull
+  submit_inputs(q, 0, 6, hs);  // the 6th: QueueFull
   EXPECT_TRUE(hs[4].cancel());
   EXPECT_EQ(q.step(), 4u);  // picked at t0: waits 0
   EXPECT_THROW(q.submit(std::vector<float>(3)), InvalidArgument);

@@ -235,6 +235,11 @@ class QueueTest : public ::testing::Test {
     std::mt19937_64 rng(1000 + static_cast<uint64_t>(i));
     return random_vector(rng, kIn);
   }
+  // Submits input(first) .. input(first + count - 1) to `q`, in that
+  // order, appending their handles to `hs`.
+  void submit_inputs(BatchQueue& q, int first, int count, std::vector<RequestHandle>& hs) {
+    for (int i = first; i < first + count; ++i) hs.push_back(q.submit(input(i)));
+  }
   // The handle completed with the model's output for input(i).
   void expect_output(RequestHandle& h, int i) {
     std::vector<float> y;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -86,7 +87,7 @@ void WorkloadOptions::validate() const {
     in_range("--spin-us", batching.spin_us, 0, 1000000);
     in_range("--device-share", batching.device_share, 0, 256);
     in_range("--record-steps", batching.record_steps, 1, 64);
-    FL_CHECK_ARG((batching.record_steps & (batching.record_steps - 1)) == 0,
+    FL_CHECK_ARG(std::has_single_bit(static_cast<unsigned>(batching.record_steps)),
                  "[run] --record-steps must be a power of two (1, 2, 4, ..., 64), not ",
                  batching.record_steps);
     FL_CHECK_ARG(batching.record || batching.record_steps == 4,

@@ -222,10 +222,11 @@ struct BatchQueueOptions {
   // Record each batch size's work once and replay it (Stream::record; on
   // CUDA a graph: one launch per batch instead of one per kernel and copy;
   // Note [Recorded batches] in batch_queue.cpp). Batches are padded with
-  // zero rows to a recorded size: the powers of two up to 64, then four
-  // sizes an octave (80, 96, 112, 128, 160, ...: at most 25 % padding), and
-  // max_batch; each size is recorded per worker slot and input kind when first used, and
-  // keeps the model's intermediates of its rows. A batch that records runs
+  // zero rows to a recorded size: the powers of two up to 64, then
+  // record_steps sizes an octave (with the default four: 80, 96, 112, 128,
+  // 160, ...: at most 25 % padding), and max_batch; each size is recorded
+  // per worker slot and input kind when first used, and keeps the model's
+  // intermediates of its rows. A batch that records runs
   // eagerly and then records (its worker drains its stream), so latencies
   // are higher until the sizes in use are recorded: warm the queue up with
   // representative traffic before serving or timing it (on the H100, 64
