@@ -351,7 +351,7 @@ BatchQueue::~BatchQueue() {
   if (detail::QueueCore::runs_batches_of(core_.get())) die_destroyed_by_own_batch();
   shutdown(ShutdownMode::kDrain);
   clock_->remove_listener(listener_key_);
-  detail::QueueCore::retire_after_shutdown();  // before core_ goes
+  core_->retire_after_shutdown();  // before core_ goes
 }
 
 std::shared_ptr<detail::Request> BatchQueue::make_request(const InputRef& ref,

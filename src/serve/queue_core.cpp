@@ -1,6 +1,7 @@
 #include "serve/queue_core.h"
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <new>
 
@@ -465,18 +466,36 @@ void QueueCore::move_to_fifo(uintptr_t head) {
 }
 
 namespace {
-// Guards the lifetime of every QueueCore against cancel() (Note [Cancel
-// after the queue is gone]); holds no data.
-Mutex g_lifetime_mu;
+// Guard the lifetimes of the QueueCores against cancel(), each core's by
+// the stripe its address picks (Note [Cancel after the queue is gone]);
+// they hold no data.
+constexpr size_t kLifetimeStripes = 64;
+std::array<Mutex, kLifetimeStripes> g_lifetime_mu;
+
+size_t lifetime_stripe(const QueueCore* core) {
+  // Fibonacci hashing: cores are 128-byte aligned and often a fixed stride
+  // apart, so the low bits alone would crowd a few stripes.
+  const uint64_t h =
+      static_cast<uint64_t>(reinterpret_cast<uintptr_t>(core)) * 0x9E3779B97F4A7C15ull;
+  return static_cast<size_t>(h >> 58);  // 6 bits: kLifetimeStripes
+}
+static_assert(kLifetimeStripes == 64, "lifetime_stripe() keeps 6 bits");
 }  // namespace
 
 bool QueueCore::cancel_request(Request& r) {
-  MutexLock lock(g_lifetime_mu);
+  // The pointer only: the core may be gone.
+  MutexLock lock(g_lifetime_mu[lifetime_stripe(r.core)]);
   if (r.status.load(std::memory_order_acquire) != RequestStatus::kQueued) return false;
   return r.core->cancel(r.id);  // queued: its queue has not shut down, the core lives
 }
 
-void QueueCore::retire_after_shutdown() { MutexLock lock(g_lifetime_mu); }
+void QueueCore::retire_after_shutdown() const {
+  MutexLock lock(g_lifetime_mu[lifetime_stripe(this)]);
+}
+
+size_t QueueCore::lifetime_stripe_for_testing(const RequestHandle& h) {
+  return lifetime_stripe(h.req_->core);
+}
 
 void QueueCore::submit(const std::shared_ptr<Request>& r) {
   // The clock is read before any lock: on some machines (a VM whose clock

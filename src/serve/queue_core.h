@@ -344,11 +344,19 @@ struct Batch {
 // A RequestHandle may outlive its queue; cancel() on it must then return
 // false without touching the freed QueueCore. Every request is final once
 // its queue has shut down, and a queue shuts down before its core is freed.
-// So cancel() takes the process-wide lifetime lock, and under it touches the
+// So cancel() takes the core's lifetime lock, and under it touches the
 // core only if the request is still queued; the core's owner, after
 // shutdown, passes through the same lock before freeing it
 // (retire_after_shutdown), so no cancel() that saw a queued request is still
-// using the core. Only cancel() and queue destruction take this lock.
+// using the core. Only cancel() and queue destruction take these locks.
+// They cannot live in the core (it may be gone): they are kLifetimeStripes
+// process-wide mutexes, a core's chosen by a hash of its address (which
+// cancel() reads from the request without touching the core). A cancel()
+// may wait under its lock (for lists a worker has taken from the inbox,
+// Note [Inbox walks outside the lock]); with one lock for every queue,
+// that held up the cancels of every other queue in the process, and their
+// destructors, meanwhile. Now only queues whose cores share a stripe (1 in
+// kLifetimeStripes) wait for each other.
 //
 // Shared: the BatchQueue owns its core, and a parked callback (Note
 // [Completion callbacks]) holds it too until it has run, so that a callback
@@ -390,7 +398,9 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   // Cancels `r` through its core, if it is still queued (see the Note).
   static bool cancel_request(Request& r);
   // Call after shutdown, before freeing the core (see the Note).
-  static void retire_after_shutdown();
+  void retire_after_shutdown() const;
+  // The lifetime lock (see the Note) that guards the core of `h`'s request.
+  static size_t lifetime_stripe_for_testing(const RequestHandle& h);
 
   // `out_features`: the values of one output row.
   QueueCore(const BatchQueueOptions& options, std::shared_ptr<Clock> clock, size_t out_features);

@@ -578,6 +578,52 @@ TEST_F(BatchQueueTest, CancelFindsARequestAWorkerHasTakenFromTheInbox) {
   expect_output(b, 1);
 }
 
+// Waits up to 10 s for `flag`; false if it never came.
+bool eventually(const std::atomic<bool>& flag) {
+  for (int i = 0; i < 1000 && !flag.load(); ++i) std::this_thread::sleep_for(10ms);
+  return flag.load();
+}
+
+// Note [Cancel after the queue is gone] (queue_core.h): a cancel() that
+// waits for a list a worker has taken from its queue's inbox holds that
+// queue's lifetime lock while it waits. A cancel on another queue's handle
+// must go on meanwhile: with one lock for every queue it waited until the
+// first queue's worker let go (and so did every queue's destructor).
+TEST_F(BatchQueueTest, ACancelWaitingOnOneQueueDoesNotHoldUpACancelOnAnother) {
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(4, 100us));  // 1 of 4: not ready
+  RequestHandle a = q.submit(input(0));
+  // Another queue whose core's lifetime lock is not q's (1 in 64 is).
+  std::vector<std::unique_ptr<BatchQueue>> others;
+  RequestHandle c;
+  while (!c.valid() || detail::QueueCore::lifetime_stripe_for_testing(c) ==
+                           detail::QueueCore::lifetime_stripe_for_testing(a)) {
+    others.push_back(
+        std::make_unique<BatchQueue>(*device_, kIn, kOut, counted(), manual(4, 100us)));
+    c = others.back()->submit(input(1));
+  }
+  DetachHold hold;
+  std::thread stepper([&] {
+    DetachHold::hold_my_next();
+    EXPECT_EQ(q.step(), 0u);
+  });
+  hold.wait_held();  // a is taken from the inbox, not yet in the FIFO
+  std::atomic<int> cancelled_a{-1};
+  std::thread canceller([&] { cancelled_a = a.cancel() ? 1 : 0; });
+  std::this_thread::sleep_for(20ms);
+  EXPECT_EQ(cancelled_a.load(), -1) << "a's cancel() waits for the taken list";
+  std::atomic<bool> cancelled_c{false};
+  std::thread other([&] { cancelled_c = c.cancel(); });
+  EXPECT_TRUE(eventually(cancelled_c)) << "a cancel on another queue waited for q's worker";
+  hold.release();
+  stepper.join();
+  canceller.join();
+  other.join();
+  EXPECT_EQ(cancelled_a.load(), 1);
+  EXPECT_EQ(outcome_of(a), Outcome::kCancelled);
+  EXPECT_EQ(outcome_of(c), Outcome::kCancelled);
+  EXPECT_EQ(rows_.load(), 0) << "nothing ran";
+}
+
 // The same window for shutdown(kCancel): the requests a worker has taken
 // from the inbox are cancelled when it puts them back, never run. Without
 // that they went into the FIFO after the shutdown had cancelled it, and ran.
@@ -795,12 +841,6 @@ TEST_F(BatchQueueTest, ACancelDuringASplitFindsTheRestBackInTheInbox) {
     if (i != 7) expect_output(hs[static_cast<size_t>(i)], i);
   EXPECT_EQ(rows_.load(), 9) << "the cancelled request never ran";
   g_to_cancel = nullptr;
-}
-
-// Waits up to 10 s for `flag`; false if it never came.
-bool eventually(const std::atomic<bool>& flag) {
-  for (int i = 0; i < 1000 && !flag.load(); ++i) std::this_thread::sleep_for(10ms);
-  return flag.load();
 }
 
 // Joins `blocked`, a thread blocked in q.submit() that sets `returned`
