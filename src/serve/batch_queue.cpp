@@ -214,7 +214,6 @@ struct Lane {
   // reads a completed request but its handle, which callback requests have
   // none of, so freeing later changes no outcome. The worker's alone.
   std::vector<std::shared_ptr<Request>> released;
-  static constexpr size_t kKeepReleased = 512;
 
   // Frees released requests while `fence` is not reached, checking it every
   // eight frees, and then down to `keep` (so all of them with 0).
@@ -256,7 +255,7 @@ BatchQueue::BatchQueue(Device& device, int64_t in_features, int64_t out_features
     // Note [Frees while the device works]: a lane holds at most this many
     // (kKeepReleased after free_released, then one batch), so completing a
     // batch never allocates, and so never throws half-way.
-    if (options_.workers > 0) lane->released.reserve(detail::Lane::kKeepReleased + rows);
+    if (options_.workers > 0) lane->released.reserve(detail::kKeepReleased + rows);
     for (detail::Slot& slot : lane->slots) {
       slot.input = driver.allocate_host(detail::table_offset(options_.max_batch, in_) +
                                         rows * sizeof(const void*));
@@ -724,7 +723,7 @@ void BatchQueue::launch_batch(detail::Lane& lane) {
 void BatchQueue::complete_oldest(detail::Lane& lane) {
   FL_INTERNAL_CHECK(lane.in_flight > 0, "no batch in flight to complete");
   detail::Slot& slot = lane.slots[lane.oldest];
-  lane.free_released(slot.fence, detail::Lane::kKeepReleased);
+  lane.free_released(slot.fence, detail::kKeepReleased);
   try {
     slot.fence.wait();
   } catch (...) {

@@ -366,6 +366,9 @@ struct Batch {
 // Note [Lists longer than a batch]: the longest list take_direct() splits,
 // in batches (max_batch requests).
 inline constexpr size_t kSplitLists = 8;
+// Note [Frees while the device works] (batch_queue.cpp): the completed
+// callback requests a worker may keep unfreed before it waits on a fence.
+inline constexpr size_t kKeepReleased = 512;
 
 class QueueCore : public std::enable_shared_from_this<QueueCore> {
  public:

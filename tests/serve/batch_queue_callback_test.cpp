@@ -16,6 +16,7 @@
 #include <future>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <semaphore>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -289,6 +290,51 @@ TEST_F(BatchQueueCallbackTest, AnIdleWorkerHasFreedEveryCompletedCallbackRequest
   EXPECT_EQ(freed(), kRequests) << "an idle queue still holds completed callback requests";
   q.shutdown();
   EXPECT_EQ(freed(), kRequests) << "after shutdown(): a request left unfreed, or freed twice";
+}
+
+// A worker that always has a batch in flight frees completed callback
+// requests while the device works, and at once beyond kKeepReleased: on a
+// device that is always done first (each fence already reached when the
+// worker looks, as here, where each callback takes a while) it must not keep
+// every completed request until the queue goes idle. Each callback counts
+// the completed requests not yet freed: at most kKeepReleased, the batch
+// being completed and the one before it. Without the bound, all of them.
+TEST_F(BatchQueueCallbackTest, AWorkerThatNeverGoesIdleKeepsABoundedNumberOfCompletedRequests) {
+  const FreedCount freed;
+  constexpr int kRequests = 4000, kMaxBatch = 16;
+  BatchQueueOptions o = threaded(1, kMaxBatch);
+  o.pipeline_depth = 2;
+  o.capacity = kRequests;  // room for all: none is refused
+  // The first batch waits for every request to be queued, so the worker
+  // never runs dry (and so never frees everything) until the end.
+  std::binary_semaphore all_queued{0};
+  std::atomic<bool> first{true};
+  BatchQueue::Model model = counted();
+  BatchQueue q(
+      *device_, kIn, kOut,
+      [&](const Stream& s, const Tensor& x) {
+        if (first.exchange(false)) all_queued.acquire();
+        return model(s, x);
+      },
+      o);
+  std::atomic<int> ran{0}, most_kept{0};
+  const std::vector<float> x = input(0);
+  for (int i = 0; i < kRequests; ++i)
+    q.submit(x, [&](const Completion& c) {
+      EXPECT_EQ(c.status, RequestStatus::kCompleted);
+      const int kept = ran.fetch_add(1) + 1 - freed();
+      int seen = most_kept.load();
+      while (kept > seen && !most_kept.compare_exchange_weak(seen, kept)) {
+      }
+      std::this_thread::sleep_for(20us);  // the device is done first
+    });
+  all_queued.release();
+  for (int i = 0; i < 3000 && ran.load() < kRequests; ++i) std::this_thread::sleep_for(10ms);
+  q.shutdown();
+  EXPECT_EQ(ran.load(), kRequests);
+  EXPECT_LE(most_kept.load(), static_cast<int>(detail::kKeepReleased) + 2 * kMaxBatch)
+      << "completed callback requests piled up unfreed";
+  EXPECT_EQ(freed(), kRequests);
 }
 
 // Manual mode frees a batch's callback requests before step() returns.
