@@ -339,7 +339,14 @@ struct Batch {
 // batch's completions run outside mu_ already. Handle requests are
 // completed at once, under mu_ or not: their completion (a DoneFlag) runs
 // no user code but the on_complete hook.
-//
+
+// Note [Lists longer than a batch]: the longest list take_direct() splits,
+// in batches (max_batch requests).
+inline constexpr size_t kSplitLists = 8;
+// Note [Frees while the device works] (batch_queue.cpp): the completed
+// callback requests a worker may keep unfreed before it waits on a fence.
+inline constexpr size_t kKeepReleased = 512;
+
 // Note [Cancel after the queue is gone]
 // A RequestHandle may outlive its queue; cancel() on it must then return
 // false without touching the freed QueueCore. Every request is final once
@@ -363,13 +370,6 @@ struct Batch {
 // that destroys the queue does not free the core under the callbacks parked
 // after it (Note [A queue destroyed on the deciding thread] in
 // batch_queue.cpp).
-// Note [Lists longer than a batch]: the longest list take_direct() splits,
-// in batches (max_batch requests).
-inline constexpr size_t kSplitLists = 8;
-// Note [Frees while the device works] (batch_queue.cpp): the completed
-// callback requests a worker may keep unfreed before it waits on a fence.
-inline constexpr size_t kKeepReleased = 512;
-
 class QueueCore : public std::enable_shared_from_this<QueueCore> {
  public:
   // Note [A worker's own submit]
