@@ -114,6 +114,8 @@ Config Config::from_env() {
   if (const char* v = get("FLOTILLA_CUDA_WAIT_SPIN_US"))
     c.cuda_wait_spin =
         std::chrono::microseconds(parse_int("FLOTILLA_CUDA_WAIT_SPIN_US", v, 0, 10000));
+  if (const char* v = get("FLOTILLA_CUDA_GATHER_BLOCKS"))
+    c.cuda_gather_blocks = parse_int("FLOTILLA_CUDA_GATHER_BLOCKS", v, 1, 1024);
   if (const char* v = get("FLOTILLA_ALLOCATOR_CACHING"))
     c.allocator_caching = parse_bool("FLOTILLA_ALLOCATOR_CACHING", v);
   c.validate();
@@ -140,6 +142,9 @@ void Config::validate() const {
   FL_CHECK_ARG(cuda_wait_spin.count() >= 0 && cuda_wait_spin.count() <= 10000,
                "[Config] cuda_wait_spin=", cuda_wait_spin.count(),
                " us is out of range; use 0 (sleep at once) to 10000 us");
+  FL_CHECK_ARG(cuda_gather_blocks >= 1 && cuda_gather_blocks <= 1024,
+               "[Config] cuda_gather_blocks=", cuda_gather_blocks,
+               " is out of range; use 1..1024 blocks of 8 warps");
   FL_CHECK_ARG(event_pool_size >= 0, "[Config] event_pool_size must not be negative");
 }
 

@@ -39,7 +39,8 @@ const char* const kVars[] = {"FLOTILLA_POOL_SIZE",
                              "FLOTILLA_CPU_THREADS",
                              "FLOTILLA_ALLOCATOR_CACHING",
                              "FLOTILLA_CUDA_COMPLETION_SLEEP_US",
-                             "FLOTILLA_CUDA_WAIT_SPIN_US"};
+                             "FLOTILLA_CUDA_WAIT_SPIN_US",
+                             "FLOTILLA_CUDA_GATHER_BLOCKS"};
 
 // Clears the FLOTILLA_* variables for each test (CI sets some, such as
 // FLOTILLA_ALLOCATOR_CACHING) and restores them afterwards.
@@ -74,6 +75,8 @@ TEST_F(ConfigTest, DefaultsWithoutVariables) {
   EXPECT_EQ(d.cuda_completion_sleep.count(), 0) << "completion threads spin by default";
   EXPECT_EQ(c.cuda_wait_spin, d.cuda_wait_spin);
   EXPECT_EQ(d.cuda_wait_spin.count(), 100);
+  EXPECT_EQ(c.cuda_gather_blocks, d.cuda_gather_blocks);
+  EXPECT_EQ(d.cuda_gather_blocks, 32);
 }
 
 TEST_F(ConfigTest, ReadsEveryVariable) {
@@ -85,6 +88,7 @@ TEST_F(ConfigTest, ReadsEveryVariable) {
   ScopedEnv f("FLOTILLA_ALLOCATOR_CACHING", "off");
   ScopedEnv g("FLOTILLA_CUDA_COMPLETION_SLEEP_US", "20");
   ScopedEnv h("FLOTILLA_CUDA_WAIT_SPIN_US", "7");
+  ScopedEnv i("FLOTILLA_CUDA_GATHER_BLOCKS", "8");
   const Config cfg = Config::from_env();
   EXPECT_EQ(cfg.pool_size, 8);
   EXPECT_EQ(cfg.policy, StreamPolicy::kExclusive);
@@ -94,6 +98,7 @@ TEST_F(ConfigTest, ReadsEveryVariable) {
   EXPECT_FALSE(cfg.allocator_caching);
   EXPECT_EQ(cfg.cuda_completion_sleep, std::chrono::microseconds(20));
   EXPECT_EQ(cfg.cuda_wait_spin, std::chrono::microseconds(7));
+  EXPECT_EQ(cfg.cuda_gather_blocks, 8);
 }
 
 // Each bad value throws InvalidArgument whose message names the variable and
@@ -161,6 +166,8 @@ TEST(ConfigValidate, RejectsOutOfRangeFields) {
   bad([](Config& c) { c.cuda_completion_sleep = std::chrono::microseconds(1001); });
   bad([](Config& c) { c.cuda_wait_spin = std::chrono::microseconds(-1); });
   bad([](Config& c) { c.cuda_completion_sleep = std::chrono::microseconds(-1); });
+  bad([](Config& c) { c.cuda_gather_blocks = 0; });
+  bad([](Config& c) { c.cuda_gather_blocks = 1025; });
   EXPECT_NO_THROW(Config{}.validate());
 }
 

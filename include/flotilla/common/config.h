@@ -83,6 +83,12 @@ struct Config {
   // futex wake-up, a few microseconds, and gives the core to the host's
   // other threads. 0..10000; default 100.
   std::chrono::microseconds cuda_wait_spin{100};
+  // Most blocks (of 8 warps) a gather_rows launch uses: the copy in of a
+  // batch of InputBuffer rows, which the device reads across PCIe (Note
+  // [Gathered rows] in src/backend/cuda). Fewer blocks hold fewer SMs away
+  // from other streams' GEMMs while they wait for host memory, and take
+  // more round trips. 1..1024; default 32.
+  int cuda_gather_blocks = 32;
 
   // Events.
   int event_pool_size = 64;  // events kept for reuse per device
@@ -93,7 +99,8 @@ struct Config {
   // Reads FLOTILLA_POOL_SIZE, FLOTILLA_POLICY, FLOTILLA_SYNC_MODE,
   // FLOTILLA_ENCODING_LOCK, FLOTILLA_CPU_THREADS, FLOTILLA_ALLOCATOR_CACHING,
   // FLOTILLA_CUDA_MAX_CONNECTIONS, FLOTILLA_CUDA_COMPLETION_THREADS,
-  // FLOTILLA_CUDA_COMPLETION_SLEEP_US
+  // FLOTILLA_CUDA_COMPLETION_SLEEP_US, FLOTILLA_CUDA_WAIT_SPIN_US,
+  // FLOTILLA_CUDA_GATHER_BLOCKS
   // over the defaults. Bad values throw InvalidArgument naming the variable.
   static Config from_env();
 

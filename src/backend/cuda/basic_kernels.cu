@@ -168,11 +168,12 @@ void copy_pinned(const KernelArgs& a, LaunchContext& ctx) {
 // stores any, so that a warp has 2 KiB in flight; a byte a lane where the
 // source, the destination or the length is not 16-byte aligned. Rows read
 // from pinned host memory wait a PCIe round trip, so the grid is small (at
-// most kGatherBlocks blocks of 8 warps, grid-striding over the rows): one
-// block a row on every SM, as the first version had, held the SMs while it
-// waited and kept the GEMMs of the other streams off them (8 streams of
-// 256-row batches ran 22 % slower than with the copy engines' copy).
-constexpr unsigned kGatherBlocks = 32, kGatherThreads = 256;
+// most Config::cuda_gather_blocks blocks of 8 warps, grid-striding over the
+// rows): one block a row on every SM, as the first version had, held the SMs
+// while it waited and kept the GEMMs of the other streams off them (8
+// streams of 256-row batches ran 22 % slower than with the copy engines'
+// copy).
+constexpr unsigned kGatherThreads = 256;
 
 __global__ void gather_rows_kernel(char* dst, const void* const* table, uint64_t rows,
                                    uint64_t row_bytes) {
@@ -213,8 +214,8 @@ void gather_rows(const KernelArgs& a, LaunchContext& ctx) {
   const auto row = static_cast<uint64_t>(a.scalars[0].i);
   if (a.n == 0 || row == 0) return;
   const uint64_t warps_per_block = kGatherThreads / 32;
-  const auto blocks = static_cast<unsigned>(
-      std::min<uint64_t>(kGatherBlocks, (a.n + warps_per_block - 1) / warps_per_block));
+  const auto blocks = static_cast<unsigned>(std::min<uint64_t>(
+      static_cast<uint64_t>(ctx.gather_blocks()), (a.n + warps_per_block - 1) / warps_per_block));
   gather_rows_kernel<<<blocks, kGatherThreads, 0, ctx.stream()>>>(
       static_cast<char*>(a.ptrs[0]), static_cast<const void* const*>(a.ptrs[1]), a.n, row);
   FL_CUDA_CHECK_LAUNCH(ctx);

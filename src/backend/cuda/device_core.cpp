@@ -172,7 +172,10 @@ void CompletionWords::give(Word w) noexcept {
 // ---- DeviceCore -----------------------------------------------------------------------
 
 DeviceCore::DeviceCore(int index, const Config& config)
-    : index_(index), label_(detail::str_cat("cuda:", index)), wait_spin_(config.cuda_wait_spin) {
+    : index_(index),
+      label_(detail::str_cat("cuda:", index)),
+      wait_spin_(config.cuda_wait_spin),
+      gather_blocks_(config.cuda_gather_blocks) {
   DeviceGuard guard(index_);
   // Creates the primary context now rather than at the first launch.
   FL_CUDA_CHECK_DEV(*this, cudaFree(nullptr));
@@ -276,6 +279,8 @@ void DeviceCore::synchronize_queues() {
 }
 
 // ---- Kernel support (kernels.h) ------------------------------------------------------
+
+int LaunchContext::gather_blocks() const { return device_.gather_blocks(); }
 
 void LaunchContext::count_gemm_plan() const {
   device_.gemm_plans.fetch_add(1, std::memory_order_relaxed);

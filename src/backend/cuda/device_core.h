@@ -131,6 +131,8 @@ class DeviceCore {
   int sm_count() const { return sm_count_; }
   // Config::cuda_wait_spin: how long a command buffer's waiter spins.
   std::chrono::microseconds wait_spin() const { return wait_spin_; }
+  // Config::cuda_gather_blocks: the most blocks a gather_rows launch uses.
+  int gather_blocks() const { return gather_blocks_; }
 
   // ---- Failure ----------------------------------------------------------------
   bool lost() const { return lost_.load(std::memory_order_acquire); }
@@ -194,6 +196,7 @@ class DeviceCore {
   const std::string label_;
   int sm_count_ = 0;
   const std::chrono::microseconds wait_spin_;
+  const int gather_blocks_;
 
   mutable Mutex mu_;
   std::exception_ptr error_ FL_GUARDED_BY(mu_);

@@ -134,6 +134,8 @@ class LaunchContext {
 
   // Counts a GEMM plan made (DriverStats::gemm_plans).
   void count_gemm_plan() const;
+  // Config::cuda_gather_blocks: the most blocks a gather_rows launch uses.
+  int gather_blocks() const;
 
   // Throws the error for a failed CUDA call (marks the device lost if sticky).
   [[noreturn]] void fail(cudaError_t e, const char* call, const char* file, int line) const;
