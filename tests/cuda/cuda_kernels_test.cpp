@@ -130,10 +130,15 @@ struct GatherCase {
 // (4144 bytes) or past its last 16-byte piece (2047 bytes), cannot read
 // pinned host rows (they must be read through their mapped addresses), reads
 // the table from host memory the device cannot see, or writes past the last
-// row.
-TEST(CudaKernels, GatherRowsCopiesEveryRowFromHostAndDeviceInTableOrder) {
+// row. Run with the default grid (32 blocks) and with Config::cuda_gather_blocks
+// at 1, where each of 8 warps strides over up to 38 rows.
+class CudaGatherRows : public ::testing::TestWithParam<int> {};
+
+TEST_P(CudaGatherRows, CopiesEveryRowFromHostAndDeviceInTableOrder) {
   FL_SKIP_WITHOUT_GPU();
-  auto dev = make_cuda();
+  Config config;
+  config.cuda_gather_blocks = GetParam();
+  auto dev = make_cuda(config);
   Stream s = dev->current_stream();
   std::mt19937_64 rng(cuda_test_seed());
   constexpr size_t kPool = 40;      // source rows of each kind
@@ -223,6 +228,11 @@ TEST(CudaKernels, GatherRowsCopiesEveryRowFromHostAndDeviceInTableOrder) {
   }
   EXPECT_EQ(dev->driver().device_error(), nullptr);
 }
+
+INSTANTIATE_TEST_SUITE_P(GatherBlocks, CudaGatherRows, ::testing::Values(32, 1),
+                         [](const ::testing::TestParamInfo<int>& p) {
+                           return "Blocks" + std::to_string(p.param);
+                         });
 
 // Would catch: a gather of 0 rows (or of rows of 0 bytes) that launches
 // anyway and writes a row, or reads its table, or refuses null pointers
