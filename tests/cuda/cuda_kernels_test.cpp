@@ -123,15 +123,17 @@ struct GatherCase {
 };
 
 // Would catch: a gather that reads the table in the wrong order or from the
-// wrong row (scrambled, with a row repeated), drops rows past the first grid
-// (300 rows > 32 blocks x 8 warps: the grid-stride loop), takes the 16-byte
-// path for a misaligned source, destination or length (or decides it once
-// for every row), drops the tail of a row longer than one round of the warp
-// (4144 bytes) or past its last 16-byte piece (2047 bytes), cannot read
-// pinned host rows (they must be read through their mapped addresses), reads
-// the table from host memory the device cannot see, or writes past the last
-// row. Run with the default grid (32 blocks) and with Config::cuda_gather_blocks
-// at 1, where each of 8 warps strides over up to 38 rows.
+// wrong row (scrambled, with a row repeated), passes the wrong lane's address
+// round the warp, drops rows past the first grid (the grid-stride loop:
+// 600 rows > 32 blocks x 16 warps) or past a warp's first 32 rows (one
+// block: 16 warps, 38 rows each at 600), takes the 16-byte path for a
+// misaligned source, destination or length (or decides it once for every
+// row), drops the tail of a row longer than one round of the warp (4144
+// bytes) or past its last 16-byte piece (2047 bytes), cannot read pinned
+// host rows (they must be read through their mapped addresses), reads the
+// table from host memory the device cannot see, or writes past the last
+// row. Run with the default grid (at most 32 blocks) and with
+// Config::cuda_gather_blocks at 1.
 class CudaGatherRows : public ::testing::TestWithParam<int> {};
 
 TEST_P(CudaGatherRows, CopiesEveryRowFromHostAndDeviceInTableOrder) {
@@ -163,7 +165,7 @@ TEST_P(CudaGatherRows, CopiesEveryRowFromHostAndDeviceInTableOrder) {
       {2048, 0, 0, true},   // either path, row by row
   };
   for (const GatherCase& c : cases) {
-    for (size_t rows : {size_t{1}, size_t{7}, size_t{300}}) {
+    for (size_t rows : {size_t{1}, size_t{7}, size_t{300}, size_t{600}}) {
       for (bool table_on_device : {false, true}) {
         SCOPED_TRACE(::testing::Message()
                      << "row_bytes " << c.row_bytes << ", source offset " << c.src_off

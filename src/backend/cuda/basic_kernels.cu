@@ -162,47 +162,68 @@ void copy_pinned(const KernelArgs& a, LaunchContext& ctx) {
 }
 
 // Note [Gathered rows]
-// A warp a row: lane 0's read of the row's address is broadcast (the table
-// is often mapped host memory: one read across PCIe for the row), then each
-// lane loads its share of the row, up to four 16-byte pieces, all before it
-// stores any, so that a warp has 2 KiB in flight; a byte a lane where the
-// source, the destination or the length is not 16-byte aligned. Rows read
-// from pinned host memory wait a PCIe round trip, so the grid is small (at
-// most Config::cuda_gather_blocks blocks of 8 warps, grid-striding over the
-// rows): one block a row on every SM, as the first version had, held the SMs
-// while it waited and kept the GEMMs of the other streams off them (8
-// streams of 256-row batches ran 22 % slower than with the copy engines'
-// copy).
-constexpr unsigned kGatherThreads = 256;
+// Rows read from pinned host memory wait a PCIe round trip, and a block
+// waiting for one holds its SM: GEMM blocks of the other streams, which
+// need most of an SM's registers, cannot start there meanwhile. What the
+// gather costs the device is about its blocks times the round trips each
+// waits, so the kernel keeps many rows in flight per block and few round
+// trips per row:
+//  - a block is 16 warps, and a warp copies a row: each lane loads its
+//    share, up to four 16-byte pieces, all before it stores any (2 KiB in
+//    flight a warp; a byte a lane where the source, the destination or the
+//    length is not 16-byte aligned);
+//  - the grid has one block per 16 rows, at most Config::cuda_gather_blocks
+//    (32 by default), grid-striding over the rest;
+//  - the table (often mapped host memory too) is read 32 entries at a time,
+//    one a lane, for the warp's next 32 rows, and each row's address is
+//    passed round the warp: one round trip for 32 rows' addresses instead of
+//    one before every row.
+// History, on 8 streams of 256-row batches: one block a row on every SM
+// ran 22 % slower than the copy engines' copy; 32 blocks of 8 warps, each
+// reading its row's address before its row (two round trips a row), 9 %
+// slower (docs/PERF.md).
+constexpr unsigned kGatherThreads = 512;
+
+__device__ inline void gather_one_row(char* out, const char* src, uint64_t row_bytes,
+                                      unsigned lane) {
+  if (((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(out) | row_bytes) & 15) ==
+      0) {
+    const auto* s = reinterpret_cast<const uint4*>(src);
+    auto* d = reinterpret_cast<uint4*>(out);
+    const uint64_t n = row_bytes / 16;
+    for (uint64_t base = 0; base < n; base += 4 * 32) {
+      uint4 v[4];
+#pragma unroll
+      for (unsigned k = 0; k < 4; ++k) {
+        const uint64_t i = base + k * 32 + lane;
+        if (i < n) v[k] = s[i];
+      }
+#pragma unroll
+      for (unsigned k = 0; k < 4; ++k) {
+        const uint64_t i = base + k * 32 + lane;
+        if (i < n) d[i] = v[k];
+      }
+    }
+  } else {
+    for (uint64_t i = lane; i < row_bytes; i += 32) out[i] = src[i];
+  }
+}
 
 __global__ void gather_rows_kernel(char* dst, const void* const* table, uint64_t rows,
                                    uint64_t row_bytes) {
   const unsigned lane = threadIdx.x % 32;
   const uint64_t warps = uint64_t{gridDim.x} * blockDim.x / 32;
-  for (uint64_t row = (uint64_t{blockIdx.x} * blockDim.x + threadIdx.x) / 32; row < rows;
-       row += warps) {
-    const char* src = static_cast<const char*>(table[row]);
-    char* out = dst + row * row_bytes;
-    if (((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(out) | row_bytes) & 15) ==
-        0) {
-      const auto* s = reinterpret_cast<const uint4*>(src);
-      auto* d = reinterpret_cast<uint4*>(out);
-      const uint64_t n = row_bytes / 16;
-      for (uint64_t base = 0; base < n; base += 4 * 32) {
-        uint4 v[4];
-#pragma unroll
-        for (unsigned k = 0; k < 4; ++k) {
-          const uint64_t i = base + k * 32 + lane;
-          if (i < n) v[k] = s[i];
-        }
-#pragma unroll
-        for (unsigned k = 0; k < 4; ++k) {
-          const uint64_t i = base + k * 32 + lane;
-          if (i < n) d[i] = v[k];
-        }
-      }
-    } else {
-      for (uint64_t i = lane; i < row_bytes; i += 32) out[i] = src[i];
+  const uint64_t warp = (uint64_t{blockIdx.x} * blockDim.x + threadIdx.x) / 32;
+  // The warp's rows are warp, warp + warps, ...; 32 of them per round.
+  for (uint64_t first = warp; first < rows; first += 32 * warps) {
+    const uint64_t mine = first + lane * warps;
+    const auto addr = mine < rows ? reinterpret_cast<uintptr_t>(table[mine]) : uintptr_t{0};
+    for (unsigned k = 0; k < 32; ++k) {
+      const uint64_t row = first + k * warps;
+      if (row >= rows) break;  // the same for every lane
+      const auto src = static_cast<uintptr_t>(
+          __shfl_sync(0xffffffffu, static_cast<unsigned long long>(addr), static_cast<int>(k)));
+      gather_one_row(dst + row * row_bytes, reinterpret_cast<const char*>(src), row_bytes, lane);
     }
   }
 }
