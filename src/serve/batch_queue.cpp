@@ -452,7 +452,12 @@ BatchQueue::InputRef BatchQueue::borrowed(const BorrowedInput& input) const {
 // in the table too), and the batch's copy in is one gather_rows kernel
 // that reads every row where its address says (Note [Gathered rows] in
 // basic_kernels.cu). A batch with no such row keeps the plain copy of its
-// staging (the copy engines for large batches). Padding rows of a recorded
+// staging (the copy engines for large batches), and so does a batch larger
+// than read_in_place_max_bytes: its InputBuffer rows are packed like the
+// rest. A gather's blocks read across PCIe and hold SMs while they wait,
+// where the copy engines leave the SMs to the GEMMs; once 64 clients keep
+// the device busy with batches of a few hundred rows, that costs more
+// device time than packing costs the workers (docs/PERF.md). Padding rows of a recorded
 // size repeat row 0's address: rows are independent and padding outputs
 // are never read. The device reads a borrowed row while the batch runs,
 // before the batch's fence, so before the request completes, which the
@@ -667,13 +672,18 @@ void BatchQueue::launch_batch(detail::Lane& lane) {
     const auto* packed_dev = static_cast<const char*>(slot.input->device_ptr());
     auto* table =
         reinterpret_cast<const void**>(packed + detail::table_offset(options_.max_batch, in_));
-    // Note [Inputs the device reads in place]: rows with a device address go
-    // in the table as they are; the others are packed, in order, from
-    // staging row 0 on (all of them, when none has one: the plain copy).
+    const auto [bucket, rows] =
+        options_.record_batches ? detail::size_bucket(b, options_.max_batch, options_.record_steps)
+                                : std::pair<size_t, int64_t>(0, b);
+    // Note [Inputs the device reads in place]: in a batch small enough
+    // (read_in_place_max_bytes), rows with a device address go in the table
+    // as they are; the others are packed, in order, from staging row 0 on
+    // (all of them, when none has one or the batch is larger: the plain copy).
+    const bool in_place = static_cast<size_t>(rows) * in_row <= options_.read_in_place_max_bytes;
     size_t staged = 0;
     for (int64_t i = 0; i < b; ++i) {
       const detail::Request& r = *reqs[static_cast<size_t>(i)];
-      if (r.device_input) {
+      if (in_place && r.device_input) {
         table[i] = r.device_input;
         continue;
       }
@@ -683,9 +693,6 @@ void BatchQueue::launch_batch(detail::Lane& lane) {
     }
     const bool gather = staged < static_cast<size_t>(b);
     if (gather) core_->recorder().read_in_place(static_cast<uint64_t>(b) - staged);
-    const auto [bucket, rows] =
-        options_.record_batches ? detail::size_bucket(b, options_.max_batch, options_.record_steps)
-                                : std::pair<size_t, int64_t>(0, b);
     if (gather) {
       for (int64_t i = b; i < rows; ++i) table[i] = table[0];
     } else {

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <latch>
 #include <random>
 #include <sstream>
@@ -334,6 +335,7 @@ TEST(CudaServe, InputBufferRowsMixedWithCopiedAndBorrowedEqualUnbatched) {
       o.max_batch = 256;
       o.capacity = 1024;
       o.record_batches = record;
+      o.read_in_place_max_bytes = SIZE_MAX;  // every batch gathers, up to 200 rows
       serve::BatchQueue q(*dev, ref->in, ref->out, ref->model(), o);
       serve::InputBuffer rows = q.make_input_buffer(256);
       ASSERT_EQ(rows.rows(), 256u);
@@ -449,6 +451,7 @@ TEST(CudaServe, InputBufferRowsRewrittenAfterTheirCallbacksStayRight) {
     o.record_batches = true;
     o.capacity = 4096;
     o.when_full = serve::OverflowPolicy::kBlock;
+    o.read_in_place_max_bytes = SIZE_MAX;  // batches of up to 64 rows gather too
     serve::BatchQueue q(*dev, ref.in, ref.out, ref.model(), o);
     std::latch start(kClients);
     std::vector<std::thread> clients;

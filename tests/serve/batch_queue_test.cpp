@@ -333,6 +333,60 @@ TEST_F(BatchQueueTest, InputBufferRowsAreReadInPlaceByTheDevice) {
   }
 }
 
+// Would catch: InputBuffer rows read in place in a batch larger than
+// read_in_place_max_bytes (read_in_place would count them), the limit
+// applied to the batch's requests instead of its recorded size (3 rows run
+// as 4 and 5 as 8: with a limit of 4 rows, 3 gather and 5 pack), a limit
+// of 0 that still reads in place, and packed buffer rows read at submit
+// instead of when the batch runs (the outputs would not follow the rewrite
+// before step()).
+TEST_F(BatchQueueTest, InputBufferRowsOfBatchesOverTheLimitArePacked) {
+  constexpr size_t kRowBytes = static_cast<size_t>(kIn) * sizeof(float);
+  struct Case {
+    bool record;
+    size_t limit;                               // read_in_place_max_bytes
+    std::vector<std::pair<int, bool>> batches;  // rows, read in place
+  };
+  const Case cases[] = {
+      {false, 4 * kRowBytes, {{3, true}, {4, true}, {5, false}, {1, true}}},
+      {true, 4 * kRowBytes, {{3, true}, {4, true}, {5, false}, {1, true}}},
+      {true, 3 * kRowBytes, {{3, false}, {2, true}}},  // 3 rows run as 4
+      {false, 0, {{1, false}, {5, false}}},
+      {true, SIZE_MAX, {{8, true}}},
+  };
+  EXPECT_EQ(BatchQueueOptions{}.read_in_place_max_bytes, size_t{64} * 1024);
+  int next = 0;
+  for (const Case& c : cases) {
+    SCOPED_TRACE(::testing::Message()
+                 << (c.record ? "recorded" : "eager") << ", limit " << c.limit << " bytes");
+    auto o = manual(8, 0us);
+    o.record_batches = c.record;
+    o.read_in_place_max_bytes = c.limit;
+    BatchQueue q(*device_, kIn, kOut, counted(), o);
+    InputBuffer rows = q.make_input_buffer(8);
+    uint64_t in_place = 0;
+    for (const auto& [n, read_in_place] : c.batches) {
+      SCOPED_TRACE(::testing::Message() << "batch of " << n);
+      std::vector<RequestHandle> hs;
+      std::vector<int> want;
+      for (int i = 0; i < n; ++i, ++next) {
+        const auto row = static_cast<size_t>(i);
+        const auto x = input(next);
+        std::copy(x.begin(), x.end(), rows.row(row).begin());
+        hs.push_back(q.submit(rows.input(row)));
+        const auto later = input(5000 + next);  // rewritten before step()
+        std::copy(later.begin(), later.end(), rows.row(row).begin());
+        want.push_back(5000 + next);
+      }
+      EXPECT_EQ(q.step(), static_cast<size_t>(n));
+      if (read_in_place) in_place += static_cast<uint64_t>(n);
+      EXPECT_EQ(q.metrics().read_in_place, in_place);
+      for (int i = 0; i < n; ++i)
+        expect_output(hs[static_cast<size_t>(i)], want[static_cast<size_t>(i)]);
+    }
+  }
+}
+
 // Would catch: a row's address used on a device it does not belong to (the
 // queue must pack another device's buffer like any borrowed input), and an
 // InputBuffer whose rows share cache lines or ignore their bounds.

@@ -252,6 +252,19 @@ struct BatchQueueOptions {
   // device"). 0: the number of distinct streams the workers got (1 in
   // manual mode: nothing claimed); 1: claim nothing. 0..256.
   int device_share = 0;
+  // InputBuffer rows are read by the device in place (Note [Inputs the
+  // device reads in place] in batch_queue.cpp) in batches whose inputs,
+  // padding included, take at most this many bytes; a larger batch packs
+  // them like any other input, and its copy in goes to the copy engines. On
+  // CUDA the in-place read is a kernel whose blocks read host memory across
+  // PCIe and hold their SMs while they wait: on the H100, 8 streams of 256-
+  // and 512-row batches of the seed's MLP did 15-18 % fewer rows a second
+  // than with the copy engines, and 64 clients' requests/s rose 5 % with
+  // packing (docs/PERF.md, "Large batches go to the copy engines"); for a
+  // few rows it saves the worker the packing. The default, 64 KiB, is where
+  // a batch's plain copy moves from a copy kernel to the copy engines (32
+  // rows of 512 floats). SIZE_MAX: always in place; 0: never.
+  size_t read_in_place_max_bytes = 64 * 1024;
   std::chrono::microseconds default_deadline{0};  // from submit, for requests without one; 0: none
   bool reject_nan = false;                        // refuse inputs holding NaN at submit
   std::shared_ptr<Clock> clock;                   // null: SteadyClock::instance()
