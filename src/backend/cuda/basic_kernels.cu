@@ -178,10 +178,13 @@ void copy_pinned(const KernelArgs& a, LaunchContext& ctx) {
 //    one a lane, for the warp's next 32 rows, and each row's address is
 //    passed round the warp: one round trip for 32 rows' addresses instead of
 //    one before every row.
-// History, on 8 streams of 256-row batches: one block a row on every SM
-// ran 22 % slower than the copy engines' copy; 32 blocks of 8 warps, each
-// reading its row's address before its row (two round trips a row), 9 %
-// slower (docs/PERF.md).
+// History, on 8 streams of recorded batches of the seed's MLP (micro_batch,
+// docs/PERF.md): one block a row on every SM ran 22 % slower than the copy
+// engines' copy at 256 rows; 32 blocks of 8 warps, each reading its row's
+// address before its row (two round trips a row), 20 % slower at 256 rows
+// and 18 % at 512 on the nineteenth session's machine; this kernel 15 % and
+// 18 %. So the queue gathers only small batches (read_in_place_max_bytes)
+// and leaves large ones to the copy engines.
 constexpr unsigned kGatherThreads = 512;
 
 __device__ inline void gather_one_row(char* out, const char* src, uint64_t row_bytes,
