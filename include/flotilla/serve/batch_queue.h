@@ -299,8 +299,10 @@ struct BorrowedInput {
 // Rows of host memory that a queue's device reads in place (pinned and
 // mapped on CUDA), for inputs that are written once and then submitted:
 // a server that decodes each request's input into a row of its own saves
-// the worker's copy of that row into the batch's staging (Note [Inputs the
-// device reads in place] in batch_queue.cpp). input(i) is row i as a
+// the worker's copy of that row into the batch's staging in batches of up
+// to read_in_place_max_bytes of inputs (larger ones pack it like any
+// borrowed input; Note [Inputs the device reads in place] in
+// batch_queue.cpp). input(i) is row i as a
 // BorrowedInput, with the borrowed-input rules (above): keep the row
 // unchanged until the request that reads it has completed. Made by
 // BatchQueue::make_input_buffer; any queue on the same device reads its rows
