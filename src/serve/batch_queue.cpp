@@ -453,11 +453,11 @@ BatchQueue::InputRef BatchQueue::borrowed(const BorrowedInput& input) const {
 // that reads every row where its address says (Note [Gathered rows] in
 // basic_kernels.cu). A batch with no such row keeps the plain copy of its
 // staging (the copy engines for large batches), and so does a batch larger
-// than read_in_place_max_bytes: its InputBuffer rows are packed like the
-// rest. A gather's blocks read across PCIe and hold SMs while they wait,
-// where the copy engines leave the SMs to the GEMMs; once 64 clients keep
-// the device busy with batches of a few hundred rows, that costs more
-// device time than packing costs the workers (docs/PERF.md). Padding rows of a recorded
+// than read_in_place_max_bytes (no limit by default): its InputBuffer rows
+// are packed like the rest. A gather's blocks read across PCIe and hold SMs
+// while they wait, where the copy engines leave the SMs to the GEMMs; when
+// the device is the busy part that can cost more than packing costs the
+// workers (docs/PERF.md, "Large batches and the copy engines"). Padding rows of a recorded
 // size repeat row 0's address: rows are independent and padding outputs
 // are never read. The device reads a borrowed row while the batch runs,
 // before the batch's fence, so before the request completes, which the

@@ -255,16 +255,17 @@ struct BatchQueueOptions {
   // InputBuffer rows are read by the device in place (Note [Inputs the
   // device reads in place] in batch_queue.cpp) in batches whose inputs,
   // padding included, take at most this many bytes; a larger batch packs
-  // them like any other input, and its copy in goes to the copy engines. On
-  // CUDA the in-place read is a kernel whose blocks read host memory across
-  // PCIe and hold their SMs while they wait: on the H100, 8 streams of 256-
-  // and 512-row batches of the seed's MLP did 15-18 % fewer rows a second
-  // than with the copy engines, and 64 clients' requests/s rose 5 % with
-  // packing (docs/PERF.md, "Large batches go to the copy engines"); for a
-  // few rows it saves the worker the packing. The default, 64 KiB, is where
-  // a batch's plain copy moves from a copy kernel to the copy engines (32
-  // rows of 512 floats). SIZE_MAX: always in place; 0: never.
-  size_t read_in_place_max_bytes = 64 * 1024;
+  // them like any other input, and its copy in goes to the copy engines
+  // where it is over 64 KiB. On CUDA the in-place read is a kernel whose
+  // blocks read host memory across PCIe and hold their SMs while they wait:
+  // on the H100, 8 streams replaying 256- and 512-row batches of the seed's
+  // MLP did 15-18 % fewer rows a second with it than with the copy engines,
+  // while packing costs the workers a copy of each row. In the queue at 64
+  // clients, packed inputs gained 5 % on one machine and a limit of 64 KiB
+  // lost 5 % on another (docs/PERF.md, "Large batches and the copy
+  // engines"), so the default, SIZE_MAX, reads every batch in place; try
+  // 65536 where the device, not the host, is the busy part. 0: never.
+  size_t read_in_place_max_bytes = SIZE_MAX;
   std::chrono::microseconds default_deadline{0};  // from submit, for requests without one; 0: none
   bool reject_nan = false;                        // refuse inputs holding NaN at submit
   std::shared_ptr<Clock> clock;                   // null: SteadyClock::instance()
@@ -299,10 +300,10 @@ struct BorrowedInput {
 // Rows of host memory that a queue's device reads in place (pinned and
 // mapped on CUDA), for inputs that are written once and then submitted:
 // a server that decodes each request's input into a row of its own saves
-// the worker's copy of that row into the batch's staging in batches of up
-// to read_in_place_max_bytes of inputs (larger ones pack it like any
-// borrowed input; Note [Inputs the device reads in place] in
-// batch_queue.cpp). input(i) is row i as a
+// the worker's copy of that row into the batch's staging (in batches over
+// read_in_place_max_bytes, if set, the worker packs it like any borrowed
+// input; Note [Inputs the device reads in place] in batch_queue.cpp).
+// input(i) is row i as a
 // BorrowedInput, with the borrowed-input rules (above): keep the row
 // unchanged until the request that reads it has completed. Made by
 // BatchQueue::make_input_buffer; any queue on the same device reads its rows

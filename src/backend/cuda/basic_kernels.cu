@@ -183,8 +183,8 @@ void copy_pinned(const KernelArgs& a, LaunchContext& ctx) {
 // engines' copy at 256 rows; 32 blocks of 8 warps, each reading its row's
 // address before its row (two round trips a row), 20 % slower at 256 rows
 // and 18 % at 512 on the nineteenth session's machine; this kernel 15 % and
-// 18 %. So the queue gathers only small batches (read_in_place_max_bytes)
-// and leaves large ones to the copy engines.
+// 18 %. BatchQueueOptions::read_in_place_max_bytes sends a queue's large
+// batches to the copy engines instead.
 constexpr unsigned kGatherThreads = 512;
 
 __device__ inline void gather_one_row(char* out, const char* src, uint64_t row_bytes,
