@@ -262,9 +262,10 @@ struct BatchQueueOptions {
   // MLP did 15-18 % fewer rows a second with it than with the copy engines,
   // while packing costs the workers a copy of each row. In the queue at 64
   // clients, packed inputs gained 5 % on one machine and a limit of 64 KiB
-  // lost 5 % on another (docs/PERF.md, "Large batches and the copy
-  // engines"), so the default, SIZE_MAX, reads every batch in place; try
-  // 65536 where the device, not the host, is the busy part. 0: never.
+  // measured 0.95x on another, 4 of 7 rounds lower (docs/PERF.md, "Large
+  // batches and the copy engines"), so the default, SIZE_MAX, reads every
+  // batch in place; try 65536 where the device, not the host, is the busy
+  // part. 0: never.
   size_t read_in_place_max_bytes = SIZE_MAX;
   std::chrono::microseconds default_deadline{0};  // from submit, for requests without one; 0: none
   bool reject_nan = false;                        // refuse inputs holding NaN at submit
