@@ -156,6 +156,30 @@ TEST(CliBatching, BorrowedInputsAreCheckedOnEveryClientPath) {
   }
 }
 
+// --read-in-place-max-bytes reaches the queue: with no limit every
+// --pinned-inputs request is read in place, with 0 none is (the rows are
+// packed), and the outputs stay right either way. Would catch: the flag
+// parsed and dropped, or read_in_place missing from the JSON.
+TEST(CliBatching, ReadInPlaceMaxBytesPacksTheRowsOfLargerBatches) {
+  for (const char* limit : {"", " --read-in-place-max-bytes 0"}) {
+    const auto r = run_cli(std::string("run --batching --pinned-inputs --threads 4 --requests 400 "
+                                       "--queue-workers 1 --window 8 --json") +
+                               limit,
+                           "2>/dev/null");
+    ASSERT_EQ(r.exit_code, 0) << limit << ": " << r.out;
+    const auto j = nlohmann::json::parse(r.out);
+    EXPECT_EQ(j["wrong_results"], 0) << limit;
+    EXPECT_EQ(j["requests"], 400) << limit;
+    if (*limit == '\0') {
+      EXPECT_EQ(j["read_in_place_max_bytes"], -1);
+      EXPECT_GE(j["read_in_place"].get<uint64_t>(), 400u) << "no limit: every row in place";
+    } else {
+      EXPECT_EQ(j["read_in_place_max_bytes"], 0);
+      EXPECT_EQ(j["read_in_place"], 0) << "limit 0: every row packed";
+    }
+  }
+}
+
 TEST(CliBatching, RefillSetsHowManyCompleteBeforeAClientWakes) {
   uint64_t waits[2] = {0, 0};
   int n = 0;
@@ -217,6 +241,10 @@ TEST(CliBatching, BadOptionsEndWithOneLine) {
                            "bench --borrow-inputs",
                            "run --pinned-inputs",
                            "bench --pinned-inputs",
+                           "run --batching --read-in-place-max-bytes 65536",
+                           "run --batching --pinned-inputs --read-in-place-max-bytes -2",
+                           "run --read-in-place-max-bytes 0",
+                           "bench --read-in-place-max-bytes 0",
                            "run --batching --record-batches --record-steps 3",
                            "run --batching --record-batches --record-steps 128",
                            "run --batching --record-steps 8"}) {

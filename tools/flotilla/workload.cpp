@@ -92,14 +92,18 @@ void WorkloadOptions::validate() const {
                  batching.record_steps);
     FL_CHECK_ARG(batching.record || batching.record_steps == 4,
                  "[run] --record-steps sets the recorded batch sizes; it needs --record-batches");
+    FL_CHECK_ARG(batching.read_in_place_max_bytes == -1 || batching.pinned,
+                 "[run] --read-in-place-max-bytes limits the batches that read --pinned-inputs "
+                 "rows in place; it needs --pinned-inputs");
+    in_range("--read-in-place-max-bytes", batching.read_in_place_max_bytes, -1, int64_t{1} << 40);
     FL_CHECK_ARG(batching.refill == 0 || batching.callbacks,
                  "[run] --refill is how many of a full window's requests complete before its "
                  "client wakes; it needs --callbacks");
     in_range("--refill", batching.refill, 0, batching.window);
   } else {
-    FL_CHECK_ARG(!batching.borrow && !batching.pinned,
-                 "[run] --borrow-inputs and --pinned-inputs let the BatchQueue read the "
-                 "clients' inputs in place; they need --batching");
+    FL_CHECK_ARG(!batching.borrow && !batching.pinned && batching.read_in_place_max_bytes == -1,
+                 "[run] --borrow-inputs, --pinned-inputs and --read-in-place-max-bytes let the "
+                 "BatchQueue read the clients' inputs in place; they need --batching");
     FL_CHECK_ARG(batching.window == 1,
                  "[run] --window keeps several requests in flight through the BatchQueue; "
                  "it needs --batching");
@@ -163,6 +167,10 @@ nlohmann::json WorkloadResult::to_json() const {
     if (o.batching.callbacks) j["refill"] = o.batching.refill_or_default();
     j["borrow_inputs"] = o.batching.borrow || o.batching.pinned;
     j["pinned_inputs"] = o.batching.pinned;
+    if (o.batching.pinned) {
+      j["read_in_place_max_bytes"] = o.batching.read_in_place_max_bytes;  // -1: no limit
+      j["read_in_place"] = read_in_place;
+    }
     j["mean_batch"] = mean_batch;
     j["rejected"] = rejected;
     j["expired"] = expired;
@@ -215,6 +223,7 @@ WorkloadResult WorkloadResult::from_json(const nlohmann::json& j, const Workload
   r.compute_p50_us = j.value("compute_p50_us", 0.0);
   r.compute_p99_us = j.value("compute_p99_us", 0.0);
   r.max_depth = j.value("max_depth", uint64_t{0});
+  r.read_in_place = j.value("read_in_place", uint64_t{0});
   r.device_share = j.value("device_share", 1);
   r.client_submit_us = j.value("client_submit_us", 0.0);
   r.client_get_us = j.value("client_get_us", 0.0);
@@ -697,6 +706,8 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
     qo.record_batches = o.batching.record;
     qo.record_steps = o.batching.record_steps;
     qo.device_share = o.batching.device_share;
+    if (o.batching.read_in_place_max_bytes >= 0)
+      qo.read_in_place_max_bytes = static_cast<size_t>(o.batching.read_in_place_max_bytes);
     // Room for every client's window: no client waits for room.
     qo.capacity = std::max<size_t>(
         1024, static_cast<size_t>(o.threads) * static_cast<size_t>(o.batching.window));
@@ -921,6 +932,7 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
     result.compute_p50_us = m.compute.p50_us;
     result.compute_p99_us = m.compute.p99_us;
     result.max_depth = m.max_depth;
+    result.read_in_place = m.read_in_place;
     std::set<int> queue_streams;
     for (const Stream& s : queue->streams()) queue_streams.insert(s.index());
     result.streams_used = static_cast<int>(queue_streams.size());
@@ -1046,6 +1058,10 @@ void add_batching_options(CLI::App& cmd, WorkloadOptions::Batching& b) {
   cmd.add_flag("--pinned-inputs", b.pinned,
                "batching: keep the inputs in a serve::InputBuffer and submit its rows, which "
                "the device reads in place (no copy at submit, none by the workers)");
+  cmd.add_option("--read-in-place-max-bytes", b.read_in_place_max_bytes,
+                 "batching, with --pinned-inputs: batches whose inputs take more bytes pack "
+                 "their rows and copy them in on the copy engines (-1: no limit)")
+      ->capture_default_str();
 }
 
 void add_model_options(CLI::App& cmd, WorkloadOptions& o, ModelOptionStrings& s) {

@@ -112,6 +112,10 @@ struct WorkloadOptions {
     // the inputs, which the device reads in place (borrowed, and not packed
     // by the queue's workers).
     bool pinned = false;
+    // --read-in-place-max-bytes: with --pinned-inputs,
+    // BatchQueueOptions::read_in_place_max_bytes (-1: no limit, the
+    // queue's default): larger batches pack their rows for the copy engines.
+    int64_t read_in_place_max_bytes = -1;
     int refill_or_default() const { return refill > 0 ? refill : std::max(1, window - window / 8); }
   } batching;
 
@@ -146,6 +150,8 @@ struct WorkloadResult {
   // With --batching (the queue's metrics, warmup included).
   double mean_batch = 0;
   uint64_t rejected = 0, expired = 0, cancelled = 0;
+  // Requests whose inputs the device read in place (--pinned-inputs).
+  uint64_t read_in_place = 0;
   // Where a request's time goes: queued (submit to picked into a batch) and
   // compute (picked to its batch's results in host memory), by the queue's
   // window of recent samples; max_depth: the most requests queued at once.
