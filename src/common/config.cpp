@@ -144,7 +144,7 @@ void Config::validate() const {
                " us is out of range; use 0 (sleep at once) to 10000 us");
   FL_CHECK_ARG(cuda_gather_blocks >= 1 && cuda_gather_blocks <= 1024,
                "[Config] cuda_gather_blocks=", cuda_gather_blocks,
-               " is out of range; use 1..1024 blocks of 8 warps");
+               " is out of range; use 1..1024 blocks of 16 warps");
   FL_CHECK_ARG(event_pool_size >= 0, "[Config] event_pool_size must not be negative");
 }
 

@@ -457,9 +457,9 @@ BatchQueue::InputRef BatchQueue::borrowed(const BorrowedInput& input) const {
 // are packed like the rest. A gather's blocks read across PCIe and hold SMs
 // while they wait, where the copy engines leave the SMs to the GEMMs; when
 // the device is the busy part that can cost more than packing costs the
-// workers (docs/PERF.md, "Large batches and the copy engines"). Padding rows of a recorded
-// size repeat row 0's address: rows are independent and padding outputs
-// are never read. The device reads a borrowed row while the batch runs,
+// workers (docs/PERF.md, "Large batches and the copy engines"). Padding
+// rows of a recorded size repeat row 0's address: rows are independent and
+// padding outputs are never read. The device reads a borrowed row while the batch runs,
 // before the batch's fence, so before the request completes, which the
 // borrowed-input promise covers; a recorded batch gathers through the same
 // table, which the next batch in the slot rewrites only after this one's

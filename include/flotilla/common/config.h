@@ -83,7 +83,7 @@ struct Config {
   // futex wake-up, a few microseconds, and gives the core to the host's
   // other threads. 0..10000; default 100.
   std::chrono::microseconds cuda_wait_spin{100};
-  // Most blocks (of 8 warps) a gather_rows launch uses: the copy in of a
+  // Most blocks (of 16 warps) a gather_rows launch uses: the copy in of a
   // batch of InputBuffer rows, which the device reads across PCIe (Note
   // [Gathered rows] in src/backend/cuda). Fewer blocks hold fewer SMs away
   // from other streams' GEMMs while they wait for host memory, and take
