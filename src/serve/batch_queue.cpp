@@ -459,12 +459,13 @@ BatchQueue::InputRef BatchQueue::borrowed(const BorrowedInput& input) const {
 // the device is the busy part that can cost more than packing costs the
 // workers (docs/PERF.md, "Large batches and the copy engines"). Padding
 // rows of a recorded size repeat row 0's address: rows are independent and
-// padding outputs are never read. The device reads a borrowed row while the batch runs,
-// before the batch's fence, so before the request completes, which the
-// borrowed-input promise covers; a recorded batch gathers through the same
-// table, which the next batch in the slot rewrites only after this one's
-// fence. A BorrowedInput of another device's buffer, or none, is packed as
-// before (BatchQueue::borrowed drops the address).
+// padding outputs are never read. The device reads a borrowed row while
+// the batch runs, before the batch's fence, so before the request
+// completes, which the borrowed-input promise covers; a recorded batch
+// gathers through the same table, which the next batch in the slot
+// rewrites only after this one's fence. A BorrowedInput of another
+// device's buffer, or none, is packed as before (BatchQueue::borrowed
+// drops the address).
 InputBuffer::InputBuffer() = default;
 InputBuffer::~InputBuffer() = default;
 // A moved-from buffer has no rows (its row() and input() throw).
