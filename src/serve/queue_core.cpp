@@ -235,18 +235,15 @@ bool QueueCore::reserve_room_fast() {
 
 void QueueCore::left_fifo(size_t n) { queued_.fetch_sub(n, std::memory_order_relaxed); }
 
-bool QueueCore::push_inbox(const std::shared_ptr<Request>& r) {
-  r->inbox_ref = r;
+bool QueueCore::push_inbox(Request& r) {
+  // Note [Submit's short hold]: r.inbox_ref is set by the caller.
   uintptr_t head = inbox_head_.load(std::memory_order_relaxed);
   do {
-    if (head == kInboxClosed) {
-      r->inbox_ref.reset();
-      return false;
-    }
-    r->inbox_next = reinterpret_cast<Request*>(head);
+    if (head == kInboxClosed) return false;
+    r.inbox_next = reinterpret_cast<Request*>(head);
     // seq_cst: publishes the request (release) and orders the push before
     // the read of leader_waiting_ that follows it (Note [Inbox]).
-  } while (!inbox_head_.compare_exchange_weak(head, reinterpret_cast<uintptr_t>(r.get()),
+  } while (!inbox_head_.compare_exchange_weak(head, reinterpret_cast<uintptr_t>(&r),
                                               std::memory_order_seq_cst,
                                               std::memory_order_relaxed));
   return true;
@@ -506,25 +503,31 @@ void QueueCore::submit(const std::shared_ptr<Request>& r) {
   const Clock::time_point now = clock_->now();
   r->enqueued = now;
   // The fast path (Note [Inbox]): room, a live queue and a future deadline.
-  if (r->deadline > now && reserve_room_fast()) {
-    r->id = next_id_.fetch_add(1, std::memory_order_relaxed);
-    if (auto* hook = g_before_push.load(std::memory_order_relaxed)) hook();
-    if (push_inbox(r)) {
-      // Wake the waiting leader only when its decision may change: it waits
-      // for a first request, the batch is full, or this deadline comes before
-      // the time it sleeps until; otherwise its timed wait (max_delay) ends by
-      // itself. What decides is the leader's own view (leader_waits_first_,
-      // set as it looked at the FIFO), not the count this submit saw when it
-      // took its room: another request may have been picked since. A
-      // spinning leader needs no wake-up (Note [Spinning workers]).
-      wake_sleeping_leader([&] {
-        return leader_waits_first_.load(std::memory_order_seq_cst) ||
-               queued_.load(std::memory_order_relaxed) >= static_cast<size_t>(options_.max_batch) ||
-               r->deadline < leader_wake_.load(std::memory_order_relaxed);
-      });
-      return;
+  if (r->deadline > now) {
+    r->inbox_ref = r;  // before the submit line is touched (Note [Submit's short hold])
+    if (reserve_room_fast()) {
+      r->id = next_id_.fetch_add(1, std::memory_order_relaxed);
+      if (auto* hook = g_before_push.load(std::memory_order_relaxed)) hook();
+      if (push_inbox(*r)) {
+        // Wake the waiting leader only when its decision may change: it waits
+        // for a first request, the batch is full, or this deadline comes
+        // before the time it sleeps until; otherwise its timed wait
+        // (max_delay) ends by itself. What decides is the leader's own view
+        // (leader_waits_first_, set as it looked at the FIFO), not the count
+        // this submit saw when it took its room: another request may have
+        // been picked since. A spinning leader needs no wake-up (Note
+        // [Spinning workers]).
+        wake_sleeping_leader([&] {
+          return leader_waits_first_.load(std::memory_order_seq_cst) ||
+                 queued_.load(std::memory_order_relaxed) >=
+                     static_cast<size_t>(options_.max_batch) ||
+                 r->deadline < leader_wake_.load(std::memory_order_relaxed);
+        });
+        return;
+      }
+      left_fifo(1);  // the inbox is closed: give the room back; the slow path refuses it
     }
-    left_fifo(1);  // the inbox is closed: give the room back; the slow path refuses it
+    r->inbox_ref.reset();  // not pushed
   }
   submit_slow(r, now);
   run_parked();  // a refusal's callback (Note [Completion callbacks])
