@@ -7,7 +7,6 @@
 
 #include "flotilla/common/error.h"
 #include "flotilla/common/spin.h"
-#include "serve/request_blocks.h"
 
 namespace flotilla::serve::detail {
 
@@ -46,27 +45,22 @@ struct WithTrailingFloats {
   template <typename U>
   WithTrailingFloats(const WithTrailingFloats<U>&) {}  // NOLINT: rebinding is implicit
 
-  // The saved pointer's low bit says the block is small (Note [Pooled
-  // request blocks]): operator new's blocks are 16-byte aligned.
   T* allocate(size_t n) {
     const size_t object = n * sizeof(T);
     const size_t extra = t_trailing.count * sizeof(float);
-    const size_t bytes = sizeof(void*) + kLine + object + extra;
-    char* raw = static_cast<char*>(take_block(bytes));
+    char* raw = static_cast<char*>(::operator new(sizeof(void*) + kLine + object + extra));
     // The first address after the saved pointer whose object starts a line.
     const auto base = reinterpret_cast<uintptr_t>(raw) + sizeof(void*) + kHeader;
     char* block =
         raw + ((base + kLine - 1) / kLine * kLine - kHeader - reinterpret_cast<uintptr_t>(raw));
-    const uintptr_t saved =
-        reinterpret_cast<uintptr_t>(raw) | (bytes <= kPooledBlockBytes ? uintptr_t{1} : 0);
-    std::memcpy(block - sizeof(void*), &saved, sizeof(void*));
+    std::memcpy(block - sizeof(void*), &raw, sizeof(void*));
     t_trailing.at = reinterpret_cast<float*>(block + object);
     return reinterpret_cast<T*>(block);
   }
   void deallocate(T* p, size_t) noexcept {
-    uintptr_t saved = 0;
-    std::memcpy(&saved, reinterpret_cast<char*>(p) - sizeof(void*), sizeof(void*));
-    give_block(reinterpret_cast<void*>(saved & ~uintptr_t{1}), (saved & 1) != 0);
+    char* raw = nullptr;
+    std::memcpy(&raw, reinterpret_cast<char*>(p) - sizeof(void*), sizeof(void*));
+    ::operator delete(raw);
   }
   template <typename U>
   bool operator==(const WithTrailingFloats<U>&) const {
@@ -249,8 +243,9 @@ bool QueueCore::push_inbox(Request& r) {
     r.inbox_next = reinterpret_cast<Request*>(head);
     // seq_cst: publishes the request (release) and orders the push before
     // the read of leader_waiting_ that follows it (Note [Inbox]).
-  } while (!inbox_head_.compare_exchange_weak(
-      head, reinterpret_cast<uintptr_t>(&r), std::memory_order_seq_cst, std::memory_order_relaxed));
+  } while (!inbox_head_.compare_exchange_weak(head, reinterpret_cast<uintptr_t>(&r),
+                                              std::memory_order_seq_cst,
+                                              std::memory_order_relaxed));
   return true;
 }
 
