@@ -243,9 +243,8 @@ bool QueueCore::push_inbox(Request& r) {
     r.inbox_next = reinterpret_cast<Request*>(head);
     // seq_cst: publishes the request (release) and orders the push before
     // the read of leader_waiting_ that follows it (Note [Inbox]).
-  } while (!inbox_head_.compare_exchange_weak(head, reinterpret_cast<uintptr_t>(&r),
-                                              std::memory_order_seq_cst,
-                                              std::memory_order_relaxed));
+  } while (!inbox_head_.compare_exchange_weak(
+      head, reinterpret_cast<uintptr_t>(&r), std::memory_order_seq_cst, std::memory_order_relaxed));
   return true;
 }
 
