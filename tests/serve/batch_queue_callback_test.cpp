@@ -347,6 +347,66 @@ TEST_F(BatchQueueCallbackTest, StepReturnsWithItsBatchsCallbackRequestsFreed) {
   EXPECT_EQ(freed(), 3);
 }
 
+// Every request a submit() refuses, or sends the slow way, is freed once
+// decided: a fast-path submit takes the inbox's reference to its request
+// before it looks for room (Note [Submit's short hold]) and must drop it
+// when the request goes no further, or the request keeps itself alive.
+// Refused for room (kReject), for an expired deadline, after shutdown; then
+// one that waited for room (kBlock) and ran.
+TEST_F(BatchQueueCallbackTest, RequestsThatSubmitRefusesOrSendsTheSlowWayAreFreed) {
+  const FreedCount freed;
+  {
+    auto o = manual(4, 0us);
+    o.capacity = 1;
+    o.when_full = OverflowPolicy::kReject;
+    BatchQueue q(*device_, kIn, kOut, counted(), o);
+    CallLog log;
+    q.submit(input(0), log.callback());
+    const uint64_t full = q.submit(input(1), log.callback());
+    EXPECT_EQ(log.only(full).status, RequestStatus::kRejected);
+    EXPECT_EQ(freed(), 1) << "a request refused for room kept itself alive";
+    const uint64_t late = q.submit(input(2), log.callback(), clock_->now());
+    EXPECT_EQ(log.only(late).status, RequestStatus::kExpired);
+    EXPECT_EQ(freed(), 2) << "a request refused for its deadline kept itself alive";
+    EXPECT_EQ(q.step(), 1u);
+    EXPECT_EQ(freed(), 3);
+    q.shutdown();
+    const uint64_t after = q.submit(input(3), log.callback());
+    EXPECT_EQ(log.only(after).status, RequestStatus::kShutDown);
+    EXPECT_EQ(freed(), 4) << "a request refused after shutdown kept itself alive";
+  }
+  {
+    BatchQueueOptions o = threaded(1, 2);
+    o.capacity = 1;
+    o.when_full = OverflowPolicy::kBlock;
+    std::binary_semaphore release{0};
+    std::atomic<bool> first{true};
+    BatchQueue::Model model = counted();
+    BatchQueue q(
+        *device_, kIn, kOut,
+        [&](const Stream& s, const Tensor& x) {
+          if (first.exchange(false)) release.acquire();  // holds the first batch
+          return model(s, x);
+        },
+        o);
+    std::atomic<int> ran{0};
+    auto count = [&](const Completion& c) {
+      EXPECT_EQ(c.status, RequestStatus::kCompleted);
+      ran.fetch_add(1);
+    };
+    q.submit(input(0), count);  // taken by the worker, held in the model
+    for (int i = 0; i < 2000 && q.metrics().depth > 0; ++i) std::this_thread::sleep_for(1ms);
+    q.submit(input(1), count);                                // fills the queue
+    std::thread blocked([&] { q.submit(input(2), count); });  // waits for room: the slow way
+    std::this_thread::sleep_for(20ms);
+    release.release();
+    blocked.join();
+    q.shutdown(ShutdownMode::kDrain);
+    EXPECT_EQ(ran.load(), 3);
+  }
+  EXPECT_EQ(freed(), 7) << "a request left unfreed, or freed twice";
+}
+
 // Completion::completed_at is the queue's clock, read once per 16 rows of a
 // batch (not per request), so at most 15 callbacks before the callback's own
 // start; and, for a refusal or a cancellation, when its callback runs. Each
