@@ -480,8 +480,8 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   bool reserve_room_fast();
   // `n` requests left the FIFO.
   void left_fifo(size_t n);
-  // Pushes `r` (with its id) onto the inbox; false once the inbox is closed
-  // (stop() began). Lock-free (Note [Inbox]).
+  // Pushes `r` (with its id and its inbox_ref) onto the inbox; false once
+  // the inbox is closed (stop() began). Lock-free (Note [Inbox]).
   bool push_inbox(Request& r);
   // Moves the inbox into the FIFO, in id order (Note [Inbox]).
   void take_inbox() FL_REQUIRES(mu_);
@@ -584,14 +584,16 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   // Under load the submit line has waiters, and it moves to the next one as
   // soon as a locked instruction on it retires: a submit that does other
   // work between its read-modify-writes on the line may have to fetch it
-  // again. On the H100 with 64 clients at 112 in flight, 12 % of a client's
-  // samples were on push_inbox's load of the inbox head, the line gone again
-  // a few instructions after submit's fetch_adds took it (docs/PERF.md, "The
+  // again. On the H100 with 64 clients at 112 in flight on a tiny model
+  // (the host's work alone), 12 % of a client's samples were on
+  // push_inbox's load of the inbox head, the line gone again a few
+  // instructions after submit's fetch_adds took it (docs/PERF.md, "The
   // submit line"); between them lay the inbox's reference to the request (a
   // locked increment on the request's own control block) and a call. So
   // what touches only the request is done before the first fetch_add, and
   // the fetch_adds, the head's load and the compare-and-swap follow one
-  // another.
+  // another: 1.14x requests/s on that model, side by side; the seed's MLP,
+  // whose pace the device sets, was level (0.99x).
 
   // The submit line. Note [Inbox]: submits that need no decision (room, a
   // live queue, a future deadline) push onto the inbox, a lock-free stack of
