@@ -165,6 +165,15 @@ class BatchQueueCallbackTest : public QueueTest {
     o.workers = workers;
     return o;
   }
+  // The counted model, whose first batch waits (on the worker that runs
+  // it) until `release` is released.
+  BatchQueue::Model first_batch_waits_for(std::binary_semaphore& release) {
+    auto first = std::make_shared<std::atomic<bool>>(true);
+    return [model = counted(), first, &release](const Stream& s, const Tensor& x) {
+      if (first->exchange(false)) release.acquire();
+      return model(s, x);
+    };
+  }
   // Submits input(i) and returns its handle once it has completed: by
   // step() in manual mode, else by waiting for the worker to run it.
   RequestHandle submit_completed(BatchQueue& q, int workers, int i) {
@@ -308,15 +317,7 @@ TEST_F(BatchQueueCallbackTest, AWorkerThatNeverGoesIdleKeepsABoundedNumberOfComp
   // The first batch waits for every request to be queued, so the worker
   // never runs dry (and so never frees everything) until the end.
   std::binary_semaphore all_queued{0};
-  std::atomic<bool> first{true};
-  BatchQueue::Model model = counted();
-  BatchQueue q(
-      *device_, kIn, kOut,
-      [&](const Stream& s, const Tensor& x) {
-        if (first.exchange(false)) all_queued.acquire();
-        return model(s, x);
-      },
-      o);
+  BatchQueue q(*device_, kIn, kOut, first_batch_waits_for(all_queued), o);
   std::atomic<int> ran{0};
   int most_kept = 0;  // the one worker's, read after shutdown() joined it
   const std::vector<float> x = input(0);
@@ -380,15 +381,7 @@ TEST_F(BatchQueueCallbackTest, RequestsThatSubmitRefusesOrSendsTheSlowWayAreFree
     o.capacity = 1;
     o.when_full = OverflowPolicy::kBlock;
     std::binary_semaphore release{0};
-    std::atomic<bool> first{true};
-    BatchQueue::Model model = counted();
-    BatchQueue q(
-        *device_, kIn, kOut,
-        [&](const Stream& s, const Tensor& x) {
-          if (first.exchange(false)) release.acquire();  // holds the first batch
-          return model(s, x);
-        },
-        o);
+    BatchQueue q(*device_, kIn, kOut, first_batch_waits_for(release), o);
     std::atomic<int> ran{0};
     auto count = [&](const Completion& c) {
       EXPECT_EQ(c.status, RequestStatus::kCompleted);
