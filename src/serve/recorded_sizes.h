@@ -56,4 +56,29 @@ inline std::pair<size_t, int64_t> size_bucket(int64_t n, int64_t max_batch,
   return {i + static_cast<size_t>(q), std::min(p + q * step, max_batch)};
 }
 
+// Note [Batches cut to a recorded size]
+// Padding is work the device does for no request: with 64 clients on the
+// H100 the device set the pace (docs/PERF.md, "The submit line, H100"), and
+// batches of about 200-330 rows ran 4-11 % padding (one step of 16, 32 or 64
+// rows, half of it on average). So a worker that finds more than
+// kPowersUpTo requests ready takes the largest recorded size they fill and
+// leaves the rest queued (BatchQueueOptions::trim_to_recorded): under load
+// another worker takes them a moment later, with the requests that arrive
+// meanwhile, and no batch is padded above kPowersUpTo rows. Up to
+// kPowersUpTo a batch is still padded: a small batch's time is its launches
+// and the weights' reads, and the rows left behind would make a batch of
+// their own.
+//
+// Returns how many of n ready requests (n >= 1) a batch takes: n up to
+// kPowersUpTo, max_batch from max_batch on, otherwise the largest size of
+// size_bucket() that is <= n (so size_bucket(fit_rows(n)) pads nothing).
+inline int64_t fit_rows(int64_t n, int64_t max_batch, int64_t steps = kDefaultStepsPerOctave) {
+  if (n >= max_batch) return max_batch;
+  if (n <= kPowersUpTo) return n;
+  int64_t p = kPowersUpTo;  // the octave (p, 2p] that holds n
+  while (2 * p < n) p *= 2;
+  const int64_t step = p / steps;
+  return p + (n - p) / step * step;
+}
+
 }  // namespace flotilla::serve::detail

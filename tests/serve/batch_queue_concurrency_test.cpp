@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "flotilla/nn/mlp.h"
+#include "serve/recorded_sizes.h"
 #include "serve/serve_test_util.h"
 
 namespace flotilla::serve::test {
@@ -205,9 +206,11 @@ TEST(BatchQueueConcurrency, BatchesStraightFromTheInboxCompleteEveryRequestExact
   detail::set_split_list_hook_for_testing(&count_split_list);
   g_direct_batches = 0;
   g_split_lists = 0;
-  // Until a list was split (at most 4x the rounds): at the sanitizer lanes'
-  // scale a round may end before its workers fall behind.
-  for (int round = 0; round < rounds || (g_split_lists.load() == 0 && round < 4 * rounds);
+  int cut_rounds = 0;  // rounds that ran a batch of more than 64, cut to a recorded size
+  // Until a list was split and one cut (at most 4x the rounds): at the
+  // sanitizer lanes' scale a round may end before its workers fall behind.
+  for (int round = 0;
+       round < rounds || ((g_split_lists.load() == 0 || cut_rounds == 0) && round < 4 * rounds);
        ++round) {
     SCOPED_TRACE(::testing::Message() << "round " << round << " seed " << seed);
     std::mt19937_64 rng(seed * 1000033 + static_cast<uint64_t>(round));
@@ -225,6 +228,17 @@ TEST(BatchQueueConcurrency, BatchesStraightFromTheInboxCompleteEveryRequestExact
                   : round % 4 == 1 ? 2 + static_cast<int>(rng() % 4)
                                    : static_cast<int>(o.capacity);
     o.max_delay = 0us;
+    // Note [Batches cut to a recorded size]: every fifth round records its
+    // batches and keeps 48 requests a client in flight, so that lists of
+    // more than 64 are cut to a recorded size (max_batch is the capacity:
+    // each split in these rounds is such a cut) and the rest go back.
+    const bool cut = round % 5 == 4;
+    const int window = cut ? 48 : 8;
+    if (cut) {
+      o.record_batches = true;
+      o.capacity = 160 + rng() % 64;
+      o.max_batch = static_cast<int>(o.capacity);
+    }
     o.when_full = round % 2 ? OverflowPolicy::kBlock : OverflowPolicy::kReject;
     const ShutdownMode mode = (round / 2) % 2 ? ShutdownMode::kCancel : ShutdownMode::kDrain;
     o.on_complete = [&](uint64_t id, RequestStatus) {
@@ -251,8 +265,9 @@ TEST(BatchQueueConcurrency, BatchesStraightFromTheInboxCompleteEveryRequestExact
         for (int i = 0; i < per_client; ++i) {
           // A window of 8 in flight, as a serving client keeps: the queue
           // is not always full, so lists fit and the FIFO empties.
-          if (i >= 8)
-            while (!me.sent[static_cast<size_t>(i - 8)].handle.done()) std::this_thread::yield();
+          if (i >= window)
+            while (!me.sent[static_cast<size_t>(i - window)].handle.done())
+              std::this_thread::yield();
           Sent s;
           s.input = random_vector(r, static_cast<size_t>(tiny.in()));
           s.handle = q.submit(s.input);
@@ -310,6 +325,18 @@ TEST(BatchQueueConcurrency, BatchesStraightFromTheInboxCompleteEveryRequestExact
     if (o.when_full == OverflowPolicy::kBlock) {
       EXPECT_EQ(m.rejected, 0u);
     }
+    if (cut) {
+      // Every batch above 64 rows is a recorded size (no padding), by
+      // either path: straight from the inbox (a split) or from the FIFO.
+      bool over_64 = false;
+      for (size_t b = 65; b < m.batch_sizes.size(); ++b) {
+        if (m.batch_sizes[b] == 0) continue;
+        over_64 = true;
+        EXPECT_EQ(detail::fit_rows(static_cast<int64_t>(b), o.max_batch), static_cast<int64_t>(b))
+            << m.batch_sizes[b] << " batches of " << b << " requests: not a recorded size";
+      }
+      if (over_64) ++cut_rounds;
+    }
   }
   detail::set_took_direct_hook_for_testing(nullptr);
   detail::set_split_list_hook_for_testing(nullptr);
@@ -317,6 +344,7 @@ TEST(BatchQueueConcurrency, BatchesStraightFromTheInboxCompleteEveryRequestExact
               g_direct_batches.load(), g_split_lists.load());
   EXPECT_GT(g_direct_batches.load(), rounds) << "the races never took the straight path";
   EXPECT_GT(g_split_lists.load(), 0) << "the races never split a list";
+  EXPECT_GT(cut_rounds, 0) << "no round ran a batch of more than 64 requests";
 }
 
 // A producer faster than the device: the queue never holds more than its
