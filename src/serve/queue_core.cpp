@@ -705,8 +705,9 @@ void QueueCore::pick(Batch& batch, Clock::time_point now) {
   batch.requests.clear();
   batch.picked_at = now;
   size_t taken = 0;
-  const size_t rows = batch_rows(fifo_.size());  // expire_due() ran: all of them are live
-  while (!fifo_.empty() && batch.requests.size() < rows) {
+  // Not cut to a recorded size (Note [Batches cut to a recorded size]): the
+  // rest would keep the FIFO from emptying.
+  while (!fifo_.empty() && batch.requests.size() < static_cast<size_t>(options_.max_batch)) {
     std::shared_ptr<Request> r = std::move(fifo_.front());
     fifo_.pop_front();
     ++taken;

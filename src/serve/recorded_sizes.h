@@ -60,14 +60,20 @@ inline std::pair<size_t, int64_t> size_bucket(int64_t n, int64_t max_batch,
 // Padding is work the device does for no request: with 64 clients on the
 // H100 the device set the pace (docs/PERF.md, "The submit line, H100"), and
 // batches of about 200-330 rows ran 4-11 % padding (one step of 16, 32 or 64
-// rows, half of it on average). So a worker that finds more than
-// kPowersUpTo requests ready takes the largest recorded size they fill and
-// leaves the rest queued (BatchQueueOptions::trim_to_recorded): under load
-// another worker takes them a moment later, with the requests that arrive
-// meanwhile, and no batch is padded above kPowersUpTo rows. Up to
-// kPowersUpTo a batch is still padded: a small batch's time is its launches
-// and the weights' reads, and the rows left behind would make a batch of
-// their own.
+// rows, half of it on average). So a worker that takes a list of more than
+// kPowersUpTo requests straight from the inbox (Note [Batches straight from
+// the inbox] in queue_core.h) makes its batch of the largest recorded size
+// they fill and returns the rest to the inbox
+// (BatchQueueOptions::trim_to_recorded), as for a list longer than a batch:
+// under load another worker takes them a moment later, with the requests
+// that arrive meanwhile. Up to kPowersUpTo a batch is still padded: a small
+// batch's time is its launches and the weights' reads, and the rows left
+// behind would make a batch of their own. A batch picked from the FIFO (the
+// leader's, or one with deadlines) is not cut: the rest would stay in the
+// FIFO, which then never empties under load, and every worker would take
+// the locked way for as long as the load lasts (on the H100 a first version
+// that cut there too ran 64 x 112 at 0.59x, 8 of 16 cores busy;
+// docs/PERF.md, "Batches cut to a recorded size").
 //
 // Returns how many of n ready requests (n >= 1) a batch takes: n up to
 // kPowersUpTo, max_batch from max_batch on, otherwise the largest size of

@@ -241,11 +241,11 @@ struct BatchQueueOptions {
   // slot and input kind (max_batch 1024: 11 sizes with 1, 23 with 4, 39
   // with 8).
   int record_steps = 4;
-  // With record_batches: a worker that finds more than 64 requests ready
-  // takes the largest recorded size they fill and leaves the rest queued for
-  // the next batch, instead of padding them all to the next size up (Note
-  // [Batches cut to a recorded size] in recorded_sizes.h): the device then
-  // runs no padding above 64 rows. false: pad, as up to 64 rows.
+  // With record_batches: a worker that takes more than 64 requests from
+  // the inbox at once makes its batch of the largest recorded size they
+  // fill and leaves the rest queued for the next batch, instead of padding
+  // them all to the next size up (Note [Batches cut to a recorded size] in
+  // recorded_sizes.h; batches from the FIFO are padded). false: pad.
   bool trim_to_recorded = true;
   // How many streams run the queue's batches at once, claimed on each
   // worker's stream while the queue lives (Stream::claim_device_share; the
