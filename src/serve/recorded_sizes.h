@@ -73,7 +73,9 @@ inline std::pair<size_t, int64_t> size_bucket(int64_t n, int64_t max_batch,
 // FIFO, which then never empties under load, and every worker would take
 // the locked way for as long as the load lasts (on the H100 a first version
 // that cut there too ran 64 x 112 at 0.59x, 8 of 16 cores busy;
-// docs/PERF.md, "Batches cut to a recorded size").
+// docs/PERF.md, "Batches cut to a recorded size"). This version, which cuts
+// only lists taken from the inbox, has not run on a GPU: the session ran
+// out of device time. So trim_to_recorded is off by default.
 //
 // Returns how many of n ready requests (n >= 1) a batch takes: n up to
 // kPowersUpTo, max_batch from max_batch on, otherwise the largest size of

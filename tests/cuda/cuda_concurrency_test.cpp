@@ -336,7 +336,6 @@ TEST(CudaServe, InputBufferRowsMixedWithCopiedAndBorrowedEqualUnbatched) {
       o.capacity = 1024;
       o.record_batches = record;
       o.read_in_place_max_bytes = SIZE_MAX;  // every batch gathers, up to 200 rows
-      o.trim_to_recorded = false;            // 200 rows run whole, padded (Note [Recorded batches])
       serve::BatchQueue q(*dev, ref->in, ref->out, ref->model(), o);
       serve::InputBuffer rows = q.make_input_buffer(256);
       ASSERT_EQ(rows.rows(), 256u);

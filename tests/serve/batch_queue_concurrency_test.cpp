@@ -239,6 +239,7 @@ TEST(BatchQueueConcurrency, BatchesStraightFromTheInboxCompleteEveryRequestExact
     if (cut) {
       o.workers = 0;
       o.record_batches = true;
+      o.trim_to_recorded = true;
       o.capacity = clients * window + rng() % 64;  // no submit takes the slow way (to the FIFO)
       o.max_batch = static_cast<int>(o.capacity);
     }

@@ -1194,7 +1194,6 @@ TEST(RecordedSizes, FitRowsIsTheLargestRecordedSizeThatFits) {
 TEST_F(BatchQueueTest, RecordedBatchesAbove64RowsRunAtTheNextQuarterOctave) {
   auto o = manual(100, 0us);
   o.record_batches = true;
-  o.trim_to_recorded = false;  // padding is what this tests
   BatchQueue q(*device_, kIn, kOut, counted(), o);
   int next = 0;
   // 65 (as 80, recorded), 80 (replayed), 81 (as 96, recorded), 100 (as 100,
@@ -1227,7 +1226,6 @@ TEST_F(BatchQueueTest, RecordStepsSetsTheSizesAbove64Rows) {
   auto o = manual(200, 0us);
   o.record_batches = true;
   o.record_steps = 8;
-  o.trim_to_recorded = false;  // padding shows the sizes
   BatchQueue q(*device_, kIn, kOut, counted(), o);
   int next = 0;
   // 65 as 72, 73 as 80, 190 as 192, 200 (max_batch): each recorded once.
@@ -1264,6 +1262,7 @@ TEST_F(BatchQueueTest, RecordedBatchesTakeTheLargestSizeTheyFillAndLeaveTheRestQ
   std::vector<uint64_t> order;  // ids that ran, in order (manual mode: one thread)
   auto o = manual(200, 0us);
   o.record_batches = true;
+  o.trim_to_recorded = true;
   o.on_complete = [&](uint64_t id, RequestStatus st) {
     if (st == RequestStatus::kCompleted) order.push_back(id);
   };
@@ -1295,7 +1294,7 @@ TEST_F(BatchQueueTest, RecordedBatchesTakeTheLargestSizeTheyFillAndLeaveTheRestQ
   EXPECT_EQ(m.completed, 199u);
   EXPECT_EQ(m.cancelled, 1u);
 
-  // Off: 100 run as one batch, padded to 112.
+  // Off (the default): 100 run as one batch, padded to 112.
   o.trim_to_recorded = false;
   o.on_complete = nullptr;
   BatchQueue padded(*device_, kIn, kOut, counted(), o);

@@ -92,7 +92,7 @@ struct WorkloadOptions {
     int64_t spin_us = 0;       // BatchQueueOptions::spin_wait
     bool record = false;       // BatchQueueOptions::record_batches
     int record_steps = 4;      // BatchQueueOptions::record_steps
-    bool pad_batches = false;  // !BatchQueueOptions::trim_to_recorded
+    bool cut_batches = false;  // BatchQueueOptions::trim_to_recorded
     int device_share = 0;      // BatchQueueOptions::device_share (0: the workers' streams)
     // --callbacks: each request's output goes to a completion callback,
     // which checks it on the queue's worker, instead of a handle the client
