@@ -270,8 +270,9 @@ TEST(BatchQueueConcurrency, BatchesStraightFromTheInboxCompleteEveryRequestExact
         std::vector<size_t> later;
         start.arrive_and_wait();
         for (int i = 0; i < per_client; ++i) {
-          // A window of 8 in flight, as a serving client keeps: the queue
-          // is not always full, so lists fit and the FIFO empties.
+          // A window of 8 in flight (48 in the cut rounds), as a serving
+          // client keeps: the queue is not always full, so lists fit and
+          // the FIFO empties.
           if (i >= window)
             while (!me.sent[static_cast<size_t>(i - window)].handle.done())
               std::this_thread::yield();

@@ -1269,7 +1269,7 @@ TEST_F(BatchQueueTest, RecordedBatchesTakeTheLargestSizeTheyFillAndLeaveTheRestQ
   BatchQueue q(*device_, kIn, kOut, counted(), o);
   std::vector<RequestHandle> hs;
   submit_inputs(q, 0, 100, hs);
-  EXPECT_EQ(q.step(), 96u) << "96 is the largest recorded size 100 fill (80, 96, 112)";
+  EXPECT_EQ(q.step(), 96u) << "96 is the largest recorded size 100 requests fill (80, 96, 112)";
   EXPECT_EQ(rows_.load(), 2 * 96) << "run and recorded at 96 rows: no padding";
   EXPECT_EQ(q.metrics().depth, 4u);
   for (int i = 0; i < 100; ++i) EXPECT_EQ(hs[static_cast<size_t>(i)].done(), i < 96) << i;
