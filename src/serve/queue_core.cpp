@@ -402,12 +402,10 @@ bool QueueCore::take_direct(Request* oldest, Batch& batch, Clock::time_point now
 }
 
 size_t QueueCore::batch_rows(size_t n) const {
-  const auto max_batch = static_cast<int64_t>(options_.max_batch);
-  if (!options_.record_batches || !options_.trim_to_recorded)
-    return std::min(n, static_cast<size_t>(max_batch));
+  const size_t rows = std::min(n, static_cast<size_t>(options_.max_batch));
+  if (!options_.record_batches || !options_.trim_to_recorded) return rows;
   return static_cast<size_t>(
-      fit_rows(static_cast<int64_t>(std::min<size_t>(n, static_cast<size_t>(max_batch))), max_batch,
-               options_.record_steps));
+      fit_rows(static_cast<int64_t>(rows), options_.max_batch, options_.record_steps));
 }
 
 Request* QueueCore::split_oldest(Request* list, size_t n, size_t keep, Request*& rest) {

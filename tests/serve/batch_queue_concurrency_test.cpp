@@ -293,12 +293,14 @@ TEST(BatchQueueConcurrency, BatchesStraightFromTheInboxCompleteEveryRequestExact
         for (size_t k : later) me.cancel_said[k] = me.sent[k].handle.cancel() ? 1 : 0;
       });
     }
-    std::thread stepper([&] {  // a pause between steps lets the next list gather
-      while (cut && !q.is_shut_down()) {
-        q.step();
-        std::this_thread::sleep_for(100us);
-      }
-    });
+    std::thread stepper;  // the cut rounds' manual mode
+    if (cut)
+      stepper = std::thread([&] {  // a pause between steps lets the next list gather
+        while (!q.is_shut_down()) {
+          q.step();
+          std::this_thread::sleep_for(100us);
+        }
+      });
     std::thread closer([&] {
       start.arrive_and_wait();
       while (submitted.load(std::memory_order_acquire) < close_after) std::this_thread::yield();
@@ -306,7 +308,7 @@ TEST(BatchQueueConcurrency, BatchesStraightFromTheInboxCompleteEveryRequestExact
     });
     for (auto& t : ts) t.join();
     closer.join();
-    stepper.join();
+    if (stepper.joinable()) stepper.join();
 
     uint64_t ran = 0;
     for (Client& c : cs)
