@@ -7,7 +7,12 @@
 // replaying a graph of back-to-back launches (aggregate rows/s). Then the
 // three-layer chain with the first choices against the best per layer, and
 // legacy cublasSgemm (no epilogue) and TF32 first choices for reference.
-//   nvcc -O2 -std=c++17 -o /tmp/gc scripts/gemm_configs.cu -lcublasLt -lcublas && /tmp/gc
+//   nvcc -O2 -std=c++17 -o /tmp/gc scripts/gemm_configs.cu -lcublasLt -lcublas && /tmp/gc [M...]
+// GC_SM_TARGET=16 plans for 16 SMs (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, as
+// the linear kernel does for a queue of 8 workers): "first" is then the
+// library's plan under a device share, and the candidates are the ones the
+// heuristic offers for that target. GC_WS_MIB sets the workspace (default
+// 32; the linear kernel's is 8).
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -23,7 +28,8 @@
 #include "seed_mlp_lt.h"
 
 constexpr int kStreams = 8, kLaunchesPerGraph = 25, kGraphReps = 8;
-constexpr size_t kWs = size_t{32} << 20;
+size_t kWs = size_t{32} << 20;
+int sm_target = -1;  // GC_SM_TARGET; -1: not set
 
 cublasLtHandle_t lt;
 cublasHandle_t blas;
@@ -73,7 +79,14 @@ std::vector<float> out_of(int s, int m, int n) {
   return h;
 }
 
-int main() {
+int main(int argc, char** argv) {
+  if (const char* v = std::getenv("GC_SM_TARGET")) sm_target = std::atoi(v);
+  if (const char* v = std::getenv("GC_WS_MIB")) kWs = size_t(std::atoi(v)) << 20;
+  std::vector<int> ms = {32, 64, 128, 192, 256, 384, 512};
+  if (argc > 1) {
+    ms.clear();
+    for (int i = 1; i < argc; ++i) ms.push_back(std::atoi(argv[i]));
+  }
   CK(cublasLtCreate(&lt));
   CK(cublasCreate(&blas));
   CK(cudaMalloc(&w, 1024 * 1024 * 4));
@@ -92,15 +105,16 @@ int main() {
     CK(cudaMemcpy(x[i], hx.data(), hx.size() * 4, cudaMemcpyHostToDevice));
   }
   const float alpha = 1, beta = 0;
+  std::printf("SM target %d, workspace %zu MiB\n", sm_target, kWs >> 20);
   std::printf(
       "per layer, 8 streams: M N K | first: rows/s | best: rows/s gain algo tile stages "
       "split red swizzle custom | sgemm | tf32\n");
-  for (int m : {32, 64, 128, 192, 256, 384, 512}) {
+  for (int m : ms) {
     double chain_first = 0, chain_best = 0;  // seconds per row summed over layers
     std::vector<Cand> picks;
     std::vector<Cand> firsts;
     for (const Layer& L : kLayers) {
-      MatmulDesc d = make_matmul_desc(L, m, CUBLAS_COMPUTE_32F, bias);
+      MatmulDesc d = make_matmul_desc(L, m, CUBLAS_COMPUTE_32F, bias, sm_target);
       cublasLtMatmulPreference_t p = workspace_preference(kWs);
       cublasLtMatmulHeuristicResult_t r[16];
       int found = 0;

@@ -7,7 +7,6 @@
 
 #include "flotilla/common/error.h"
 #include "flotilla/common/spin.h"
-#include "serve/recorded_sizes.h"
 
 namespace flotilla::serve::detail {
 
@@ -337,11 +336,11 @@ bool QueueCore::take_direct(Request* oldest, Batch& batch, Clock::time_point now
     first = std::min(first, r->enqueued);
   }
   if (!force && n < max_batch && now < first + options_.max_delay) return false;
-  // Note [Lists longer than a batch], Note [Batches cut to a recorded size]
+  // Note [Lists longer than a batch]
   Request* rest = nullptr;
-  if (const size_t keep = batch_rows(n); keep < n) {
-    oldest = split_oldest(oldest, n, keep, rest);
-    n = keep;
+  if (n > max_batch) {
+    oldest = split_oldest(oldest, n, max_batch, rest);
+    n = max_batch;
   }
   if (auto* hook = g_took_direct.load(std::memory_order_relaxed)) hook();
   batch.requests.clear();
@@ -399,13 +398,6 @@ bool QueueCore::take_direct(Request* oldest, Batch& batch, Clock::time_point now
     splice_cv_.notify_all();
   }
   return true;
-}
-
-size_t QueueCore::batch_rows(size_t n) const {
-  const size_t rows = std::min(n, static_cast<size_t>(options_.max_batch));
-  if (!options_.record_batches || !options_.trim_to_recorded) return rows;
-  return static_cast<size_t>(
-      fit_rows(static_cast<int64_t>(rows), options_.max_batch, options_.record_steps));
 }
 
 Request* QueueCore::split_oldest(Request* list, size_t n, size_t keep, Request*& rest) {
@@ -703,8 +695,6 @@ void QueueCore::pick(Batch& batch, Clock::time_point now) {
   batch.requests.clear();
   batch.picked_at = now;
   size_t taken = 0;
-  // Not cut to a recorded size (Note [Batches cut to a recorded size]): the
-  // rest would keep the FIFO from emptying.
   while (!fifo_.empty() && batch.requests.size() < static_cast<size_t>(options_.max_batch)) {
     std::shared_ptr<Request> r = std::move(fifo_.front());
     fifo_.pop_front();

@@ -500,10 +500,6 @@ class QueueCore : public std::enable_shared_from_this<QueueCore> {
   // longer than a batch]); false (the list untouched) otherwise.
   bool take_direct(Request* oldest, Batch& batch, Clock::time_point now, bool force)
       FL_EXCLUDES(mu_);
-  // How many of n ready requests make a batch: at most max_batch, and with
-  // record_batches and trim_to_recorded no more than the recorded size they
-  // fill (Note [Batches cut to a recorded size] in recorded_sizes.h).
-  size_t batch_rows(size_t n) const;
   // Splits the n-request `list` into its `keep` oldest (by id; returned,
   // linked through inbox_next) and the others (`rest`).
   static Request* split_oldest(Request* list, size_t n, size_t keep, Request*& rest);

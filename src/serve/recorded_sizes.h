@@ -27,6 +27,14 @@ namespace flotilla::serve::detail {
 // holds up to 2 x (sizes) x (workers x pipeline_depth) of them. More steps
 // pad less and record more sizes (with max_batch 1024: 11 sizes with one
 // step, 23 with four, 39 with eight).
+//
+// Padding rather than cutting: a worker with more requests ready than a
+// recorded size could instead run the largest size they fill and leave the
+// rest queued. Tried twice on the H100 and removed: cutting FIFO picks too
+// kept the FIFO from emptying under load (every worker then took the locked
+// way; 64 x 112 ran at 0.59x), and cutting only lists taken from the inbox
+// ran at 0.96-0.97x with higher p99s: the rows left behind wait a batch
+// longer (docs/PERF.md, "Batches cut to a recorded size").
 constexpr int64_t kPowersUpTo = 64;
 constexpr int64_t kDefaultStepsPerOctave = 4;
 constexpr int64_t kMaxStepsPerOctave = 64;  // a step of 64 / steps rows stays whole
@@ -54,39 +62,6 @@ inline std::pair<size_t, int64_t> size_bucket(int64_t n, int64_t max_batch,
   const int64_t step = p / steps;
   const int64_t q = (n - p + step - 1) / step;  // 1 .. steps
   return {i + static_cast<size_t>(q), std::min(p + q * step, max_batch)};
-}
-
-// Note [Batches cut to a recorded size]
-// Padding is work the device does for no request: with 64 clients on the
-// H100 the device set the pace (docs/PERF.md, "The submit line, H100"), and
-// batches of about 200-330 rows ran 4-11 % padding (one step of 16, 32 or 64
-// rows, half of it on average). So a worker that takes a list of more than
-// kPowersUpTo requests straight from the inbox (Note [Batches straight from
-// the inbox] in queue_core.h) makes its batch of the largest recorded size
-// they fill and returns the rest to the inbox
-// (BatchQueueOptions::trim_to_recorded), as for a list longer than a batch:
-// under load another worker takes them a moment later, with the requests
-// that arrive meanwhile. Up to kPowersUpTo a batch is still padded: a small
-// batch's time is its launches and the weights' reads, and the rows left
-// behind would make a batch of their own. A batch picked from the FIFO (the
-// leader's, or one with deadlines) is not cut: the rest would stay in the
-// FIFO, which then never empties under load, and every worker would take
-// the locked way for as long as the load lasts (on the H100 a first version
-// that cut there too ran 64 x 112 at 0.59x, 8 of 16 cores busy;
-// docs/PERF.md, "Batches cut to a recorded size"). This version, which cuts
-// only lists taken from the inbox, has not run on a GPU: the session ran
-// out of device time. So trim_to_recorded is off by default.
-//
-// Returns how many of n ready requests (n >= 1) a batch takes: n up to
-// kPowersUpTo, max_batch from max_batch on, otherwise the largest size of
-// size_bucket() that is <= n (so size_bucket(fit_rows(n)) pads nothing).
-inline int64_t fit_rows(int64_t n, int64_t max_batch, int64_t steps = kDefaultStepsPerOctave) {
-  if (n >= max_batch) return max_batch;
-  if (n <= kPowersUpTo) return n;
-  int64_t p = kPowersUpTo;  // the octave (p, 2p] that holds n
-  while (2 * p < n) p *= 2;
-  const int64_t step = p / steps;
-  return p + (n - p) / step * step;
 }
 
 }  // namespace flotilla::serve::detail

@@ -205,11 +205,9 @@ TEST(BatchQueueConcurrency, BatchesStraightFromTheInboxCompleteEveryRequestExact
   detail::set_split_list_hook_for_testing(&count_split_list);
   g_direct_batches = 0;
   g_split_lists = 0;
-  int cut_rounds = 0;  // rounds that cut a list to a recorded size
-  // Until a list was split and one cut (at most 4x the rounds): at the
-  // sanitizer lanes' scale a round may end before its workers fall behind.
-  for (int round = 0;
-       round < rounds || ((g_split_lists.load() == 0 || cut_rounds == 0) && round < 4 * rounds);
+  // Until a list was split (at most 4x the rounds): at the sanitizer lanes'
+  // scale a round may end before its workers fall behind.
+  for (int round = 0; round < rounds || (g_split_lists.load() == 0 && round < 4 * rounds);
        ++round) {
     SCOPED_TRACE(::testing::Message() << "round " << round << " seed " << seed);
     std::mt19937_64 rng(seed * 1000033 + static_cast<uint64_t>(round));
@@ -227,29 +225,12 @@ TEST(BatchQueueConcurrency, BatchesStraightFromTheInboxCompleteEveryRequestExact
                   : round % 4 == 1 ? 2 + static_cast<int>(rng() % 4)
                                    : static_cast<int>(o.capacity);
     o.max_delay = 0us;
-    // Note [Batches cut to a recorded size]: every fifth round records its
-    // batches, keeps 48 requests a client in flight and runs in manual
-    // mode, a thread calling step() now and then (step() takes lists
-    // straight from the inbox, never as the leader: workers alternate
-    // between the two), so that lists of more than 64 gather between steps
-    // and are cut to a recorded size (max_batch is the capacity: each split
-    // in these rounds is such a cut) and the rest go back.
-    const bool cut = round % 5 == 4;
-    const int window = cut ? 48 : 8;
-    if (cut) {
-      o.workers = 0;
-      o.record_batches = true;
-      o.trim_to_recorded = true;
-      o.capacity = clients * window + rng() % 64;  // no submit takes the slow way (to the FIFO)
-      o.max_batch = static_cast<int>(o.capacity);
-    }
     o.when_full = round % 2 ? OverflowPolicy::kBlock : OverflowPolicy::kReject;
     const ShutdownMode mode = (round / 2) % 2 ? ShutdownMode::kCancel : ShutdownMode::kDrain;
     o.on_complete = [&](uint64_t id, RequestStatus) {
       if (id >= 1 && id <= static_cast<uint64_t>(n))  // relaxed: read after the joins
         completions[id].fetch_add(1, std::memory_order_relaxed);
     };
-    const int splits_before = g_split_lists.load();
     BatchQueue q(*device, tiny.in(), tiny.out(), tiny.model(), o);
     struct Client {
       std::vector<Sent> sent;
@@ -257,9 +238,7 @@ TEST(BatchQueueConcurrency, BatchesStraightFromTheInboxCompleteEveryRequestExact
     };
     std::vector<Client> cs(clients);
     std::atomic<int> submitted{0};  // acquire/release: the closer waits on it
-    // A cut round closes in its last quarter: lists have had time to gather.
-    const int close_after = cut ? n - static_cast<int>(rng() % static_cast<uint64_t>(n / 4 + 1))
-                                : static_cast<int>(rng() % static_cast<uint64_t>(n));
+    const int close_after = static_cast<int>(rng() % static_cast<uint64_t>(n));
     const uint64_t client_seed = rng();
     std::latch start(clients + 1);
     std::vector<std::thread> ts;
@@ -270,21 +249,16 @@ TEST(BatchQueueConcurrency, BatchesStraightFromTheInboxCompleteEveryRequestExact
         std::vector<size_t> later;
         start.arrive_and_wait();
         for (int i = 0; i < per_client; ++i) {
-          // A window of 8 in flight (48 in the cut rounds), as a serving
-          // client keeps: the queue is not always full, so lists fit and
-          // the FIFO empties.
-          if (i >= window)
-            while (!me.sent[static_cast<size_t>(i - window)].handle.done())
-              std::this_thread::yield();
+          // A window of 8 in flight, as a serving client keeps: the queue
+          // is not always full, so lists fit and the FIFO empties.
+          if (i >= 8)
+            while (!me.sent[static_cast<size_t>(i - 8)].handle.done()) std::this_thread::yield();
           Sent s;
           s.input = random_vector(r, static_cast<size_t>(tiny.in()));
           s.handle = q.submit(s.input);
           submitted.fetch_add(1, std::memory_order_release);
           int said = -1;
-          // A cancel moves the inbox into the FIFO (take_everything): the
-          // cut rounds leave cancelling to their shutdown, or few lists
-          // would stay there to be cut.
-          const auto action = cut ? 9 : r() % 10;
+          const auto action = r() % 10;
           if (action == 0) said = s.handle.cancel() ? 1 : 0;
           if (action == 1) later.push_back(me.sent.size());
           me.sent.push_back(std::move(s));
@@ -293,14 +267,6 @@ TEST(BatchQueueConcurrency, BatchesStraightFromTheInboxCompleteEveryRequestExact
         for (size_t k : later) me.cancel_said[k] = me.sent[k].handle.cancel() ? 1 : 0;
       });
     }
-    std::thread stepper;  // the cut rounds' manual mode
-    if (cut)
-      stepper = std::thread([&] {  // a pause between steps lets the next list gather
-        while (!q.is_shut_down()) {
-          q.step();
-          std::this_thread::sleep_for(100us);
-        }
-      });
     std::thread closer([&] {
       start.arrive_and_wait();
       while (submitted.load(std::memory_order_acquire) < close_after) std::this_thread::yield();
@@ -308,7 +274,6 @@ TEST(BatchQueueConcurrency, BatchesStraightFromTheInboxCompleteEveryRequestExact
     });
     for (auto& t : ts) t.join();
     closer.join();
-    if (stepper.joinable()) stepper.join();
 
     uint64_t ran = 0;
     for (Client& c : cs)
@@ -345,7 +310,6 @@ TEST(BatchQueueConcurrency, BatchesStraightFromTheInboxCompleteEveryRequestExact
     if (o.when_full == OverflowPolicy::kBlock) {
       EXPECT_EQ(m.rejected, 0u);
     }
-    if (cut && g_split_lists.load() > splits_before) ++cut_rounds;
   }
   detail::set_took_direct_hook_for_testing(nullptr);
   detail::set_split_list_hook_for_testing(nullptr);
@@ -353,7 +317,6 @@ TEST(BatchQueueConcurrency, BatchesStraightFromTheInboxCompleteEveryRequestExact
               g_direct_batches.load(), g_split_lists.load());
   EXPECT_GT(g_direct_batches.load(), rounds) << "the races never took the straight path";
   EXPECT_GT(g_split_lists.load(), 0) << "the races never split a list";
-  EXPECT_GT(cut_rounds, 0) << "no list was ever cut to a recorded size";
 }
 
 // A producer faster than the device: the queue never holds more than its

@@ -1150,43 +1150,6 @@ TEST(RecordedSizes, AreTightContiguousAndEndAtMaxBatch) {
   }
 }
 
-// Note [Batches cut to a recorded size]. Would catch: a cut to a size that
-// is not recorded (the batch padded after all), a cut below the largest
-// size that fits (requests held back for nothing), past n or max_batch, or
-// a batch of 64 rows or fewer cut.
-TEST(RecordedSizes, FitRowsIsTheLargestRecordedSizeThatFits) {
-  using flotilla::serve::detail::fit_rows;
-  using flotilla::serve::detail::size_bucket;
-  EXPECT_EQ(fit_rows(64, 1024), 64);
-  EXPECT_EQ(fit_rows(65, 1024), 64);
-  EXPECT_EQ(fit_rows(100, 1024), 96);
-  EXPECT_EQ(fit_rows(297, 1024), 256);
-  EXPECT_EQ(fit_rows(330, 1024), 320);
-  EXPECT_EQ(fit_rows(297, 1024, 8), 288);
-  EXPECT_EQ(fit_rows(2000, 1024), 1024);
-  EXPECT_EQ(fit_rows(37, 1024), 37);
-  for (int64_t steps : {1, 2, 4, 8, 64}) {
-    for (int64_t max_batch : {1, 5, 64, 65, 100, 300, 1000, 1024, 4096}) {
-      for (int64_t n = 1; n <= max_batch + 3; ++n) {
-        const int64_t r = fit_rows(n, max_batch, steps);
-        SCOPED_TRACE(::testing::Message() << "n=" << n << " max_batch=" << max_batch
-                                          << " steps=" << steps << " fit=" << r);
-        ASSERT_LE(r, std::min(n, max_batch));
-        if (n <= 64 && n <= max_batch) {
-          ASSERT_EQ(r, n);
-          continue;
-        }
-        ASSERT_GE(r, std::min<int64_t>(64, max_batch));
-        ASSERT_EQ(size_bucket(r, max_batch, steps).second, r) << "not a recorded size";
-        if (r < std::min(n, max_batch)) {
-          ASSERT_GT(size_bucket(r + 1, max_batch, steps).second, std::min(n, max_batch))
-              << "a larger recorded size fits";
-        }
-      }
-    }
-  }
-}
-
 // Note [Recorded sizes] in a queue: batches above 64 rows run padded to the
 // next of four sizes an octave, each recorded once. Would catch: a batch
 // run at a power of two (the model sees 128 rows for 65, here capped at max_batch, 100), a size
@@ -1247,63 +1210,6 @@ TEST_F(BatchQueueTest, RecordStepsSetsTheSizesAbove64Rows) {
   } catch (const InvalidArgument& e) {
     EXPECT_NE(std::string(e.what()).find("record_steps is 3"), std::string::npos) << e.what();
   }
-}
-
-// Note [Batches cut to a recorded size]: above 64 requests taken straight
-// from the inbox a batch is the largest recorded size they fill, the rest
-// stay queued (cancellable) and run next, oldest first; at most 64 are
-// taken whole and padded; the FIFO's path (requests with deadlines) does
-// not cut. Would catch: a padded batch above 64 rows off the inbox (the
-// device's work wasted), a batch of the newest instead of the oldest, the
-// rest lost, run twice or out of order, a small batch cut (the rest would
-// make a batch of its own), a cut from the FIFO (whose rest would keep it
-// from emptying), or the option ignored when off.
-TEST_F(BatchQueueTest, RecordedBatchesTakeTheLargestSizeTheyFillAndLeaveTheRestQueued) {
-  std::vector<uint64_t> order;  // ids that ran, in order (manual mode: one thread)
-  auto o = manual(200, 0us);
-  o.record_batches = true;
-  o.trim_to_recorded = true;
-  o.on_complete = [&](uint64_t id, RequestStatus st) {
-    if (st == RequestStatus::kCompleted) order.push_back(id);
-  };
-  BatchQueue q(*device_, kIn, kOut, counted(), o);
-  std::vector<RequestHandle> hs;
-  submit_inputs(q, 0, 100, hs);
-  EXPECT_EQ(q.step(), 96u) << "96 is the largest recorded size 100 requests fill (80, 96, 112)";
-  EXPECT_EQ(rows_.load(), 2 * 96) << "run and recorded at 96 rows: no padding";
-  EXPECT_EQ(q.metrics().depth, 4u);
-  for (int i = 0; i < 100; ++i) EXPECT_EQ(hs[static_cast<size_t>(i)].done(), i < 96) << i;
-  EXPECT_TRUE(hs[97].cancel()) << "a request left queued is still cancellable";
-  submit_inputs(q, 100, 30, hs);
-  EXPECT_EQ(q.step(), 33u) << "3 left and 30 new: 33 <= 64, taken whole";
-  EXPECT_EQ(rows_.load(), 2 * (96 + 64)) << "33 padded to 64";
-  // Requests with deadlines go through the FIFO: not cut.
-  for (int i = 130; i < 200; ++i) hs.push_back(q.submit(input(i), q.deadline_in(1s)));
-  EXPECT_EQ(q.step(), 70u) << "from the FIFO: run whole, padded to 80";
-  EXPECT_EQ(rows_.load(), 2 * (96 + 64 + 80));
-  std::vector<uint64_t> expected;
-  for (size_t i = 0; i < hs.size(); ++i)
-    if (i != 97) expected.push_back(hs[i].id());
-  EXPECT_EQ(order, expected) << "oldest first, each once, the cancelled one never";
-  for (int i = 0; i < 200; ++i)
-    if (i != 97) expect_output(hs[static_cast<size_t>(i)], i);
-  const auto m = q.metrics();
-  EXPECT_EQ(m.batch_sizes.at(96), 1u);
-  EXPECT_EQ(m.batch_sizes.at(33), 1u);
-  EXPECT_EQ(m.batch_sizes.at(70), 1u);
-  EXPECT_EQ(m.completed, 199u);
-  EXPECT_EQ(m.cancelled, 1u);
-
-  // Off (the default): 100 run as one batch, padded to 112.
-  o.trim_to_recorded = false;
-  o.on_complete = nullptr;
-  BatchQueue padded(*device_, kIn, kOut, counted(), o);
-  std::vector<RequestHandle> ps;
-  const int64_t rows_before = rows_.load();
-  submit_inputs(padded, 0, 100, ps);
-  EXPECT_EQ(padded.step(), 100u);
-  EXPECT_EQ(rows_.load() - rows_before, 2 * 112);
-  for (int i = 0; i < 100; ++i) expect_output(ps[static_cast<size_t>(i)], i);
 }
 
 // Would catch: a failed recording that poisons its slot or its size.

@@ -92,8 +92,6 @@ void WorkloadOptions::validate() const {
                  batching.record_steps);
     FL_CHECK_ARG(batching.record || batching.record_steps == 4,
                  "[run] --record-steps sets the recorded batch sizes; it needs --record-batches");
-    FL_CHECK_ARG(batching.record || !batching.cut_batches,
-                 "[run] --cut-batches cuts batches to recorded sizes; it needs --record-batches");
     FL_CHECK_ARG(batching.read_in_place_max_bytes == -1 || batching.pinned,
                  "[run] --read-in-place-max-bytes limits the batches that read --pinned-inputs "
                  "rows in place; it needs --pinned-inputs");
@@ -163,10 +161,7 @@ nlohmann::json WorkloadResult::to_json() const {
     j["pipeline_depth"] = o.batching.pipeline_depth;
     j["spin_us"] = o.batching.spin_us;
     j["record_batches"] = o.batching.record;
-    if (o.batching.record) {
-      j["record_steps"] = o.batching.record_steps;
-      j["cut_batches"] = o.batching.cut_batches;
-    }
+    if (o.batching.record) j["record_steps"] = o.batching.record_steps;
     j["device_share_option"] = o.batching.device_share;  // 0: the queue's streams
     j["device_share"] = device_share;  // the hint its first worker's stream planned with
     if (o.batching.callbacks) j["refill"] = o.batching.refill_or_default();
@@ -710,7 +705,6 @@ WorkloadResult run_on_device(Device& dev, const nn::MlpWeights& weights, const W
     qo.spin_wait = std::chrono::microseconds(o.batching.spin_us);
     qo.record_batches = o.batching.record;
     qo.record_steps = o.batching.record_steps;
-    qo.trim_to_recorded = o.batching.cut_batches;
     qo.device_share = o.batching.device_share;
     if (o.batching.read_in_place_max_bytes >= 0)
       qo.read_in_place_max_bytes = static_cast<size_t>(o.batching.read_in_place_max_bytes);
@@ -1051,11 +1045,6 @@ void add_batching_options(CLI::App& cmd, WorkloadOptions::Batching& b) {
                  "batching, with --record-batches: recorded sizes in each octave above 64 rows "
                  "(a power of two, 1 to 64): more pad batches less and record more sizes")
       ->capture_default_str();
-  cmd.add_flag("--cut-batches", b.cut_batches,
-               "batching, with --record-batches: a worker that takes more than 64 requests "
-               "from the inbox runs the largest recorded size they fill and leaves the rest "
-               "queued, instead of padding to the next size (unmeasured on a GPU; "
-               "docs/PERF.md)");
   cmd.add_flag("--callbacks", b.callbacks,
                "batching: outputs go to completion callbacks (checked on the queue's workers) "
                "instead of handles the clients wait on");

@@ -88,12 +88,11 @@ struct WorkloadOptions {
     // then submits the next each time the oldest completes (a frontend thread
     // serving many connections). 1: one at a time (a closed loop).
     int window = 1;
-    int pipeline_depth = 1;    // BatchQueueOptions::pipeline_depth (see its default)
-    int64_t spin_us = 0;       // BatchQueueOptions::spin_wait
-    bool record = false;       // BatchQueueOptions::record_batches
-    int record_steps = 4;      // BatchQueueOptions::record_steps
-    bool cut_batches = false;  // BatchQueueOptions::trim_to_recorded
-    int device_share = 0;      // BatchQueueOptions::device_share (0: the workers' streams)
+    int pipeline_depth = 1;  // BatchQueueOptions::pipeline_depth (see its default)
+    int64_t spin_us = 0;     // BatchQueueOptions::spin_wait
+    bool record = false;     // BatchQueueOptions::record_batches
+    int record_steps = 4;    // BatchQueueOptions::record_steps
+    int device_share = 0;    // BatchQueueOptions::device_share (0: the workers' streams)
     // --callbacks: each request's output goes to a completion callback,
     // which checks it on the queue's worker, instead of a handle the client
     // waits on; a client with a full window sleeps until `refill` of its

@@ -241,14 +241,6 @@ struct BatchQueueOptions {
   // slot and input kind (max_batch 1024: 11 sizes with 1, 23 with 4, 39
   // with 8).
   int record_steps = 4;
-  // With record_batches: a worker that takes more than 64 requests from
-  // the inbox at once makes its batch of the largest recorded size they
-  // fill and leaves the rest queued for the next batch, instead of padding
-  // them all to the next size up (Note [Batches cut to a recorded size] in
-  // recorded_sizes.h; batches from the FIFO are padded). Off by default: a
-  // first version lost on the H100 and this one is unmeasured there
-  // (docs/PERF.md, "Batches cut to a recorded size"). false: pad.
-  bool trim_to_recorded = false;
   // How many streams run the queue's batches at once, claimed on each
   // worker's stream while the queue lives (Stream::claim_device_share; the
   // streams are the device's pooled ones, shared with its other users, who
