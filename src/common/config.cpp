@@ -116,6 +116,8 @@ Config Config::from_env() {
         std::chrono::microseconds(parse_int("FLOTILLA_CUDA_WAIT_SPIN_US", v, 0, 10000));
   if (const char* v = get("FLOTILLA_CUDA_GATHER_BLOCKS"))
     c.cuda_gather_blocks = parse_int("FLOTILLA_CUDA_GATHER_BLOCKS", v, 1, 1024);
+  if (const char* v = get("FLOTILLA_CUDA_TUNE_GEMM"))
+    c.cuda_tune_gemm = parse_bool("FLOTILLA_CUDA_TUNE_GEMM", v);
   if (const char* v = get("FLOTILLA_ALLOCATOR_CACHING"))
     c.allocator_caching = parse_bool("FLOTILLA_ALLOCATOR_CACHING", v);
   c.validate();

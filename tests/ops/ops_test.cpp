@@ -302,6 +302,50 @@ TEST_F(OPS_SUITE, LinearPlannedForAShareOfTheDeviceMatchesFloat64) {
   st.set_device_share(1);
 }
 
+// Config::cuda_tune_gemm (Note [Tuned GEMMs for a share of the device]): on
+// CUDA the first f32 GEMM of 64 to 512 rows planned for a share of the
+// device times cuBLASLt's candidates once per shape and device, and every
+// stream then uses the winner. Two streams with a share of 8, the seed
+// MLP's first layer at the queue's batch sizes, the first of each size
+// inside a recording (a CUDA graph being captured, as a BatchQueue's
+// recorded batches plan theirs): each result matches float64, each shape is
+// timed once (the driver's gemm_tunings count) however many streams plan it,
+// and the two streams' outputs agree bit for bit. Would catch: tuning on the
+// capturing stream (the capture fails or records the timing launches), a
+// shape timed per stream rather than per device (streams that disagree), a
+// tuned algorithm that computes something else, tuning outside the share's
+// window.
+TEST_F(OPS_SUITE, LinearTunedForAShareOfTheDeviceMatchesFloat64OnEveryStream) {
+  const bool cuda = std::string(FLOTILLA_TEST_BACKEND) == "cuda";
+  Config cfg = Config::from_env();
+  cfg.cuda_tune_gemm = true;
+  dev_ = Device::create(FLOTILLA_TEST_BACKEND, 0, cfg);  // rand_tensor's device too
+  const auto stats = [&] { return dev_->driver().stats(); };
+  Stream a = dev_->streams().at(1), b = dev_->streams().at(2);
+  a.set_device_share(8);
+  b.set_device_share(8);
+  const int64_t N = 1024, K = 512;
+  Vec ws, bs;
+  Tensor w = rand_tensor({N, K}, DType::kF32, &ws, -0.05f, 0.05f);
+  Tensor bias = rand_tensor({N}, DType::kF32, &bs);
+  for (int64_t M : {8, 64, 256, 320, 513}) {
+    Vec xs;
+    Tensor x = rand_tensor({M, K}, DType::kF32, &xs);
+    const Vec want = linear_ref(xs, ws, &bs, M, N, K, Activation::kRelu);
+    const uint64_t tunings = stats().gemm_tunings;
+    Tensor ya;
+    Recording rec = a.record([&] { ya = ops::linear(a, x, w, bias, Activation::kRelu); });
+    a.replay(rec);
+    const std::vector<float> got_a = ya.to_host(a);
+    const std::vector<float> got_b = ops::linear(b, x, w, bias, Activation::kRelu).to_host(b);
+    const bool tuned = cuda && M >= 64 && M <= 512;
+    EXPECT_EQ(stats().gemm_tunings - tunings, tuned ? 1u : 0u) << "M=" << M;
+    EXPECT_LT(rel_error(got_a, want), tolerance(DType::kF32)) << "recorded, M=" << M;
+    EXPECT_LT(rel_error(got_b, want), tolerance(DType::kF32)) << "eager, M=" << M;
+    if (cuda) EXPECT_EQ(got_a, got_b) << "the streams chose different algorithms, M=" << M;
+  }
+}
+
 // Row views start at any element: the GEMM must not assume aligned inputs
 // (on CUDA, cuBLASLt algorithms are chosen for the actual alignment).
 TEST_F(OPS_SUITE, LinearOnARowViewAtAnOddOffset) {

@@ -40,7 +40,8 @@ const char* const kVars[] = {"FLOTILLA_POOL_SIZE",
                              "FLOTILLA_ALLOCATOR_CACHING",
                              "FLOTILLA_CUDA_COMPLETION_SLEEP_US",
                              "FLOTILLA_CUDA_WAIT_SPIN_US",
-                             "FLOTILLA_CUDA_GATHER_BLOCKS"};
+                             "FLOTILLA_CUDA_GATHER_BLOCKS",
+                             "FLOTILLA_CUDA_TUNE_GEMM"};
 
 // Clears the FLOTILLA_* variables for each test (CI sets some, such as
 // FLOTILLA_ALLOCATOR_CACHING) and restores them afterwards.
@@ -77,6 +78,7 @@ TEST_F(ConfigTest, DefaultsWithoutVariables) {
   EXPECT_EQ(d.cuda_wait_spin.count(), 100);
   EXPECT_EQ(c.cuda_gather_blocks, d.cuda_gather_blocks);
   EXPECT_EQ(d.cuda_gather_blocks, 32);
+  EXPECT_EQ(c.cuda_tune_gemm, d.cuda_tune_gemm);
 }
 
 TEST_F(ConfigTest, ReadsEveryVariable) {
@@ -89,6 +91,7 @@ TEST_F(ConfigTest, ReadsEveryVariable) {
   ScopedEnv g("FLOTILLA_CUDA_COMPLETION_SLEEP_US", "20");
   ScopedEnv h("FLOTILLA_CUDA_WAIT_SPIN_US", "7");
   ScopedEnv i("FLOTILLA_CUDA_GATHER_BLOCKS", "8");
+  ScopedEnv j("FLOTILLA_CUDA_TUNE_GEMM", Config{}.cuda_tune_gemm ? "off" : "on");
   const Config cfg = Config::from_env();
   EXPECT_EQ(cfg.pool_size, 8);
   EXPECT_EQ(cfg.policy, StreamPolicy::kExclusive);
@@ -99,6 +102,7 @@ TEST_F(ConfigTest, ReadsEveryVariable) {
   EXPECT_EQ(cfg.cuda_completion_sleep, std::chrono::microseconds(20));
   EXPECT_EQ(cfg.cuda_wait_spin, std::chrono::microseconds(7));
   EXPECT_EQ(cfg.cuda_gather_blocks, 8);
+  EXPECT_NE(cfg.cuda_tune_gemm, Config{}.cuda_tune_gemm);
 }
 
 // Each bad value throws InvalidArgument whose message names the variable and
@@ -135,7 +139,8 @@ INSTANTIATE_TEST_SUITE_P(
                       BadValue{"FLOTILLA_ALLOCATOR_CACHING", "yes please"},
                       BadValue{"FLOTILLA_CUDA_COMPLETION_SLEEP_US", "1001"},
                       BadValue{"FLOTILLA_CUDA_COMPLETION_SLEEP_US", "-5"},
-                      BadValue{"FLOTILLA_CUDA_WAIT_SPIN_US", "10001"}),
+                      BadValue{"FLOTILLA_CUDA_WAIT_SPIN_US", "10001"},
+                      BadValue{"FLOTILLA_CUDA_TUNE_GEMM", "fast"}),
     [](const ::testing::TestParamInfo<BadValue>& info) {
       std::string name = std::string(info.param.var + 9) + "_" + std::to_string(info.index);
       return name;

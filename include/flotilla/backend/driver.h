@@ -225,6 +225,10 @@ struct DriverStats {
   // GEMM plans made (CUDA: cuBLASLt plans, one per queue and plan key, Note
   // [cuBLASLt plans]); 0 on drivers without plans.
   uint64_t gemm_plans = 0;
+  // GEMM shapes timed to choose their algorithm (CUDA with
+  // Config::cuda_tune_gemm: Note [Tuned GEMMs for a share of the device]);
+  // one per shape and device, whatever the streams.
+  uint64_t gemm_tunings = 0;
 };
 
 class Driver {

@@ -89,6 +89,14 @@ struct Config {
   // from other streams' GEMMs while they wait for host memory, and take
   // more round trips. 1..1024; default 32.
   int cuda_gather_blocks = 32;
+  // Time cuBLASLt's candidates for the f32 GEMMs planned for a share of the
+  // device (64 to 512 rows on a queue that claimed a share, as a
+  // BatchQueue's workers do) the first time each shape is planned, and use
+  // the fastest on every stream of the device (Note [Tuned GEMMs for a share
+  // of the device] in src/backend/cuda/nn_kernels.cu). The heuristic's first
+  // choice otherwise. A timed choice may differ between processes (the
+  // outputs within rounding of each other).
+  bool cuda_tune_gemm = false;
 
   // Events.
   int event_pool_size = 64;  // events kept for reuse per device
@@ -100,7 +108,7 @@ struct Config {
   // FLOTILLA_ENCODING_LOCK, FLOTILLA_CPU_THREADS, FLOTILLA_ALLOCATOR_CACHING,
   // FLOTILLA_CUDA_MAX_CONNECTIONS, FLOTILLA_CUDA_COMPLETION_THREADS,
   // FLOTILLA_CUDA_COMPLETION_SLEEP_US, FLOTILLA_CUDA_WAIT_SPIN_US,
-  // FLOTILLA_CUDA_GATHER_BLOCKS
+  // FLOTILLA_CUDA_GATHER_BLOCKS, FLOTILLA_CUDA_TUNE_GEMM
   // over the defaults. Bad values throw InvalidArgument naming the variable.
   static Config from_env();
 

@@ -237,6 +237,7 @@ DriverStats CudaDriver::stats() const {
   s.violations = dev_->violations.load(std::memory_order_relaxed);
   s.handler_errors = dev_->handler_errors.load(std::memory_order_relaxed);
   s.gemm_plans = dev_->gemm_plans.load(std::memory_order_relaxed);
+  s.gemm_tunings = dev_->gemm_tunings.load(std::memory_order_relaxed);
   return s;
 }
 

@@ -175,7 +175,8 @@ DeviceCore::DeviceCore(int index, const Config& config)
     : index_(index),
       label_(detail::str_cat("cuda:", index)),
       wait_spin_(config.cuda_wait_spin),
-      gather_blocks_(config.cuda_gather_blocks) {
+      gather_blocks_(config.cuda_gather_blocks),
+      tune_gemm_(config.cuda_tune_gemm) {
   DeviceGuard guard(index_);
   // Creates the primary context now rather than at the first launch.
   FL_CUDA_CHECK_DEV(*this, cudaFree(nullptr));
@@ -281,9 +282,13 @@ void DeviceCore::synchronize_queues() {
 // ---- Kernel support (kernels.h) ------------------------------------------------------
 
 int LaunchContext::gather_blocks() const { return device_.gather_blocks(); }
+bool LaunchContext::tune_gemm() const { return device_.tune_gemm(); }
 
 void LaunchContext::count_gemm_plan() const {
   device_.gemm_plans.fetch_add(1, std::memory_order_relaxed);
+}
+void LaunchContext::count_gemm_tuning() const {
+  device_.gemm_tunings.fetch_add(1, std::memory_order_relaxed);
 }
 
 void LaunchContext::fail(cudaError_t e, const char* call, const char* file, int line) const {

@@ -133,6 +133,8 @@ class DeviceCore {
   std::chrono::microseconds wait_spin() const { return wait_spin_; }
   // Config::cuda_gather_blocks: the most blocks a gather_rows launch uses.
   int gather_blocks() const { return gather_blocks_; }
+  // Config::cuda_tune_gemm.
+  bool tune_gemm() const { return tune_gemm_; }
 
   // ---- Failure ----------------------------------------------------------------
   bool lost() const { return lost_.load(std::memory_order_acquire); }
@@ -189,7 +191,7 @@ class DeviceCore {
   std::atomic<int> next_queue_id{1};
   // Relaxed: statistics, read for reports only.
   std::atomic<uint64_t> committed{0}, completed{0}, kernels{0}, violations{0}, handler_errors{0},
-      gemm_plans{0};
+      gemm_plans{0}, gemm_tunings{0};
 
  private:
   const int index_;
@@ -197,6 +199,7 @@ class DeviceCore {
   int sm_count_ = 0;
   const std::chrono::microseconds wait_spin_;
   const int gather_blocks_;
+  const bool tune_gemm_;
 
   mutable Mutex mu_;
   std::exception_ptr error_ FL_GUARDED_BY(mu_);

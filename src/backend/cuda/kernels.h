@@ -134,8 +134,12 @@ class LaunchContext {
 
   // Counts a GEMM plan made (DriverStats::gemm_plans).
   void count_gemm_plan() const;
+  // Counts a GEMM shape timed (DriverStats::gemm_tunings).
+  void count_gemm_tuning() const;
   // Config::cuda_gather_blocks: the most blocks a gather_rows launch uses.
   int gather_blocks() const;
+  // Config::cuda_tune_gemm (Note [Tuned GEMMs for a share of the device]).
+  bool tune_gemm() const;
 
   // Throws the error for a failed CUDA call (marks the device lost if sticky).
   [[noreturn]] void fail(cudaError_t e, const char* call, const char* file, int line) const;

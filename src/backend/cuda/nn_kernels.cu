@@ -21,6 +21,34 @@
 // queue (rare: one thread per stream is the norm) take turns for the few
 // microseconds of the enqueue.
 //
+// Note [Tuned GEMMs for a share of the device]
+// For a share of the device (Note [GEMMs for a share of the device]) the
+// heuristic's first choice for the seed MLP's f32 layers at 192 to 448 rows
+// on the H100 is a 32x64 or 64x64 tile with no split along K. Timed with 8
+// streams replaying each layer at once, some of its other candidates, 128x64,
+// 128x128 and 256x64 tiles split 1, 2 or 4 ways, ran the three layers 1.17x
+// to 1.27x as fast (scripts/gemm_configs.cu with GC_SM_TARGET=16;
+// docs/PERF.md, "Tuned GEMMs for a share of the device"), and which one won
+// varied by layer and size: no fixed rule. With Config::cuda_tune_gemm, the
+// first plan on a device of such a shape (key.sm_target > 0) times the
+// heuristic's first kTuneResults candidates, each as offered and split 2 and
+// 4 ways along K where the algorithm allows it (reduced in the compute type,
+// in the workspace: no atomics, so a plan's bits do not vary between runs),
+// and a device-wide table (g_tuned) keeps the fastest: every stream of the
+// device then plans that shape alike, so a request's output does not depend
+// on the worker that ran it. The timing runs on the queue's own tuning
+// stream, with scratch rows, output and workspace allocated on that stream
+// and freed after, never on the caller's stream: the caller may be
+// recording a CUDA graph (command buffers capture in relaxed mode, so this
+// thread may launch on and wait for another stream meanwhile), and its
+// earlier batches may still be running with its workspace. The weights and
+// the bias are the call's own, only read. One lock (g_tune_mu) serialises
+// tuning on every device, so no shape is tuned twice; each candidate gets
+// one warm-up launch and the best of kTuneRuns timed runs of kTuneLaunches,
+// slowed by the other streams' kernels as it would be in use. A timed
+// choice can differ between processes (their outputs then differ within
+// rounding), hence the option.
+//
 // Elementwise kernels read and write T and compute in f32; layernorm and
 // softmax run one block per row with f32 block reductions.
 #include <cublasLt.h>
@@ -33,6 +61,7 @@
 #include <memory>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
 #include "backend/cuda/kernels.h"
 #include "flotilla/common/error.h"
@@ -282,13 +311,23 @@ struct Plan {
 struct LtResource final : QueueResource {
   cublasLtHandle_t handle = nullptr;
   void* workspace = nullptr;
-  Mutex mu;  // guards plans and the descriptors' bias pointers during a launch
+  Mutex mu;  // guards plans, the tuning stream and events, and the descriptors' bias pointers
+             // during a launch
   std::unordered_map<PlanKey, std::unique_ptr<Plan>, PlanKeyHash> plans FL_GUARDED_BY(mu);
+  // Made on this queue's first tuning (Note [Tuned GEMMs for a share of the
+  // device]): a stream of its own and two events to time on it.
+  cudaStream_t tune_stream FL_GUARDED_BY(mu) = nullptr;
+  cudaEvent_t tune_start FL_GUARDED_BY(mu) = nullptr;
+  cudaEvent_t tune_stop FL_GUARDED_BY(mu) = nullptr;
 
   ~LtResource() override {
     {
       MutexLock lock(mu);
       plans.clear();
+      // Errors ignored: the tuning stream is idle (each tuning waits for it).
+      if (tune_stop) (void)cudaEventDestroy(tune_stop);
+      if (tune_start) (void)cudaEventDestroy(tune_start);
+      if (tune_stream) (void)cudaStreamDestroy(tune_stream);
     }
     // The queue's stream has finished (kernels.h), so the workspace is idle.
     if (workspace) (void)cudaFree(workspace);
@@ -309,9 +348,19 @@ cudaDataType_t cuda_type(int dtype) {
   return dtype == 0 ? CUDA_R_32F : dtype == 1 ? CUDA_R_16F : CUDA_R_16BF;
 }
 
+constexpr int kTuneResults = 8;  // the heuristic's candidates a tuning times
+// cublasLtMatmulAlgo_t, named: nvcc 13's front end fails on containers of
+// the unnamed struct it is a typedef of (their destructor's traits).
+struct Algo {
+  cublasLtMatmulAlgo_t algo;
+};
+constexpr int kTuneRuns = 3, kTuneLaunches = 4;
+
 // Row-major y[M,N] = x[M,K] w[N,K]^T is column-major y^T[N,M] = w^T x^T:
 // A = w seen as column-major [K,N] (transposed), B = x as column-major [K,M].
-std::unique_ptr<Plan> make_plan(LtResource& r, const PlanKey& key) {
+// With `offered`, the heuristic's first kTuneResults candidates go there too
+// (Note [Tuned GEMMs for a share of the device]).
+std::unique_ptr<Plan> make_plan(LtResource& r, const PlanKey& key, std::vector<Algo>* offered) {
   auto p = std::make_unique<Plan>();
   const cudaDataType_t t = cuda_type(key.dtype);
   FL_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
@@ -332,7 +381,7 @@ std::unique_ptr<Plan> make_plan(LtResource& r, const PlanKey& key) {
   cublasLtMatmulPreference_t pref = nullptr;
   FL_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   const uint64_t ws = kWorkspaceBytes;
-  cublasLtMatmulHeuristicResult_t result{};
+  cublasLtMatmulHeuristicResult_t results[kTuneResults]{};
   int found = 0;
   cublasStatus_t s1 = cublasLtMatmulPreferenceSetAttribute(
       pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
@@ -354,8 +403,8 @@ std::unique_ptr<Plan> make_plan(LtResource& r, const PlanKey& key) {
       target_set = s == CUBLAS_STATUS_SUCCESS && sm_target > 0;
     }
     if (s == CUBLAS_STATUS_SUCCESS)
-      s = cublasLtMatmulAlgoGetHeuristic(r.handle, p->desc, p->a, p->b, p->c, p->c, pref, 1,
-                                         &result, &found);
+      s = cublasLtMatmulAlgoGetHeuristic(r.handle, p->desc, p->a, p->b, p->c, p->c, pref,
+                                         offered ? kTuneResults : 1, results, &found);
     return s;
   };
   cublasStatus_t s2 = s1;
@@ -370,8 +419,130 @@ std::unique_ptr<Plan> make_plan(LtResource& r, const PlanKey& key) {
   FL_CUBLAS_CHECK(s2);
   FL_CHECK_ARG(found > 0, "[kernel linear] cuBLASLt has no algorithm for M=", key.m, " N=", key.n,
                " K=", key.k, " dtype=", key.dtype, " epilogue=", key.epilogue);
-  p->algo = result.algo;
+  p->algo = results[0].algo;
+  if (offered)
+    for (int i = 0; i < found; ++i) offered->push_back({results[i].algo});
   return p;
+}
+
+// The tuned algorithm of each (device, plan key) (Note [Tuned GEMMs for a
+// share of the device]).
+struct TunedKey {
+  int device;
+  PlanKey key;
+  bool operator==(const TunedKey& o) const { return device == o.device && key == o.key; }
+};
+struct TunedKeyHash {
+  size_t operator()(const TunedKey& k) const noexcept {
+    return PlanKeyHash{}(k.key) ^ static_cast<size_t>(k.device) * 0x9e3779b97f4a7c15ull;
+  }
+};
+Mutex g_tune_mu;  // guards g_tuned; held through a tuning, so a shape is tuned once per device
+std::unordered_map<TunedKey, Algo, TunedKeyHash> g_tuned FL_GUARDED_BY(g_tune_mu);
+
+// Scratch allocated on a stream, freed on it however the tuning ends.
+class StreamScratch {
+ public:
+  explicit StreamScratch(cudaStream_t s) : stream(s) {}
+  StreamScratch(const StreamScratch&) = delete;
+  StreamScratch& operator=(const StreamScratch&) = delete;
+  cudaStream_t stream;
+  void* p[3] = {nullptr, nullptr, nullptr};
+  ~StreamScratch() {
+    for (void* q : p)
+      if (q) (void)cudaFreeAsync(q, stream);
+  }
+};
+
+// `algo` split `splits` ways along K, reduced in the compute type in the
+// workspace; false if the algorithm cannot split.
+bool split_along_k(cublasLtMatmulAlgo_t& algo, uint32_t splits) {
+  int32_t can = 0;
+  size_t got = 0;
+  if (cublasLtMatmulAlgoCapGetAttribute(&algo, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT, &can, sizeof(can),
+                                        &got) != CUBLAS_STATUS_SUCCESS ||
+      !can)
+    return false;
+  const uint32_t scheme = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+  return cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splits,
+                                              sizeof(splits)) == CUBLAS_STATUS_SUCCESS &&
+         cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme,
+                                              sizeof(scheme)) == CUBLAS_STATUS_SUCCESS;
+}
+
+// The algorithm every stream of ctx's device uses for `key`: the table's, or
+// the fastest of `offered` and their splits along K, timed now on r's tuning
+// stream (Note [Tuned GEMMs for a share of the device]). `p` is the plan
+// being made (its first choice in p.algo); w and bias are the call's.
+cublasLtMatmulAlgo_t tuned_algo(LtResource& r, Plan& p, const PlanKey& key,
+                                const std::vector<Algo>& offered, const void* w, const void* bias,
+                                LaunchContext& ctx) FL_REQUIRES(r.mu) {
+  MutexLock lock(g_tune_mu);
+  const TunedKey tk{ctx.device(), key};
+  if (auto it = g_tuned.find(tk); it != g_tuned.end()) return it->second.algo;
+  std::vector<Algo> cands;
+  for (const Algo& a : offered) {
+    cands.push_back(a);
+    for (uint32_t splits : {2u, 4u}) {
+      cublasLtMatmulAlgo_t s = a.algo;
+      cublasLtMatmulHeuristicResult_t check{};
+      if (split_along_k(s, splits) &&
+          cublasLtMatmulAlgoCheck(r.handle, p.desc, p.a, p.b, p.c, p.c, &s, &check) ==
+              CUBLAS_STATUS_SUCCESS &&
+          check.workspaceSize <= kWorkspaceBytes)
+        cands.push_back({s});
+    }
+  }
+  cublasLtMatmulAlgo_t best = p.algo;
+  if (cands.size() > 1) {
+    ctx.count_gemm_tuning();
+    if (!r.tune_stream) {
+      FL_CUDA_CHECK_CTX(ctx, cudaStreamCreateWithFlags(&r.tune_stream, cudaStreamNonBlocking));
+      FL_CUDA_CHECK_CTX(ctx, cudaEventCreate(&r.tune_start));
+      FL_CUDA_CHECK_CTX(ctx, cudaEventCreate(&r.tune_stop));
+    }
+    const cudaStream_t s = r.tune_stream;
+    const size_t esize = key.dtype == 0 ? 4 : 2;
+    const size_t x_bytes = static_cast<size_t>(key.m * key.k) * esize;
+    StreamScratch scratch(s);
+    FL_CUDA_CHECK_CTX(ctx, cudaMallocAsync(&scratch.p[0], x_bytes, s));
+    FL_CUDA_CHECK_CTX(
+        ctx, cudaMallocAsync(&scratch.p[1], static_cast<size_t>(key.m * key.n) * esize, s));
+    FL_CUDA_CHECK_CTX(ctx, cudaMallocAsync(&scratch.p[2], kWorkspaceBytes, s));
+    void* const x = scratch.p[0];
+    void* const y = scratch.p[1];
+    void* const ws = scratch.p[2];
+    FL_CUDA_CHECK_CTX(ctx, cudaMemsetAsync(x, 0, x_bytes, s));
+    if (bias)
+      FL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                                                     &bias, sizeof(bias)));
+    const float alpha = 1.f, beta = 0.f;
+    const auto launch = [&](const cublasLtMatmulAlgo_t& a) {
+      return cublasLtMatmul(r.handle, p.desc, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &a, ws,
+                            kWorkspaceBytes, s) == CUBLAS_STATUS_SUCCESS;
+    };
+    float best_ms = -1;
+    for (const Algo& c : cands) {
+      const cublasLtMatmulAlgo_t& a = c.algo;
+      if (!launch(a)) continue;  // warm-up; an algorithm that refuses is skipped
+      float fastest = -1;
+      for (int run = 0; run < kTuneRuns; ++run) {
+        FL_CUDA_CHECK_CTX(ctx, cudaEventRecord(r.tune_start, s));
+        for (int i = 0; i < kTuneLaunches; ++i) (void)launch(a);
+        FL_CUDA_CHECK_CTX(ctx, cudaEventRecord(r.tune_stop, s));
+        FL_CUDA_CHECK_CTX(ctx, cudaEventSynchronize(r.tune_stop));
+        float ms = 0;
+        FL_CUDA_CHECK_CTX(ctx, cudaEventElapsedTime(&ms, r.tune_start, r.tune_stop));
+        if (fastest < 0 || ms < fastest) fastest = ms;
+      }
+      if (best_ms < 0 || fastest < best_ms) {
+        best_ms = fastest;
+        best = a;
+      }
+    }
+  }
+  g_tuned.emplace(tk, Algo{best});
+  return best;
 }
 
 // Note [Linear for a few rows]
@@ -542,7 +713,11 @@ void linear(const KernelArgs& a, LaunchContext& ctx) {
     MutexLock lock(r.mu);
     auto it = r.plans.find(key);
     if (it == r.plans.end()) {
-      it = r.plans.emplace(key, make_plan(r, key)).first;
+      const bool tune = key.sm_target > 0 && ctx.tune_gemm();
+      std::vector<Algo> offered;
+      std::unique_ptr<Plan> plan = make_plan(r, key, tune ? &offered : nullptr);
+      if (tune) plan->algo = tuned_algo(r, *plan, key, offered, w, bias, ctx);
+      it = r.plans.emplace(key, std::move(plan)).first;
       ctx.count_gemm_plan();
     }
     Plan& p = *it->second;
