@@ -324,7 +324,8 @@ struct LtResource final : QueueResource {
     {
       MutexLock lock(mu);
       plans.clear();
-      // Errors ignored: the tuning stream is idle (each tuning waits for it).
+      // Errors ignored. A tuning's last frees may still be queued on the
+      // tuning stream: cudaStreamDestroy lets them finish first.
       if (tune_stop) (void)cudaEventDestroy(tune_stop);
       if (tune_start) (void)cudaEventDestroy(tune_start);
       if (tune_stream) (void)cudaStreamDestroy(tune_stream);
@@ -348,13 +349,15 @@ cudaDataType_t cuda_type(int dtype) {
   return dtype == 0 ? CUDA_R_32F : dtype == 1 ? CUDA_R_16F : CUDA_R_16BF;
 }
 
-constexpr int kTuneResults = 8;  // the heuristic's candidates a tuning times
+// Note [Tuned GEMMs for a share of the device]: the heuristic's candidates
+// a tuning times, and its timed runs of launches per candidate.
+constexpr int kTuneResults = 8;
+constexpr int kTuneRuns = 3, kTuneLaunches = 4;
 // cublasLtMatmulAlgo_t, named: nvcc 13's front end fails on containers of
 // the unnamed struct it is a typedef of (their destructor's traits).
 struct Algo {
   cublasLtMatmulAlgo_t algo;
 };
-constexpr int kTuneRuns = 3, kTuneLaunches = 4;
 
 // Row-major y[M,N] = x[M,K] w[N,K]^T is column-major y^T[N,M] = w^T x^T:
 // A = w seen as column-major [K,N] (transposed), B = x as column-major [K,M].
@@ -526,16 +529,17 @@ cublasLtMatmulAlgo_t tuned_algo(LtResource& r, Plan& p, const PlanKey& key,
       const cublasLtMatmulAlgo_t& a = c.algo;
       if (!launch(a)) continue;  // warm-up; an algorithm that refuses is skipped
       float fastest = -1;
-      for (int run = 0; run < kTuneRuns; ++run) {
+      bool ok = true;  // every launch taken: a refused one would shorten the time
+      for (int run = 0; run < kTuneRuns && ok; ++run) {
         FL_CUDA_CHECK_CTX(ctx, cudaEventRecord(r.tune_start, s));
-        for (int i = 0; i < kTuneLaunches; ++i) (void)launch(a);
+        for (int i = 0; i < kTuneLaunches && ok; ++i) ok = launch(a);
         FL_CUDA_CHECK_CTX(ctx, cudaEventRecord(r.tune_stop, s));
         FL_CUDA_CHECK_CTX(ctx, cudaEventSynchronize(r.tune_stop));
         float ms = 0;
         FL_CUDA_CHECK_CTX(ctx, cudaEventElapsedTime(&ms, r.tune_start, r.tune_stop));
         if (fastest < 0 || ms < fastest) fastest = ms;
       }
-      if (best_ms < 0 || fastest < best_ms) {
+      if (ok && (best_ms < 0 || fastest < best_ms)) {
         best_ms = fastest;
         best = a;
       }
