@@ -27,9 +27,9 @@
 
 #include "seed_mlp_lt.h"
 
-constexpr int kStreams = 8, kLaunchesPerGraph = 25, kGraphReps = 8;
-size_t kWs = size_t{32} << 20;
-int sm_target = -1;  // GC_SM_TARGET; -1: not set
+constexpr int kStreams = 8, kLaunchesPerGraph = 25, kGraphReps = 8, kMaxM = 512;
+size_t ws_bytes = size_t{32} << 20;  // GC_WS_MIB
+int sm_target = -1;                  // GC_SM_TARGET; -1: not set
 
 cublasLtHandle_t lt;
 cublasHandle_t blas;
@@ -81,17 +81,22 @@ std::vector<float> out_of(int s, int m, int n) {
 
 int main(int argc, char** argv) {
   if (const char* v = std::getenv("GC_SM_TARGET")) sm_target = std::atoi(v);
-  if (const char* v = std::getenv("GC_WS_MIB")) kWs = size_t(std::atoi(v)) << 20;
+  if (const char* v = std::getenv("GC_WS_MIB")) ws_bytes = size_t(std::atoi(v)) << 20;
   std::vector<int> ms = {32, 64, 128, 192, 256, 384, 512};
   if (argc > 1) {
     ms.clear();
     for (int i = 1; i < argc; ++i) ms.push_back(std::atoi(argv[i]));
   }
+  for (int m : ms)
+    if (m < 1 || m > kMaxM) {
+      std::printf("batch size %d: use 1 to %d (the buffers' rows)\n", m, kMaxM);
+      return 2;
+    }
   CK(cublasLtCreate(&lt));
   CK(cublasCreate(&blas));
   CK(cudaMalloc(&w, 1024 * 1024 * 4));
   CK(cudaMalloc(&bias, 1024 * 4));
-  std::vector<float> hw(1024 * 1024), hx(512 * 1024);
+  std::vector<float> hw(1024 * 1024), hx(kMaxM * 1024);
   srand(1);
   for (auto& v : hw) v = (rand() / float(RAND_MAX) - 0.5f) * 0.06f;
   for (auto& v : hx) v = rand() / float(RAND_MAX) - 0.5f;
@@ -99,13 +104,13 @@ int main(int argc, char** argv) {
   CK(cudaMemcpy(bias, hw.data(), 1024 * 4, cudaMemcpyHostToDevice));
   for (int i = 0; i < kStreams; ++i) {
     CK(cudaStreamCreateWithFlags(&streams[i], cudaStreamNonBlocking));
-    CK(cudaMalloc(&x[i], 512 * 1024 * 4));
-    CK(cudaMalloc(&y[i], 512 * 1024 * 4));
-    CK(cudaMalloc(&ws[i], kWs));
+    CK(cudaMalloc(&x[i], kMaxM * 1024 * 4));
+    CK(cudaMalloc(&y[i], kMaxM * 1024 * 4));
+    CK(cudaMalloc(&ws[i], ws_bytes));
     CK(cudaMemcpy(x[i], hx.data(), hx.size() * 4, cudaMemcpyHostToDevice));
   }
   const float alpha = 1, beta = 0;
-  std::printf("SM target %d, workspace %zu MiB\n", sm_target, kWs >> 20);
+  std::printf("SM target %d, workspace %zu MiB\n", sm_target, ws_bytes >> 20);
   std::printf(
       "per layer, 8 streams: M N K | first: rows/s | best: rows/s gain algo tile stages "
       "split red swizzle custom | sgemm | tf32\n");
@@ -115,13 +120,13 @@ int main(int argc, char** argv) {
     std::vector<Cand> firsts;
     for (const Layer& L : kLayers) {
       MatmulDesc d = make_matmul_desc(L, m, CUBLAS_COMPUTE_32F, bias, sm_target);
-      cublasLtMatmulPreference_t p = workspace_preference(kWs);
+      cublasLtMatmulPreference_t p = workspace_preference(ws_bytes);
       cublasLtMatmulHeuristicResult_t r[16];
       int found = 0;
       CK(cublasLtMatmulAlgoGetHeuristic(lt, d.d, d.a, d.b, d.c, d.c, p, 16, r, &found));
       // The reference output: the first choice.
       CK(cublasLtMatmul(lt, d.d, &alpha, w, d.a, x[0], d.b, &beta, y[0], d.c, y[0], d.c, &r[0].algo,
-                        ws[0], kWs, streams[0]));
+                        ws[0], ws_bytes, streams[0]));
       CK(cudaDeviceSynchronize());
       const std::vector<float> ref = out_of(0, m, L.n);
       std::vector<Cand> cands;
@@ -144,10 +149,10 @@ int main(int argc, char** argv) {
           }
           cublasLtMatmulHeuristicResult_t chk{};
           if (cublasLtMatmulAlgoCheck(lt, d.d, d.a, d.b, d.c, d.c, &a, &chk) != 0) continue;
-          if (chk.workspaceSize > kWs) continue;
+          if (chk.workspaceSize > ws_bytes) continue;
           CK(cudaMemset(y[1], 0, size_t(m) * L.n * 4));
           if (cublasLtMatmul(lt, d.d, &alpha, w, d.a, x[1], d.b, &beta, y[1], d.c, y[1], d.c, &a,
-                             ws[1], kWs, streams[1]) != 0)
+                             ws[1], ws_bytes, streams[1]) != 0)
             continue;
           CK(cudaDeviceSynchronize());
           const std::vector<float> got = out_of(1, m, L.n);
@@ -161,7 +166,7 @@ int main(int argc, char** argv) {
           }
           const double per_s = rate([&](int s) {
             return cublasLtMatmul(lt, d.d, &alpha, w, d.a, x[s], d.b, &beta, y[s], d.c, y[s], d.c,
-                                  &a, ws[s], kWs, streams[s]) == 0;
+                                  &a, ws[s], ws_bytes, streams[s]) == 0;
           });
           cands.push_back({a, chk.workspaceSize, per_s, split});
         }
@@ -181,7 +186,7 @@ int main(int argc, char** argv) {
       CK(cublasLtMatmulAlgoGetHeuristic(lt, t.d, t.a, t.b, t.c, t.c, p, 1, &rt, &ft));
       const double tf32 = rate([&](int s) {
         return cublasLtMatmul(lt, t.d, &alpha, w, t.a, x[s], t.b, &beta, y[s], t.c, y[s], t.c,
-                              &rt.algo, ws[s], kWs, streams[s]) == 0;
+                              &rt.algo, ws[s], ws_bytes, streams[s]) == 0;
       });
       const auto& b = best.algo;
       std::printf(
