@@ -353,10 +353,7 @@ BatchQueue::~BatchQueue() {
   core_->retire_after_shutdown();  // before core_ goes
 }
 
-std::shared_ptr<detail::Request> BatchQueue::make_request(const InputRef& ref,
-                                                          std::optional<Clock::time_point> deadline,
-                                                          CompletionCallback done) {
-  const std::span<const float> input = ref.values;
+void BatchQueue::check_input(std::span<const float> input) {
   if (static_cast<int64_t>(input.size()) != in_) {
     core_->recorder().invalid();
     throw InvalidArgument(::flotilla::detail::str_cat(
@@ -373,13 +370,21 @@ std::shared_ptr<detail::Request> BatchQueue::make_request(const InputRef& ref,
       }
     }
   }
-  Clock::time_point d = Clock::kNever;
-  if (deadline)
-    d = *deadline;
-  else if (options_.default_deadline.count() > 0)
-    d = clock_->now() + options_.default_deadline;
-  return detail::Request::make(input, static_cast<size_t>(out_), d, core_.get(), options_.spin_wait,
-                               std::move(done), ref.borrow, ref.device_address);
+}
+
+Clock::time_point BatchQueue::effective_deadline(std::optional<Clock::time_point> deadline) const {
+  if (deadline) return *deadline;
+  if (options_.default_deadline.count() > 0) return clock_->now() + options_.default_deadline;
+  return Clock::kNever;
+}
+
+std::shared_ptr<detail::Request> BatchQueue::make_request(const InputRef& ref,
+                                                          std::optional<Clock::time_point> deadline,
+                                                          CompletionCallback done) {
+  check_input(ref.values);
+  return detail::Request::make(ref.values, static_cast<size_t>(out_), effective_deadline(deadline),
+                               core_.get(), options_.spin_wait, std::move(done), ref.borrow,
+                               ref.device_address);
 }
 
 RequestHandle BatchQueue::submit_handle(const InputRef& input,
@@ -410,6 +415,91 @@ RequestHandle BatchQueue::submit(std::span<const float> input,
 uint64_t BatchQueue::submit(std::span<const float> input, CompletionCallback done,
                             std::optional<Clock::time_point> deadline) {
   return submit_callback({input}, std::move(done), deadline);
+}
+
+std::vector<std::shared_ptr<detail::Request>> BatchQueue::submit_group(
+    std::span<const InputRef> inputs, bool callbacks, std::span<CompletionCallback> done,
+    std::optional<Clock::time_point> deadline) {
+  // Every check before any request exists (Group submits, in the header):
+  // a throw leaves the caller's callbacks where they were.
+  if (callbacks && done.size() != inputs.size()) {
+    core_->recorder().invalid();
+    throw InvalidArgument(::flotilla::detail::str_cat("[BatchQueue::submit_all] ", inputs.size(),
+                                                      " inputs but ", done.size(),
+                                                      " callbacks; pass one callback per input"));
+  }
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (callbacks && !done[i]) {
+      core_->recorder().invalid();
+      throw InvalidArgument(::flotilla::detail::str_cat(
+          "[BatchQueue::submit_all] callback ", i,
+          " is empty; pass a function for every input, or use the submit_all() that returns "
+          "handles"));
+    }
+    check_input(inputs[i].values);
+  }
+  const Clock::time_point d = effective_deadline(deadline);  // one clock read at most
+  std::vector<std::shared_ptr<detail::Request>> requests;
+  requests.reserve(inputs.size());
+  for (size_t i = 0; i < inputs.size(); ++i)
+    requests.push_back(detail::Request::make(inputs[i].values, static_cast<size_t>(out_), d,
+                                             core_.get(), options_.spin_wait,
+                                             callbacks ? std::move(done[i]) : CompletionCallback{},
+                                             inputs[i].borrow, inputs[i].device_address));
+  core_->submit_all(requests);
+  return requests;
+}
+
+std::vector<RequestHandle> BatchQueue::submit_all(std::span<const std::span<const float>> inputs,
+                                                  std::optional<Clock::time_point> deadline) {
+  std::vector<InputRef> refs;
+  refs.reserve(inputs.size());
+  for (std::span<const float> v : inputs) refs.push_back({v});
+  return handles(submit_group(refs, false, {}, deadline));
+}
+
+std::vector<RequestHandle> BatchQueue::submit_all(std::span<const BorrowedInput> inputs,
+                                                  std::optional<Clock::time_point> deadline) {
+  return handles(submit_group(borrowed(inputs), false, {}, deadline));
+}
+
+std::vector<uint64_t> BatchQueue::submit_all(std::span<const std::span<const float>> inputs,
+                                             std::span<CompletionCallback> done,
+                                             std::optional<Clock::time_point> deadline) {
+  std::vector<InputRef> refs;
+  refs.reserve(inputs.size());
+  for (std::span<const float> v : inputs) refs.push_back({v});
+  return ids(submit_group(refs, true, done, deadline));
+}
+
+std::vector<uint64_t> BatchQueue::submit_all(std::span<const BorrowedInput> inputs,
+                                             std::span<CompletionCallback> done,
+                                             std::optional<Clock::time_point> deadline) {
+  return ids(submit_group(borrowed(inputs), true, done, deadline));
+}
+
+std::vector<BatchQueue::InputRef> BatchQueue::borrowed(
+    std::span<const BorrowedInput> inputs) const {
+  std::vector<InputRef> refs;
+  refs.reserve(inputs.size());
+  for (const BorrowedInput& in : inputs) refs.push_back(borrowed(in));
+  return refs;
+}
+
+std::vector<RequestHandle> BatchQueue::handles(
+    std::vector<std::shared_ptr<detail::Request>>&& requests) {
+  std::vector<RequestHandle> out;
+  out.reserve(requests.size());
+  for (auto& r : requests) out.push_back(RequestHandle(std::move(r)));
+  return out;
+}
+
+std::vector<uint64_t> BatchQueue::ids(
+    const std::vector<std::shared_ptr<detail::Request>>& requests) {
+  std::vector<uint64_t> out;
+  out.reserve(requests.size());
+  for (const auto& r : requests) out.push_back(r->id);  // written by the submit on this thread
+  return out;
 }
 
 // Note [Borrowed inputs]

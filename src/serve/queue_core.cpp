@@ -225,26 +225,28 @@ bool QueueCore::reserve_room() {
   return false;
 }
 
-bool QueueCore::reserve_room_fast() {
+bool QueueCore::reserve_room_fast(size_t n) {
   // Note [Room in one step]
-  if (queued_.fetch_add(1, std::memory_order_relaxed) < options_.capacity) return true;
+  if (queued_.fetch_add(n, std::memory_order_relaxed) + n <= options_.capacity) return true;
   if (auto* hook = g_room_refused.load(std::memory_order_relaxed)) hook();
-  queued_.fetch_sub(1, std::memory_order_relaxed);
+  queued_.fetch_sub(n, std::memory_order_relaxed);
   return false;
 }
 
 void QueueCore::left_fifo(size_t n) { queued_.fetch_sub(n, std::memory_order_relaxed); }
 
-bool QueueCore::push_inbox(Request& r) {
-  // Note [Submit's short hold]: r.inbox_ref is set by the caller.
+bool QueueCore::push_chain(Request& newest, Request& oldest) {
+  // Note [Submit's short hold]: the inbox_refs (and a group's links) are
+  // set by the caller.
   uintptr_t head = inbox_head_.load(std::memory_order_relaxed);
   do {
     if (head == kInboxClosed) return false;
-    r.inbox_next = reinterpret_cast<Request*>(head);
-    // seq_cst: publishes the request (release) and orders the push before
+    oldest.inbox_next = reinterpret_cast<Request*>(head);
+    // seq_cst: publishes the requests (release) and orders the push before
     // the read of leader_waiting_ that follows it (Note [Inbox]).
-  } while (!inbox_head_.compare_exchange_weak(
-      head, reinterpret_cast<uintptr_t>(&r), std::memory_order_seq_cst, std::memory_order_relaxed));
+  } while (!inbox_head_.compare_exchange_weak(head, reinterpret_cast<uintptr_t>(&newest),
+                                              std::memory_order_seq_cst,
+                                              std::memory_order_relaxed));
   return true;
 }
 
@@ -530,6 +532,59 @@ void QueueCore::submit(const std::shared_ptr<Request>& r) {
   }
   submit_slow(r, now);
   run_parked();  // a refusal's callback (Note [Completion callbacks])
+}
+
+void QueueCore::submit_all(std::span<const std::shared_ptr<Request>> rs) {
+  // Note [Group submits]
+  if (rs.empty()) return;
+  const size_t n = rs.size();
+  const Clock::time_point now = clock_->now();  // one read for the group
+  Clock::time_point earliest = Clock::kNever;
+  for (const auto& r : rs) earliest = std::min(earliest, r->deadline);
+  if (earliest > now) {
+    // What touches only the requests comes before the submit line is
+    // touched (Note [Submit's short hold]): their inbox references, and
+    // the chain, newest first, that one compare-and-swap pushes.
+    for (size_t i = 0; i < n; ++i) {
+      Request& r = *rs[i];
+      r.enqueued = now;
+      r.inbox_ref = rs[i];
+      r.inbox_next = i > 0 ? rs[i - 1].get() : nullptr;
+    }
+    if (reserve_room_fast(n)) {
+      const uint64_t first = next_id_.fetch_add(n, std::memory_order_relaxed);
+      for (size_t i = 0; i < n; ++i) rs[i]->id = first + i;
+      if (auto* hook = g_before_push.load(std::memory_order_relaxed)) hook();
+      if (push_chain(*rs[n - 1], *rs[0])) {
+        // As submit(): wake the leader only when its decision may change.
+        wake_sleeping_leader([&] {
+          return leader_waits_first_.load(std::memory_order_seq_cst) ||
+                 queued_.load(std::memory_order_relaxed) >=
+                     static_cast<size_t>(options_.max_batch) ||
+                 earliest < leader_wake_.load(std::memory_order_relaxed);
+        });
+        return;
+      }
+      // The inbox is closed: give the room back; the slow path refuses
+      // each (ShutDown), keeping the ids they took, as submit() does.
+      left_fifo(n);
+      for (const auto& r : rs) {
+        r->inbox_ref.reset();
+        r->inbox_next = nullptr;
+        submit_slow(r, now);
+      }
+      run_parked();
+      return;
+    }
+    for (const auto& r : rs) {  // not pushed
+      r->inbox_ref.reset();
+      r->inbox_next = nullptr;
+    }
+  }
+  // No room for the whole group, or a deadline passed: each alone, in
+  // order, with submit()'s own decisions (room for the first ones, a
+  // refusal or a wait for the rest).
+  for (const auto& r : rs) submit(r);
 }
 
 void QueueCore::submit_slow(const std::shared_ptr<Request>& r, Clock::time_point now) {

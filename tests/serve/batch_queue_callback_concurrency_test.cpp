@@ -238,25 +238,47 @@ TEST(BatchQueueCallbackConcurrency, EveryCallbackRunsExactlyOnceUnderRaces) {
       threads.emplace_back([&, t] {
         std::mt19937_64 r(client_seed + static_cast<uint64_t>(t));
         start.arrive_and_wait();
-        for (int i = 0; i < per; ++i) {
-          const int k = t * per + i;
+        for (int i = 0; i < per;) {
+          // Rounds 3-5, 9-11, ...: groups of 1 to 5 (submit_all, Note
+          // [Group submits]), one deadline a group, in every worker count.
+          const bool groups = (round / 3) % 2 == 1;
+          const int group = groups ? std::min(per - i, 1 + static_cast<int>(r() % 5)) : 1;
+          const int k0 = t * per + i;
           std::optional<Clock::time_point> deadline;
           switch (r() % 4) {
             case 1: deadline = q.deadline_in(std::chrono::microseconds(r() % 200)); break;
             case 2: deadline = q.deadline_in(std::chrono::microseconds(r() % 20)); break;
             default: break;
           }
-          const uint64_t id = q.submit(inputs[static_cast<size_t>(k)], parent_cb(k), deadline);
-          id_returned[static_cast<size_t>(k)] = id;
-          uint64_t seen = max_id.load(std::memory_order_relaxed);
-          while (seen < id && !max_id.compare_exchange_weak(seen, id)) {
+          std::vector<uint64_t> ids;
+          if (!groups) {
+            ids.push_back(q.submit(inputs[static_cast<size_t>(k0)], parent_cb(k0), deadline));
+          } else {
+            std::vector<std::span<const float>> xs;
+            std::vector<CompletionCallback> cbs;
+            for (int k = k0; k < k0 + group; ++k) {
+              xs.emplace_back(inputs[static_cast<size_t>(k)]);
+              cbs.emplace_back(parent_cb(k));
+            }
+            ids = q.submit_all(xs, cbs, deadline);
+            EXPECT_EQ(ids.size(), xs.size());
           }
-          submitted.fetch_add(1, std::memory_order_acq_rel);
+          for (size_t g = 0; g < ids.size(); ++g) {
+            const uint64_t id = ids[g];
+            id_returned[static_cast<size_t>(k0) + g] = id;
+            uint64_t seen = max_id.load(std::memory_order_relaxed);
+            while (seen < id && !max_id.compare_exchange_weak(seen, id)) {
+            }
+          }
+          submitted.fetch_add(static_cast<size_t>(group), std::memory_order_acq_rel);
+          i += group;
           // Now and then a pause, so that not every request meets a full queue.
           if (r() % 4 == 0) std::this_thread::sleep_for(std::chrono::microseconds(r() % 50));
-          if (r() % 8 == 0 && q.cancel(id)) {
-            cancel_won[id].fetch_add(1, std::memory_order_relaxed);
-            true_cancels.fetch_add(1, std::memory_order_relaxed);
+          for (const uint64_t id : ids) {
+            if (r() % 8 == 0 && q.cancel(id)) {
+              cancel_won[id].fetch_add(1, std::memory_order_relaxed);
+              true_cancels.fetch_add(1, std::memory_order_relaxed);
+            }
           }
         }
         submitters_left.fetch_sub(1, std::memory_order_acq_rel);

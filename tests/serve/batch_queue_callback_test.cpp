@@ -617,6 +617,108 @@ TEST_F(BatchQueueCallbackTest, AnInvalidSubmitTakesNoIdAndTheNextOneStillRuns) {
   EXPECT_EQ(q.metrics().invalid, 1u);
 }
 
+// ---- Group submits (submit_all with callbacks) ------------------------------------------
+
+TEST_F(BatchQueueCallbackTest, AGroupGetsEachRequestItsOwnCallbackOutputAndId) {
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(8, 0us));
+  CallLog log;
+  std::vector<std::vector<float>> xs;
+  for (int i = 0; i < 5; ++i) xs.push_back(input(i));
+  std::vector<std::span<const float>> spans(xs.begin(), xs.end());
+  std::vector<CompletionCallback> cbs;
+  for (int i = 0; i < 5; ++i) cbs.push_back(log.callback());
+  const auto ids = q.submit_all(spans, cbs);
+  ASSERT_EQ(ids.size(), 5u);
+  for (size_t i = 1; i < ids.size(); ++i) EXPECT_EQ(ids[i], ids[0] + i) << "consecutive ids";
+  EXPECT_EQ(log.size(), 0u);
+  EXPECT_EQ(q.step(), 5u);
+  ASSERT_EQ(log.size(), 5u);
+  for (size_t i = 0; i < ids.size(); ++i) expect_output(log.only(ids[i]), static_cast<int>(i));
+  for (size_t i = 0; i < ids.size(); ++i)
+    EXPECT_EQ(log.calls()[i].id, ids[i]) << "callbacks run in the group's order";
+  auto m = q.metrics();
+  EXPECT_EQ(m.submitted, 5u);
+  EXPECT_EQ(m.completed, 5u);
+  expect_counts_add_up(m);
+}
+
+TEST_F(BatchQueueCallbackTest, AGroupWithABadInputOrCallbackThrowsAndCallsNoneOfItsCallbacks) {
+  auto o = manual();
+  o.reject_nan = true;
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  std::atomic<int> called{0};
+  auto cb = [&](const Completion&) { called.fetch_add(1); };
+  std::vector<std::vector<float>> xs{input(0), input(1), input(2)};
+  std::vector<std::span<const float>> spans(xs.begin(), xs.end());
+  std::vector<CompletionCallback> two{cb, cb};
+  try {
+    q.submit_all(spans, two);
+    FAIL() << "3 inputs with 2 callbacks were accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("one callback per input"), std::string::npos) << e.what();
+  }
+  std::vector<CompletionCallback> with_empty{cb, CompletionCallback{}, cb};
+  try {
+    q.submit_all(spans, with_empty);
+    FAIL() << "an empty callback was accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("callback 1 is empty"), std::string::npos) << e.what();
+  }
+  xs[2][0] = std::nanf("");
+  std::vector<CompletionCallback> three{cb, cb, cb};
+  EXPECT_THROW(q.submit_all(spans, three), InvalidArgument);
+  // A refused group leaves the caller's callbacks as they were.
+  for (const auto& f : three) EXPECT_TRUE(static_cast<bool>(f)) << "a callback was moved from";
+  EXPECT_EQ(q.step(), 0u);
+  q.shutdown();
+  EXPECT_EQ(called.load(), 0) << "a callback of a refused group was called";
+  auto m = q.metrics();
+  EXPECT_EQ(m.invalid, 3u);
+  EXPECT_EQ(m.submitted, 0u) << "a refused group took ids";
+  expect_counts_add_up(m);
+}
+
+TEST_F(BatchQueueCallbackTest, AGroupsRefusalsAreReportedOnTheSubmittingThreadBeforeItReturns) {
+  auto o = manual(4, 0us);
+  o.capacity = 2;
+  o.when_full = OverflowPolicy::kReject;
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  CallLog log;
+  bool returned = false;
+  int inside = 0;
+  std::vector<std::vector<float>> xs;
+  for (int i = 0; i < 4; ++i) xs.push_back(input(i));
+  std::vector<std::span<const float>> spans(xs.begin(), xs.end());
+  std::vector<CompletionCallback> cbs;
+  for (int i = 0; i < 4; ++i)
+    cbs.push_back(log.callback([&](const Completion&) { inside += !returned; }));
+  const auto ids = q.submit_all(spans, cbs);
+  returned = true;
+  ASSERT_EQ(ids.size(), 4u);
+  EXPECT_EQ(inside, 2) << "the two refusals' callbacks ran inside submit_all()";
+  ASSERT_EQ(log.size(), 2u) << "only the refused requests are decided";
+  for (size_t i : {size_t{2}, size_t{3}}) {
+    const Call c = log.only(ids[i]);
+    EXPECT_EQ(c.status, RequestStatus::kRejected);
+    expect_error<QueueFull>(c, "capacity");
+    EXPECT_EQ(c.thread, std::this_thread::get_id());
+  }
+  EXPECT_EQ(q.step(), 2u);
+  expect_output(log.only(ids[0]), 0);
+  expect_output(log.only(ids[1]), 1);
+  q.shutdown();
+  std::vector<CompletionCallback> late;
+  for (int i = 0; i < 4; ++i) late.push_back(log.callback());
+  const auto shut = q.submit_all(spans, late);
+  ASSERT_EQ(log.size(), 8u) << "each request of a group after shutdown is reported at once";
+  for (uint64_t id : shut) EXPECT_EQ(log.only(id).status, RequestStatus::kShutDown);
+  auto m = q.metrics();
+  EXPECT_EQ(m.rejected, 2u);
+  EXPECT_EQ(m.shut_down, 4u);
+  EXPECT_EQ(m.completed, 2u);
+  expect_counts_add_up(m);
+}
+
 // ---- Expiry while queued ---------------------------------------------------------------
 
 TEST_F(BatchQueueCallbackTest, ARequestPastItsDeadlineExpiresOnTheSteppingThreadAndNeverRuns) {

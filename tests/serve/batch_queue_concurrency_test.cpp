@@ -101,23 +101,44 @@ TEST(BatchQueueConcurrency, EveryRequestCompletesExactlyOnceUnderRaces) {
         std::mt19937_64 r(client_seed + static_cast<uint64_t>(c));
         std::vector<size_t> cancel_later;
         start.arrive_and_wait();
-        for (int i = 0; i < per_client; ++i) {
-          Sent s;
-          s.input = random_vector(r, static_cast<size_t>(tiny.in()));
-          s.marked = r() % 20 == 0 && !o.record_batches;
-          if (s.marked) s.input[0] = kFailMark;
+        auto& mine = sent[static_cast<size_t>(c)];
+        for (int i = 0; i < per_client;) {
+          // Every other round, groups of 1 to 6 (submit_all, Note [Group
+          // submits]), one deadline a group: more than the room left in
+          // these small queues at times, so groups also take the single
+          // path, and races see whole chains pushed onto the inbox.
+          const int group = round % 2 ? std::min(per_client - i, 1 + static_cast<int>(r() % 6)) : 1;
           std::optional<Clock::time_point> deadline;
           switch (deadlines ? r() % 4 : 0) {
             case 1: deadline = q.deadline_in(std::chrono::microseconds(r() % 200)); break;
             case 2: deadline = q.deadline_in(std::chrono::microseconds(r() % 20)); break;
             default: break;
           }
-          s.handle = q.submit(s.input, deadline);
-          submitted.fetch_add(1, std::memory_order_acq_rel);
-          const auto action = r() % 10;
-          if (action < 2) s.handle.cancel();
-          if (action == 2) cancel_later.push_back(sent[static_cast<size_t>(c)].size());
-          sent[static_cast<size_t>(c)].push_back(std::move(s));
+          const size_t first = mine.size();
+          for (int g = 0; g < group; ++g) {
+            Sent s;
+            s.input = random_vector(r, static_cast<size_t>(tiny.in()));
+            s.marked = r() % 20 == 0 && !o.record_batches;
+            if (s.marked) s.input[0] = kFailMark;
+            mine.push_back(std::move(s));
+          }
+          if (round % 2 == 0) {
+            mine[first].handle = q.submit(mine[first].input, deadline);
+          } else {
+            std::vector<std::span<const float>> inputs;
+            for (size_t k = first; k < mine.size(); ++k) inputs.emplace_back(mine[k].input);
+            auto handles = q.submit_all(inputs, deadline);
+            EXPECT_EQ(handles.size(), inputs.size());
+            for (size_t k = 0; k < handles.size(); ++k)
+              mine[first + k].handle = std::move(handles[k]);
+          }
+          submitted.fetch_add(static_cast<size_t>(group), std::memory_order_acq_rel);
+          i += group;
+          for (size_t k = first; k < mine.size(); ++k) {
+            const auto action = r() % 10;
+            if (action < 2) mine[k].handle.cancel();
+            if (action == 2) cancel_later.push_back(k);
+          }
         }
         for (size_t k : cancel_later) sent[static_cast<size_t>(c)][k].handle.cancel();
       });
@@ -250,21 +271,39 @@ TEST(BatchQueueConcurrency, BatchesStraightFromTheInboxCompleteEveryRequestExact
         Client& me = cs[static_cast<size_t>(c)];
         std::vector<size_t> later;
         start.arrive_and_wait();
-        for (int i = 0; i < per_client; ++i) {
+        for (int i = 0; i < per_client;) {
+          // Rounds 2, 5, 8, ... refill in groups of 1 to 8 (submit_all,
+          // Note [Group submits]): whole chains in the lists taken and split.
+          const int group =
+              round % 3 == 2 ? std::min(per_client - i, 1 + static_cast<int>(r() % 8)) : 1;
           // A window of 8 in flight, as a serving client keeps: the queue
           // is not always full, so lists fit and the FIFO empties.
-          if (i >= 8)
-            while (!me.sent[static_cast<size_t>(i - 8)].handle.done()) std::this_thread::yield();
-          Sent s;
-          s.input = random_vector(r, static_cast<size_t>(tiny.in()));
-          s.handle = q.submit(s.input);
-          submitted.fetch_add(1, std::memory_order_release);
-          int said = -1;
-          const auto action = r() % 10;
-          if (action == 0) said = s.handle.cancel() ? 1 : 0;
-          if (action == 1) later.push_back(me.sent.size());
-          me.sent.push_back(std::move(s));
-          me.cancel_said.push_back(said);
+          for (int j = std::max(0, i - 8); j < i + group - 8; ++j)
+            while (!me.sent[static_cast<size_t>(j)].handle.done()) std::this_thread::yield();
+          const size_t first = me.sent.size();
+          for (int g = 0; g < group; ++g) {
+            Sent s;
+            s.input = random_vector(r, static_cast<size_t>(tiny.in()));
+            me.sent.push_back(std::move(s));
+          }
+          if (group == 1 && round % 3 != 2) {
+            me.sent[first].handle = q.submit(me.sent[first].input);
+          } else {
+            std::vector<std::span<const float>> inputs;
+            for (size_t k = first; k < me.sent.size(); ++k) inputs.emplace_back(me.sent[k].input);
+            auto handles = q.submit_all(inputs);
+            for (size_t k = 0; k < handles.size(); ++k)
+              me.sent[first + k].handle = std::move(handles[k]);
+          }
+          submitted.fetch_add(group, std::memory_order_release);
+          i += group;
+          for (size_t k = first; k < me.sent.size(); ++k) {
+            int said = -1;
+            const auto action = r() % 10;
+            if (action == 0) said = me.sent[k].handle.cancel() ? 1 : 0;
+            if (action == 1) later.push_back(k);
+            me.cancel_said.push_back(said);
+          }
         }
         for (size_t k : later) me.cancel_said[k] = me.sent[k].handle.cancel() ? 1 : 0;
       });

@@ -1609,6 +1609,194 @@ TEST_F(BatchQueueTest, BlockedSubmitterGetsShutDownWhenTheQueueStops) {
   EXPECT_EQ(outcome_of(c), Outcome::kShutDown);
 }
 
+// ---- Group submits (submit_all, Note [Group submits] in queue_core.h) -----------------
+
+// Inputs input(first) .. input(first + count - 1), and spans of them.
+struct Group {
+  std::vector<std::vector<float>> values;
+  std::vector<std::span<const float>> spans;
+  std::vector<BorrowedInput> borrowed;
+};
+Group group_of(const std::function<std::vector<float>(int)>& input, int first, int count) {
+  Group g;
+  for (int i = first; i < first + count; ++i) g.values.push_back(input(i));
+  for (const auto& v : g.values) {
+    g.spans.emplace_back(v);
+    g.borrowed.emplace_back(std::span<const float>(v));
+  }
+  return g;
+}
+
+TEST_F(BatchQueueTest, AGroupSubmitQueuesEachRequestInOrderWithConsecutiveIds) {
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(8, 0us));
+  const Group g = group_of([this](int i) { return input(i); }, 1, 11);
+  auto before = q.submit(input(0));
+  auto group = q.submit_all(g.spans);
+  auto after = q.submit(input(12));
+  ASSERT_EQ(group.size(), 11u);
+  for (size_t i = 0; i < group.size(); ++i) {
+    EXPECT_EQ(group[i].id(), before.id() + 1 + i) << "ids are consecutive, in the group's order";
+    EXPECT_EQ(group[i].status(), RequestStatus::kQueued);
+  }
+  EXPECT_EQ(after.id(), before.id() + 12);
+  EXPECT_EQ(q.metrics().depth, 13u);
+  EXPECT_EQ(q.step(), 8u);
+  EXPECT_EQ(q.step(), 5u);
+  EXPECT_EQ(calls_.load(), 2) << "the group's requests share batches with the others";
+  expect_output(before, 0);
+  for (size_t i = 0; i < group.size(); ++i) expect_output(group[i], static_cast<int>(i) + 1);
+  expect_output(after, 12);
+  // An empty group queues nothing.
+  EXPECT_TRUE(q.submit_all(std::span<const std::span<const float>>{}).empty());
+  const auto m = q.metrics();
+  EXPECT_EQ(m.submitted, 13u);
+  EXPECT_EQ(m.completed, 13u);
+}
+
+TEST_F(BatchQueueTest, AGroupOfBorrowedInputsAndInputBufferRowsRunsEachInPlace) {
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(8, 0us));
+  const Group g = group_of([this](int i) { return input(i); }, 0, 3);
+  InputBuffer rows = q.make_input_buffer(3);
+  for (int i = 0; i < 3; ++i) {
+    const auto x = input(3 + i);
+    std::copy(x.begin(), x.end(), rows.row(static_cast<size_t>(i)).begin());
+  }
+  std::vector<BorrowedInput> mixed = g.borrowed;
+  for (size_t i = 0; i < 3; ++i) mixed.push_back(rows.input(i));
+  auto hs = q.submit_all(mixed);
+  ASSERT_EQ(hs.size(), 6u);
+  EXPECT_EQ(q.step(), 6u);
+  for (size_t i = 0; i < hs.size(); ++i) expect_output(hs[i], static_cast<int>(i));
+}
+
+TEST_F(BatchQueueTest, AGroupWithABadInputQueuesNoneOfIt) {
+  auto o = manual(4, 0us);
+  o.reject_nan = true;
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  Group g = group_of([this](int i) { return input(i); }, 0, 3);
+  g.values[1][2] = std::nanf("");
+  try {
+    q.submit_all(g.spans);
+    FAIL() << "a group holding a NaN input was accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("NaN"), std::string::npos) << e.what();
+  }
+  std::vector<float> short_input(kIn - 1, 0.5f);
+  g.borrowed[2] = BorrowedInput(short_input);
+  EXPECT_THROW(q.submit_all(g.borrowed), InvalidArgument);
+  auto m = q.metrics();
+  EXPECT_EQ(m.submitted, 0u) << "a request of a refused group was queued";
+  EXPECT_EQ(m.depth, 0u);
+  EXPECT_EQ(m.invalid, 2u);
+  EXPECT_EQ(q.step(), 0u);
+  auto good = q.submit(input(5));
+  EXPECT_EQ(good.id(), 1u) << "a refused group took ids";
+  EXPECT_EQ(q.step(), 1u);
+  expect_output(good, 5);
+}
+
+TEST_F(BatchQueueTest, AGroupLargerThanTheRoomLeftIsSubmittedOneByOne) {
+  auto o = manual(4, 0us);
+  o.capacity = 3;
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  auto a = q.submit(input(0));
+  const Group g = group_of([this](int i) { return input(i); }, 1, 4);
+  auto hs = q.submit_all(g.spans);
+  ASSERT_EQ(hs.size(), 4u);
+  EXPECT_EQ(hs[0].status(), RequestStatus::kQueued) << "the room left goes to the first ones";
+  EXPECT_EQ(hs[1].status(), RequestStatus::kQueued);
+  EXPECT_EQ(outcome_of(hs[2]), Outcome::kQueueFull);
+  EXPECT_EQ(outcome_of(hs[3]), Outcome::kQueueFull);
+  for (size_t i = 1; i < hs.size(); ++i) EXPECT_LT(hs[i - 1].id(), hs[i].id());
+  EXPECT_EQ(q.metrics().depth, 3u);
+  EXPECT_EQ(q.step(), 3u);
+  expect_output(a, 0);
+  expect_output(hs[0], 1);
+  expect_output(hs[1], 2);
+  const auto m = q.metrics();
+  EXPECT_EQ(m.rejected, 2u);
+  EXPECT_EQ(m.max_depth, 3u);
+}
+
+TEST_F(BatchQueueTest, AGroupUnderBlockWaitsForRoomRequestByRequest) {
+  BatchQueue q(*device_, kIn, kOut, counted(), blocking(2));
+  auto a = q.submit(input(0));
+  const Group g = group_of([this](int i) { return input(i); }, 1, 2);
+  std::vector<RequestHandle> hs;
+  std::atomic<bool> returned{false};  // relaxed: a hint, and read after join
+  std::thread t([&] {
+    hs = q.submit_all(g.spans);
+    returned = true;
+  });
+  std::this_thread::sleep_for(30ms);
+  EXPECT_FALSE(returned.load()) << "the group's second request must wait for room";
+  EXPECT_EQ(q.metrics().depth, 2u) << "the first took the room left";
+  EXPECT_EQ(q.step(), 2u);  // a and the group's first
+  t.join();
+  ASSERT_EQ(hs.size(), 2u);
+  EXPECT_EQ(q.step(), 1u);
+  expect_output(a, 0);
+  expect_output(hs[0], 1);
+  expect_output(hs[1], 2);
+  EXPECT_LE(q.metrics().max_depth, 2u);
+}
+
+TEST_F(BatchQueueTest, AGroupPastItsDeadlineOrAfterShutdownIsRefusedRequestByRequest) {
+  BatchQueue q(*device_, kIn, kOut, counted(), manual(4, 0us));
+  const Group g = group_of([this](int i) { return input(i); }, 0, 3);
+  clock_->advance(10us);
+  auto late = q.submit_all(g.spans, clock_->now());
+  for (auto& h : late) EXPECT_EQ(outcome_of(h), Outcome::kTimeout);
+  EXPECT_EQ(q.step(), 0u);
+  q.shutdown();
+  auto after = q.submit_all(g.borrowed);
+  ASSERT_EQ(after.size(), 3u);
+  for (auto& h : after) EXPECT_EQ(outcome_of(h), Outcome::kShutDown);
+  const auto m = q.metrics();
+  EXPECT_EQ(m.submitted, 6u);
+  EXPECT_EQ(m.expired, 3u);
+  EXPECT_EQ(m.shut_down, 3u);
+  EXPECT_EQ(rows_.load(), 0);
+}
+
+// A group held between taking its ids and pushing its chain: a single
+// submit overtakes it (a later id, pushed first). The group keeps its place
+// ahead of it, in its own order, and its requests can be cancelled once
+// pushed.
+TEST_F(BatchQueueTest, AGroupOvertakenBeforeItsPushKeepsItsPlaceInTheQueue) {
+  std::vector<uint64_t> order;  // ids completed, in order (manual mode: one thread)
+  BatchQueueOptions o = manual(8, 0us);
+  o.on_complete = [&](uint64_t id, RequestStatus) { order.push_back(id); };
+  BatchQueue q(*device_, kIn, kOut, counted(), o);
+  const Group g = group_of([this](int i) { return input(i); }, 0, 3);
+  std::vector<RequestHandle> hs;
+  RequestHandle late;
+  {
+    PushHold hold;
+    std::thread held([&] {
+      PushHold::hold_my_next();
+      hs = q.submit_all(g.spans);
+    });
+    hold.wait_held();
+    late = q.submit(input(3));
+    hold.release();
+    held.join();
+  }
+  ASSERT_EQ(hs.size(), 3u);
+  EXPECT_EQ(late.id(), hs[2].id() + 1);
+  EXPECT_TRUE(hs[1].cancel()) << "a pushed group's request is queued";
+  EXPECT_EQ(q.step(), 3u);
+  ASSERT_EQ(order.size(), 4u);
+  EXPECT_EQ(order[0], hs[1].id()) << "the cancel completed first";
+  EXPECT_EQ(order[1], hs[0].id()) << "the group keeps its place ahead of the later submit";
+  EXPECT_EQ(order[2], hs[2].id());
+  EXPECT_EQ(order[3], late.id());
+  expect_output(hs[0], 0);
+  EXPECT_EQ(outcome_of(hs[1]), Outcome::kCancelled);
+  expect_output(hs[2], 2);
+  expect_output(late, 3);
+}
+
 // ---- Shutdown ------------------------------------------------------------------------
 
 TEST_F(BatchQueueTest, ShutdownDrainRunsWhatIsQueued) {

@@ -206,6 +206,32 @@ TEST(CliBatching, RefillSetsHowManyCompleteBeforeAClientWakes) {
   EXPECT_GT(waits[0], 0u);
 }
 
+// --submit-group: clients submit their windows' free slots in groups
+// (BatchQueue::submit_all), with copied, borrowed and pinned inputs; every
+// request comes back once, each output is checked (a corrupted one is
+// caught), and the JSON says so. Would catch: a group that lost or
+// duplicated a request (requests != --requests, or a hang), callbacks
+// crossed between a group's slots (wrong results), or the flag dropped.
+TEST(CliBatching, SubmitGroupsCheckEveryOutputOnEveryInputKind) {
+  for (const char* how : {"", " --borrow-inputs", " --pinned-inputs"}) {
+    const std::string args =
+        std::string(
+            "run --batching --callbacks --threads 4 --window 16 --submit-group 16 "
+            "--queue-workers 2 --json") +
+        how;
+    const auto r = run_cli(args + " --requests 1000", "2>/dev/null");
+    ASSERT_EQ(r.exit_code, 0) << how << ": " << r.out;
+    const auto j = nlohmann::json::parse(r.out);
+    EXPECT_EQ(j["submit_group"], 16) << how;
+    EXPECT_EQ(j["requests"], 1000) << how << ": every request comes back once";
+    expect_every_output_right(j, 1000);
+    EXPECT_GT(j["mean_batch"].get<double>(), 1.0) << how;
+    const auto bad = run_cli(args + " --requests 200 --corrupt-every 10", "2>/dev/null");
+    EXPECT_EQ(bad.exit_code, 1) << "a wrong result must fail the run" << how << ": " << bad.out;
+    EXPECT_EQ(nlohmann::json::parse(bad.out)["wrong_results"], 20) << how;
+  }
+}
+
 TEST(CliBatching, CatchesACorruptedOutput) {
   // Closed loop, with windows (whose client checks the queue's output in
   // place), and with callbacks (which check on the queue's workers, closed
@@ -231,6 +257,10 @@ TEST(CliBatching, BadOptionsEndWithOneLine) {
                            "run --batching --refill 2",
                            "run --batching --callbacks --window 8 --refill 9",
                            "run --batching --callbacks --window 8 --refill -1",
+                           "run --batching --submit-group 4",
+                           "run --batching --callbacks --submit-group 0",
+                           "run --submit-group 2",
+                           "bench --submit-group 2",
                            "run --batching --device-share -1",
                            "run --batching --device-share 257",
                            "run --device-share 2",

@@ -181,10 +181,12 @@ void run_bench(const BenchOptions& b) {
   const WorkloadOptions::Batching& queue_opts = b.base.batching;
   FL_CHECK_ARG(
       b.batching || (!queue_opts.callbacks && queue_opts.refill == 0 &&
+                     queue_opts.submit_group == no_batching.submit_group &&
                      queue_opts.window == no_batching.window &&
                      queue_opts.device_share == no_batching.device_share && !queue_opts.borrow &&
                      !queue_opts.pinned && queue_opts.read_in_place_max_bytes == -1),
-      "[bench] --callbacks, --refill, --window, --device-share, --borrow-inputs, "
+      "[bench] --callbacks, --refill, --submit-group, --window, --device-share, "
+      "--borrow-inputs, "
       "--pinned-inputs and --read-in-place-max-bytes set up the batching series; add "
       "--batching, or drop them");
   std::vector<Arch> archs;

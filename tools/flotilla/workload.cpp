@@ -100,6 +100,10 @@ void WorkloadOptions::validate() const {
                  "[run] --refill is how many of a full window's requests complete before its "
                  "client wakes; it needs --callbacks");
     in_range("--refill", batching.refill, 0, batching.window);
+    FL_CHECK_ARG(batching.submit_group == 1 || batching.callbacks,
+                 "[run] --submit-group is how many requests a client submits in one call; it "
+                 "needs --callbacks");
+    in_range("--submit-group", batching.submit_group, 1, 4096);
   } else {
     FL_CHECK_ARG(!batching.borrow && !batching.pinned && batching.read_in_place_max_bytes == -1,
                  "[run] --borrow-inputs, --pinned-inputs and --read-in-place-max-bytes let the "
@@ -107,9 +111,9 @@ void WorkloadOptions::validate() const {
     FL_CHECK_ARG(batching.window == 1,
                  "[run] --window keeps several requests in flight through the BatchQueue; "
                  "it needs --batching");
-    FL_CHECK_ARG(!batching.callbacks && batching.refill == 0,
+    FL_CHECK_ARG(!batching.callbacks && batching.refill == 0 && batching.submit_group == 1,
                  "[run] --callbacks hands the BatchQueue's outputs to completion callbacks (and "
-                 "--refill tunes it); they need --batching");
+                 "--refill and --submit-group tune it); they need --batching");
     FL_CHECK_ARG(batching.device_share == 0,
                  "[run] --device-share is the BatchQueue's claim on its workers' streams; it "
                  "needs --batching");
@@ -164,7 +168,10 @@ nlohmann::json WorkloadResult::to_json() const {
     if (o.batching.record) j["record_steps"] = o.batching.record_steps;
     j["device_share_option"] = o.batching.device_share;  // 0: the queue's streams
     j["device_share"] = device_share;  // the hint its first worker's stream planned with
-    if (o.batching.callbacks) j["refill"] = o.batching.refill_or_default();
+    if (o.batching.callbacks) {
+      j["refill"] = o.batching.refill_or_default();
+      j["submit_group"] = o.batching.submit_group;
+    }
     j["borrow_inputs"] = o.batching.borrow || o.batching.pinned;
     j["pinned_inputs"] = o.batching.pinned;
     if (o.batching.pinned) {
@@ -575,16 +582,32 @@ void harvest(CallbackWindow::Slot& slot, ThreadStats& st, std::atomic<uint64_t>&
   if (slot.wrong) ++st.wrong;
 }
 
+// The input of request k as a borrowed one (--pinned-inputs or
+// --borrow-inputs), for a group submit.
+serve::BorrowedInput borrowed_input(const RunContext& ctx, size_t k) {
+  if (ctx.pinned_inputs) return ctx.pinned_inputs->input(k);
+  return serve::BorrowedInput(ctx.inputs[k]);
+}
+
 // A client's timed loop with --callbacks: submits while `next` gives
-// tickets, keeping up to the window in flight.
+// tickets, keeping up to the window in flight: one submit() a request, or,
+// with --submit-group G > 1, the window's free slots (up to G) in one
+// submit_all().
 template <typename Next>
 void run_callback_client(const RunContext& ctx, CallbackWindow& win, size_t t, ThreadStats& st,
                          std::atomic<uint64_t>& completed, Next&& next) {
   const size_t window = win.slots.size();
+  const auto group_max = static_cast<size_t>(ctx.options.batching.submit_group);
+  const bool borrow = ctx.pinned_inputs != nullptr || ctx.options.batching.borrow;
+  // A group's slots, inputs and callbacks; kept from group to group.
+  std::vector<CallbackWindow::Slot*> group;
+  std::vector<serve::BorrowedInput> borrowed;
+  std::vector<std::span<const float>> copied;
+  std::vector<serve::CompletionCallback> callbacks;
   size_t cursor = 0;
-  bool corrupt = false;
+  bool corrupt = false, more = true;
   auto now = Clock::now();
-  for (uint64_t r = t;;) {
+  for (uint64_t r = t; more;) {
     if (win.in_flight.load(std::memory_order_acquire) >= static_cast<int>(window)) {
       const auto t_wait = now;
       ++st.waits;
@@ -592,33 +615,63 @@ void run_callback_client(const RunContext& ctx, CallbackWindow& win, size_t t, T
       now = Clock::now();
       st.get_time += now - t_wait;
     }
-    if (!next(corrupt)) break;
-    while (win.slots[cursor].busy.load(std::memory_order_acquire)) cursor = (cursor + 1) % window;
-    CallbackWindow::Slot& slot = win.slots[cursor];
-    cursor = (cursor + 1) % window;
-    harvest(slot, st, completed);
-    slot.k = r % ctx.inputs.size();
-    r += 7;
-    slot.t0 = now;
-    slot.corrupt = corrupt;
-    slot.unread = true;
-    slot.busy.store(true, std::memory_order_relaxed);  // published by submit()
-    win.in_flight.fetch_add(1, std::memory_order_relaxed);
+    // At least this many slots are free (a callback frees its slot before
+    // it lowers the count).
+    const size_t free = window - static_cast<size_t>(win.in_flight.load(std::memory_order_acquire));
+    group.clear();
+    while (group.size() < std::min(group_max, free)) {
+      if (!next(corrupt)) {
+        more = false;
+        break;
+      }
+      while (win.slots[cursor].busy.load(std::memory_order_acquire)) cursor = (cursor + 1) % window;
+      CallbackWindow::Slot& slot = win.slots[cursor];
+      cursor = (cursor + 1) % window;
+      harvest(slot, st, completed);
+      slot.k = r % ctx.inputs.size();
+      r += 7;
+      slot.t0 = now;
+      slot.corrupt = corrupt;
+      slot.unread = true;
+      slot.busy.store(true, std::memory_order_relaxed);  // published by the submit
+      group.push_back(&slot);
+    }
+    if (group.empty()) break;
+    win.in_flight.fetch_add(static_cast<int>(group.size()), std::memory_order_relaxed);
+    // Two pointers: small enough for std::function to hold without a heap
+    // block of its own (one malloc a request fewer).
+    const auto callback_of = [w = &win](CallbackWindow::Slot* s) {
+      return [w, s](const serve::Completion& c) { w->complete(*s, c); };
+    };
     bool submitted = false;
     counting_errors(st, [&] {
-      // Two pointers: small enough for std::function to hold without a
-      // heap block of its own (one malloc a request fewer).
-      submit_input(ctx, slot.k,
-                   [w = &win, s = &slot](const serve::Completion& c) { w->complete(*s, c); });
+      if (group_max == 1) {
+        submit_input(ctx, group[0]->k, callback_of(group[0]));
+      } else {
+        callbacks.clear();
+        for (CallbackWindow::Slot* s : group) callbacks.emplace_back(callback_of(s));
+        if (borrow) {
+          borrowed.clear();
+          for (CallbackWindow::Slot* s : group) borrowed.push_back(borrowed_input(ctx, s->k));
+          ctx.queue->submit_all(borrowed, callbacks);
+        } else {
+          copied.clear();
+          for (CallbackWindow::Slot* s : group) copied.emplace_back(ctx.inputs[s->k]);
+          ctx.queue->submit_all(copied, callbacks);
+        }
+      }
       submitted = true;
     });
-    if (!submitted) {  // refused before it was queued: no callback comes
-      slot.unread = false;
-      slot.busy.store(false, std::memory_order_relaxed);
-      win.in_flight.fetch_sub(1, std::memory_order_relaxed);
+    if (!submitted) {  // refused before any was queued: no callback comes
+      for (CallbackWindow::Slot* s : group) {
+        s->unread = false;
+        s->busy.store(false, std::memory_order_relaxed);
+      }
+      win.in_flight.fetch_sub(static_cast<int>(group.size()), std::memory_order_relaxed);
     }
+    const auto t_submit = now;
     now = Clock::now();
-    st.submit_time += now - slot.t0;
+    st.submit_time += now - t_submit;
   }
   win.wait_for_at_most(0);
   for (auto& slot : win.slots) harvest(slot, st, completed);
@@ -1051,6 +1104,11 @@ void add_batching_options(CLI::App& cmd, WorkloadOptions::Batching& b) {
   cmd.add_option("--refill", b.refill,
                  "batching, with --callbacks: requests of a full window that complete before "
                  "its client wakes (0: 7/8 of the window)")
+      ->capture_default_str();
+  cmd.add_option("--submit-group", b.submit_group,
+                 "batching, with --callbacks: the most requests a client submits in one "
+                 "BatchQueue::submit_all() (its window's free slots, up to this many; 1: one "
+                 "submit() a request)")
       ->capture_default_str();
   cmd.add_flag("--borrow-inputs", b.borrow,
                "batching: submit inputs as serve::BorrowedInput, read in place by the queue "

@@ -104,6 +104,10 @@ struct WorkloadOptions {
     // more than 16: each wake-up costs the worker that makes it and the
     // client a context switch; docs/PERF.md).
     int refill = 0;
+    // --submit-group: with --callbacks, the most requests a client submits
+    // in one BatchQueue::submit_all() (the free slots of its window, up to
+    // this many; Note [Group submits]); 1: one submit() a request.
+    int submit_group = 1;
     // --borrow-inputs: clients submit their inputs as serve::BorrowedInput,
     // read in place by the queue (the inputs live for the whole run), not
     // copied at submit().

@@ -85,6 +85,20 @@
 // before the request completes is a data race, and which values run is
 // then undefined.
 //
+// Group submits (submit_all): a thread with several requests at hand (a
+// client refilling its window of requests in flight, a server whose
+// connection delivered a few at once) queues them in one call. Each is its
+// own batch-1 request, with its own handle or callback, id and outcome,
+// exactly as that many submit()s in the same order would make them; the
+// group only pays once for what every submitter shares (the clock read and
+// the queue's counters and inbox, one cache line that 64 clients pass
+// around: Note [Group submits] in queue_core.h). Every input (and callback)
+// is checked before any request is queued: one bad one throws
+// InvalidArgument, and then none of the group is queued and no callback is
+// called. A group that does not fit in the room left is submitted one
+// request at a time, with submit()'s rules for each (the first ones may be
+// queued and the rest refused, or wait, under kBlock).
+//
 // Deadlines: a queued request whose deadline passes completes with Timeout
 // when a worker next looks at the queue: at once if one is waiting for
 // requests (its wait ends at the earliest deadline), else when one finishes
@@ -436,6 +450,22 @@ class BatchQueue {
                        std::optional<Clock::time_point> deadline = std::nullopt);
   uint64_t submit(BorrowedInput input, CompletionCallback done,
                   std::optional<Clock::time_point> deadline = std::nullopt);
+  // Group submits (above): the requests of `inputs`, in order, as that
+  // many submit()s with the same `deadline` would queue them; one handle
+  // each, in the order of `inputs`.
+  std::vector<RequestHandle> submit_all(std::span<const std::span<const float>> inputs,
+                                        std::optional<Clock::time_point> deadline = std::nullopt);
+  std::vector<RequestHandle> submit_all(std::span<const BorrowedInput> inputs,
+                                        std::optional<Clock::time_point> deadline = std::nullopt);
+  // The same with a callback each: done[i] (non-empty; moved from once the
+  // group is checked) gets inputs[i]'s outcome. Returns the ids in the order
+  // of `inputs`. InvalidArgument also if the two spans differ in size.
+  std::vector<uint64_t> submit_all(std::span<const std::span<const float>> inputs,
+                                   std::span<CompletionCallback> done,
+                                   std::optional<Clock::time_point> deadline = std::nullopt);
+  std::vector<uint64_t> submit_all(std::span<const BorrowedInput> inputs,
+                                   std::span<CompletionCallback> done,
+                                   std::optional<Clock::time_point> deadline = std::nullopt);
   // `rows` rows of in_features values that this queue's device reads in
   // place (InputBuffer). Throws InvalidArgument for 0 rows, OutOfMemory.
   InputBuffer make_input_buffer(size_t rows) const;
@@ -483,6 +513,21 @@ class BatchQueue {
   std::shared_ptr<detail::Request> make_request(const InputRef& input,
                                                 std::optional<Clock::time_point> deadline,
                                                 CompletionCallback done);
+  // Throws InvalidArgument for a bad input (wrong size, NaN under reject_nan).
+  void check_input(std::span<const float> input);
+  // The request deadline a submit() with `deadline` gives (default_deadline
+  // when unset, else none).
+  Clock::time_point effective_deadline(std::optional<Clock::time_point> deadline) const;
+  // The submit_all()s' common body: checks every input (and, with
+  // `callbacks`, that `done` has one non-empty callback each), then queues
+  // the group; its requests, in order.
+  std::vector<std::shared_ptr<detail::Request>> submit_group(
+      std::span<const InputRef> inputs, bool callbacks, std::span<CompletionCallback> done,
+      std::optional<Clock::time_point> deadline);
+  std::vector<InputRef> borrowed(std::span<const BorrowedInput> inputs) const;
+  static std::vector<RequestHandle> handles(
+      std::vector<std::shared_ptr<detail::Request>>&& requests);
+  static std::vector<uint64_t> ids(const std::vector<std::shared_ptr<detail::Request>>& requests);
   // The submit()s' common body.
   RequestHandle submit_handle(const InputRef& input, std::optional<Clock::time_point> deadline);
   uint64_t submit_callback(const InputRef& input, CompletionCallback done,
