@@ -31,6 +31,15 @@ TEST(ReadmeExample, RunsAsWritten) {
   ASSERT_EQ(row.size(), out.size());
   for (size_t i = 0; i < out.size(); ++i)
     EXPECT_NEAR(row[i], out[i], 1e-5f * (1 + std::abs(out[i])));
+  std::vector<std::span<const float>> inputs{input, input};
+  std::vector<serve::RequestHandle> handles = queue.submit_all(inputs);
+  ASSERT_EQ(handles.size(), 2u);
+  for (auto& h : handles) {
+    const std::vector<float> r = h.get();
+    ASSERT_EQ(r.size(), out.size());
+    for (size_t i = 0; i < out.size(); ++i)
+      EXPECT_NEAR(r[i], out[i], 1e-5f * (1 + std::abs(out[i])));
+  }
   std::vector<float> row2 = queue.submit(serve::BorrowedInput(input)).get();
   serve::InputBuffer rows = queue.make_input_buffer(64);
   std::copy(input.begin(), input.end(), rows.row(0).begin());
