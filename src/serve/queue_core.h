@@ -127,8 +127,9 @@
 // compare-and-swap loop on queued_, the line every client changes: the
 // loop retried under contention. A submit that finds the queue full gives
 // the room back and takes the slow path, which decides under mu_ with the
-// exact compare-and-swap (reserve_room). queued_ may read up to the number
-// of such submitters over capacity for the moment between their add and
+// exact compare-and-swap (reserve_room). queued_ may read up to the room
+// such submitters asked for (one each, a group's size for a group: Note
+// [Group submits]) over capacity for the moment between their add and
 // their subtract; such a count is never a queued request, so the queue
 // never holds more than capacity, and depth reads at most capacity. Two
 // things can see that moment. A slow-path submit whose compare-and-swap
