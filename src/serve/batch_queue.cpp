@@ -452,10 +452,7 @@ std::vector<std::shared_ptr<detail::Request>> BatchQueue::submit_group(
 
 std::vector<RequestHandle> BatchQueue::submit_all(std::span<const std::span<const float>> inputs,
                                                   std::optional<Clock::time_point> deadline) {
-  std::vector<InputRef> refs;
-  refs.reserve(inputs.size());
-  for (std::span<const float> v : inputs) refs.push_back({v});
-  return handles(submit_group(refs, false, {}, deadline));
+  return handles(submit_group(copied(inputs), false, {}, deadline));
 }
 
 std::vector<RequestHandle> BatchQueue::submit_all(std::span<const BorrowedInput> inputs,
@@ -466,16 +463,21 @@ std::vector<RequestHandle> BatchQueue::submit_all(std::span<const BorrowedInput>
 std::vector<uint64_t> BatchQueue::submit_all(std::span<const std::span<const float>> inputs,
                                              std::span<CompletionCallback> done,
                                              std::optional<Clock::time_point> deadline) {
-  std::vector<InputRef> refs;
-  refs.reserve(inputs.size());
-  for (std::span<const float> v : inputs) refs.push_back({v});
-  return ids(submit_group(refs, true, done, deadline));
+  return ids(submit_group(copied(inputs), true, done, deadline));
 }
 
 std::vector<uint64_t> BatchQueue::submit_all(std::span<const BorrowedInput> inputs,
                                              std::span<CompletionCallback> done,
                                              std::optional<Clock::time_point> deadline) {
   return ids(submit_group(borrowed(inputs), true, done, deadline));
+}
+
+std::vector<BatchQueue::InputRef> BatchQueue::copied(
+    std::span<const std::span<const float>> inputs) {
+  std::vector<InputRef> refs;
+  refs.reserve(inputs.size());
+  for (std::span<const float> v : inputs) refs.push_back({v});
+  return refs;
 }
 
 std::vector<BatchQueue::InputRef> BatchQueue::borrowed(

@@ -342,7 +342,9 @@ TEST_F(OPS_SUITE, LinearTunedForAShareOfTheDeviceMatchesFloat64OnEveryStream) {
     EXPECT_EQ(stats().gemm_tunings - tunings, tuned ? 1u : 0u) << "M=" << M;
     EXPECT_LT(rel_error(got_a, want), tolerance(DType::kF32)) << "recorded, M=" << M;
     EXPECT_LT(rel_error(got_b, want), tolerance(DType::kF32)) << "eager, M=" << M;
-    if (cuda) EXPECT_EQ(got_a, got_b) << "the streams chose different algorithms, M=" << M;
+    if (cuda) {
+      EXPECT_EQ(got_a, got_b) << "the streams chose different algorithms, M=" << M;
+    }
   }
 }
 

@@ -328,18 +328,26 @@ void copy_output(const std::vector<float>& y, std::span<float> out) {
   std::copy(y.begin(), y.end(), out.begin());
 }
 
-// Submits ctx.inputs[k] to the queue: from the run's InputBuffer with
-// --pinned-inputs, as a serve::BorrowedInput with --borrow-inputs (the run's
-// inputs outlive the queue), else copied; `rest`: submit()'s other
-// arguments (a callback).
+// Whether the queue reads ctx.inputs in place: --pinned-inputs or
+// --borrow-inputs (the run's inputs outlive the queue).
+bool borrows_inputs(const RunContext& ctx) {
+  return ctx.pinned_inputs != nullptr || ctx.options.batching.borrow;
+}
+
+// The input of request k as a borrowed one (borrows_inputs): a row of the
+// run's InputBuffer with --pinned-inputs, else ctx.inputs[k] in place.
+serve::BorrowedInput borrowed_input(const RunContext& ctx, size_t k) {
+  if (ctx.pinned_inputs) return ctx.pinned_inputs->input(k);
+  return serve::BorrowedInput(ctx.inputs[k]);
+}
+
+// Submits ctx.inputs[k] to the queue: borrowed (borrowed_input) or copied;
+// `rest`: submit()'s other arguments (a callback).
 template <typename... Rest>
 auto submit_input(const RunContext& ctx, size_t k, Rest&&... rest) {
   serve::BatchQueue& queue = *ctx.queue;
-  if (ctx.pinned_inputs)
-    return queue.submit(ctx.pinned_inputs->input(k), std::forward<Rest>(rest)...);
-  return ctx.options.batching.borrow
-             ? queue.submit(serve::BorrowedInput(ctx.inputs[k]), std::forward<Rest>(rest)...)
-             : queue.submit(ctx.inputs[k], std::forward<Rest>(rest)...);
+  return borrows_inputs(ctx) ? queue.submit(borrowed_input(ctx, k), std::forward<Rest>(rest)...)
+                             : queue.submit(ctx.inputs[k], std::forward<Rest>(rest)...);
 }
 
 // --batching: a batch-1 request through the shared BatchQueue; its workers'
@@ -582,13 +590,6 @@ void harvest(CallbackWindow::Slot& slot, ThreadStats& st, std::atomic<uint64_t>&
   if (slot.wrong) ++st.wrong;
 }
 
-// The input of request k as a borrowed one (--pinned-inputs or
-// --borrow-inputs), for a group submit.
-serve::BorrowedInput borrowed_input(const RunContext& ctx, size_t k) {
-  if (ctx.pinned_inputs) return ctx.pinned_inputs->input(k);
-  return serve::BorrowedInput(ctx.inputs[k]);
-}
-
 // A client's timed loop with --callbacks: submits while `next` gives
 // tickets, keeping up to the window in flight: one submit() a request, or,
 // with --submit-group G > 1, the window's free slots (up to G) in one
@@ -598,7 +599,7 @@ void run_callback_client(const RunContext& ctx, CallbackWindow& win, size_t t, T
                          std::atomic<uint64_t>& completed, Next&& next) {
   const size_t window = win.slots.size();
   const auto group_max = static_cast<size_t>(ctx.options.batching.submit_group);
-  const bool borrow = ctx.pinned_inputs != nullptr || ctx.options.batching.borrow;
+  const bool borrow = borrows_inputs(ctx);
   // A group's slots, inputs and callbacks; kept from group to group.
   std::vector<CallbackWindow::Slot*> group;
   std::vector<serve::BorrowedInput> borrowed;

@@ -524,6 +524,8 @@ class BatchQueue {
   std::vector<std::shared_ptr<detail::Request>> submit_group(
       std::span<const InputRef> inputs, bool callbacks, std::span<CompletionCallback> done,
       std::optional<Clock::time_point> deadline);
+  // The InputRefs of a group's inputs, copied or borrowed.
+  static std::vector<InputRef> copied(std::span<const std::span<const float>> inputs);
   std::vector<InputRef> borrowed(std::span<const BorrowedInput> inputs) const;
   static std::vector<RequestHandle> handles(
       std::vector<std::shared_ptr<detail::Request>>&& requests);
